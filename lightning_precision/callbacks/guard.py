@@ -1,0 +1,102 @@
+"""Runtime guard: checks the real optimizers against the pairing rule and reports the precision contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_precision._logging import info_rank_zero
+from lightning_precision.dtypes import dtype_name
+from lightning_precision.errors import PrecisionConfigError
+from lightning_precision.modes import get_mode
+from lightning_precision.pairing import (
+    OnUnsafe,
+    Status,
+    check_and_enforce,
+    trainable_half_params,
+    validate_on_unsafe,
+)
+from lightning_precision.report import PrecisionContract, observed_state_dtypes, optimizer_contract
+
+CHECKPOINT_KEY = "precision_contract"
+
+
+class PrecisionGuard(Callback):
+    """Judges the live optimizers and parameters at fit start and reports the precision contract.
+
+    At fit start the optimizers exist (including ones built in ``configure_optimizers``, which no config shows), so
+    the pairing rule is applied to what will really train. After the first optimizer step the contract is reported
+    again with the optimizer-state dtype read from the state tensors. The contract is logged on rank zero, added to
+    the loggers' hyperparameters and written into checkpoints under ``"precision_contract"``.
+
+    Args:
+        on_unsafe: ``"warn"`` (default), ``"error"`` (raise :class:`PrecisionPairingError` before the first step) or
+            ``"ignore"``.
+        peft: Only adapters train: the pairing is not judged.
+        log_table: Log the contract table on rank zero.
+
+    Raises:
+        PrecisionConfigError: If ``on_unsafe`` is not a valid policy.
+    """
+
+    def __init__(self, on_unsafe: OnUnsafe = "warn", peft: bool = False, log_table: bool = True) -> None:
+        self.on_unsafe = validate_on_unsafe(on_unsafe, what="PrecisionGuard(on_unsafe=...)")
+        self.peft = peft
+        self.log_table = log_table
+        self.contract: PrecisionContract | None = None
+        self._state_observed = False
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._state_observed = False
+        self.contract = self._build_contract(trainer, observe_state=False)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({CHECKPOINT_KEY: self.contract.to_dict()})
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._state_observed or trainer.global_step < 1:
+            return
+        self._state_observed = True
+        self.contract = self._build_contract(trainer, observe_state=True)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.contract is not None:
+            checkpoint[CHECKPOINT_KEY] = self.contract.to_dict()
+
+    def _build_contract(self, trainer: pl.Trainer, *, observe_state: bool) -> PrecisionContract:
+        where = "after first step" if observe_state else "fit start"
+        verdicts = check_and_enforce(trainer.optimizers, on_unsafe=self.on_unsafe, peft=self.peft, where=where)
+        rows = []
+        for optimizer, verdict in zip(trainer.optimizers, verdicts):
+            params = trainable_half_params(optimizer) or [
+                p for g in optimizer.param_groups for p in g["params"] if p.requires_grad
+            ]
+            observed = observed_state_dtypes(optimizer, params) if observe_state else None
+            rows.append(optimizer_contract(verdict, observed))
+        strategy = trainer.strategy
+        contract = PrecisionContract(
+            precision=str(trainer.precision),
+            compute_dtype=dtype_name(getattr(strategy, "compute_dtype", None) or _compute_dtype(trainer.precision)),
+            reduce_dtype=dtype_name(getattr(strategy, "reduce_dtype", None)),
+            optimizers=rows,
+        )
+        if self.log_table:
+            unsafe = any(v.status is Status.UNSAFE for v in verdicts)
+            info_rank_zero(f"{contract.format_table()}\n({where}{'; UNSAFE pairing, see warning' if unsafe else ''})")
+        return contract
+
+
+def _compute_dtype(precision: str) -> Any:
+    try:
+        return get_mode(precision).compute_dtype
+    except PrecisionConfigError:  # a precision this library does not model, e.g. transformer-engine
+        return None

@@ -1,0 +1,112 @@
+"""Input casting for half-precision plugins that keeps audio (and other chosen keys) in full precision.
+
+Raw waveforms lose signal quality when rounded to bf16/fp16, so every floating-point tensor of a batch is cast
+to the plugin's dtype except the ones stored under a *preserved key*: a string mapping key, dataclass field or
+namedtuple field that contains one of the patterns (default ``"audio"``, case-sensitive). A preserved key protects
+everything below it, and preserved tensors are returned as the very same objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any
+
+import torch
+
+DEFAULT_PRESERVE_KEYS: tuple[str, ...] = ("audio",)
+
+
+def normalize_preserve_keys(preserve_keys: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Validate the preserved-key patterns.
+
+    Args:
+        preserve_keys: One pattern, an iterable of patterns, or ``None`` for none.
+
+    Raises:
+        TypeError: If a pattern is not a string.
+    """
+    if preserve_keys is None:
+        return ()
+    if isinstance(preserve_keys, str):
+        return (preserve_keys,)
+    patterns = tuple(preserve_keys)
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"preserve_keys must be strings, got {bad!r} in {patterns!r}.")
+    return patterns
+
+
+def is_preserved(key: Any, patterns: tuple[str, ...]) -> bool:
+    """Whether a key is protected: only string keys can match a pattern."""
+    return isinstance(key, str) and any(p in key for p in patterns)
+
+
+def cast_batch(batch: Any, dtype: torch.dtype, preserve_keys: Iterable[str] | str | None = DEFAULT_PRESERVE_KEYS) -> Any:
+    """Cast every floating-point tensor in ``batch`` to ``dtype``, except under preserved keys.
+
+    Walks any ``Mapping`` (dict, OrderedDict, defaultdict, UserDict and subclasses such as HF ``BatchEncoding``),
+    list, tuple, namedtuple and dataclass, and returns the same container types. Integer, bool and complex
+    tensors, non-tensors and non-string keys pass through unchanged. A container with nothing to cast is returned
+    as is.
+
+    Args:
+        batch: The batch, of any nesting.
+        dtype: Target floating-point dtype.
+        preserve_keys: Substring patterns of keys whose values keep their dtype.
+
+    Returns:
+        The cast batch.
+    """
+    return _cast(batch, dtype, normalize_preserve_keys(preserve_keys))
+
+
+def _cast(node: Any, dtype: torch.dtype, patterns: tuple[str, ...]) -> Any:
+    if isinstance(node, torch.Tensor):
+        return node.to(dtype) if node.is_floating_point() and node.dtype != dtype else node
+    if isinstance(node, Mapping):
+        changed = {
+            k: new
+            for k, v in node.items()
+            if not is_preserved(k, patterns) and (new := _cast(v, dtype, patterns)) is not v
+        }
+        return _rebuild_mapping(node, changed) if changed else node
+    if isinstance(node, tuple) and hasattr(node, "_fields"):  # namedtuple: fields are keys
+        values = [v if is_preserved(f, patterns) else _cast(v, dtype, patterns) for f, v in zip(node._fields, node)]
+        return node if all(a is b for a, b in zip(values, node)) else type(node)(*values)
+    if isinstance(node, (list, tuple)):
+        values = [_cast(v, dtype, patterns) for v in node]
+        if all(a is b for a, b in zip(values, node)):
+            return node
+        return values if type(node) is list else type(node)(values)
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        changed = {
+            f.name: new
+            for f in dataclasses.fields(node)
+            if not is_preserved(f.name, patterns)
+            and (new := _cast(old := getattr(node, f.name), dtype, patterns)) is not old
+        }
+        if not changed:
+            return node
+        out = copy.copy(node)
+        for name, value in changed.items():
+            object.__setattr__(out, name, value)  # also works for frozen dataclasses
+        return out
+    return node
+
+
+def _rebuild_mapping(node: Mapping, changed: dict[Any, Any]) -> Mapping:
+    if isinstance(node, MutableMapping):
+        # A shallow copy keeps the exact type and its extra state (defaultdict factory, BatchEncoding encodings).
+        out = copy.copy(node)
+        for k, v in changed.items():
+            out[k] = v
+        return out
+    try:
+        return type(node)({k: changed.get(k, v) for k, v in node.items()})
+    except TypeError as err:
+        raise TypeError(
+            f"cast_batch cannot rebuild the read-only mapping type {type(node).__qualname__}; "
+            "use a dict or a MutableMapping for batches that need casting."
+        ) from err

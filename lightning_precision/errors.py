@@ -1,0 +1,16 @@
+"""Warning and error classes of the library, so users can filter or catch exactly these."""
+
+
+class PrecisionWarning(UserWarning):
+    """A precision setup that trains, but worse than it should (e.g. bf16 Adam state).
+
+    Filter it like any warning, e.g. ``warnings.filterwarnings("error", category=PrecisionWarning)``.
+    """
+
+
+class PrecisionPairingError(RuntimeError):
+    """Raised under ``on_unsafe="error"`` when parameter storage and optimizer are an unsafe pair."""
+
+
+class PrecisionConfigError(ValueError):
+    """A configuration value that the library cannot act on (names the value and the valid choices)."""

@@ -1,0 +1,110 @@
+"""The precision strings this library understands and what each does to the three dtypes.
+
+Storage is the dtype of the resident parameter (what the optimizer updates), compute is the dtype of
+forward/backward. ``storage=None`` means the precision leaves storage to the model (Lightning's
+``*-mixed`` modes autocast whatever the model holds), so the pairing rule decides it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lightning_precision.errors import PrecisionConfigError
+
+Family = Literal["lightning", "true", "flash"]
+
+
+@dataclass(frozen=True)
+class PrecisionMode:
+    """What one precision string means.
+
+    Attributes:
+        name: Canonical precision string.
+        family: ``"lightning"`` (Lightning handles it as is), ``"true"`` (HalfPrecisionForAudio) or
+            ``"flash"`` (FlashPrecision).
+        compute_dtype: Dtype of forward/backward math.
+        storage_dtype: Dtype the precision forces on the parameters, or ``None`` if it leaves them alone.
+        autocast: Whether forward runs under ``torch.autocast``.
+    """
+
+    name: str
+    family: Family
+    compute_dtype: torch.dtype
+    storage_dtype: torch.dtype | None
+    autocast: bool = False
+
+    @property
+    def half_dtype(self) -> torch.dtype | None:
+        """The half dtype this mode trains in, or ``None`` for full-precision modes."""
+        return self.compute_dtype if self.compute_dtype in (torch.bfloat16, torch.float16) else None
+
+    @property
+    def casts_inputs(self) -> bool:
+        """Whether the plugin casts floating-point batch tensors to the half dtype."""
+        return self.family in ("true", "flash")
+
+
+_BF16, _FP16, _FP32, _FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+
+MODES: dict[str, PrecisionMode] = {
+    m.name: m
+    for m in (
+        PrecisionMode("32-true", "lightning", _FP32, _FP32),
+        PrecisionMode("64-true", "lightning", _FP64, _FP64),
+        PrecisionMode("bf16-mixed", "lightning", _BF16, None, autocast=True),
+        PrecisionMode("16-mixed", "lightning", _FP16, None, autocast=True),
+        PrecisionMode("bf16-true", "true", _BF16, _BF16),
+        PrecisionMode("16-true", "true", _FP16, _FP16),
+        PrecisionMode("bf16-flash", "flash", _BF16, _BF16),
+        PrecisionMode("fp16-flash", "flash", _FP16, _FP16),
+    )
+}
+
+# Other spellings: Lightning's legacy short forms, and NeMo's names.
+_ALIASES: dict[str, str] = {
+    "32": "32-true",
+    "64": "64-true",
+    "16": "16-mixed",
+    "bf16": "bf16-mixed",
+    "fp16-true": "16-true",
+    "fp16-mixed": "16-mixed",
+}
+_DEPRECATED: dict[str, str] = {
+    "bf16-automodel": "bf16-flash",
+    "fp16-automodel": "fp16-flash",
+}
+
+VALID_PRECISIONS: tuple[str, ...] = tuple(MODES) + tuple(_ALIASES) + tuple(_DEPRECATED)
+
+
+def get_mode(precision: str | int, *, what: str = "precision") -> PrecisionMode:
+    """Look up a precision string.
+
+    Args:
+        precision: A precision string (``"bf16-true"``, ``"bf16-flash"``, ...) or Lightning's legacy int.
+        what: Where the value came from, used in messages.
+
+    Returns:
+        The mode. Deprecated NeMo spellings emit a ``FutureWarning`` and return the flash mode.
+
+    Raises:
+        PrecisionConfigError: If the string is unknown; the message lists the valid choices.
+    """
+    key = str(precision).strip().lower() if isinstance(precision, (str, int)) else None
+    if key in _DEPRECATED:
+        warnings.warn(
+            f"{what}={precision!r} is deprecated; use {_DEPRECATED[key]!r}, which means the same.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        key = _DEPRECATED[key]
+    key = _ALIASES.get(key, key)
+    if key not in MODES:
+        raise PrecisionConfigError(
+            f"{what}={precision!r} is not a precision this library knows. Valid choices: {', '.join(VALID_PRECISIONS)}."
+        )
+    return MODES[key]

@@ -1,0 +1,40 @@
+"""Behaviour shared by this library's half-precision plugins: audio-preserving input casting and a pairing check."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from torch.nn import Module
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_precision.casting import cast_batch, normalize_preserve_keys
+from lightning_precision.pairing import OnUnsafe, check_and_enforce, validate_on_unsafe
+
+
+class _CheckedHalfInputs(Precision):
+    """Base for this library's half plugins: casts batches with :func:`cast_batch` and checks the optimizer pairing
+    when connected. Listed first in a plugin's bases so these hooks take precedence over Lightning's."""
+
+    _desired_input_dtype: torch.dtype
+
+    def _init_checks(self, preserve_keys: str | Iterable[str] | None, on_unsafe: OnUnsafe, peft: bool) -> None:
+        self.preserve_keys = normalize_preserve_keys(preserve_keys)
+        self.on_unsafe = validate_on_unsafe(on_unsafe, what=f"{type(self).__name__}(on_unsafe=...)")
+        self.peft = bool(peft)
+
+    @override
+    def convert_input(self, data: Any) -> Any:
+        return cast_batch(data, self._desired_input_dtype, self.preserve_keys)
+
+    @override
+    def connect(
+        self, model: Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
+    ) -> tuple[Module, list[Optimizer], list[Any]]:
+        # Lightning connects the plugin after the optimizers exist and before the first step: the earliest point at
+        # which the real pairing can be judged, on every rank alike.
+        check_and_enforce(optimizers, on_unsafe=self.on_unsafe, peft=self.peft, where=type(self).__name__)
+        return model, optimizers, lr_schedulers

@@ -1,0 +1,135 @@
+"""The precision contract of a run as data: what each dtype is, and whether the pairing is safe.
+
+The runtime guard fills it from the live trainer; the CLI's ``explain`` fills it from a config. Both print it with
+:meth:`PrecisionContract.format_table` and store it with :meth:`PrecisionContract.to_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_precision.dtypes import dtype_name
+from lightning_precision.pairing import OptimizerInfo, OptimizerKind, Verdict
+
+
+@dataclass
+class OptimizerContract:
+    """One optimizer's line of the contract.
+
+    Attributes:
+        optimizer: Import path of the optimizer class.
+        storage_dtype: Dtype of the trainable parameters it updates.
+        state_dtype: Dtype of its moments (``exp_avg`` / ``exp_avg_sq``); ``observed`` says whether it was read from
+            the live state after a step or predicted from the rule.
+        master_weights: What protects the parameter update (``"no"``, ``"fp32 master"``, ...).
+        verdict: The pairing rule's status.
+        message: The rule's explanation, if any.
+    """
+
+    optimizer: str
+    storage_dtype: str
+    state_dtype: str
+    master_weights: str
+    verdict: str
+    message: str = ""
+    observed: bool = False
+
+
+@dataclass
+class PrecisionContract:
+    """The precision contract of a run.
+
+    Attributes:
+        precision: The precision string in effect.
+        compute_dtype: Dtype of forward/backward math.
+        reduce_dtype: Dtype of gradient reduction across ranks (``"-"`` if not distributed / not set).
+        optimizers: One line per optimizer.
+    """
+
+    precision: str
+    compute_dtype: str
+    reduce_dtype: str = "-"
+    optimizers: list[OptimizerContract] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON, hyperparameters and checkpoints."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrecisionContract:
+        """Read back what :meth:`to_dict` wrote."""
+        rows = [OptimizerContract(**row) for row in data.get("optimizers", [])]
+        return cls(**{**data, "optimizers": rows})
+
+    def format_table(self) -> str:
+        """A short human-readable table, one row per optimizer."""
+        head = ("optimizer", "storage", "compute", "reduce", "optimizer state", "master weights", "verdict")
+        rows = [
+            (
+                o.optimizer.rsplit(".", 1)[-1],
+                o.storage_dtype,
+                self.compute_dtype,
+                self.reduce_dtype,
+                o.state_dtype + ("" if o.observed else " (predicted)"),
+                o.master_weights,
+                o.verdict,
+            )
+            for o in self.optimizers
+        ]
+        widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+        line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+        title = f"Precision contract (precision={self.precision})"
+        return "\n".join([title, line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def describe_protection(info: OptimizerInfo, storage_dtype: torch.dtype | None) -> str:
+    """What protects the parameter update from rounding away, in words."""
+    if storage_dtype is not None and not (storage_dtype.is_floating_point and storage_dtype.itemsize < 4):
+        return f"not needed ({dtype_name(storage_dtype)} storage is the master copy)"
+    if info.kind is OptimizerKind.KEEPS_MASTER:
+        return f"yes ({16 + 8 * info.master_bytes}-bit master)" if info.master_bytes else "yes"
+    if info.kind is OptimizerKind.COMPENSATED:
+        return "compensated (Kahan)" if info.compensation_buffer else "compensated (stochastic rounding)"
+    return "no" if info.kind is OptimizerKind.STATE_FOLLOWS_PARAM else "unknown"
+
+
+def predicted_state_dtype(info: OptimizerInfo, storage_dtype: torch.dtype | None) -> str:
+    """The second-moment dtype the rule predicts before the first step."""
+    if info.kind is OptimizerKind.UNKNOWN:
+        return "unknown"
+    return dtype_name(info.exp_avg_sq_dtype or storage_dtype)
+
+
+def observed_state_dtypes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> str | None:
+    """The moment dtypes the optimizer really keeps for ``params`` (``exp_avg / exp_avg_sq`` when they differ)."""
+    for p in params:
+        state = optimizer.state.get(p) or {}
+        found = []
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = getattr(state.get(key), "data", state.get(key))  # flashoptim wraps its state tensors
+            if isinstance(value, torch.Tensor):
+                found.append(dtype_name(value.dtype))
+        if found:
+            return " / ".join(dict.fromkeys(found))
+    return None
+
+
+def optimizer_contract(verdict: Verdict, observed_state: str | None = None) -> OptimizerContract:
+    """One contract line from a verdict, with the state dtype read from the optimizer when it has stepped."""
+    info = verdict.optimizer
+    storage = verdict.storage_dtype
+    if info is None:
+        return OptimizerContract("-", dtype_name(storage), "-", "-", verdict.status.value, verdict.message)
+    state = observed_state if observed_state is not None else predicted_state_dtype(info, storage)
+    return OptimizerContract(
+        optimizer=info.name,
+        storage_dtype=dtype_name(storage),
+        state_dtype=state,
+        master_weights=describe_protection(info, storage),
+        verdict=verdict.status.value,
+        message=verdict.message,
+        observed=observed_state is not None,
+    )

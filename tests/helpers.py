@@ -1,0 +1,88 @@
+"""A tiny LightningModule that records what the precision did to dtypes, for the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+class DictDataset(Dataset):
+    """Dict batches with a plain float input, an audio float input and an integer tensor."""
+
+    def __init__(self, n: int = 16, dim: int = 8, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=g)
+        self.audio = torch.randn(n, dim, generator=g)
+        self.y = torch.randn(n, 1, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "audio_signal": self.audio[i], "y": self.y[i], "idx": torch.tensor(i)}
+
+
+def loader(n: int = 16, batch_size: int = 4) -> DataLoader:
+    return DataLoader(DictDataset(n), batch_size=batch_size, shuffle=False)
+
+
+def adamw(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+class RecordingModule(pl.LightningModule):
+    """Two linear layers; records dtypes seen inside ``training_step`` and the optimizer state after each step."""
+
+    def __init__(self, optimizer_factory: Callable[[Any], torch.optim.Optimizer] = adamw, dim: int = 8) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.optimizer_factory = optimizer_factory
+        self.seen: list[dict[str, Any]] = []
+        self.state_dtypes: dict[str, torch.dtype] = {}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        weight = self.net[0].weight
+        self.seen.append(
+            {
+                "x": batch["x"].dtype,
+                "audio": batch["audio_signal"].dtype,
+                "idx": batch["idx"].dtype,
+                "param": weight.dtype,
+                "default": torch.get_default_dtype(),
+                "autocast": torch.is_autocast_enabled("cpu"),
+            }
+        )
+        inputs = batch["x"] + batch["audio_signal"].to(batch["x"].dtype)
+        out = self.net(inputs)
+        return nn.functional.mse_loss(out.float(), batch["y"].float())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        state = self.trainer.optimizers[0].state.get(self.net[0].weight, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                value = state[key]
+                self.state_dtypes[key] = getattr(value, "data", value).dtype
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.parameters())
+
+
+def fit(module: pl.LightningModule, steps: int = 3, **trainer_kwargs: Any) -> pl.Trainer:
+    """Fit ``module`` for a few steps on CPU, quietly."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer = pl.Trainer(**{**defaults, **trainer_kwargs})
+    trainer.fit(module, loader())
+    return trainer
