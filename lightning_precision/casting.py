@@ -43,7 +43,9 @@ def is_preserved(key: Any, patterns: tuple[str, ...]) -> bool:
     return isinstance(key, str) and any(p in key for p in patterns)
 
 
-def cast_batch(batch: Any, dtype: torch.dtype, preserve_keys: Iterable[str] | str | None = DEFAULT_PRESERVE_KEYS) -> Any:
+def cast_batch(
+    batch: Any, dtype: torch.dtype, preserve_keys: Iterable[str] | str | None = DEFAULT_PRESERVE_KEYS
+) -> Any:
     """Cast every floating-point tensor in ``batch`` to ``dtype``, except under preserved keys.
 
     Walks any ``Mapping`` (dict, OrderedDict, defaultdict, UserDict and subclasses such as HF ``BatchEncoding``),

@@ -146,7 +146,9 @@ def resolve_trainer_cfg(
     kwargs.precision_mode, kwargs.on_unsafe = mode, on_unsafe
 
     model_cfg = _to_plain(model, what="model") if model is not None else None
-    optimizer_cfg = _to_plain(optimizer, what="optimizer") if isinstance(optimizer, (Mapping, DictConfig)) else optimizer
+    optimizer_cfg = (
+        _to_plain(optimizer, what="optimizer") if isinstance(optimizer, (Mapping, DictConfig)) else optimizer
+    )
     if model_cfg is not None or optimizer_cfg is not None:
         kwargs.storage_dtype = resolve_storage_dtype(model_cfg, optimizer_cfg, peft=peft, precision=mode)
         if optimizer_cfg is not None:
@@ -180,7 +182,9 @@ def _to_plain(cfg: Any, *, what: str) -> dict[str, Any]:
 def _pop_options(cfg: dict[str, Any]) -> dict[str, Any]:
     given = cfg.pop(OPTIONS_KEY, None) or {}
     if not isinstance(given, Mapping):
-        raise PrecisionConfigError(f"trainer.{OPTIONS_KEY} must be a mapping with keys {sorted(_OPTIONS)}, got {given!r}.")
+        raise PrecisionConfigError(
+            f"trainer.{OPTIONS_KEY} must be a mapping with keys {sorted(_OPTIONS)}, got {given!r}."
+        )
     unknown = sorted(set(given) - set(_OPTIONS))
     if unknown:
         raise PrecisionConfigError(

@@ -21,7 +21,6 @@ from enum import Enum
 from typing import Any, Literal
 
 import torch
-
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 
 from lightning_precision._logging import info_rank_zero
@@ -150,9 +149,11 @@ def classify_optimizer(optimizer: Any, kwargs: Mapping[str, Any] | None = None) 
                 f"optimizer config {dict(optimizer)!r} names no optimizer: give '_target_' (Hydra) or 'class_path' "
                 "(LightningCLI)."
             )
-        cfg_kwargs = dict(optimizer.get("init_args") or {}) if "class_path" in optimizer else {
-            k: v for k, v in optimizer.items() if not (isinstance(k, str) and k.startswith("_"))
-        }
+        cfg_kwargs = (
+            dict(optimizer.get("init_args") or {})
+            if "class_path" in optimizer
+            else {k: v for k, v in optimizer.items() if not (isinstance(k, str) and k.startswith("_"))}
+        )
         return classify_optimizer(target, {**cfg_kwargs, **(kwargs or {})})
     if isinstance(optimizer, str):
         cls = _locate(optimizer)
@@ -330,8 +331,8 @@ def resolve_storage_dtype(
     Reads ``model_cfg.torch_dtype`` (dict or OmegaConf, struct mode too; never modified).
 
     * An explicit dtype is honoured (it must agree with a precision that forces storage).
-    * PEFT runs are left alone: returns ``None`` (the base weights are frozen).
     * A precision that casts the module (``*-true``, ``*-flash``) sets storage to its half dtype.
+    * Otherwise PEFT runs are left alone: returns ``None`` (the base weights are frozen).
     * Otherwise (unset or ``"auto"``): ``float32`` for optimizers whose state follows the parameter dtype, and for
       unknown ones (the safe choice); the precision's half dtype (bf16 by default) for optimizers that keep their
       own master weights or compensate their update.
@@ -358,10 +359,10 @@ def resolve_storage_dtype(
                 f"or auto, or a '*-mixed' precision for {dtype_name(explicit)} storage with half compute."
             )
         return explicit
-    if peft:
-        return None
     if mode is not None and mode.storage_dtype is not None:
         return mode.storage_dtype
+    if peft:
+        return None
     info = classify_optimizer(optimizer_cfg) if optimizer_cfg is not None else None
     if info is not None and info.kind in (OptimizerKind.KEEPS_MASTER, OptimizerKind.COMPENSATED):
         return (mode.half_dtype if mode is not None else None) or torch.bfloat16
@@ -452,13 +453,18 @@ def judge(
 
 def _unsafe_verdict(storage: torch.dtype, optimizer: OptimizerInfo, common: dict[str, Any]) -> Verdict:
     half = dtype_name(storage)
-    fixes = (
-        f"keep fp32 storage with {half} compute: precision='{'bf16' if storage == torch.bfloat16 else '16'}-mixed', "
-        "or FSDP2Strategy(storage_dtype='auto'), or model.torch_dtype: float32",
-        f"keep {half} storage with an optimizer that keeps master weights or error-correction bits "
-        f"(flashoptim.FlashAdamW(master_weight_bits=24) with precision='{'bf16' if storage == torch.bfloat16 else 'fp16'}"
-        "-flash', CUDA) or compensates its update (lightning_precision.optim.CompensatedAdamW)",
+    prefix = "bf16" if storage == torch.bfloat16 else "16"
+    flash = "bf16-flash" if storage == torch.bfloat16 else "fp16-flash"
+    keep_fp32 = (
+        f"keep fp32 storage with {half} compute: precision='{prefix}-mixed', or FSDP2Strategy(storage_dtype='auto'), "
+        "or model.torch_dtype: float32"
     )
+    keep_half = (
+        f"keep {half} storage with an optimizer that keeps master weights or error-correction bits "
+        f"(flashoptim.FlashAdamW(master_weight_bits=24) with precision='{flash}', CUDA) or compensates its update "
+        "(lightning_precision.optim.CompensatedAdamW)"
+    )
+    fixes = (keep_fp32, keep_half)
     count = f"{common['num_params']} trainable {half} parameter tensors ({common['num_elements']:,} elements)"
     if not common["num_params"]:
         count = f"trainable {half} parameters"

@@ -80,7 +80,7 @@ class PrecisionContract:
             for o in self.optimizers
         ]
         widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-        line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+        line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
         title = f"Precision contract (precision={self.precision})"
         return "\n".join([title, line(head), line(["-" * w for w in widths]), *map(line, rows)])
 

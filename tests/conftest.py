@@ -9,3 +9,20 @@ def _fresh_warning_registry():
     reset_reported()
     yield
     reset_reported()
+
+
+@pytest.fixture
+def single_rank_group():
+    """A one-process gloo group, enough to build real DTensors and FSDP2 shards in-process."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -74,15 +74,15 @@ class RecordingModule(pl.LightningModule):
 
 def fit(module: pl.LightningModule, steps: int = 3, **trainer_kwargs: Any) -> pl.Trainer:
     """Fit ``module`` for a few steps on CPU, quietly."""
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": steps,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
     trainer = pl.Trainer(**{**defaults, **trainer_kwargs})
     trainer.fit(module, loader())
     return trainer

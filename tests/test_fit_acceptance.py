@@ -19,7 +19,9 @@ def flash_adamw_cpu(params):
 @pytest.mark.parametrize(
     ("make_kwargs", "storage", "state", "default_in_step", "autocast"),
     [
-        pytest.param(lambda: {"precision": "bf16-mixed"}, torch.float32, torch.float32, torch.float32, True, id="bf16-mixed"),
+        pytest.param(
+            lambda: {"precision": "bf16-mixed"}, torch.float32, torch.float32, torch.float32, True, id="bf16-mixed"
+        ),
         pytest.param(
             lambda: {"plugins": [HalfPrecisionForAudio("bf16-true", on_unsafe="ignore")]},
             torch.bfloat16,

@@ -114,4 +114,3 @@ class FlashPrecision(_CheckedHalfInputs):
     @override
     def forward_context(self) -> AbstractContextManager:
         return nullcontext()  # no autocast: FlashOptim works on the half parameters directly
-

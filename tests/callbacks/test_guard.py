@@ -1,0 +1,96 @@
+"""PrecisionGuard: the runtime check and the precision contract."""
+
+import logging
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import HalfPrecision
+
+from lightning_precision import PrecisionContract, PrecisionGuard, PrecisionPairingError, PrecisionWarning
+from lightning_precision.callbacks.guard import CHECKPOINT_KEY
+from tests.helpers import RecordingModule, adamw, fit
+
+
+class LatePairing(RecordingModule):
+    """Builds a bf16 model with torch AdamW inside configure_optimizers: no config shows this pairing."""
+
+    def configure_optimizers(self):
+        self.to(torch.bfloat16)
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_guard_catches_pairing_built_in_configure_optimizers():
+    module = LatePairing()
+    with pytest.raises(PrecisionPairingError, match="AdamW"):
+        fit(module, callbacks=[PrecisionGuard(on_unsafe="error")])
+    assert module.seen == []
+
+
+def test_guard_with_lightning_plugin_warns_once_over_fits():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            fit(RecordingModule(adamw), steps=1, plugins=[HalfPrecision("bf16-true")], callbacks=[PrecisionGuard()])
+    assert sum(issubclass(w.category, PrecisionWarning) for w in caught) == 1
+
+
+def test_guard_ignore_is_silent():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(RecordingModule(adamw), steps=1, plugins=[HalfPrecision("bf16-true")], callbacks=[PrecisionGuard("ignore")])
+    assert not any(issubclass(w.category, PrecisionWarning) for w in caught)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "storage", "compute", "verdict"),
+    [
+        ({"precision": "bf16-mixed"}, "float32", "bfloat16", "safe"),
+        ({"precision": "32-true"}, "float32", "float32", "safe"),
+        ({"plugins": [HalfPrecision("bf16-true")]}, "bfloat16", "bfloat16", "unsafe"),
+    ],
+)
+def test_contract_reports_observed_state_after_first_step(kwargs, storage, compute, verdict, caplog):
+    guard = PrecisionGuard(on_unsafe="ignore")
+    with caplog.at_level(logging.INFO, logger="lightning_precision"):
+        fit(RecordingModule(adamw), steps=2, callbacks=[guard], **kwargs)
+    (row,) = guard.contract.optimizers
+    assert (row.storage_dtype, guard.contract.compute_dtype, row.verdict) == (storage, compute, verdict)
+    assert row.observed and row.state_dtype == storage  # torch AdamW: state follows the parameter
+    assert "Precision contract" in caplog.text and "(predicted)" in caplog.text  # fit start: before any step
+
+
+def test_contract_in_checkpoint_and_round_trips(tmp_path):
+    guard = PrecisionGuard(on_unsafe="ignore")
+    trainer = fit(RecordingModule(adamw), steps=2, callbacks=[guard], precision="bf16-mixed", default_root_dir=tmp_path)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    stored = torch.load(path, weights_only=False)[CHECKPOINT_KEY]
+    restored = PrecisionContract.from_dict(stored)
+    assert restored == guard.contract
+    assert restored.optimizers[0].optimizer == "torch.optim.adamw.AdamW"
+
+
+def test_contract_logged_as_hyperparameters(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path)
+    fit(RecordingModule(adamw), steps=1, callbacks=[PrecisionGuard()], logger=logger, precision="bf16-mixed")
+    hparams = (tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text()
+    assert CHECKPOINT_KEY in hparams and "bf16-mixed" in hparams
+
+
+def test_guard_rejects_bad_policy():
+    with pytest.raises(ValueError, match="PrecisionGuard"):
+        PrecisionGuard(on_unsafe="yes")
+
+
+def test_guard_reads_strategy_dtypes():
+    class Strategy(pl.strategies.SingleDeviceStrategy):
+        compute_dtype = torch.float16
+        reduce_dtype = torch.float32
+
+    guard = PrecisionGuard(on_unsafe="ignore")
+    fit(RecordingModule(adamw), steps=1, callbacks=[guard], strategy=Strategy(device="cpu"))
+    assert (guard.contract.compute_dtype, guard.contract.reduce_dtype) == ("float16", "float32")

@@ -1,0 +1,217 @@
+"""resolve_trainer_cfg: YAML/OmegaConf trainer config to pl.Trainer kwargs."""
+
+import copy
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
+from omegaconf import OmegaConf
+
+from lightning_precision import (
+    FlashPrecision,
+    HalfPrecisionForAudio,
+    PrecisionConfigError,
+    PrecisionGuard,
+    PrecisionPairingError,
+    PrecisionWarning,
+    Status,
+    resolve_trainer_cfg,
+)
+from tests.helpers import RecordingModule, loader
+
+ADAMW = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
+FLASH = {"_target_": "flashoptim.FlashAdamW", "lr": 1e-3}
+
+
+def _precision_plugins(kwargs):
+    return [p for p in kwargs.get("plugins", []) if isinstance(p, HalfPrecision | FlashPrecision)]
+
+
+@pytest.mark.parametrize(
+    ("precision", "plugin_cls", "canonical"),
+    [
+        ("bf16-true", HalfPrecisionForAudio, "bf16-true"),
+        ("fp16-true", HalfPrecisionForAudio, "16-true"),
+        ("16-true", HalfPrecisionForAudio, "16-true"),
+        ("bf16-flash", FlashPrecision, "bf16-flash"),
+        ("fp16-flash", FlashPrecision, "fp16-flash"),
+    ],
+)
+def test_true_and_flash_strings_become_plugins(precision, plugin_cls, canonical):
+    kwargs = resolve_trainer_cfg({"precision": precision, "max_steps": 2})
+    assert "precision" not in kwargs
+    (plugin,) = _precision_plugins(kwargs)
+    assert type(plugin) is plugin_cls and plugin.precision == canonical
+    assert kwargs["max_steps"] == 2
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true", "32", "16", "bf16", "64-true"])
+def test_lightning_strings_pass_through(precision):
+    kwargs = resolve_trainer_cfg({"precision": precision})
+    assert kwargs["precision"] == precision and "plugins" not in kwargs
+
+
+def test_lightning_strings_build_a_real_trainer():
+    trainer = pl.Trainer(**resolve_trainer_cfg({"precision": "bf16-mixed", "accelerator": "cpu", "logger": False}))
+    assert isinstance(trainer.precision_plugin, MixedPrecision)
+
+
+def test_plugin_is_added_to_existing_plugins():
+    from lightning.pytorch.plugins.environments import LightningEnvironment
+
+    env = LightningEnvironment()
+    kwargs = resolve_trainer_cfg({"precision": "bf16-true", "plugins": [env]})
+    assert kwargs["plugins"][0] is env and isinstance(kwargs["plugins"][1], HalfPrecisionForAudio)
+
+
+def test_single_plugin_object_is_accepted():
+    kwargs = resolve_trainer_cfg({"plugins": {"_target_": "lightning_precision.HalfPrecisionForAudio"}})
+    assert isinstance(kwargs["plugins"][0], HalfPrecisionForAudio)
+    assert kwargs.precision_mode.name == "bf16-true"
+
+
+def test_precision_string_plus_precision_plugin_is_an_error():
+    cfg = {"precision": "bf16-true", "plugins": [HalfPrecisionForAudio("bf16-true")]}
+    with pytest.raises(PrecisionConfigError, match="both set the precision"):
+        resolve_trainer_cfg(cfg)
+
+
+def test_two_precision_plugins_are_an_error():
+    with pytest.raises(PrecisionConfigError, match="2 precision plugins"):
+        resolve_trainer_cfg({"plugins": [HalfPrecisionForAudio(), FlashPrecision()]})
+
+
+def test_unknown_precision_is_an_error():
+    with pytest.raises(PrecisionConfigError, match="'bf16-fast'.*Valid choices"):
+        resolve_trainer_cfg({"precision": "bf16-fast"})
+
+
+def test_targets_instantiated_in_plugins_callbacks_strategy():
+    cfg = {
+        "plugins": [{"_target_": "lightning_precision.FlashPrecision", "precision": "fp16-flash"}],
+        "callbacks": [{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}],
+        "strategy": {"_target_": "lightning.pytorch.strategies.SingleDeviceStrategy", "device": "cpu"},
+    }
+    kwargs = resolve_trainer_cfg(cfg)
+    assert isinstance(kwargs["plugins"][0], FlashPrecision) and kwargs["plugins"][0].precision == "fp16-flash"
+    assert isinstance(kwargs["callbacks"][0], LearningRateMonitor)
+    assert isinstance(kwargs["strategy"], pl.strategies.SingleDeviceStrategy)
+
+
+def test_target_that_does_not_import_names_the_entry():
+    with pytest.raises(PrecisionConfigError, match=r"trainer.callbacks\[0\].*no_such_pkg.Callback"):
+        resolve_trainer_cfg({"callbacks": [{"_target_": "no_such_pkg.Callback"}]})
+
+
+def test_unregistered_strategy_name_lists_registered():
+    with pytest.raises(PrecisionConfigError, match="'nope'.*Registered"):
+        resolve_trainer_cfg({"strategy": {"name": "nope"}})
+
+
+def test_guard_added_once_and_user_guard_kept():
+    assert sum(isinstance(c, PrecisionGuard) for c in resolve_trainer_cfg({})["callbacks"]) == 1
+    mine = PrecisionGuard(on_unsafe="ignore")
+    assert resolve_trainer_cfg({"callbacks": [mine]})["callbacks"] == [mine]
+
+
+def test_omegaconf_interpolation_struct_and_no_mutation():
+    cfg = OmegaConf.create({"run": {"steps": 7}, "trainer": {"max_steps": "${run.steps}", "precision": "bf16-true"}})
+    OmegaConf.set_struct(cfg, True)
+    before = OmegaConf.to_container(cfg)
+    kwargs = resolve_trainer_cfg(cfg.trainer)
+    assert kwargs["max_steps"] == 7 and isinstance(kwargs, dict)
+    assert OmegaConf.to_container(cfg) == before
+
+
+def test_plain_dict_input_not_mutated():
+    cfg = {"precision": "bf16-flash", "plugins": [], "callbacks": [], "lightning_precision": {"on_unsafe": "ignore"}}
+    snapshot = copy.deepcopy(cfg)
+    resolve_trainer_cfg(cfg)
+    assert cfg == snapshot
+
+
+def test_config_alone_shows_unsafe_pairing_under_error():
+    with pytest.raises(PrecisionPairingError, match="AdamW"):
+        resolve_trainer_cfg({"precision": "bf16-true"}, model={}, optimizer=ADAMW, on_unsafe="error")
+
+
+def test_on_unsafe_from_yaml_key_lightning_never_sees():
+    cfg = {"precision": "bf16-true", "lightning_precision": {"on_unsafe": "error"}}
+    with pytest.raises(PrecisionPairingError):
+        resolve_trainer_cfg(cfg, model={}, optimizer=ADAMW)
+    kwargs = resolve_trainer_cfg({**cfg, "lightning_precision": {"on_unsafe": "ignore"}}, model={}, optimizer=ADAMW)
+    assert "lightning_precision" not in kwargs and kwargs.on_unsafe == "ignore"
+
+
+def test_config_unsafe_warns_once():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            resolve_trainer_cfg({"precision": "bf16-true"}, model={}, optimizer=ADAMW)
+    assert sum(issubclass(w.category, PrecisionWarning) for w in caught) == 1
+
+
+@pytest.mark.parametrize(
+    ("trainer", "model", "optimizer", "storage", "status"),
+    [
+        ({"precision": "bf16-mixed"}, {"torch_dtype": "auto"}, ADAMW, torch.float32, Status.SAFE),
+        ({"precision": "bf16-mixed"}, {"torch_dtype": "bf16"}, ADAMW, torch.bfloat16, Status.UNSAFE),
+        ({"precision": "bf16-flash"}, {}, FLASH, torch.bfloat16, Status.SAFE),
+        ({"precision": "bf16-mixed"}, {}, FLASH, torch.bfloat16, Status.SAFE),
+        ({"precision": "bf16-true"}, {}, ADAMW, torch.bfloat16, Status.UNSAFE),
+    ],
+)
+def test_storage_dtype_resolved_and_judged(trainer, model, optimizer, storage, status):
+    kwargs = resolve_trainer_cfg(trainer, model=model, optimizer=optimizer, on_unsafe="ignore")
+    assert kwargs.storage_dtype == storage and kwargs.verdict.status is status
+
+
+def test_peft_is_not_judged():
+    kwargs = resolve_trainer_cfg({"precision": "bf16-true"}, model={}, optimizer=ADAMW, peft=True, on_unsafe="error")
+    assert kwargs.storage_dtype == torch.bfloat16  # the precision casts the module, PEFT or not
+    assert kwargs.verdict.status is Status.NOT_JUDGED
+
+
+@pytest.mark.parametrize(
+    ("cfg", "match"),
+    [
+        ({"lightning_precision": {"on_unsafe": "loud"}}, "'loud'.*warn, error, ignore"),
+        ({"lightning_precision": {"onunsafe": "warn"}}, "onunsafe.*Valid options"),
+        ({"lightning_precision": "error"}, "must be a mapping"),
+    ],
+)
+def test_bad_options_are_named(cfg, match):
+    with pytest.raises(PrecisionConfigError, match=match):
+        resolve_trainer_cfg(cfg)
+
+
+def test_missing_trainer_section():
+    with pytest.raises(PrecisionConfigError, match="trainer section is missing"):
+        resolve_trainer_cfg(OmegaConf.create({"model": {}}).get("trainer"))
+
+
+def test_bad_torch_dtype_is_named():
+    with pytest.raises(PrecisionConfigError, match="model.torch_dtype='bf17'"):
+        resolve_trainer_cfg({}, model={"torch_dtype": "bf17"}, optimizer=ADAMW)
+
+
+def test_resolved_kwargs_fit_like_nemo():
+    cfg = OmegaConf.create(
+        {
+            "trainer": {
+                "precision": "bf16-true",
+                "accelerator": "cpu",
+                "max_steps": 2,
+                "logger": False,
+                "enable_checkpointing": False,
+                "enable_progress_bar": False,
+                "lightning_precision": {"on_unsafe": "ignore"},
+            }
+        }
+    )
+    module = RecordingModule()
+    pl.Trainer(**resolve_trainer_cfg(cfg.trainer)).fit(module, loader())
+    assert module.seen[-1]["param"] == torch.bfloat16 and module.seen[-1]["audio"] == torch.float32
