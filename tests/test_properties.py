@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from lightning_precision.casting import cast_batch, is_preserved
 from lightning_precision.dtypes import _DTYPE_ALIASES, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.pairing import OptimizerKind, OptimizerInfo, Status, judge
+from lightning_precision.pairing import OptimizerInfo, OptimizerKind, Status, judge
 
 PATTERNS = ("audio",)
 TENSOR_DTYPES = [
