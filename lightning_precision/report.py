@@ -133,3 +133,26 @@ def optimizer_contract(verdict: Verdict, observed_state: str | None = None) -> O
         message=verdict.message,
         observed=observed_state is not None,
     )
+
+
+def storage_changes(stored: PrecisionContract, current: PrecisionContract) -> list[tuple[str, str, str]]:
+    """Storage-dtype changes between a checkpoint's contract and the run resuming from it.
+
+    Returns:
+        ``(optimizer, stored dtype, current dtype)`` for each optimizer whose parameters are now stored in another
+        dtype, in optimizer order.
+    """
+    return [
+        (now.optimizer, then.storage_dtype, now.storage_dtype)
+        for then, now in zip(stored.optimizers, current.optimizers)
+        if then.storage_dtype != now.storage_dtype
+    ]
+
+
+def is_narrowing(stored_dtype: str, current_dtype: str) -> bool:
+    """Whether moving parameters from ``stored_dtype`` to ``current_dtype`` drops precision (e.g. fp32 -> bf16)."""
+    sizes = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+    return sizes.get(current_dtype, 0) < sizes.get(stored_dtype, 0) or {stored_dtype, current_dtype} == {
+        "bfloat16",
+        "float16",
+    }

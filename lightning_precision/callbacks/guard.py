@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_precision._logging import info_rank_zero
 from lightning_precision.dtypes import dtype_name
-from lightning_precision.errors import PrecisionConfigError
+from lightning_precision.errors import PrecisionConfigError, PrecisionWarning
 from lightning_precision.modes import get_mode
 from lightning_precision.pairing import (
     OnUnsafe,
@@ -19,7 +20,13 @@ from lightning_precision.pairing import (
     trainable_half_params,
     validate_on_unsafe,
 )
-from lightning_precision.report import PrecisionContract, observed_state_dtypes, optimizer_contract
+from lightning_precision.report import (
+    PrecisionContract,
+    is_narrowing,
+    observed_state_dtypes,
+    optimizer_contract,
+    storage_changes,
+)
 
 CHECKPOINT_KEY = "precision_contract"
 
@@ -48,11 +55,15 @@ class PrecisionGuard(Callback):
         self.log_table = log_table
         self.contract: PrecisionContract | None = None
         self._state_observed = False
+        self._restored: PrecisionContract | None = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._state_observed = False
         self.contract = self._build_contract(trainer, observe_state=False)
+        if self._restored is not None:
+            _report_resume(self._restored, self.contract)
+            self._restored = None
         for logger in trainer.loggers:
             logger.log_hyperparams({CHECKPOINT_KEY: self.contract.to_dict()})
 
@@ -71,6 +82,14 @@ class PrecisionGuard(Callback):
     ) -> None:
         if self.contract is not None:
             checkpoint[CHECKPOINT_KEY] = self.contract.to_dict()
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Compared at fit start, once the precision has converted the module and the optimizers exist.
+        stored = checkpoint.get(CHECKPOINT_KEY)
+        self._restored = PrecisionContract.from_dict(stored) if stored else None
 
     def _build_contract(self, trainer: pl.Trainer, *, observe_state: bool) -> PrecisionContract:
         where = "after first step" if observe_state else "fit start"
@@ -93,6 +112,23 @@ class PrecisionGuard(Callback):
             unsafe = any(v.status is Status.UNSAFE for v in verdicts)
             info_rank_zero(f"{contract.format_table()}\n({where}{'; UNSAFE pairing, see warning' if unsafe else ''})")
         return contract
+
+
+def _report_resume(stored: PrecisionContract, current: PrecisionContract) -> None:
+    """Resuming into another storage dtype is deliberate: log a widening, warn on a narrowing. Never silent."""
+    for optimizer, then, now in storage_changes(stored, current):
+        message = (
+            f"Resumed a checkpoint whose {optimizer} parameters were stored in {then} (precision={stored.precision!r}) "
+            f"into {now} storage (precision={current.precision!r})"
+        )
+        if is_narrowing(then, now):
+            rank_zero_warn(
+                f"{message}: the restored weights were rounded to {now}, which loses the low bits of the trained "
+                f"parameters. Resume with the checkpoint's precision to keep them.",
+                category=PrecisionWarning,
+            )
+        else:
+            info_rank_zero(f"{message}: upcast losslessly.")
 
 
 def _compute_dtype(precision: str) -> Any:
