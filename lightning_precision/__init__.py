@@ -20,12 +20,13 @@ from lightning_precision.pairing import (
     judge,
     resolve_storage_dtype,
 )
-from lightning_precision.plugins import FlashPrecision, HalfPrecisionForAudio
+from lightning_precision.plugins import CheckedMixedPrecision, FlashPrecision, HalfPrecisionForAudio
 from lightning_precision.report import PrecisionContract
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckedMixedPrecision",
     "FlashPrecision",
     "HalfPrecisionForAudio",
     "OptimizerInfo",

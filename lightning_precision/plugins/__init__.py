@@ -2,5 +2,6 @@
 
 from lightning_precision.plugins.flash import FlashPrecision
 from lightning_precision.plugins.half_audio import HalfPrecisionForAudio
+from lightning_precision.plugins.mixed import CheckedMixedPrecision
 
-__all__ = ["FlashPrecision", "HalfPrecisionForAudio"]
+__all__ = ["CheckedMixedPrecision", "FlashPrecision", "HalfPrecisionForAudio"]

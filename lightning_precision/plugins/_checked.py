@@ -1,4 +1,4 @@
-"""Behaviour shared by this library's half-precision plugins: audio-preserving input casting and a pairing check."""
+"""Behaviour shared by this library's plugins: a pairing check when connected, and audio-preserving input casting."""
 
 from __future__ import annotations
 
@@ -15,20 +15,15 @@ from lightning_precision.casting import cast_batch, normalize_preserve_keys
 from lightning_precision.pairing import OnUnsafe, check_and_enforce, validate_on_unsafe
 
 
-class _CheckedHalfInputs(Precision):
-    """Base for this library's half plugins: casts batches with :func:`cast_batch` and checks the optimizer pairing
-    when connected. Listed first in a plugin's bases so these hooks take precedence over Lightning's."""
+class _PairingCheck(Precision):
+    """Base for this library's plugins: checks the optimizer pairing when Lightning connects the plugin.
 
-    _desired_input_dtype: torch.dtype
+    Listed first in a plugin's bases so its hooks take precedence over Lightning's.
+    """
 
-    def _init_checks(self, preserve_keys: str | Iterable[str] | None, on_unsafe: OnUnsafe, peft: bool) -> None:
-        self.preserve_keys = normalize_preserve_keys(preserve_keys)
+    def _init_pairing_check(self, on_unsafe: OnUnsafe, peft: bool) -> None:
         self.on_unsafe = validate_on_unsafe(on_unsafe, what=f"{type(self).__name__}(on_unsafe=...)")
         self.peft = bool(peft)
-
-    @override
-    def convert_input(self, data: Any) -> Any:
-        return cast_batch(data, self._desired_input_dtype, self.preserve_keys)
 
     @override
     def connect(
@@ -38,3 +33,17 @@ class _CheckedHalfInputs(Precision):
         # which the real pairing can be judged, on every rank alike.
         check_and_enforce(optimizers, on_unsafe=self.on_unsafe, peft=self.peft, where=type(self).__name__)
         return model, optimizers, lr_schedulers
+
+
+class _CheckedHalfInputs(_PairingCheck):
+    """Base for the half plugins: also casts batches with :func:`cast_batch`, keeping preserved keys."""
+
+    _desired_input_dtype: torch.dtype
+
+    def _init_checks(self, preserve_keys: str | Iterable[str] | None, on_unsafe: OnUnsafe, peft: bool) -> None:
+        self.preserve_keys = normalize_preserve_keys(preserve_keys)
+        self._init_pairing_check(on_unsafe, peft)
+
+    @override
+    def convert_input(self, data: Any) -> Any:
+        return cast_batch(data, self._desired_input_dtype, self.preserve_keys)
