@@ -1,0 +1,154 @@
+"""Overhead of this library's plugins against Lightning's own plugin for the same precision, and of input casting.
+
+Prints two tables:
+1. seconds per training step (median over interleaved repeats) of each plugin pair and the ratio; target <= 1.03x.
+2. time to cast one large nested batch (thousands of tensors) with ``cast_batch`` against Lightning's
+   ``apply_to_collection`` doing the plain cast (which cannot preserve audio keys).
+
+Usage: python benchmarks/overhead.py [--repeats 5] [--steps 60] [--tensors 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.precision.utils import _convert_fp_tensor
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
+from lightning_utilities import apply_to_collection
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_precision import CheckedMixedPrecision, FlashPrecision, HalfPrecisionForAudio
+from lightning_precision.casting import cast_batch
+
+
+class StepTimer(pl.Callback):
+    def __init__(self, warmup: int = 10) -> None:
+        self.warmup, self.times, self._start = warmup, [], 0.0
+
+    def on_train_batch_start(self, *args) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self._start)
+
+
+class MLP(pl.LightningModule):
+    def __init__(self, width: int = 512, depth: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(depth)])
+
+    def training_step(self, batch, batch_idx):
+        x = batch["x"] + batch["audio"].to(batch["x"].dtype)
+        return self.net(x).float().pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+
+def _loader(steps: int, width: int = 512, batch: int = 64) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x, audio = torch.randn(steps * batch, width, generator=g), torch.randn(steps * batch, width, generator=g)
+
+    def collate(rows):
+        xs, auds = zip(*rows)
+        return {"x": torch.stack(xs), "audio": torch.stack(auds)}
+
+    return DataLoader(TensorDataset(x, audio), batch_size=batch, collate_fn=collate)
+
+
+def median_step_seconds(plugin_factory, steps: int) -> float:
+    torch.manual_seed(0)
+    timer = StepTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        plugins=[plugin_factory()],
+        callbacks=[timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(MLP(), _loader(steps))
+    return statistics.median(timer.times)
+
+
+PAIRS = {
+    "bf16-true": (lambda: HalfPrecisionForAudio("bf16-true", on_unsafe="ignore"), lambda: HalfPrecision("bf16-true")),
+    "bf16-mixed": (
+        lambda: CheckedMixedPrecision("bf16-mixed", device="cpu"),
+        lambda: MixedPrecision("bf16-mixed", device="cpu"),
+    ),
+    "bf16-flash vs bf16-true": (
+        lambda: FlashPrecision("bf16-flash", on_unsafe="ignore"),
+        lambda: HalfPrecision("bf16-true"),
+    ),
+}
+
+
+def nested_batch(n_tensors: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    per = max(1, n_tensors // 40)
+    return {
+        f"utt{i}": {
+            "audio_signal": [torch.randn(16, generator=g) for _ in range(per // 2)],
+            "feats": [torch.randn(16, generator=g) for _ in range(per - per // 2)],
+            "ids": torch.arange(8),
+        }
+        for i in range(40)
+    }
+
+
+def time_call(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--tensors", type=int, default=4000)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning_precision").setLevel(logging.ERROR)
+
+    print(f"Step time, median of {args.repeats} interleaved runs x {args.steps} steps (MLP 4x512, batch 64, CPU)")
+    print(f"{'precision':<26}{'ours s/step':>14}{'lightning s/step':>18}{'ratio':>8}")
+    for name, (ours, theirs) in PAIRS.items():
+        ours_t, theirs_t = [], []
+        for _ in range(args.repeats):  # interleaved, so drift in machine load hits both sides alike
+            ours_t.append(median_step_seconds(ours, args.steps))
+            theirs_t.append(median_step_seconds(theirs, args.steps))
+        a, b = statistics.median(ours_t), statistics.median(theirs_t)
+        print(f"{name:<26}{a:>14.5f}{b:>18.5f}{a / b:>8.3f}")
+
+    batch = nested_batch(args.tensors)
+    n = sum(len(v["audio_signal"]) + len(v["feats"]) + 1 for v in batch.values())
+    ours = time_call(lambda: cast_batch(batch, torch.bfloat16), args.repeats * 4)
+    plain = time_call(
+        lambda: apply_to_collection(batch, torch.Tensor, _convert_fp_tensor, dst_type=torch.bfloat16), args.repeats * 4
+    )
+    print(f"\nInput casting of one nested batch with {n} tensors (median of {args.repeats * 4})")
+    print(f"{'cast_batch (keeps audio)':<34}{ours * 1e3:>10.2f} ms")
+    print(f"{'apply_to_collection (plain cast)':<34}{plain * 1e3:>10.2f} ms")
+    print(f"{'ratio':<34}{ours / plain:>10.2f} x")
+
+
+if __name__ == "__main__":
+    main()
