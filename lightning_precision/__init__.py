@@ -22,10 +22,12 @@ from lightning_precision.pairing import (
 )
 from lightning_precision.plugins import FlashPrecision, HalfPrecisionForAudio
 from lightning_precision.report import PrecisionContract
+from lightning_precision.strategies import FSDP2Strategy  # registers Trainer(strategy="fsdp2")
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FSDP2Strategy",
     "FlashPrecision",
     "HalfPrecisionForAudio",
     "OptimizerInfo",
