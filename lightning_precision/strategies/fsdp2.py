@@ -306,7 +306,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.autocast = bool(autocast)
         self._on_unsafe_given = on_unsafe is not None
         self.on_unsafe: OnUnsafe = validate_on_unsafe(
-            on_unsafe if on_unsafe is not None else "warn", what="FSDP2Strategy(on_unsafe=...)"
+            on_unsafe if on_unsafe is not None else "warn", what="FSDP2Strategy: on_unsafe"
         )
         self.peft = bool(peft)
         self.resolved: FSDP2Precision | None = None

@@ -271,6 +271,29 @@ def scenario_cross_downcast(out: Path) -> dict[str, Any]:
     return _cross(out, "float32", "bfloat16")
 
 
+def scenario_plugins(out: Path) -> dict[str, Any]:
+    """True and flash half precision: storage cast before sharding, shards never re-cast, audio inputs kept fp32."""
+    from lightning_precision import FlashPrecision, HalfPrecisionForAudio
+
+    result = {}
+    for name, plugin in (
+        ("bf16-true", HalfPrecisionForAudio("bf16-true", on_unsafe="ignore")),
+        ("bf16-flash", FlashPrecision("bf16-flash", on_unsafe="ignore")),
+    ):
+        module = MultiBlock()
+        t = trainer(FSDP2Strategy(on_unsafe="ignore"), out, steps=2, precision=None, plugins=[plugin])
+        t.fit(module, loader())
+        result[name] = {
+            "is_dtensor": all(isinstance(p, DTensor) for p in module.parameters()),
+            "storage": sorted({dtype_name(p.dtype) for p in module.parameters()}),
+            "strategy_storage": dtype_name(t.strategy.storage_dtype),
+            "batch": module.seen_batch,
+            "inside": module.inside[-1],
+            "losses_finite": all(torch.isfinite(torch.tensor(module.losses)).tolist()),
+        }
+    return result
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
