@@ -10,7 +10,6 @@ which must keep its dtype) and whose "output" is the loss.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -18,7 +17,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from lightning_precision.errors import PrecisionConfigError
 
-BlockSelector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+BlockSelector = None | str | Sequence[str] | Callable[[str, nn.Module], bool]
 
 # Containers that only hold modules and are never called: sharding one would group parameters that no forward of
 # the container ever gathers.

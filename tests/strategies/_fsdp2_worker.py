@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the worktree's package, not an installed one
 
-from lightning_precision import FSDP2Strategy, PrecisionPairingError, PrecisionWarning  # noqa: E402
-from lightning_precision.dtypes import dtype_name  # noqa: E402
+from lightning_precision import FSDP2Strategy, PrecisionPairingError, PrecisionWarning
+from lightning_precision.dtypes import dtype_name
 
 DIM, BLOCKS, STEPS = 16, 3, 4
 
@@ -98,18 +98,18 @@ class MultiBlock(pl.LightningModule):
 
 
 def trainer(strategy: FSDP2Strategy, out: Path, steps: int = STEPS, **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-        strategy=strategy,
-        precision="bf16-mixed",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(out),
-    )
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        "strategy": strategy,
+        "precision": "bf16-mixed",
+        "max_steps": steps,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(out),
+    }
     return pl.Trainer(**{**defaults, **kwargs})
 
 
@@ -153,8 +153,6 @@ def scenario_fit(out: Path) -> dict[str, Any]:
     probe = torch.linspace(-1, 1, 4 * DIM).reshape(4, DIM)
     with torch.no_grad():
         probe_loss = float(module(probe).float().pow(2).mean())  # a forward through the FSDP root, every rank
-    from lightning_precision.strategies.parallelize import is_sharded  # noqa: F401
-
     fsdp_state = module.blocks[0]._get_fsdp_state()
     return {
         "is_dtensor": all(isinstance(p, DTensor) for p in module.parameters()),
