@@ -22,11 +22,13 @@ from lightning_precision.pairing import (
 )
 from lightning_precision.plugins import CheckedMixedPrecision, FlashPrecision, HalfPrecisionForAudio
 from lightning_precision.report import PrecisionContract
+from lightning_precision.strategies import FSDP2Strategy  # registers Trainer(strategy="fsdp2")
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckedMixedPrecision",
+    "FSDP2Strategy",
     "FlashPrecision",
     "HalfPrecisionForAudio",
     "OptimizerInfo",

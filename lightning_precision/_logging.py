@@ -1,13 +1,42 @@
-"""The library's logger; info lines go out on rank zero only."""
+"""The library's logger and its once-per-cause reporting: info lines and warnings go out on rank zero only."""
 
 import logging
 
-from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn
+
+from lightning_precision.errors import PrecisionWarning
 
 log = logging.getLogger("lightning_precision")
+
+_REPORTED_CAUSES: set[str] = set()
 
 
 @rank_zero_only
 def info_rank_zero(message: str) -> None:
     """Log ``message`` at INFO level on rank zero."""
     log.info(message)
+
+
+def first_report(cause: str) -> bool:
+    """Whether ``cause`` is reported for the first time in this process (and remember it)."""
+    if cause in _REPORTED_CAUSES:
+        return False
+    _REPORTED_CAUSES.add(cause)
+    return True
+
+
+def warn_once(cause: str, message: str) -> None:
+    """Emit a :class:`PrecisionWarning` on rank zero, once per cause per process."""
+    if first_report(cause):
+        rank_zero_warn(message, category=PrecisionWarning)
+
+
+def info_once(cause: str, message: str) -> None:
+    """Log an info line on rank zero, once per cause per process."""
+    if first_report(cause):
+        info_rank_zero(message)
+
+
+def reset_reported() -> None:
+    """Forget which causes were reported, so they are reported again (for tests and long-lived notebooks)."""
+    _REPORTED_CAUSES.clear()

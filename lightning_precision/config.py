@@ -225,6 +225,11 @@ def _instantiate(entry: Any, where: str) -> Any:
 
 
 def _build_strategy(entry: Any) -> Any:
+    if isinstance(entry, str) and entry in StrategyRegistry:
+        data = StrategyRegistry[entry]
+        if hasattr(data["strategy"], "apply_resolved_config"):
+            # Built here rather than by Lightning so it can learn the optimizer section (e.g. "fsdp2").
+            return data["strategy"](**data["init_params"])
     if isinstance(entry, Mapping) and "name" in entry and "_target_" not in entry and "class_path" not in entry:
         options = {k: v for k, v in entry.items() if k != "name"}
         name = entry["name"]

@@ -21,11 +21,10 @@ from enum import Enum
 from typing import Any, Literal
 
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_warn
 
-from lightning_precision._logging import info_rank_zero
+from lightning_precision._logging import info_once, warn_once
 from lightning_precision.dtypes import HALF_DTYPES, dtype_name, parse_dtype
-from lightning_precision.errors import PrecisionConfigError, PrecisionPairingError, PrecisionWarning
+from lightning_precision.errors import PrecisionConfigError, PrecisionPairingError
 from lightning_precision.modes import PrecisionMode, get_mode
 
 OnUnsafe = Literal["warn", "error", "ignore"]
@@ -549,8 +548,6 @@ def validate_on_unsafe(value: Any, *, what: str = "on_unsafe") -> OnUnsafe:
 # Acting on a verdict
 # ---------------------------------------------------------------------------------------------------------------
 
-_REPORTED_CAUSES: set[str] = set()
-
 
 def enforce(verdict: Verdict, on_unsafe: OnUnsafe = "warn", *, where: str = "") -> Verdict:
     """Act on a verdict under an ``on_unsafe`` policy.
@@ -579,23 +576,10 @@ def enforce(verdict: Verdict, on_unsafe: OnUnsafe = "warn", *, where: str = "") 
     if verdict.status is Status.UNSAFE and on_unsafe == "error":
         raise PrecisionPairingError(f"{prefix}{verdict.message} (raised because on_unsafe='error')")
     if verdict.status in (Status.UNSAFE, Status.WEAK_STATE):
-        if _first_report(verdict.cause):
-            rank_zero_warn(f"{prefix}{verdict.message}", category=PrecisionWarning)
-    elif verdict.status in (Status.WASTEFUL, Status.UNKNOWN) and _first_report(verdict.cause):
-        info_rank_zero(f"{prefix}{verdict.message}")
+        warn_once(verdict.cause, f"{prefix}{verdict.message}")
+    elif verdict.status in (Status.WASTEFUL, Status.UNKNOWN):
+        info_once(verdict.cause, f"{prefix}{verdict.message}")
     return verdict
-
-
-def _first_report(cause: str) -> bool:
-    if cause in _REPORTED_CAUSES:
-        return False
-    _REPORTED_CAUSES.add(cause)
-    return True
-
-
-def reset_reported() -> None:
-    """Forget which causes were reported, so they warn again (for tests and long-lived notebooks)."""
-    _REPORTED_CAUSES.clear()
 
 
 def check_and_enforce(

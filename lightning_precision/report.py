@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lightning_precision._logging import info_once, warn_once
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.pairing import OptimizerInfo, OptimizerKind, Verdict
 
@@ -149,10 +150,28 @@ def storage_changes(stored: PrecisionContract, current: PrecisionContract) -> li
     ]
 
 
-def is_narrowing(stored_dtype: str, current_dtype: str) -> bool:
-    """Whether moving parameters from ``stored_dtype`` to ``current_dtype`` drops precision (e.g. fp32 -> bf16)."""
-    sizes = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
-    return sizes.get(current_dtype, 0) < sizes.get(stored_dtype, 0) or {stored_dtype, current_dtype} == {
-        "bfloat16",
-        "float16",
-    }
+def is_narrowing(before: torch.dtype, after: torch.dtype) -> bool:
+    """Whether moving values from ``before`` to ``after`` can lose bits (fp32 -> bf16, bf16 <-> fp16)."""
+    return after.itemsize < before.itemsize or (after != before and after.itemsize == before.itemsize)
+
+
+def report_storage_change(before: torch.dtype, after: torch.dtype, *, what: str) -> None:
+    """Say what a resume did to stored parameters: a widening is logged, a narrowing warned. Never silent.
+
+    Args:
+        before: Storage dtype recorded in the checkpoint.
+        after: Storage dtype of the run that resumes.
+        what: Which parameters and checkpoint, for the message (e.g. ``"torch.optim.AdamW parameters"``).
+    """
+    if before == after:
+        return
+    head = f"Resumed {what} stored in {dtype_name(before)} into {dtype_name(after)} storage"
+    cause = f"resume:{before}->{after}"
+    if is_narrowing(before, after):
+        warn_once(
+            cause,
+            f"{head}: parameters and optimizer state were rounded to {dtype_name(after)} on load, losing the low bits "
+            f"of the trained values. Resume with {dtype_name(before)} storage to keep them exact.",
+        )
+    else:
+        info_once(cause, f"{head}: upcast exactly, nothing lost.")

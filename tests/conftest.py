@@ -1,6 +1,6 @@
 import pytest
 
-from lightning_precision.pairing import reset_reported
+from lightning_precision._logging import reset_reported
 
 
 @pytest.fixture(autouse=True)

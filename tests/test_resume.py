@@ -101,7 +101,7 @@ def test_resume_into_wider_storage_is_logged(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="lightning_precision"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _run("32-true", 2 * N, tmp_path, ckpt_path=ckpt)
-    assert "stored in bfloat16" in caplog.text and "upcast losslessly" in caplog.text
+    assert "stored in bfloat16" in caplog.text and "upcast exactly" in caplog.text
     assert not any(issubclass(w.category, PrecisionWarning) for w in caught)
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_precision._logging import info_rank_zero
-from lightning_precision.dtypes import dtype_name
-from lightning_precision.errors import PrecisionConfigError, PrecisionWarning
+from lightning_precision.dtypes import dtype_name, parse_dtype
+from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import get_mode
 from lightning_precision.pairing import (
     OnUnsafe,
@@ -22,9 +21,9 @@ from lightning_precision.pairing import (
 )
 from lightning_precision.report import (
     PrecisionContract,
-    is_narrowing,
     observed_state_dtypes,
     optimizer_contract,
+    report_storage_change,
     storage_changes,
 )
 
@@ -115,20 +114,11 @@ class PrecisionGuard(Callback):
 
 
 def _report_resume(stored: PrecisionContract, current: PrecisionContract) -> None:
-    """Resuming into another storage dtype is deliberate: log a widening, warn on a narrowing. Never silent."""
     for optimizer, then, now in storage_changes(stored, current):
-        message = (
-            f"Resumed a checkpoint whose {optimizer} parameters were stored in {then} (precision={stored.precision!r}) "
-            f"into {now} storage (precision={current.precision!r})"
-        )
-        if is_narrowing(then, now):
-            rank_zero_warn(
-                f"{message}: the restored weights were rounded to {now}, which loses the low bits of the trained "
-                f"parameters. Resume with the checkpoint's precision to keep them.",
-                category=PrecisionWarning,
-            )
-        else:
-            info_rank_zero(f"{message}: upcast losslessly.")
+        if then == "-" or now == "-":
+            continue
+        what = f"{optimizer} parameters (precision={stored.precision!r}, now {current.precision!r})"
+        report_storage_change(parse_dtype(then), parse_dtype(now), what=what)
 
 
 def _compute_dtype(precision: str) -> Any:

@@ -1,0 +1,153 @@
+"""Apply FSDP2 (``fully_shard``) to a model, torchtitan ``parallelize`` style: blocks first, then the top, then the root.
+
+Each block becomes its own FSDP unit, so only one block's full parameters are resident at a time. Modules at the top
+of the model that are not blocks (embeddings, heads, norms) become units of their own with the same mixed-precision
+policy, so their inputs are cast to the compute dtype. The root is sharded last with a policy that does not cast its
+inputs or outputs: in Lightning the root is the LightningModule, whose "inputs" are whole batches (audio included,
+which must keep its dtype) and whose "output" is the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from lightning_precision.errors import PrecisionConfigError
+
+BlockSelector = None | str | Sequence[str] | Callable[[str, nn.Module], bool]
+
+# Containers that only hold modules and are never called: sharding one would group parameters that no forward of
+# the container ever gathers.
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict)
+
+
+def block_selector(blocks: BlockSelector) -> Callable[[str, nn.Module], bool] | None:
+    """Turn the ``blocks`` option into a predicate ``(qualified_name, module) -> is a block``.
+
+    Returns ``None`` for the default, which depends on the model (see :func:`select_blocks`).
+
+    Args:
+        blocks: ``None`` (default: every child of an ``nn.ModuleList``, the usual home of transformer layers),
+            a class name or a list of class names (e.g. ``["LlamaDecoderLayer"]``), or a callable
+            ``(name, module) -> bool``.
+
+    Raises:
+        PrecisionConfigError: If ``blocks`` is none of these.
+    """
+    if blocks is None:
+        return None
+    if isinstance(blocks, str):
+        blocks = [blocks]
+    if isinstance(blocks, Sequence) and all(isinstance(b, str) for b in blocks):
+        names = frozenset(blocks)
+        return lambda name, module: type(module).__name__ in names
+    if callable(blocks):
+        return blocks
+    raise PrecisionConfigError(
+        f"blocks={blocks!r} is not valid. Give None (children of nn.ModuleList), a class name or list of class names, "
+        "or a callable (name, module) -> bool."
+    )
+
+
+def select_blocks(model: nn.Module, blocks: BlockSelector = None) -> list[tuple[str, nn.Module]]:
+    """The modules of ``model`` that ``blocks`` selects, innermost first (the order ``fully_shard`` needs).
+
+    Args:
+        model: The model.
+        blocks: See :func:`block_selector`.
+
+    Returns:
+        ``(qualified_name, module)`` pairs; the root itself is never a block.
+    """
+    is_block = block_selector(blocks)
+    in_list = {id(child) for m in model.modules() if isinstance(m, nn.ModuleList) for child in m.children()}
+    selected = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if is_block is None:
+            hit = id(module) in in_list and any(True for _ in module.parameters())
+        else:
+            hit = bool(is_block(name, module))
+        if hit:
+            selected.append((name, module))
+    # Children before parents: a unit owns the parameters that no sharded descendant owns.
+    return selected[::-1]
+
+
+def top_level_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Direct children of ``model`` (looking through ModuleList/ModuleDict) that still own unsharded parameters."""
+    units = []
+
+    def visit(prefix: str, parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            qualified = f"{prefix}{name}"
+            if isinstance(child, FSDPModule):
+                continue
+            if isinstance(child, _CONTAINERS):
+                visit(f"{qualified}.", child)
+            elif _unsharded_params(child):
+                units.append((qualified, child))
+
+    visit("", model)
+    return units
+
+
+def _unsharded_params(module: nn.Module) -> list[nn.Parameter]:
+    owned: set[int] = set()
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            owned.update(id(p) for p in sub.parameters())
+    return [p for p in module.parameters() if id(p) not in owned]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` was already applied somewhere in ``model`` (e.g. in ``configure_model``)."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def root_policy(policy: MixedPrecisionPolicy) -> MixedPrecisionPolicy:
+    """The policy for the root: same parameter and reduce dtypes, but inputs and outputs left alone."""
+    return MixedPrecisionPolicy(
+        param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype, output_dtype=None, cast_forward_inputs=False
+    )
+
+
+def parallelize(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    mp_policy: MixedPrecisionPolicy,
+    *,
+    blocks: BlockSelector = None,
+    reshard_after_forward: bool = True,
+) -> list[str]:
+    """Shard ``model`` with FSDP2: each block, then each remaining top-level module, then the root.
+
+    Args:
+        model: The model (in Lightning, the LightningModule). Its parameters must already be in their storage dtype:
+            FSDP2 keeps whatever dtype it shards as the resident shard.
+        mesh: The data-parallel mesh (1-D).
+        mp_policy: The policy for blocks and top-level modules.
+        blocks: Which modules are blocks (see :func:`block_selector`).
+        reshard_after_forward: Free each block's gathered parameters after its forward (ZeRO-3); ``False`` keeps
+            them until backward (ZeRO-2: more memory, less communication).
+
+    Returns:
+        Qualified names of the modules made FSDP units, root last (``""``).
+    """
+    sharded = []
+    for name, block in select_blocks(model, blocks):
+        if not _unsharded_params(block):  # every parameter already belongs to an inner block
+            continue
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+        sharded.append(name)
+    for name, unit in top_level_units(model):
+        fully_shard(unit, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+        sharded.append(name)
+    # The root is gathered again right at the start of backward, so it is not resharded after forward.
+    fully_shard(model, mesh=mesh, mp_policy=root_policy(mp_policy), reshard_after_forward=False)
+    sharded.append("")
+    return sharded

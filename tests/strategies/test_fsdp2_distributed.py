@@ -1,0 +1,156 @@
+"""FSDP2Strategy on 2 CPU processes (gloo): each scenario runs once in ``_fsdp2_worker.py`` under torch.distributed.run,
+every rank writes what it observed, and each test asserts one behaviour on those observations."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+WORKER = Path(__file__).with_name("_fsdp2_worker.py")
+NPROC = 2
+TIMEOUT_S = 180
+
+pytestmark = pytest.mark.distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run_scenario(tmp_path_factory: pytest.TempPathFactory):
+    """Run a scenario once per module; return the per-rank observations (rank order)."""
+    cache: dict[str, list[dict[str, Any]]] = {}
+
+    def run(scenario: str) -> list[dict[str, Any]]:
+        if scenario not in cache:
+            out = tmp_path_factory.mktemp(scenario)
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc_per_node={NPROC}",
+                f"--master_port={_free_port()}",
+                str(WORKER),
+                scenario,
+                str(out),
+            ]
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=TIMEOUT_S)
+            files = [out / f"{scenario}.rank{r}.json" for r in range(NPROC)]
+            assert proc.returncode == 0 and all(f.exists() for f in files), (
+                f"scenario {scenario!r} failed (exit {proc.returncode}).\n--- stderr ---\n{proc.stderr[-6000:]}"
+                f"\n--- stdout ---\n{proc.stdout[-2000:]}"
+            )
+            cache[scenario] = [json.loads(f.read_text()) for f in files]
+        return cache[scenario]
+
+    return run
+
+
+# -- fit without configure_model --------------------------------------------------------------------------------------
+
+
+def test_parameters_are_dtensors_sharded_across_both_ranks(run_scenario):
+    for rank in run_scenario("fit"):
+        assert rank["sharded_by_strategy"] is True
+        assert rank["is_dtensor"] is True
+        assert rank["mesh_size"] == 2
+        assert rank["placements"] == ["S(0)"]
+        assert rank["local_rows"] * 2 == rank["global_rows"]
+
+
+def test_storage_and_adamw_state_are_fp32(run_scenario):
+    for rank in run_scenario("fit"):
+        assert rank["storage"] == ["float32"]
+        assert rank["strategy_storage"] == "float32"
+        assert (rank["exp_avg"], rank["exp_avg_sq"]) == ("float32", "float32")
+
+
+def test_blocks_compute_in_bf16(run_scenario):
+    for rank in run_scenario("fit"):
+        assert rank["inside"] == {"weight": "bfloat16", "input": "bfloat16", "output": "bfloat16"}
+        assert rank["strategy_compute"] == "bfloat16"
+
+
+def test_gradients_reduce_in_fp32_from_the_policy(run_scenario):
+    for rank in run_scenario("fit"):
+        assert (rank["policy_param"], rank["policy_reduce"]) == ("bfloat16", "float32")
+        assert rank["strategy_reduce"] == "float32"
+
+
+def test_lightning_autocast_is_not_stacked_on_the_policy(run_scenario):
+    for rank in run_scenario("fit"):
+        assert rank["precision"] == "bf16-mixed"
+        assert rank["autocast_plugin"] == "_PolicyMixedPrecision"
+        assert rank["batch"]["x"] == "float32"  # mixed precision does not cast inputs; the blocks' policy does
+
+
+def test_both_ranks_see_the_same_loss(run_scenario):
+    rank0, rank1 = run_scenario("fit")
+    assert len(rank0["losses"]) == 4
+    assert rank0["losses"] == rank1["losses"]
+    assert rank0["probe_loss"] == rank1["probe_loss"]  # one model: same output on the same probe batch
+
+
+# -- unsafe pairing under on_unsafe="error" ---------------------------------------------------------------------------
+
+
+def test_bf16_storage_with_torch_adamw_raises_on_every_rank_before_the_first_step(run_scenario):
+    for rank in run_scenario("unsafe_error"):
+        assert rank["raised"] == "PrecisionPairingError"
+        assert rank["global_step"] == 0
+        assert "torch.optim.adamw.AdamW" in rank["message"] and "bfloat16" in rank["message"]
+
+
+# -- half precisions through the plugins ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-flash"])
+def test_half_storage_is_cast_before_sharding_and_audio_stays_fp32(run_scenario, precision):
+    for rank in run_scenario("plugins"):
+        seen = rank[precision]
+        assert seen["is_dtensor"] is True
+        assert seen["storage"] == ["bfloat16"] and seen["strategy_storage"] == "bfloat16"
+        assert seen["batch"] == {"x": "bfloat16", "audio_signal": "float32", "y": "bfloat16"}
+        assert seen["inside"]["input"] == "bfloat16"
+        assert seen["losses_finite"] is True
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("scenario", "is_dir"), [("resume", True), ("resume_full_file", False)])
+def test_resume_matches_an_uninterrupted_run_bitwise(run_scenario, scenario, is_dir):
+    # Bitwise: the checkpoint holds the fp32 shards and moments exactly, the data order is the same, and gloo's
+    # reductions are deterministic, so the resumed steps repeat the uninterrupted run's arithmetic exactly.
+    for rank in run_scenario(scenario):
+        assert rank["checkpoint_is_dir"] is is_dir
+        assert rank["global_step"] == rank["ref_step"] == 8
+        assert rank["resumed_batches"] == rank["ref_batches"][4:]
+        assert any(k.startswith("exp_avg_sq/") for k in rank["keys"])
+        assert rank["bitwise"] is True and rank["max_abs_diff"] == 0.0
+
+
+def test_resume_bf16_checkpoint_into_fp32_storage_is_an_exact_logged_upcast(run_scenario):
+    rank0, rank1 = run_scenario("cross_upcast")
+    assert rank0["storage"] == rank1["storage"] == ["float32"]
+    assert rank0["bf16_representable_at_start"] and rank1["bf16_representable_at_start"]
+    assert len(rank0["resume_logs"]) == 1 and "upcast" in rank0["resume_logs"][0]
+    assert rank1["resume_logs"] == []  # rank zero only
+    assert rank0["precision_warnings"] == rank1["precision_warnings"] == []
+
+
+def test_resume_fp32_checkpoint_into_bf16_storage_warns(run_scenario):
+    rank0, rank1 = run_scenario("cross_downcast")
+    assert rank0["storage"] == ["bfloat16"]
+    assert len(rank0["precision_warnings"]) == 1
+    assert "float32" in rank0["precision_warnings"][0] and "bfloat16" in rank0["precision_warnings"][0]
+    assert rank1["precision_warnings"] == []  # rank zero only
