@@ -165,7 +165,7 @@ def resolve_trainer_cfg(
             )
     strategy = kwargs.get("strategy")
     if hasattr(strategy, "apply_resolved_config"):  # e.g. FSDP2Strategy: learns the optimizer before it exists
-        strategy.apply_resolved_config(kwargs, optimizer=optimizer_cfg, peft=peft)
+        strategy.apply_resolved_config(kwargs, optimizer=optimizer_cfg, peft=peft, model=model_cfg)
     return kwargs
 
 

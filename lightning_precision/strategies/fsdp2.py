@@ -349,7 +349,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         """The resolved policy applied to the blocks (known after ``setup``)."""
         return self.resolved.mp_policy if self.resolved else None
 
-    def apply_resolved_config(self, kwargs: Any, *, optimizer: Any = None, peft: bool = False) -> None:
+    def apply_resolved_config(
+        self, kwargs: Any, *, optimizer: Any = None, peft: bool = False, model: Mapping[str, Any] | None = None
+    ) -> None:
         """Learn from :func:`~lightning_precision.config.resolve_trainer_cfg` what the strategy cannot see yet.
 
         The optimizer is created after sharding, so its config is the only way ``storage_dtype="auto"`` can know it.
@@ -359,7 +361,12 @@ class FSDP2Strategy(ModelParallelStrategy):
             kwargs: The resolved ``TrainerKwargs`` (its ``on_unsafe`` is adopted unless the strategy was given one).
             optimizer: The optimizer section.
             peft: Whether only adapters train.
+            model: The model section: an explicit ``torch_dtype`` there is the storage dtype when the strategy's own
+                ``storage_dtype`` is ``"auto"``.
         """
+        explicit = parse_dtype((model or {}).get("torch_dtype"), what="model.torch_dtype")
+        if explicit is not None and parse_dtype(self.storage_dtype_option) is None:
+            self.storage_dtype_option = explicit
         if self.optimizer_hint is None and optimizer is not None:
             classify_optimizer(optimizer)
             self.optimizer_hint = optimizer

@@ -154,6 +154,17 @@ def test_strategy_options_win_over_the_config():
     assert (strategy.optimizer_hint, strategy.on_unsafe) == ("torch.optim.SGD", "ignore")
 
 
+@pytest.mark.parametrize(("strategy_storage", "expected"), [("auto", torch.bfloat16), ("fp32", "fp32")])
+def test_model_torch_dtype_reaches_an_auto_strategy(strategy_storage, expected):
+    strategy = FSDP2Strategy(storage_dtype=strategy_storage)
+    resolve_trainer_cfg(
+        {"strategy": strategy, "precision": "bf16-mixed", "lightning_precision": {"on_unsafe": "ignore"}},
+        model={"torch_dtype": "bf16"},
+        optimizer={"_target_": "flashoptim.FlashAdamW"},
+    )
+    assert strategy.storage_dtype_option == expected  # the strategy's own explicit option wins
+
+
 # -- block selection --------------------------------------------------------------------------------------------------
 
 
