@@ -1,0 +1,1 @@
+"""Mixed-precision training for PyTorch Lightning that is correct by default."""
