@@ -7,7 +7,7 @@ and steps per second. Recipes:
 * ``fp32``            ``precision="32-true"``,   torch AdamW (reference)
 * ``bf16-true``       ``precision="bf16-true"``, torch AdamW (bf16 weights and state: the trap)
 * ``bf16-mixed``      ``precision="bf16-mixed"``, torch AdamW (fp32 weights, bf16 autocast)
-* ``bf16-true+optimi``  ``precision="bf16-true"``, optimi AdamW (Kahan-compensated bf16 updates)
+* ``bf16-true+optimi``  ``precision="bf16-true"``, optimi AdamW (Kahan-compensated bf16 updates; torch's betas/eps)
 * ``bf16-true+flash``   ``precision="bf16-true"``, flashoptim FlashAdamW (quantize=False, master_weight_bits=None,
   fused=False: plain bf16 weights and state on CPU; master_weight_bits=24 needs CUDA)
 
@@ -49,7 +49,10 @@ RECIPES = {
     "fp32": Recipe("fp32", "32-true", {"_target_": "torch.optim.AdamW"}),
     "bf16-true": Recipe("bf16-true", "bf16-true", {"_target_": "torch.optim.AdamW"}),
     "bf16-mixed": Recipe("bf16-mixed", "bf16-mixed", {"_target_": "torch.optim.AdamW"}),
-    "bf16-true+optimi": Recipe("bf16-true+optimi", "bf16-true", {"_target_": "optimi.AdamW"}),
+    # optimi defaults to betas=(0.9, 0.99), eps=1e-6; match torch's so only the precision handling differs.
+    "bf16-true+optimi": Recipe(
+        "bf16-true+optimi", "bf16-true", {"_target_": "optimi.AdamW", "betas": (0.9, 0.999), "eps": 1e-8}
+    ),
     "bf16-true+flash": Recipe(
         "bf16-true+flash",
         "bf16-true",
