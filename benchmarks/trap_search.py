@@ -73,7 +73,10 @@ class Config:
 
     def label(self) -> str:
         """Short human-readable description."""
-        return f"steps={self.steps} lr={self.lr:g} min_lr={self.min_lr_ratio:g} hidden={self.hidden} bs={self.batch_size}"
+        return (
+            f"steps={self.steps} lr={self.lr:g} min_lr={self.min_lr_ratio:g} "
+            f"hidden={self.hidden} bs={self.batch_size}"
+        )
 
 
 def run_recipe(recipe: Recipe, config: Config, seed: int, last_k: int) -> tuple[float, float]:
@@ -110,10 +113,9 @@ def run_table(config: Config, recipe_names: list[str], seeds: list[int], last_k:
             loss, seconds = run_recipe(RECIPES[name], config, seed, last_k)
             results[(seed, name)] = (loss, seconds)
             ref = results.get((seed, "fp32"), (float("nan"),))[0]
-            print(
-                f"{seed:>4}  {name:<18} {loss:>11.4e} {loss / ref:>8.4f} {seconds:>7.1f} {config.steps / seconds:>8.0f}",
-                flush=True,
-            )
+            steps_per_s = config.steps / seconds
+            row = f"{seed:>4}  {name:<18} {loss:>11.4e} {loss / ref:>8.4f} {seconds:>7.1f} {steps_per_s:>8.0f}"
+            print(row, flush=True)
         total = sum(results[(seed, name)][1] for name in recipe_names)
         print(f"{seed:>4}  {'total wall':<18} {'':>11} {'':>8} {total:>7.1f}", flush=True)
     return results

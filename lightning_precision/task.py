@@ -201,7 +201,8 @@ class TaskDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Returns the shuffled training loader with a fixed order."""
         self.setup()
-        return make_dataloader(self.data, batch_size=self.hparams.batch_size, shuffle=True, seed=self.hparams.shuffle_seed)
+        hp = self.hparams
+        return make_dataloader(self.data, batch_size=hp.batch_size, shuffle=True, seed=hp.shuffle_seed)
 
 
 def resolve_target(target: str) -> Any:
@@ -265,7 +266,8 @@ def build_optimizer(
     if isinstance(optimizer, str):
         optimizer = resolve_target(optimizer)
     if not callable(optimizer):
-        raise ValueError(f"bad _target_ {name!r}: resolved to a non-callable {optimizer!r}")
+        # A bad _target_ is a configuration error: report it like the other bad-_target_ cases.
+        raise ValueError(f"bad _target_ {name!r}: resolved to a non-callable {optimizer!r}")  # noqa: TRY004
     if "lr" in kwargs:
         raise ValueError(f"pass the learning rate as `lr`, not in the optimizer kwargs (got lr={kwargs['lr']!r})")
     try:
