@@ -586,11 +586,18 @@ def enforce(verdict: Verdict, on_unsafe: OnUnsafe = "warn", *, where: str = "") 
     return verdict
 
 
-def _first_report(cause: str) -> bool:
+def first_report(cause: str) -> bool:
+    """Whether ``cause`` is reported for the first time in this process (and mark it reported).
+
+    Shared by every check that warns once per cause, so :func:`reset_reported` resets them all.
+    """
     if cause in _REPORTED_CAUSES:
         return False
     _REPORTED_CAUSES.add(cause)
     return True
+
+
+_first_report = first_report  # the former private name, kept for callers written against it
 
 
 def reset_reported() -> None:
