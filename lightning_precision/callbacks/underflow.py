@@ -491,8 +491,10 @@ def _local(t: Any) -> Any:
 
 def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """An fp32 copy of the sampled elements (``torch.take`` reads any layout as if flat, without copying it)."""
-    t = getattr(t, "data", t)  # flashoptim wraps its state tensors
-    return torch.take(t.detach(), idx).float()
+    t = getattr(t, "data", t).detach()  # flashoptim wraps its state tensors
+    if t.is_contiguous():  # index_select on the flat view is the faster gather
+        return t.view(-1).index_select(0, idx).float()
+    return torch.take(t, idx).float()
 
 
 def _group_label(group: dict[str, Any], index: int, opt_index: int, num_optimizers: int) -> str:
