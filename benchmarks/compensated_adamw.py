@@ -109,10 +109,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (1 helps on a busy machine)")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--recipes", nargs="*", default=RECIPES, help="subset of recipes (fp32 torch is always run)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     recipes = ["fp32 torch"] + [r for r in args.recipes if r != "fp32 torch"]
 
     print(f"steps={args.steps} seeds={args.seeds} N={N} MLP {D_IN}-{HIDDEN}-out, full batch, cosine lr, wd=1e-2")

@@ -127,15 +127,15 @@ class CompensatedAdamW(Optimizer):
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            exp_avg_dtype=_as_state_dtype("exp_avg_dtype", exp_avg_dtype),
-            exp_avg_sq_dtype=_as_state_dtype("exp_avg_sq_dtype", exp_avg_sq_dtype),
-        )
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "exp_avg_dtype": _as_state_dtype("exp_avg_dtype", exp_avg_dtype),
+            "exp_avg_sq_dtype": _as_state_dtype("exp_avg_sq_dtype", exp_avg_sq_dtype),
+        }
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -24,9 +24,9 @@ def _run(opt_cls, param, grads, **kwargs):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(lr=1e-2),
-        dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
-        dict(lr=1e-3, weight_decay=0.0, maximize=True),
+        {"lr": 1e-2},
+        {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1},
+        {"lr": 1e-3, "weight_decay": 0.0, "maximize": True},
     ],
 )
 def test_fp32_matches_torch_adamw(kwargs):
@@ -48,7 +48,7 @@ def test_bf16_small_updates_are_not_lost():
     param = torch.randn(4096).to(torch.bfloat16)
     # A consistent gradient sign makes every Adam update about lr in size.
     grads = [(g + 2.0).to(torch.bfloat16) for g in _grads(4096, 100, torch.float32)]
-    kwargs = dict(lr=1e-4, weight_decay=0.0)
+    kwargs = {"lr": 1e-4, "weight_decay": 0.0}
     torch_p, _ = _run(torch.optim.AdamW, param, grads, **kwargs)
     ours, opt = _run(CompensatedAdamW, param, grads, **kwargs)
     fp32_p, _ = _run(torch.optim.AdamW, param.float(), [g.float() for g in grads], **kwargs)
@@ -168,13 +168,13 @@ def test_load_state_dict_runs_user_hooks_on_full_state():
 @pytest.mark.parametrize(
     "kwargs,fragment",
     [
-        (dict(lr=-1e-3), "-0.001"),
-        (dict(eps=-1.0), "-1.0"),
-        (dict(betas=(1.0, 0.999)), "1.0"),
-        (dict(betas=(0.9, -0.5)), "-0.5"),
-        (dict(weight_decay=-0.25), "-0.25"),
-        (dict(exp_avg_dtype=torch.int8), "torch.int8"),
-        (dict(exp_avg_sq_dtype="fp8"), "fp8"),
+        ({"lr": -1e-3}, "-0.001"),
+        ({"eps": -1.0}, "-1.0"),
+        ({"betas": (1.0, 0.999)}, "1.0"),
+        ({"betas": (0.9, -0.5)}, "-0.5"),
+        ({"weight_decay": -0.25}, "-0.25"),
+        ({"exp_avg_dtype": torch.int8}, "torch.int8"),
+        ({"exp_avg_sq_dtype": "fp8"}, "fp8"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, fragment):
