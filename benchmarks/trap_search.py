@@ -74,8 +74,7 @@ class Config:
     def label(self) -> str:
         """Short human-readable description."""
         return (
-            f"steps={self.steps} lr={self.lr:g} min_lr={self.min_lr_ratio:g} "
-            f"hidden={self.hidden} bs={self.batch_size}"
+            f"steps={self.steps} lr={self.lr:g} min_lr={self.min_lr_ratio:g} hidden={self.hidden} bs={self.batch_size}"
         )
 
 

@@ -6,6 +6,7 @@ The runtime guard fills it from the live trainer; the CLI's ``explain`` fills it
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,6 +15,8 @@ import torch
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.pairing import OptimizerInfo, OptimizerKind, Verdict
+
+CHECKPOINT_KEY = "precision_contract"  # where the runtime guard stores the contract in a checkpoint
 
 
 @dataclass
@@ -48,12 +51,15 @@ class PrecisionContract:
         compute_dtype: Dtype of forward/backward math.
         reduce_dtype: Dtype of gradient reduction across ranks (``"-"`` if not distributed / not set).
         optimizers: One line per optimizer.
+        measured: The latest stale-update fractions of an ``UpdateUnderflowMonitor`` running alongside the guard,
+            by metric name (empty without one, or before its first measurement).
     """
 
     precision: str
     compute_dtype: str
     reduce_dtype: str = "-"
     optimizers: list[OptimizerContract] = field(default_factory=list)
+    measured: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON, hyperparameters and checkpoints."""
@@ -175,3 +181,24 @@ def report_storage_change(before: torch.dtype, after: torch.dtype, *, what: str)
         )
     else:
         info_once(cause, f"{head}: upcast exactly, nothing lost.")
+
+
+def read_precision_contract(
+    checkpoint: str | os.PathLike | dict[str, Any], *, weights_only: bool = True
+) -> PrecisionContract | None:
+    """Read back the precision contract a :class:`~lightning_precision.PrecisionGuard` wrote into a checkpoint.
+
+    Args:
+        checkpoint: A checkpoint path (local or fsspec URL) or an already loaded checkpoint dict.
+        weights_only: Passed to ``torch.load``; set ``False`` only for trusted checkpoints that pickle objects
+            (e.g. hyperparameters) which ``weights_only`` loading refuses.
+
+    Returns:
+        The contract, or ``None`` if the checkpoint has none (saved without the guard).
+    """
+    if not isinstance(checkpoint, dict):
+        from lightning.fabric.utilities.cloud_io import _load
+
+        checkpoint = _load(checkpoint, map_location="cpu", weights_only=weights_only)
+    data = checkpoint.get(CHECKPOINT_KEY)
+    return PrecisionContract.from_dict(data) if data is not None else None

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_precision._logging import info_rank_zero
+from lightning_precision.callbacks.underflow import UpdateUnderflowMonitor
 from lightning_precision.dtypes import dtype_name, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import get_mode
@@ -20,14 +21,13 @@ from lightning_precision.pairing import (
     validate_on_unsafe,
 )
 from lightning_precision.report import (
+    CHECKPOINT_KEY,
     PrecisionContract,
     observed_state_dtypes,
     optimizer_contract,
     report_storage_change,
     storage_changes,
 )
-
-CHECKPOINT_KEY = "precision_contract"
 
 
 class PrecisionGuard(Callback):
@@ -36,7 +36,10 @@ class PrecisionGuard(Callback):
     At fit start the optimizers exist (including ones built in ``configure_optimizers``, which no config shows), so
     the pairing rule is applied to what will really train. After the first optimizer step the contract is reported
     again with the optimizer-state dtype read from the state tensors. The contract is logged on rank zero, added to
-    the loggers' hyperparameters and written into checkpoints under ``"precision_contract"``.
+    the loggers' hyperparameters and written into checkpoints under ``"precision_contract"`` (read it back with
+    :func:`~lightning_precision.report.read_precision_contract`); with an
+    :class:`~lightning_precision.callbacks.UpdateUnderflowMonitor` in the callbacks, the checkpoint's contract also
+    records its latest stale-update fractions.
 
     Args:
         on_unsafe: ``"warn"`` (default), ``"error"`` (raise :class:`PrecisionPairingError` before the first step) or
@@ -80,6 +83,9 @@ class PrecisionGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self.contract is not None:
+            monitor = next((c for c in trainer.callbacks if isinstance(c, UpdateUnderflowMonitor)), None)
+            if monitor is not None and monitor.latest is not None:  # what was measured, next to what was set up
+                self.contract.measured = monitor.latest.metrics()
             checkpoint[CHECKPOINT_KEY] = self.contract.to_dict()
 
     @override

@@ -1,0 +1,42 @@
+"""Reading a run's precision contract back from its checkpoint."""
+
+import torch
+
+from lightning_precision import PrecisionGuard
+from lightning_precision.callbacks import UpdateUnderflowMonitor
+from lightning_precision.callbacks.underflow import METRIC_UPDATE
+from lightning_precision.report import read_precision_contract
+from tests.helpers import RecordingModule, adamw, fit
+
+
+def small_lr_adamw(params):
+    return torch.optim.AdamW(params, lr=1e-5)
+
+
+def test_read_precision_contract_from_checkpoint_file(tmp_path):
+    guard = PrecisionGuard(on_unsafe="ignore")
+    trainer = fit(RecordingModule(adamw), steps=2, callbacks=[guard], precision="bf16-mixed", default_root_dir=tmp_path)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    contract = read_precision_contract(tmp_path / "run.ckpt")
+    assert contract == guard.contract
+    assert (contract.precision, contract.optimizers[0].storage_dtype) == ("bf16-mixed", "float32")
+
+
+def test_read_precision_contract_without_guard_is_none(tmp_path):
+    trainer = fit(RecordingModule(adamw), steps=1, default_root_dir=tmp_path)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    assert read_precision_contract(tmp_path / "run.ckpt") is None
+
+
+def test_contract_records_monitor_fractions(tmp_path):
+    monitor = UpdateUnderflowMonitor(every_n_steps=1)
+    trainer = fit(
+        RecordingModule(small_lr_adamw),
+        steps=2,
+        callbacks=[PrecisionGuard(on_unsafe="ignore"), monitor],
+        precision="bf16-true",
+        default_root_dir=tmp_path,
+    )
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    contract = read_precision_contract(torch.load(tmp_path / "run.ckpt", weights_only=True))  # a loaded dict
+    assert contract.measured[METRIC_UPDATE] == monitor.latest.stale_update_fraction
