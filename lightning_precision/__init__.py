@@ -4,7 +4,7 @@ The pairing rule (:mod:`lightning_precision.pairing`) decides which parameter st
 optimizer; the plugins, the config helper and the runtime guard all ask it.
 """
 
-from lightning_precision.callbacks import PrecisionGuard
+from lightning_precision.callbacks import PrecisionGuard, UpdateUnderflowMonitor
 from lightning_precision.casting import cast_batch
 from lightning_precision.config import TrainerKwargs, resolve_trainer_cfg
 from lightning_precision.dtypes import parse_dtype
@@ -21,13 +21,15 @@ from lightning_precision.pairing import (
     resolve_storage_dtype,
 )
 from lightning_precision.plugins import CheckedMixedPrecision, FlashPrecision, HalfPrecisionForAudio
-from lightning_precision.report import PrecisionContract
+from lightning_precision.optim import CompensatedAdamW
+from lightning_precision.report import PrecisionContract, read_precision_contract
 from lightning_precision.strategies import FSDP2Strategy  # registers Trainer(strategy="fsdp2")
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckedMixedPrecision",
+    "CompensatedAdamW",
     "FSDP2Strategy",
     "FlashPrecision",
     "HalfPrecisionForAudio",
@@ -40,6 +42,7 @@ __all__ = [
     "PrecisionPairingError",
     "PrecisionWarning",
     "Status",
+    "UpdateUnderflowMonitor",
     "TrainerKwargs",
     "Verdict",
     "cast_batch",
@@ -48,6 +51,7 @@ __all__ = [
     "get_mode",
     "judge",
     "parse_dtype",
+    "read_precision_contract",
     "resolve_storage_dtype",
     "resolve_trainer_cfg",
 ]
