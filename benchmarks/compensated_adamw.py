@@ -1,0 +1,139 @@
+"""Final loss of bf16 AdamW recipes relative to an fp32 torch AdamW reference.
+
+Two small full-batch tasks on a 2-layer MLP with a cosine lr schedule:
+
+* memorize: 4096 random inputs -> 16 random labels, cross entropy, lr 1e-3.
+* teacher: regression onto a fixed random tanh network, MSE, lr 1e-4.
+
+Final loss = mean of the last 100 training losses, averaged over seeds; ratio is
+to the fp32 reference of the same task. bytes/param counts parameters plus
+optimizer state tensors (no gradients).
+
+Usage:
+    python benchmarks/compensated_adamw.py --steps 4000 --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_precision.optim import CompensatedAdamW
+
+N, D_IN, HIDDEN = 4096, 32, 128
+TASKS = {"memorize": 1e-3, "teacher": 1e-4}  # task -> peak lr
+
+
+def make_task(name: str, seed: int):
+    g = torch.Generator().manual_seed(1000 + seed)
+    x = torch.randn(N, D_IN, generator=g)
+    if name == "memorize":
+        y = torch.randint(0, 16, (N,), generator=g)
+        return x, y, 16, lambda out, y: F.cross_entropy(out.float(), y)
+    w1 = torch.randn(D_IN, 64, generator=g) / math.sqrt(D_IN)
+    w2 = torch.randn(64, 8, generator=g) / math.sqrt(64)
+    y = torch.tanh(x @ w1) @ w2
+    return x, y, 8, lambda out, y: F.mse_loss(out.float(), y)
+
+
+def make_optimizer(recipe: str, params, lr: float):
+    wd = 1e-2
+    if recipe in ("fp32 torch", "bf16 torch", "fp32 torch + bf16 autocast"):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if recipe == "bf16 optimi (defaults)":
+        import optimi
+
+        return optimi.AdamW(params, lr=lr)  # betas (0.9, 0.99), eps 1e-6, kahan_sum auto
+    if recipe == "bf16 optimi (torch betas)":
+        import optimi
+
+        return optimi.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+    m, v = {
+        "bf16 Compensated m=bf16 v=bf16": (torch.bfloat16, torch.bfloat16),
+        "bf16 Compensated m=bf16 v=fp32": (torch.bfloat16, torch.float32),
+        "bf16 Compensated m=fp32 v=fp32": (torch.float32, torch.float32),
+    }[recipe]
+    return CompensatedAdamW(params, lr=lr, weight_decay=wd, exp_avg_dtype=m, exp_avg_sq_dtype=v)
+
+
+RECIPES = [
+    "fp32 torch",
+    "fp32 torch + bf16 autocast",
+    "bf16 torch",
+    "bf16 optimi (defaults)",
+    "bf16 optimi (torch betas)",
+    "bf16 Compensated m=bf16 v=bf16",
+    "bf16 Compensated m=bf16 v=fp32",
+    "bf16 Compensated m=fp32 v=fp32",
+]
+
+
+def bytes_per_param(model: nn.Module, opt: torch.optim.Optimizer) -> float:
+    n = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for state in opt.state.values():
+        total += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+    return total / n
+
+
+def run(recipe: str, task: str, seed: int, steps: int):
+    x, y, d_out, loss_fn = make_task(task, seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, d_out))
+    dtype = torch.float32 if recipe.startswith("fp32") else torch.bfloat16
+    model.to(dtype)
+    x = x.to(dtype)
+    opt = make_optimizer(recipe, list(model.parameters()), TASKS[task])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    losses = []
+    autocast = recipe.endswith("autocast")
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        loss = loss_fn(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.detach())
+    final = torch.stack(losses[-100:]).mean().item()
+    return final, bytes_per_param(model, opt)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--recipes", nargs="*", default=RECIPES, help="subset of recipes (fp32 torch is always run)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    recipes = ["fp32 torch"] + [r for r in args.recipes if r != "fp32 torch"]
+
+    print(f"steps={args.steps} seeds={args.seeds} N={N} MLP {D_IN}-{HIDDEN}-out, full batch, cosine lr, wd=1e-2")
+    header = f"{'recipe':<32} {'task':<9} {'final loss':>11} {'ratio':>7} {'bytes/param':>11} {'seconds':>8}"
+    print(header)
+    print("-" * len(header))
+    reference: dict[str, float] = {}
+    for task in args.tasks:
+        for recipe in recipes:
+            t0 = time.perf_counter()
+            results = [run(recipe, task, seed, args.steps) for seed in range(args.seeds)]
+            seconds = time.perf_counter() - t0
+            final = sum(r[0] for r in results) / len(results)
+            if recipe == "fp32 torch":
+                reference[task] = final
+            ratio = final / reference[task]
+            print(
+                f"{recipe:<32} {task:<9} {final:>11.4e} {ratio:>6.3f}x {results[0][1]:>11.2f} {seconds:>8.1f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""AdamW for bf16/fp16 parameters with Kahan-compensated parameter writes.
+
+torch.optim.AdamW on half-precision parameters keeps its moments in the
+parameter dtype and writes the update straight into the parameter: updates
+smaller than half an ulp round away, and a bf16 ``exp_avg_sq`` with
+``beta2=0.999`` cannot decay (a 0.1% change is below half a bf16 ulp).
+:class:`CompensatedAdamW` fixes both: every parameter write keeps the lost low
+bits in a ``compensation`` buffer of the parameter dtype (Kahan summation), and
+the moments are stored in configurable dtypes (``exp_avg_sq`` in fp32 by
+default). For fp32/fp64 parameters it is plain AdamW.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["CompensatedAdamW"]
+
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+_STATE_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+# State whose dtype/device is chosen by this optimizer, not by the parameter. torch's
+# load_state_dict would cast these to the param dtype, and alias (not copy) "step".
+_DTYPED_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "compensation")
+
+
+def _as_state_dtype(name: str, value: torch.dtype | str) -> torch.dtype:
+    if isinstance(value, str):
+        if value not in _STATE_DTYPE_NAMES:
+            raise ValueError(f"Invalid {name}: {value!r}; expected one of {sorted(_STATE_DTYPE_NAMES)}")
+        return _STATE_DTYPE_NAMES[value]
+    if value not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"Invalid {name}: {value!r}; expected torch.float32, torch.bfloat16 or torch.float16")
+    return value
+
+
+class CompensatedAdamW(Optimizer):
+    """AdamW that trains bf16/fp16 parameters to the fp32 result without fp32 master weights.
+
+    Same update rule and hyperparameters as :class:`torch.optim.AdamW` (decoupled
+    weight decay, bias correction). For a bf16/fp16 parameter ``p`` the optimizer
+    keeps a ``compensation`` tensor ``c`` of the same dtype, so that ``p + c`` is
+    the high-precision value of the weight; each step computes in fp32
+    ``t = p + (c + update)``, writes ``p = round(t)`` and ``c = t - p``. Weight
+    decay is applied to ``p + c``. The moments of half-precision parameters are
+    stored in ``exp_avg_dtype`` / ``exp_avg_sq_dtype``; all arithmetic is fp32.
+
+    For fp32 and fp64 parameters no compensation is kept, the moments are in the
+    parameter dtype and the result equals :class:`torch.optim.AdamW` up to fp32
+    round-off.
+
+    Per-parameter state: ``step`` (0-dim fp32 tensor on CPU), ``exp_avg``,
+    ``exp_avg_sq`` and, for half-precision parameters only, ``compensation``.
+    :meth:`load_state_dict` keeps these dtypes (torch's default would cast them
+    to the parameter dtype).
+
+    Works with DTensor parameters (FSDP2 shards): only elementwise tensor ops,
+    no ``.item()``.
+
+    Memory per element of a bf16 parameter with the defaults: 2 (param) +
+    2 (compensation) + 2 (bf16 exp_avg) + 4 (fp32 exp_avg_sq) = 10 bytes, vs.
+    16 bytes for fp32 master weights with fp32 moments (4+4+4+2 for the bf16 copy
+    plus 2 more if the compute copy is kept separately).
+
+    Attributes:
+        keeps_master_weights: False; the parameters themselves are the only copy
+            of the weights.
+        compensated_update: True; parameter writes are protected by Kahan
+            compensation, so half-precision parameters are safe to train.
+
+    Args:
+        params: Iterable of parameters or parameter-group dicts.
+        lr: Learning rate. Default: 1e-3.
+        betas: Coefficients for the running averages of the gradient and its
+            square. Default: (0.9, 0.999).
+        eps: Term added to the denominator. Default: 1e-8.
+        weight_decay: Decoupled weight decay coefficient. Default: 1e-2.
+        maximize: Maximize the objective instead of minimizing. Default: False.
+        exp_avg_dtype: Storage dtype of the first moment of bf16/fp16
+            parameters (``torch.float32``, ``torch.bfloat16``, ``torch.float16``
+            or their names such as ``"bf16"``). Default: ``torch.bfloat16``.
+        exp_avg_sq_dtype: Storage dtype of the second moment of bf16/fp16
+            parameters. Default: ``torch.float32`` (a bf16 second moment cannot
+            follow ``beta2=0.999``).
+
+    Raises:
+        ValueError: If a hyperparameter is out of range or a state dtype is not
+            one of the supported floating dtypes.
+    """
+
+    keeps_master_weights: bool = False
+    compensated_update: bool = True
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        maximize: bool = False,
+        exp_avg_dtype: torch.dtype | str = torch.bfloat16,
+        exp_avg_sq_dtype: torch.dtype | str = torch.float32,
+    ) -> None:
+        if isinstance(lr, torch.Tensor):
+            raise ValueError(f"Invalid learning rate: {lr}; CompensatedAdamW takes a Python float")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas}; expected two values")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            exp_avg_dtype=_as_state_dtype("exp_avg_dtype", exp_avg_dtype),
+            exp_avg_sq_dtype=_as_state_dtype("exp_avg_sq_dtype", exp_avg_sq_dtype),
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group; per-group ``exp_avg_dtype``/``exp_avg_sq_dtype`` are validated.
+
+        Args:
+            param_group: Dict with ``params`` and optional per-group options.
+
+        Raises:
+            ValueError: If a per-group state dtype is not supported.
+        """
+        for key in ("exp_avg_dtype", "exp_avg_sq_dtype"):
+            if key in param_group:
+                param_group[key] = _as_state_dtype(key, param_group[key])
+        super().add_param_group(param_group)
+
+    @staticmethod
+    def _state_dtypes_for(param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.dtype]:
+        if param.dtype in _HALF_DTYPES:
+            return {
+                "exp_avg": group["exp_avg_dtype"],
+                "exp_avg_sq": group["exp_avg_sq_dtype"],
+                "compensation": param.dtype,
+            }
+        return {"exp_avg": param.dtype, "exp_avg_sq": param.dtype}
+
+    def state_dtypes(self, param: torch.Tensor) -> dict[str, torch.dtype]:
+        """Storage dtypes of the tensor state this optimizer keeps for ``param``.
+
+        Args:
+            param: A parameter of this optimizer.
+
+        Returns:
+            Mapping from state key (``exp_avg``, ``exp_avg_sq`` and, for
+            bf16/fp16 parameters, ``compensation``) to its dtype. ``step`` is
+            always a 0-dim fp32 tensor and is not listed.
+
+        Raises:
+            ValueError: If ``param`` is not in any parameter group.
+        """
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return self._state_dtypes_for(param, group)
+        raise ValueError("param is not managed by this optimizer")
+
+    def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        if torch.is_complex(param):
+            raise RuntimeError("CompensatedAdamW does not support complex parameters")
+        state = self.state[param]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for key, dtype in self._state_dtypes_for(param, group).items():
+                state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure: Optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The loss returned by ``closure``, or None.
+
+        Raises:
+            RuntimeError: On sparse gradients or complex parameters.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            # Tensors are bucketed by dtype so each foreach call sees one dtype.
+            buckets: dict[tuple, list[list]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("CompensatedAdamW does not support sparse gradients")
+                state = self._init_state(p, group)
+                half = "compensation" in state
+                key = (p.device, p.dtype, state["exp_avg"].dtype, state["exp_avg_sq"].dtype, half)
+                bucket = buckets.setdefault(key, [[], [], [], [], [], []])
+                bucket[0].append(p)
+                bucket[1].append(p.grad)
+                bucket[2].append(state["exp_avg"])
+                bucket[3].append(state["exp_avg_sq"])
+                bucket[4].append(state["step"])
+                bucket[5].append(state.get("compensation"))
+            for (_, _, _, _, half), bucket in buckets.items():
+                if half:
+                    self._step_compensated(group, *bucket)
+                else:
+                    self._step_plain(group, *bucket[:5])
+        return loss
+
+    @staticmethod
+    def _step_scalars(group, steps, device):
+        """Advance ``steps``; return per-tensor ``-lr / bc1`` and ``sqrt(bc2)`` as 0-dim fp32 tensors on ``device``.
+
+        Tensor arithmetic instead of ``.item()`` keeps the step free of host reads.
+        """
+        beta1, beta2 = group["betas"]
+        torch._foreach_add_(steps, 1.0)
+        t = torch.stack(steps).to(torch.float64)
+        neg_step_size = (-group["lr"] / (1.0 - torch.pow(beta1, t))).to(torch.float32)
+        bc2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt().to(torch.float32)
+        if device.type != "cpu":
+            both = torch.stack([neg_step_size, bc2_sqrt]).to(device, non_blocking=True)
+            neg_step_size, bc2_sqrt = both[0], both[1]
+        return neg_step_size.unbind(), bc2_sqrt.unbind()
+
+    def _step_plain(self, group, params, grads, exp_avgs, exp_avg_sqs, steps):
+        """torch.optim.AdamW for fp32/fp64 parameters (state in the parameter dtype)."""
+        beta1, beta2 = group["betas"]
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        neg_step_size, bc2_sqrt = self._step_scalars(group, steps, params[0].device)
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, group["eps"])
+        update = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_mul_(update, neg_step_size)
+        torch._foreach_add_(params, update)
+
+    def _step_compensated(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, comps):
+        """AdamW in fp32 arithmetic with a Kahan-compensated write into half-precision params."""
+        beta1, beta2 = group["betas"]
+        f32 = torch.float32
+        g32 = [g.to(f32) for g in grads]
+        if group["maximize"]:
+            torch._foreach_neg_(g32)
+        neg_step_size, bc2_sqrt = self._step_scalars(group, steps, params[0].device)
+
+        # .to(f32) returns the state tensor itself when it is already fp32, so it updates in place.
+        m32 = [m.to(f32) for m in exp_avgs]
+        v32 = [v.to(f32) for v in exp_avg_sqs]
+        torch._foreach_lerp_(m32, g32, 1.0 - beta1)
+        torch._foreach_mul_(v32, beta2)
+        torch._foreach_addcmul_(v32, g32, g32, 1.0 - beta2)
+        del g32
+        # copy_ per tensor: DTensor has no sharding rule for _foreach_copy_.
+        for dst, src in zip(exp_avgs, m32):
+            if dst is not src:
+                dst.copy_(src)
+        for dst, src in zip(exp_avg_sqs, v32):
+            if dst is not src:
+                dst.copy_(src)
+
+        denom = torch._foreach_sqrt(v32)
+        del v32
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, group["eps"])
+        update = torch._foreach_div(m32, denom)
+        del m32, denom
+        torch._foreach_mul_(update, neg_step_size)
+
+        p32 = [p.to(f32) for p in params]
+        c32 = [c.to(f32) for c in comps]
+        if group["weight_decay"] != 0:
+            # Decay the compensated value p + c, not just the rounded p.
+            decay = torch._foreach_add(p32, c32)
+            torch._foreach_mul_(decay, -group["lr"] * group["weight_decay"])
+            torch._foreach_add_(update, decay)
+            del decay
+        torch._foreach_add_(update, c32)  # y = c + update
+        del c32
+        torch._foreach_add_(p32, update)  # t = p + y, exact enough in fp32
+        del update
+        for p, t in zip(params, p32):
+            p.copy_(t)  # round to nearest
+        torch._foreach_sub_(p32, params)  # low bits lost by the write
+        for c, r in zip(comps, p32):
+            c.copy_(r)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load optimizer state, keeping the dtypes of ``exp_avg``, ``exp_avg_sq`` and ``compensation``.
+
+        torch's default casts every floating state tensor to its parameter's
+        dtype, which would round an fp32 ``exp_avg_sq`` of a bf16 parameter to
+        bf16, and would share ``step`` with the loaded dict. Here the moments
+        and compensation are copied to the parameter's device in the dtype this
+        optimizer is configured for (for a round trip, the saved dtype), and
+        ``step`` is copied as a CPU fp32 tensor; user load hooks still see the
+        full state dict.
+
+        Args:
+            state_dict: Optimizer state, as returned by :meth:`state_dict`.
+
+        Raises:
+            ValueError: If the state dict does not match the parameter groups.
+        """
+        stash: dict[Any, dict[str, torch.Tensor]] = {}
+        saved_groups: list[dict[str, Any]] = []
+
+        def strip(optimizer, sd):
+            # Runs after all user pre-hooks; hides dtype-sensitive tensors from torch's cast.
+            saved_groups.extend(sd["param_groups"])
+            new_state = {}
+            for k, s in sd["state"].items():
+                if isinstance(s, dict):
+                    stash[k] = {n: v for n, v in s.items() if n in _DTYPED_STATE_KEYS}
+                    s = {n: v for n, v in s.items() if n not in _DTYPED_STATE_KEYS}
+                new_state[k] = s
+            return {**sd, "state": new_state}
+
+        def restore(optimizer):
+            saved_ids = [i for g in saved_groups for i in g["params"]]
+            params = [p for g in self.param_groups for p in g["params"]]
+            id_map = dict(zip(saved_ids, params))
+            groups_of = {id(p): g for g in self.param_groups for p in g["params"]}
+            for k, tensors in stash.items():
+                if k not in id_map:
+                    self.state[k].update(tensors)
+                    continue
+                param = id_map[k]
+                dtypes = self._state_dtypes_for(param, groups_of[id(param)])
+                for name, value in tensors.items():
+                    if name == "step":
+                        self.state[param][name] = value.to(device="cpu", dtype=torch.float32, copy=True)
+                    else:
+                        self.state[param][name] = value.to(device=param.device, dtype=dtypes[name], copy=True)
+
+        pre = self.register_load_state_dict_pre_hook(strip)
+        post = self.register_load_state_dict_post_hook(restore, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
