@@ -17,7 +17,7 @@ import torch
 from lightning_precision.config import TrainerKwargs, resolve_trainer_cfg
 from lightning_precision.dtypes import dtype_name, parse_dtype
 from lightning_precision.errors import PrecisionPairingError, PrecisionWarning
-from lightning_precision.memory import MemoryEstimate, estimate_bytes_per_param
+from lightning_precision.memory import MemoryEstimate, estimate_bytes_per_param, optimizer_settings
 from lightning_precision.modes import MODES
 from lightning_precision.pairing import Status, Verdict
 from lightning_precision.report import PrecisionContract, optimizer_contract
@@ -179,8 +179,7 @@ def _build(
         optimizers=[optimizer_contract(verdict)] if verdict is not None else [],
     )
     info = verdict.optimizer if verdict is not None else None
-    optimizer_kwargs = {k: v for k, v in (optimizer_cfg or {}).items() if not str(k).startswith("_")}
-    memory = estimate_bytes_per_param(storage, info, optimizer_kwargs)
+    memory = estimate_bytes_per_param(storage, info, optimizer_settings(optimizer_cfg))
     notes = []
     if strategy_name is not None:
         notes.append(f"strategy {strategy_name!r} is read from the config only (not imported or built by explain).")
