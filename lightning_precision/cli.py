@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lightning_precision.compare import DEFAULT_RECIPES, RECIPES  # cheap: no training imports at module level
 
     compare = sub.add_parser("compare", help="train the built-in task under several recipes and compare them")
-    compare.add_argument("--steps", type=int, default=None, help="optimizer steps per recipe (default: the task's)")
+    compare.add_argument("--steps", type=int, default=None, help="optimizer steps per recipe (default: the built-in task's)")
     compare.add_argument(
         "--recipes", nargs="+", default=list(DEFAULT_RECIPES), choices=list(RECIPES), metavar="RECIPE",
         help=f"recipes to run (default: all). Choices: {', '.join(RECIPES)}",
@@ -79,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrecisionConfigError as err:
         _error(str(err))
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # output piped into `head` and the like: not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+        return EXIT_OK
 
 
 def _error(message: str) -> None:

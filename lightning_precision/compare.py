@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_precision.dtypes import dtype_name
 
 REFERENCE = "32-true"
-DEFAULT_STEPS = 1500
+FALLBACK_STEPS, FALLBACK_LAST_K = 2000, 100  # used only if the task module does not define its own defaults
 COMPENSATED_OPTIMIZER = "lightning_precision.optim.CompensatedAdamW"
 FALLBACK_COMPENSATED_OPTIMIZER = "optimi.AdamW"  # Kahan-summed AdamW, used while CompensatedAdamW is not available
 _ADAM_ARGS = {"weight_decay": 0.0}
@@ -211,6 +211,13 @@ class CompareReport:
         }
 
 
+def task_default(name: str, fallback: int) -> int:
+    """A default the built-in task defines (its tuned step count, its final-loss window)."""
+    from lightning_precision import task
+
+    return int(getattr(task, name, fallback))
+
+
 def recipe_config(recipe: Recipe, steps: int, seed: int, accelerator: str = "cpu") -> dict[str, Any]:
     """The run config of one recipe: a quiet trainer, the task's own model and data defaults."""
     return {
@@ -244,7 +251,7 @@ def run_compare(
 
     Args:
         recipes: Recipe names (keys of :data:`RECIPES`).
-        steps: Optimizer steps per recipe (default :data:`DEFAULT_STEPS`).
+        steps: Optimizer steps per recipe (default: the built-in task's ``DEFAULT_MAX_STEPS``).
         seed: Seed of data, data order and initial weights, the same for every recipe.
         output_dir: Where the loss plot (PNG) and the results (JSON) are written.
         threads: ``torch.set_num_threads`` value (default: ``min(2, cores)``) so timings and results reproduce.
@@ -253,7 +260,7 @@ def run_compare(
     Returns:
         The report; ``report.ok`` is false if a recipe crashed.
     """
-    steps = steps if steps is not None else DEFAULT_STEPS
+    steps = steps if steps is not None else task_default("DEFAULT_MAX_STEPS", FALLBACK_STEPS)
     if steps < 1:
         from lightning_precision.runconfig import ConfigInputError
 
@@ -303,7 +310,8 @@ def _result_from_run(recipe: Recipe, run: Any, timer: _StepTimer) -> RecipeResul
     trainable = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     judged = trainable_half_params(optimizer) or trainable
     losses = list(run.module.step_losses)
-    last_k = min(100, max(1, len(losses) // 10))
+    # The task's window, shrunk for short runs so the mean is over their end and not over the whole run.
+    last_k = min(task_default("DEFAULT_LAST_K", FALLBACK_LAST_K), max(1, len(losses) // 10))
     return RecipeResult(
         recipe,
         storage_dtype=dtype_name(judged[0].dtype) if judged else "-",

@@ -26,7 +26,6 @@ from lightning_precision.runconfig import ConfigInputError, section
 
 # Keys of the data section the model must agree with: the task's model is built to the data's shapes.
 _SHARED_SHAPE_KEYS = ("in_features", "audio_features", "out_features")
-DEFAULT_LR = 1e-3
 
 
 @dataclass
@@ -77,7 +76,7 @@ def build_task(
     Args:
         model_cfg: Model arguments of :class:`lightning_precision.task.TaskModule`; ``torch_dtype`` is the
             pairing rule's business and is not passed on.
-        optimizer_cfg: ``_target_``, ``lr`` and further optimizer arguments.
+        optimizer_cfg: ``_target_``, ``lr`` (default: the task's) and further optimizer arguments.
         data_cfg: Arguments of :class:`lightning_precision.task.TaskDataModule`.
         seed: Seed of the initial weights and the data order, unless the sections set their own.
 
@@ -97,7 +96,8 @@ def build_task(
             model_args.setdefault(key, data_args[key])
     if optimizer_cfg:
         opt = dict(optimizer_cfg)
-        model_args["lr"] = opt.pop("lr", DEFAULT_LR)
+        if "lr" in opt:  # otherwise the task's own tuned default
+            model_args["lr"] = opt.pop("lr")
         model_args["optimizer"] = opt.pop("_target_", "torch.optim.AdamW")
         model_args["optimizer_kwargs"] = {k: v for k, v in opt.items() if not str(k).startswith("_")}
     return _construct(TaskModule, model_args, "model"), _construct(TaskDataModule, data_args, "data")
