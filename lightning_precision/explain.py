@@ -74,9 +74,16 @@ class Explanation:
             ("optimizer", row.optimizer if row else "- (no optimizer section)"),
             ("optimizer state", self.optimizer_state),
             ("master weights / error correction", row.master_weights if row else "-"),
-            ("bytes per parameter", self.memory.describe() if self.memory else "- (storage dtype not known)"),
+            ("bytes per parameter", self._memory_text(row is not None)),
             ("verdict", self._verdict_text()),
         ]
+
+    def _memory_text(self, has_optimizer: bool) -> str:
+        if self.memory is None:
+            return "- (storage dtype not known)"
+        if not has_optimizer:
+            return f"~{self.memory.params + self.memory.grads:g} B/param: params + grads only (no optimizer section)"
+        return self.memory.describe()
 
     def _verdict_text(self) -> str:
         text = self.status.upper() if self.verdict and self.verdict.is_unsafe else self.status

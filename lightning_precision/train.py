@@ -177,7 +177,11 @@ def _make_trainer(trainer_args: dict[str, Any]) -> pl.Trainer:
     except TypeError as err:  # an unknown Trainer argument in the config
         raise ConfigInputError(f"trainer: {err}") from err
     except (MisconfigurationException, ValueError, RuntimeError) as err:  # e.g. accelerator: gpu on a CPU machine
-        raise PrecisionConfigError(f"trainer: {err}") from err
+        accelerator = trainer_args.get("accelerator")
+        hint = ""
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            hint = f" (trainer.accelerator={accelerator!r} needs a CUDA device and there is none here)"
+        raise PrecisionConfigError(f"trainer: {err}{hint}") from err
 
 
 def train_from_config(

@@ -112,6 +112,15 @@ def test_unparsable_yaml_exits_2(capsys, tmp_path):
     assert "not valid YAML" in err
 
 
+def test_explain_without_optimizer_section_is_not_judged(capsys, tmp_path):
+    path = tmp_path / "bare.yaml"
+    path.write_text("trainer:\n  max_steps: 5\n")
+    code, data, _ = explain_json(capsys, path)
+    assert code == 0
+    assert data["precision"] == "32-true (Lightning's default)"
+    assert data["verdict"]["status"] == "not judged" and data["contract"]["optimizers"] == []
+
+
 def test_added_key_with_plus_is_accepted(capsys):
     code, _, _ = run(capsys, "explain", TRAP, "+trainer.log_every_n_steps=1")
     assert code == 0
@@ -178,6 +187,17 @@ def test_train_refuses_unsafe_under_error(capsys, tmp_path, task):
     code, _, err = run(capsys, "train", TRAP, "trainer.lightning_precision.on_unsafe=error", "--output-dir", tmp_path)
     assert code == 1
     assert_one_line_error(err)
+
+
+def test_train_flash_config_without_cuda_exits_2(capsys, tmp_path, task):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the flash config would train")
+    code, _, err = run(capsys, "train", CONFIG_DIR / "bf16-flash.yaml", "--output-dir", tmp_path)
+    assert code == 2
+    assert_one_line_error(err)
+    assert "needs a CUDA device" in err
 
 
 def test_compare_prints_the_table_and_writes_the_plot(capsys, tmp_path, task):
