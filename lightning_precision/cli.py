@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--seed", type=int, default=0, help="seed of data, data order and initial weights")
     compare.add_argument("--output-dir", default="runs/compare", help="where the plot and results go")
-    compare.add_argument("--threads", type=int, default=None, help="torch threads (default: min(2, cores))")
+    compare.add_argument("--threads", type=int, default=None, help="torch threads (default: 1, fastest for the tiny task)")
     return parser
 
 
