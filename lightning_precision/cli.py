@@ -1,0 +1,131 @@
+"""The ``lightning-precision`` command: ``explain``, ``train`` and ``compare``.
+
+Exit codes: 0 success (or a safe config), 1 an unsafe pairing under ``on_unsafe: error`` or a recipe that crashed,
+2 bad input (missing file, YAML that does not parse, unknown override key, unknown precision, any
+:class:`~lightning_precision.errors.PrecisionConfigError`). Errors are one line on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_precision.errors import PrecisionConfigError, PrecisionPairingError
+
+EXIT_OK, EXIT_UNSAFE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with its three subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-precision",
+        description="What your precision config does to parameters and optimizer state, and whether it matters.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,train,compare}")
+
+    explain = sub.add_parser("explain", help="print the precision contract of a config, without training")
+    _add_config_args(explain)
+    explain.add_argument("--json", action="store_true", help="print the contract as JSON")
+
+    train = sub.add_parser("train", help="train the built-in task with a config")
+    _add_config_args(train)
+    train.add_argument("--output-dir", default="runs", help="where CSV logs and checkpoints go (default: runs/)")
+    train.add_argument("--ckpt-every", type=int, default=None, metavar="N", help="save a checkpoint every N steps")
+
+    from lightning_precision.compare import DEFAULT_RECIPES, RECIPES  # cheap: no training imports at module level
+
+    compare = sub.add_parser("compare", help="train the built-in task under several recipes and compare them")
+    compare.add_argument("--steps", type=int, default=None, help="optimizer steps per recipe (default: the built-in task's)")
+    compare.add_argument(
+        "--recipes", nargs="+", default=list(DEFAULT_RECIPES), choices=list(RECIPES), metavar="RECIPE",
+        help=f"recipes to run (default: all). Choices: {', '.join(RECIPES)}",
+    )
+    compare.add_argument("--seed", type=int, default=0, help="seed of data, data order and initial weights")
+    compare.add_argument("--output-dir", default="runs/compare", help="where the plot and results go")
+    compare.add_argument("--threads", type=int, default=None, help="torch threads (default: 1, fastest for the tiny task)")
+    return parser
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML run config (see configs/)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="override a config value, e.g. trainer.max_steps=10 (prefix + to add a key)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line.
+
+    Args:
+        argv: Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code (also used by the console script).
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "explain":
+            return _explain(args)
+        if args.command == "train":
+            return _train(args)
+        return _compare(args)
+    except PrecisionPairingError as err:
+        _error(str(err))
+        return EXIT_UNSAFE
+    except PrecisionConfigError as err:
+        _error(str(err))
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:  # output piped into `head` and the like: not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+        return EXIT_OK
+
+
+def _error(message: str) -> None:
+    # One line: the reader sees the cause at once, and scripts can grep it.
+    print(f"lightning-precision: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from lightning_precision.explain import explain
+    from lightning_precision.runconfig import load_config, section
+
+    cfg = load_config(args.config, args.overrides)
+    result = explain(
+        section(cfg, "trainer"), section(cfg, "model"), section(cfg, "optimizer"), source=str(args.config)
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_text())
+    if result.error is not None:
+        _error(result.error)
+        return EXIT_UNSAFE
+    return EXIT_OK
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lightning_precision.runconfig import load_config
+    from lightning_precision.train import train_from_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = train_from_config(cfg, output_dir=Path(args.output_dir), name=Path(args.config).stem,
+                               ckpt_every=args.ckpt_every)
+    print(result.summary())
+    return EXIT_OK
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from lightning_precision.compare import run_compare
+
+    report = run_compare(
+        recipes=args.recipes, steps=args.steps, seed=args.seed, output_dir=Path(args.output_dir),
+        threads=args.threads,
+    )
+    print(report.format_text())
+    return EXIT_OK if report.ok else EXIT_UNSAFE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""``lightning-precision explain``: what a config will do to parameters and optimizer state, without training.
+
+Everything here asks :func:`~lightning_precision.config.resolve_trainer_cfg` and the pairing rule; nothing decides
+a dtype on its own except the FSDP2 reduce dtype, which is read from the strategy options so that explaining a
+config never imports the strategy.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_precision.config import TrainerKwargs, resolve_trainer_cfg
+from lightning_precision.dtypes import dtype_name, parse_dtype
+from lightning_precision.errors import PrecisionPairingError, PrecisionWarning
+from lightning_precision.memory import MemoryEstimate, estimate_bytes_per_param, optimizer_settings
+from lightning_precision.modes import MODES
+from lightning_precision.pairing import Status, Verdict
+from lightning_precision.report import PrecisionContract, optimizer_contract
+
+LIGHTNING_DEFAULT_PRECISION = "32-true"
+_FSDP2_NAMES = ("fsdp2",)
+_LIGHTNING_PLUGINS = {"32-true": "Precision", "64-true": "DoublePrecision", "bf16-mixed": "MixedPrecision",
+                      "16-mixed": "MixedPrecision"}
+
+
+@dataclass
+class Explanation:
+    """The answer to "what will this config do?".
+
+    Attributes:
+        source: Where the config came from (file name).
+        contract: The precision contract (shared with the runtime guard).
+        plugin: The precision plugin that will be used.
+        strategy: The strategy named by the config (``"auto"`` if none).
+        storage_dtype: Storage dtype of the trainable parameters (``"-"``: left to the model).
+        optimizer_state: The optimizer's state, moment by moment.
+        memory: Estimated bytes per parameter, if the storage dtype is known.
+        verdict: The pairing rule's verdict (``None`` without an optimizer section).
+        on_unsafe: The policy in effect.
+        error: The :class:`PrecisionPairingError` message when the config is unsafe under ``on_unsafe="error"``.
+    """
+
+    source: str
+    contract: PrecisionContract
+    plugin: str
+    strategy: str
+    storage_dtype: str
+    optimizer_state: str
+    memory: MemoryEstimate | None
+    verdict: Verdict | None
+    on_unsafe: str
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """The verdict's status, or ``"not judged"`` without an optimizer."""
+        return self.verdict.status.value if self.verdict is not None else Status.NOT_JUDGED.value
+
+    def rows(self) -> list[tuple[str, str]]:
+        """The table as ``(label, value)`` rows."""
+        row = self.contract.optimizers[0] if self.contract.optimizers else None
+        return [
+            ("precision", self.contract.precision),
+            ("plugin / strategy", f"{self.plugin} / {self.strategy}"),
+            ("parameter storage", self.storage_dtype),
+            ("compute", self.contract.compute_dtype),
+            ("gradient reduce (FSDP2)", self.contract.reduce_dtype),
+            ("optimizer", row.optimizer if row else "- (no optimizer section)"),
+            ("optimizer state", self.optimizer_state),
+            ("master weights / error correction", row.master_weights if row else "-"),
+            ("bytes per parameter", self._memory_text(row is not None)),
+            ("verdict", self._verdict_text()),
+        ]
+
+    def _memory_text(self, has_optimizer: bool) -> str:
+        if self.memory is None:
+            return "- (storage dtype not known)"
+        if not has_optimizer:
+            return f"~{self.memory.params + self.memory.grads:g} B/param: params + grads only (no optimizer section)"
+        return self.memory.describe()
+
+    def _verdict_text(self) -> str:
+        text = self.status.upper() if self.verdict and self.verdict.is_unsafe else self.status
+        if self.verdict and self.verdict.is_unsafe:
+            text += f" (on_unsafe={self.on_unsafe})"
+        return text
+
+    def format_text(self) -> str:
+        """The human-readable table, followed by the verdict's message and fixes."""
+        rows = self.rows()
+        width = max(len(label) for label, _ in rows)
+        lines = [f"Precision contract for {self.source}" if self.source else "Precision contract"]
+        lines += [f"  {label.ljust(width)}  {value}" for label, value in rows]
+        if self.verdict is not None and self.verdict.fixes:
+            lines.append("  Two ways to fix it:")
+            lines += [f"    ({i}) {fix}" for i, fix in enumerate(self.verdict.fixes, 1)]
+        elif self.verdict is not None and self.verdict.message:
+            lines.append(f"  Note: {self.verdict.message}")
+        lines += [f"  Note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The same as plain data, for ``--json``."""
+        return {
+            "source": self.source,
+            "precision": self.contract.precision,
+            "plugin": self.plugin,
+            "strategy": self.strategy,
+            "storage_dtype": self.storage_dtype,
+            "compute_dtype": self.contract.compute_dtype,
+            "reduce_dtype": self.contract.reduce_dtype,
+            "optimizer_state": self.optimizer_state,
+            "bytes_per_param": self.memory.to_dict() if self.memory else None,
+            "verdict": {
+                "status": self.status,
+                "unsafe": bool(self.verdict and self.verdict.is_unsafe),
+                "message": self.verdict.message if self.verdict else "",
+                "fixes": list(self.verdict.fixes) if self.verdict else [],
+                "on_unsafe": self.on_unsafe,
+            },
+            "contract": self.contract.to_dict(),
+            "error": self.error,
+            "notes": list(self.notes),
+        }
+
+
+def explain(
+    trainer_cfg: Mapping[str, Any],
+    model_cfg: Mapping[str, Any] | None = None,
+    optimizer_cfg: Mapping[str, Any] | None = None,
+    *,
+    source: str = "",
+) -> Explanation:
+    """Resolve a config through :func:`resolve_trainer_cfg` and the pairing rule, without building a model.
+
+    An unsafe pairing under ``on_unsafe="error"`` does not raise here: the explanation is built anyway and carries
+    the error message in :attr:`Explanation.error`, so the caller can show the table and then fail.
+
+    Args:
+        trainer_cfg: The trainer section (plain mapping).
+        model_cfg: The model section, if any.
+        optimizer_cfg: The optimizer section (``_target_`` + kwargs), if any.
+        source: Where the config came from, for the title.
+
+    Returns:
+        The explanation.
+
+    Raises:
+        PrecisionConfigError: If the config is not valid (unknown precision, bad dtype, import failure, ...).
+    """
+    trainer_cfg, strategy_name, reduce_dtype = _split_fsdp2(dict(trainer_cfg))
+    error = None
+    with warnings.catch_warnings():
+        # The verdict is printed in the table; the same words as a warning on stderr would only repeat it.
+        warnings.simplefilter("ignore", PrecisionWarning)
+        try:
+            kwargs = resolve_trainer_cfg(trainer_cfg, model=model_cfg, optimizer=optimizer_cfg)
+        except PrecisionPairingError as err:
+            error = str(err)
+            kwargs = resolve_trainer_cfg(trainer_cfg, model=model_cfg, optimizer=optimizer_cfg, on_unsafe="ignore")
+            kwargs.on_unsafe = "error"
+    return _build(kwargs, optimizer_cfg, source, strategy_name, reduce_dtype, error)
+
+
+def _build(
+    kwargs: TrainerKwargs,
+    optimizer_cfg: Mapping[str, Any] | None,
+    source: str,
+    strategy_name: str | None,
+    reduce_dtype: torch.dtype | None,
+    error: str | None,
+) -> Explanation:
+    mode = kwargs.precision_mode or MODES[LIGHTNING_DEFAULT_PRECISION]
+    storage = kwargs.storage_dtype if kwargs.storage_dtype is not None else mode.storage_dtype
+    verdict = kwargs.verdict
+    contract = PrecisionContract(
+        precision=mode.name if kwargs.precision_mode else f"{mode.name} (Lightning's default)",
+        compute_dtype=dtype_name(mode.compute_dtype),
+        reduce_dtype=dtype_name(reduce_dtype),
+        optimizers=[optimizer_contract(verdict)] if verdict is not None else [],
+    )
+    info = verdict.optimizer if verdict is not None else None
+    memory = estimate_bytes_per_param(storage, info, optimizer_settings(optimizer_cfg))
+    notes = []
+    if strategy_name is not None:
+        notes.append(f"strategy {strategy_name!r} is read from the config only (not imported or built by explain).")
+    return Explanation(
+        source=source,
+        contract=contract,
+        plugin=_plugin_name(kwargs, mode.name),
+        strategy=strategy_name or _strategy_name(kwargs.get("strategy")),
+        storage_dtype=dtype_name(storage) if storage is not None else "- (left to the model)",
+        optimizer_state=_state_text(memory, contract),
+        memory=memory,
+        verdict=verdict,
+        on_unsafe=kwargs.on_unsafe,
+        error=error,
+        notes=notes,
+    )
+
+
+def _state_text(memory: MemoryEstimate | None, contract: PrecisionContract) -> str:
+    """The optimizer state moment by moment (``exp_avg bfloat16, exp_avg_sq float32``)."""
+    if not contract.optimizers:
+        return "-"
+    if memory is not None:
+        moments = [name for name, _ in memory.state_parts if name.startswith(("exp_avg", "momentum"))]
+        if moments:
+            return ", ".join(moments) + " (predicted)"
+    return f"{contract.optimizers[0].state_dtype} (predicted)"
+
+
+def _plugin_name(kwargs: TrainerKwargs, precision: str) -> str:
+    for plugin in kwargs.get("plugins", []):
+        if hasattr(plugin, "convert_module"):  # a precision plugin
+            return type(plugin).__name__
+    lightning = _LIGHTNING_PLUGINS.get(precision)
+    return f"{lightning} (Lightning)" if lightning else "-"
+
+
+def _strategy_name(strategy: Any) -> str:
+    if strategy is None:
+        return "auto"
+    return strategy if isinstance(strategy, str) else type(strategy).__name__
+
+
+def _split_fsdp2(trainer_cfg: dict[str, Any]) -> tuple[dict[str, Any], str | None, torch.dtype | None]:
+    """Take an FSDP2 strategy out of the trainer config, with the reduce dtype its mp policy names.
+
+    Returns:
+        The trainer config without the FSDP2 strategy, the strategy's name (``None`` if not FSDP2), and the reduce
+        dtype: the mp policy's ``reduce_dtype`` (fp32 by default) when the strategy has an mp policy, else ``None``.
+    """
+    entry = trainer_cfg.get("strategy")
+    name, options = _fsdp2_options(entry)
+    if name is None:
+        return trainer_cfg, None, None
+    rest = {k: v for k, v in trainer_cfg.items() if k != "strategy"}
+    policy = options.get("mp_policy") or options.get("mixed_precision")
+    if not policy:
+        return rest, name, None
+    given = policy.get("reduce_dtype") if isinstance(policy, Mapping) else None
+    given = given if given is not None else options.get("reduce_dtype")
+    return rest, name, parse_dtype(given, what="trainer.strategy.mp_policy.reduce_dtype") or torch.float32
+
+
+def _fsdp2_options(entry: Any) -> tuple[str | None, dict[str, Any]]:
+    if isinstance(entry, str):
+        return (entry, {}) if entry.lower() in _FSDP2_NAMES else (None, {})
+    if not isinstance(entry, Mapping):
+        return None, {}
+    if str(entry.get("name", "")).lower() in _FSDP2_NAMES:
+        return str(entry["name"]), {k: v for k, v in entry.items() if k != "name"}
+    target = str(entry.get("_target_") or entry.get("class_path") or "")
+    if target.rsplit(".", 1)[-1] == "FSDP2Strategy":
+        options = dict(entry.get("init_args") or {}) if "class_path" in entry else dict(entry)
+        return target, {k: v for k, v in options.items() if not str(k).startswith("_")}
+    return None, {}

@@ -1,0 +1,245 @@
+"""Bytes per trainable parameter: estimated from the dtypes before a run, measured from the tensors after one.
+
+The estimate is arithmetic on what the pairing rule says an optimizer keeps (:class:`~lightning_precision.pairing.
+OptimizerInfo`): parameter storage, a gradient in the parameter dtype, the optimizer's moments, and whatever
+protects a half-precision update (master/error-correction bytes, a Kahan compensation buffer). It ignores
+activations, allocator overhead and per-tensor scalars such as ``step``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lightning_precision.dtypes import HALF_DTYPES, dtype_name, parse_dtype
+from lightning_precision.pairing import OptimizerInfo, OptimizerKind
+
+# flashoptim quantizes each moment to int8 with one fp16 scale per group of 32 elements (CUDA only).
+FLASH_QUANT_GROUP_SIZE = 32
+FLASH_QUANTIZED_MOMENT_BYTES = 1 + 2 / FLASH_QUANT_GROUP_SIZE
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per trainable parameter, split by what holds them.
+
+    Attributes:
+        params: Parameter storage.
+        grads: Gradient (same dtype as the parameter).
+        optimizer_state: Moments plus master/error-correction/compensation bytes.
+        state_parts: ``(name, bytes)`` for each part of the optimizer state, e.g. ``("exp_avg bfloat16", 2.0)``.
+        measured: Whether the numbers were read from live tensors rather than predicted from dtypes.
+    """
+
+    params: float
+    grads: float
+    optimizer_state: float
+    state_parts: tuple[tuple[str, float], ...] = ()
+    measured: bool = False
+
+    @property
+    def total(self) -> float:
+        """Parameters + gradients + optimizer state."""
+        return self.params + self.grads + self.optimizer_state
+
+    def describe(self) -> str:
+        """One line, e.g. ``"~8 B/param: params 2 + grads 2 + optimizer state 4 (exp_avg bfloat16 2, ...)"``."""
+        parts = ", ".join(f"{name} {_num(b)}" for name, b in self.state_parts)
+        prefix = "" if self.measured else "~"
+        suffix = "measured" if self.measured else "estimate from dtypes"
+        return (
+            f"{prefix}{_num(self.total)} B/param: params {_num(self.params)} + grads {_num(self.grads)} + optimizer "
+            f"state {_num(self.optimizer_state)}{f' ({parts})' if parts else ''} [{suffix}]"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        return {
+            "params": self.params,
+            "grads": self.grads,
+            "optimizer_state": self.optimizer_state,
+            "total": self.total,
+            "state_parts": dict(self.state_parts),
+            "measured": self.measured,
+        }
+
+
+def _num(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def estimate_bytes_per_param(
+    storage_dtype: torch.dtype | None,
+    info: OptimizerInfo | None,
+    optimizer_kwargs: Mapping[str, Any] | None = None,
+) -> MemoryEstimate | None:
+    """Predict bytes per trainable parameter from the storage dtype and what the optimizer keeps.
+
+    Args:
+        storage_dtype: Dtype of the trainable parameters (``None``: unknown, no estimate).
+        info: The classified optimizer (``None``: no optimizer given, params and grads only).
+        optimizer_kwargs: The optimizer's config arguments (``momentum``, ``quantize``, ``exp_avg_dtype``), used
+            where :class:`OptimizerInfo` does not say.
+
+    Returns:
+        The estimate, or ``None`` when the storage dtype is not known.
+    """
+    if storage_dtype is None:
+        return None
+    size = storage_dtype.itemsize
+    parts = [] if info is None else _state_parts(storage_dtype, info, dict(optimizer_kwargs or {}))
+    return MemoryEstimate(
+        params=float(size),
+        grads=float(size),
+        optimizer_state=float(sum(b for _, b in parts)),
+        state_parts=tuple(parts),
+    )
+
+
+def optimizer_settings(optimizer_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """An optimizer config's keyword arguments over the class's own defaults (``exp_avg_dtype``, ``quantize``).
+
+    Args:
+        optimizer_cfg: ``_target_`` and keyword arguments.
+
+    Returns:
+        The settings; only the config's arguments when the class does not import here.
+    """
+    cfg = dict(optimizer_cfg or {})
+    given = {k: v for k, v in cfg.items() if not str(k).startswith("_")}
+    target = cfg.get("_target_")
+    cls = _import_class(str(target)) if target else None
+    if cls is None:
+        return given
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return given
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {**defaults, **given}
+
+
+def _import_class(path: str) -> type | None:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return obj if isinstance(obj, type) else None
+
+
+def _state_parts(storage: torch.dtype, info: OptimizerInfo, kwargs: dict[str, Any]) -> list[tuple[str, float]]:
+    """The optimizer-state parts, in bytes per parameter."""
+    half = storage in HALF_DTYPES
+    quantized = info.name.startswith("flashoptim.") and bool(kwargs.get("quantize", True))
+    parts = []
+    for moment in _moment_names(info, kwargs):
+        if quantized:
+            parts.append((f"{moment} int8+scales (CUDA)", FLASH_QUANTIZED_MOMENT_BYTES))
+            continue
+        dtype = _moment_dtype(moment, storage, info, kwargs)
+        parts.append((f"{moment} {dtype_name(dtype)}", float(dtype.itemsize)))
+    if half and info.master_bytes:
+        label = "error-correction bits" if info.name.startswith("flashoptim.") else "master weights"
+        parts.append((label, float(info.master_bytes)))
+    if half and info.compensation_buffer:
+        parts.append((f"compensation {dtype_name(storage)}", float(storage.itemsize)))
+    return parts
+
+
+def _moment_names(info: OptimizerInfo, kwargs: Mapping[str, Any]) -> list[str]:
+    """Which moments the optimizer keeps per parameter."""
+    if info.kind is OptimizerKind.UNKNOWN:
+        return []  # nothing known to count
+    if info.is_adam:
+        return ["exp_avg"] if "lion" in info.short_name.lower() else ["exp_avg", "exp_avg_sq"]
+    momentum = kwargs.get("momentum", 0)
+    return ["momentum_buffer"] if momentum else []
+
+
+def _moment_dtype(moment: str, storage: torch.dtype, info: OptimizerInfo, kwargs: Mapping[str, Any]) -> torch.dtype:
+    """The dtype one moment is kept in.
+
+    Only half-precision parameters get special state dtypes: optimizers keep fp32 state for fp32 parameters.
+    """
+    if storage not in HALF_DTYPES:
+        return storage
+    if moment == "exp_avg_sq" and info.exp_avg_sq_dtype is not None:
+        return info.exp_avg_sq_dtype
+    explicit = parse_dtype(kwargs.get(f"{moment}_dtype"), what=f"optimizer.{moment}_dtype")  # e.g. CompensatedAdamW
+    if explicit is not None:
+        return explicit
+    if info.kind is OptimizerKind.KEEPS_MASTER and info.exp_avg_sq_dtype is not None:
+        return info.exp_avg_sq_dtype  # master-keeping optimizers keep both moments at the same width
+    return storage
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring live tensors
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def measure_bytes_per_param(optimizer: torch.optim.Optimizer) -> MemoryEstimate:
+    """Measure bytes per trainable parameter from the tensors an optimizer holds.
+
+    Counts every trainable parameter the optimizer updates, its gradient (in the parameter dtype when it was
+    already released with ``zero_grad(set_to_none=True)``) and every tensor of the optimizer state, including
+    flashoptim's quantized values and scales.
+
+    Args:
+        optimizer: An optimizer that has stepped at least once.
+
+    Returns:
+        The measurement (``measured=True``); all zeros if it updates no trainable parameter.
+    """
+    params = _unique_trainable(optimizer.param_groups)
+    numel = sum(p.numel() for p in params)
+    if not numel:
+        return MemoryEstimate(0.0, 0.0, 0.0, measured=True)
+    param_bytes = sum(_nbytes(p) for p in params)
+    grad_bytes = sum(_nbytes(p.grad) if p.grad is not None else _nbytes(p) for p in params)
+    by_key: dict[str, int] = {}
+    for p in params:
+        for key, value in (optimizer.state.get(p) or {}).items():
+            by_key[str(key)] = by_key.get(str(key), 0) + sum(_nbytes(t) for t in _state_tensors(value))
+    parts = tuple((key, b / numel) for key, b in by_key.items() if b)
+    return MemoryEstimate(
+        params=param_bytes / numel,
+        grads=grad_bytes / numel,
+        optimizer_state=sum(by_key.values()) / numel,
+        state_parts=parts,
+        measured=True,
+    )
+
+
+def _unique_trainable(groups: Iterable[Mapping[str, Any]]) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    out = []
+    for group in groups:
+        for p in group["params"]:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def _state_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors behind one state entry: a tensor, or a wrapper such as flashoptim's quantized tensor."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    found = []
+    for attr in ("_data", "_quantized", "_scales"):  # flashoptim's _MaybeQuantizedTensor keeps one or the other
+        tensor = getattr(value, attr, None)
+        if isinstance(tensor, torch.Tensor):
+            found.append(tensor)
+    return found
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    local = getattr(tensor, "_local_tensor", tensor)  # a DTensor shard: count what this rank holds
+    return local.numel() * local.element_size()

@@ -1,0 +1,89 @@
+"""Bytes-per-parameter arithmetic: estimates from the pairing rule's OptimizerInfo, and measurement of live tensors."""
+
+import pytest
+import torch
+
+from lightning_precision.memory import FLASH_QUANTIZED_MOMENT_BYTES, estimate_bytes_per_param, measure_bytes_per_param
+from lightning_precision.pairing import classify_optimizer
+
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
+class _DeclaredCompensatedAdamW(torch.optim.Optimizer):
+    """Stands for CompensatedAdamW: declares a compensated update and an fp32 second moment by default."""
+
+    compensated_update = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), exp_avg_sq_dtype=torch.float32):
+        super().__init__(params, {"lr": lr, "betas": betas})
+
+
+def _estimate(storage, optimizer_cfg):
+    return estimate_bytes_per_param(storage, classify_optimizer(optimizer_cfg), optimizer_cfg)
+
+
+@pytest.mark.parametrize("storage", [BF16, FP32])
+def test_torch_adamw_keeps_two_moments_in_the_storage_dtype(storage):
+    est = _estimate(storage, {"_target_": "torch.optim.AdamW"})
+    size = storage.itemsize
+    assert (est.params, est.grads, est.optimizer_state) == (size, size, 2 * size)
+    assert est.total == 4 * size  # 8 B/param for bf16, 16 for fp32
+    assert not est.measured
+
+
+def test_flash_adamw_24_bit_quantized_moments_plus_one_ecc_byte():
+    est = _estimate(BF16, {"_target_": "flashoptim.FlashAdamW", "master_weight_bits": 24})
+    assert est.optimizer_state == pytest.approx(2 * FLASH_QUANTIZED_MOMENT_BYTES + 1)
+    assert dict(est.state_parts)["error-correction bits"] == 1
+    assert FLASH_QUANTIZED_MOMENT_BYTES == pytest.approx(1 + 2 / 32)  # int8 value + one fp16 scale per 32
+
+
+def test_flash_adamw_unquantized_moments_follow_what_the_rule_says():
+    cfg = {"_target_": "flashoptim.FlashAdamW", "master_weight_bits": 24, "quantize": False}
+    info = classify_optimizer(cfg)
+    est = estimate_bytes_per_param(BF16, info, cfg)
+    assert est.optimizer_state == 2 * info.exp_avg_sq_dtype.itemsize + info.master_bytes
+
+
+def test_kahan_optimizer_adds_a_compensation_buffer_in_the_parameter_dtype():
+    est = _estimate(BF16, {"_target_": "optimi.AdamW", "lr": 1e-3})
+    assert dict(est.state_parts) == {"exp_avg bfloat16": 2, "exp_avg_sq bfloat16": 2, "compensation bfloat16": 2}
+    # fp32 parameters need no compensation: optimi only compensates half-precision parameters.
+    assert _estimate(FP32, {"_target_": "optimi.AdamW", "lr": 1e-3}).optimizer_state == 8
+
+
+def test_compensated_optimizer_with_fp32_second_moment():
+    info = classify_optimizer(_DeclaredCompensatedAdamW)
+    est = estimate_bytes_per_param(BF16, info)
+    assert dict(est.state_parts) == {"exp_avg bfloat16": 2, "exp_avg_sq float32": 4, "compensation bfloat16": 2}
+    assert est.total == 12
+
+
+@pytest.mark.parametrize(("momentum", "state"), [(0.0, 0), (0.9, 4)])
+def test_sgd_keeps_a_momentum_buffer_only_with_momentum(momentum, state):
+    assert _estimate(FP32, {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": momentum}).optimizer_state == state
+
+
+def test_unknown_storage_gives_no_estimate():
+    assert estimate_bytes_per_param(None, classify_optimizer("torch.optim.AdamW")) is None
+
+
+@pytest.mark.parametrize("storage", [BF16, FP32])
+def test_measured_bytes_match_the_estimate_for_torch_adamw(storage):
+    layer = torch.nn.Linear(64, 64).to(storage)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    layer(torch.randn(8, 64, dtype=storage)).sum().backward()
+    opt.step()
+    measured = measure_bytes_per_param(opt)
+    estimate = _estimate(storage, {"_target_": "torch.optim.AdamW"})
+    assert measured.measured
+    assert (measured.params, measured.grads) == (estimate.params, estimate.grads)
+    # The measurement also counts the per-tensor `step` scalars, which the estimate leaves out.
+    assert measured.optimizer_state == pytest.approx(estimate.optimizer_state, abs=0.01)
+    assert measured.optimizer_state > estimate.optimizer_state
+
+
+def test_measured_counts_released_gradients_in_the_parameter_dtype():
+    layer = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    assert measure_bytes_per_param(opt).total == 8  # no grads yet, no state: params 4 + grads 4
