@@ -167,7 +167,7 @@ class CompareReport:
         rows = self.rows()
         head = list(rows[0]) if rows else []
         widths = [max(len(h), *(len(row[h]) for row in rows)) for h in head]
-        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
         k = max((r.last_k for r in self.results), default=0)
         out = [
             f"lightning-precision compare: built-in task, {self.steps} steps per recipe, seed {self.seed}, "
@@ -377,7 +377,7 @@ class _quiet_lightning:
             self._levels[name] = log.level
             log.setLevel(logging.WARNING)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
         self._warnings.__exit__(*exc)

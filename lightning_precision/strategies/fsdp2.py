@@ -351,7 +351,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def apply_resolved_config(
         self, kwargs: Any, *, optimizer: Any = None, peft: bool = False, model: Mapping[str, Any] | None = None
-    ) -> None:
+    ) -> FSDP2Precision:
         """Learn from :func:`~lightning_precision.config.resolve_trainer_cfg` what the strategy cannot see yet.
 
         The optimizer is created after sharding, so its config is the only way ``storage_dtype="auto"`` can know it.
@@ -363,6 +363,13 @@ class FSDP2Strategy(ModelParallelStrategy):
             peft: Whether only adapters train.
             model: The model section: an explicit ``torch_dtype`` there is the storage dtype when the strategy's own
                 ``storage_dtype`` is ``"auto"``.
+
+        Returns:
+            What the strategy will do under the config's precision (Lightning's ``32-true`` when it sets none), so the
+            config can be judged and explained before anything runs.
+
+        Raises:
+            PrecisionConfigError: If the strategy's options contradict the precision.
         """
         explicit = parse_dtype((model or {}).get("torch_dtype"), what="model.torch_dtype")
         if explicit is not None and parse_dtype(self.storage_dtype_option) is None:
@@ -373,6 +380,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.peft = self.peft or bool(peft)
         if not self._on_unsafe_given and getattr(kwargs, "on_unsafe", None) is not None:
             self.on_unsafe = validate_on_unsafe(kwargs.on_unsafe)
+        return self.decide(getattr(kwargs, "precision_mode", None) or get_mode("32-true"))
 
     # -- setup ---------------------------------------------------------------------------------------------------------
 
@@ -443,6 +451,10 @@ class FSDP2Strategy(ModelParallelStrategy):
                 f"{type(self).__name__} does not support precision={name!r}. Choose one of: '32-true', 'bf16-mixed', "
                 "'bf16-true', 'bf16-flash' (or their fp16 forms)."
             ) from err
+        return self.decide(mode)
+
+    def decide(self, mode: PrecisionMode) -> FSDP2Precision:
+        """Storage dtype and policy under ``mode`` with this strategy's options (see :func:`resolve_fsdp2_precision`)."""
         return resolve_fsdp2_precision(
             mode,
             storage_dtype=self.storage_dtype_option,
