@@ -157,7 +157,11 @@ def test_fsdp2_dtypes_are_the_strategys_own_decision(capsys, tmp_path, strategy,
 
 def test_python_dash_m_help_in_a_subprocess():
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_precision", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "lightning_precision", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0
     assert all(cmd in proc.stdout for cmd in ("explain", "train", "compare"))

@@ -117,7 +117,7 @@ class CompensatedAdamW(Optimizer):
         exp_avg_sq_dtype: torch.dtype | str = torch.float32,
     ) -> None:
         if isinstance(lr, torch.Tensor):
-            raise ValueError(f"Invalid learning rate: {lr}; CompensatedAdamW takes a Python float")
+            raise TypeError(f"Invalid learning rate: {lr}; CompensatedAdamW takes a Python float")
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= eps:
