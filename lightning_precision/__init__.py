@@ -10,6 +10,7 @@ from lightning_precision.config import TrainerKwargs, resolve_trainer_cfg
 from lightning_precision.dtypes import parse_dtype
 from lightning_precision.errors import PrecisionConfigError, PrecisionPairingError, PrecisionWarning
 from lightning_precision.modes import PrecisionMode, get_mode
+from lightning_precision.optim import CompensatedAdamW
 from lightning_precision.pairing import (
     OptimizerInfo,
     OptimizerKind,
@@ -21,7 +22,6 @@ from lightning_precision.pairing import (
     resolve_storage_dtype,
 )
 from lightning_precision.plugins import CheckedMixedPrecision, FlashPrecision, HalfPrecisionForAudio
-from lightning_precision.optim import CompensatedAdamW
 from lightning_precision.report import PrecisionContract, read_precision_contract
 from lightning_precision.strategies import FSDP2Strategy  # registers Trainer(strategy="fsdp2")
 
@@ -42,8 +42,8 @@ __all__ = [
     "PrecisionPairingError",
     "PrecisionWarning",
     "Status",
-    "UpdateUnderflowMonitor",
     "TrainerKwargs",
+    "UpdateUnderflowMonitor",
     "Verdict",
     "cast_batch",
     "check_optimizer",

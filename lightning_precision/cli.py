@@ -39,21 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
     from lightning_precision.compare import DEFAULT_RECIPES, RECIPES  # cheap: no training imports at module level
 
     compare = sub.add_parser("compare", help="train the built-in task under several recipes and compare them")
-    compare.add_argument("--steps", type=int, default=None, help="optimizer steps per recipe (default: the built-in task's)")
     compare.add_argument(
-        "--recipes", nargs="+", default=list(DEFAULT_RECIPES), choices=list(RECIPES), metavar="RECIPE",
+        "--steps", type=int, default=None, help="optimizer steps per recipe (default: the built-in task's)"
+    )
+    compare.add_argument(
+        "--recipes",
+        nargs="+",
+        default=list(DEFAULT_RECIPES),
+        choices=list(RECIPES),
+        metavar="RECIPE",
         help=f"recipes to run (default: all). Choices: {', '.join(RECIPES)}",
     )
     compare.add_argument("--seed", type=int, default=0, help="seed of data, data order and initial weights")
     compare.add_argument("--output-dir", default="runs/compare", help="where the plot and results go")
-    compare.add_argument("--threads", type=int, default=None, help="torch threads (default: 1, fastest for the tiny task)")
+    compare.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: 1, fastest for the tiny task)"
+    )
     return parser
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML run config (see configs/)")
     parser.add_argument(
-        "overrides", nargs="*", metavar="key=value",
+        "overrides",
+        nargs="*",
+        metavar="key=value",
         help="override a config value, e.g. trainer.max_steps=10 (prefix + to add a key)",
     )
 
@@ -95,9 +105,7 @@ def _explain(args: argparse.Namespace) -> int:
     from lightning_precision.runconfig import load_config, section
 
     cfg = load_config(args.config, args.overrides)
-    result = explain(
-        section(cfg, "trainer"), section(cfg, "model"), section(cfg, "optimizer"), source=str(args.config)
-    )
+    result = explain(section(cfg, "trainer"), section(cfg, "model"), section(cfg, "optimizer"), source=str(args.config))
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_text())
     if result.error is not None:
         _error(result.error)
@@ -110,8 +118,9 @@ def _train(args: argparse.Namespace) -> int:
     from lightning_precision.train import train_from_config
 
     cfg = load_config(args.config, args.overrides)
-    result = train_from_config(cfg, output_dir=Path(args.output_dir), name=Path(args.config).stem,
-                               ckpt_every=args.ckpt_every)
+    result = train_from_config(
+        cfg, output_dir=Path(args.output_dir), name=Path(args.config).stem, ckpt_every=args.ckpt_every
+    )
     print(result.summary())
     return EXIT_OK
 
@@ -120,7 +129,10 @@ def _compare(args: argparse.Namespace) -> int:
     from lightning_precision.compare import run_compare
 
     report = run_compare(
-        recipes=args.recipes, steps=args.steps, seed=args.seed, output_dir=Path(args.output_dir),
+        recipes=args.recipes,
+        steps=args.steps,
+        seed=args.seed,
+        output_dir=Path(args.output_dir),
         threads=args.threads,
     )
     print(report.format_text())

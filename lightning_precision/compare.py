@@ -167,11 +167,14 @@ class CompareReport:
         rows = self.rows()
         head = list(rows[0]) if rows else []
         widths = [max(len(h), *(len(row[h]) for row in rows)) for h in head]
-        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
         k = max((r.last_k for r in self.results), default=0)
-        out = [
+        title = (
             f"lightning-precision compare: built-in task, {self.steps} steps per recipe, seed {self.seed}, "
-            f"{self.threads} torch thread(s); final loss = mean of the last {k} steps",
+            f"{self.threads} torch thread(s); final loss = mean of the last {k} steps"
+        )
+        out = [
+            title,
             line(head),
             line(["-" * w for w in widths]),
             *(line([row[h] for h in head]) for row in rows),
@@ -299,7 +302,7 @@ def run_recipe(recipe: Recipe, steps: int, seed: int) -> RecipeResult:
     accelerator = "cuda" if recipe.needs_cuda else "cpu"
     try:
         run = fit_task(recipe_config(recipe, steps, seed, accelerator), extra_callbacks=[timer])
-    except Exception as err:  # a crashing recipe is reported in the table, and the command exits non-zero
+    except Exception as err:  # noqa: BLE001 - a crashing recipe is reported in the table; the command exits 1
         return RecipeResult(recipe, status="crashed", reason=f"{type(err).__name__}: {' '.join(str(err).split())}")
     return _result_from_run(recipe, run, timer)
 
@@ -377,7 +380,7 @@ class _quiet_lightning:
             self._levels[name] = log.level
             log.setLevel(logging.WARNING)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
         self._warnings.__exit__(*exc)

@@ -58,12 +58,15 @@ class TrainerKwargs(dict):
         precision_mode: The precision in effect, or ``None`` if the config sets none (Lightning's default).
         verdict: The pairing rule's judgement of the config, or ``None`` if it could not be judged from the config.
         on_unsafe: The policy in effect.
+        sharded: What a storage-deciding strategy (``FSDP2Strategy``) resolved: storage, compute and reduce dtypes
+            and its ``MixedPrecisionPolicy``; ``None`` for other strategies.
     """
 
     storage_dtype: torch.dtype | None = None
     precision_mode: PrecisionMode | None = None
     verdict: Verdict | None = None
     on_unsafe: OnUnsafe = "warn"
+    sharded: Any = None
 
 
 def resolve_trainer_cfg(
@@ -149,23 +152,22 @@ def resolve_trainer_cfg(
     optimizer_cfg = (
         _to_plain(optimizer, what="optimizer") if isinstance(optimizer, (Mapping, DictConfig)) else optimizer
     )
+    explicit = parse_dtype((model_cfg or {}).get("torch_dtype"), what="model.torch_dtype")
+    storage_was_auto = explicit is None and (mode is None or mode.storage_dtype is None)
     if model_cfg is not None or optimizer_cfg is not None:
         kwargs.storage_dtype = resolve_storage_dtype(model_cfg, optimizer_cfg, peft=peft, precision=mode)
-        if optimizer_cfg is not None:
-            explicit = parse_dtype((model_cfg or {}).get("torch_dtype"), what="model.torch_dtype")
-            kwargs.verdict = enforce(
-                judge(
-                    kwargs.storage_dtype,
-                    classify_optimizer(optimizer_cfg),
-                    peft=peft,
-                    storage_was_auto=explicit is None and (mode is None or mode.storage_dtype is None),
-                ),
-                on_unsafe,
-                where="config",
-            )
     strategy = kwargs.get("strategy")
-    if hasattr(strategy, "apply_resolved_config"):  # e.g. FSDP2Strategy: learns the optimizer before it exists
-        strategy.apply_resolved_config(kwargs, optimizer=optimizer_cfg, peft=peft, model=model_cfg)
+    if hasattr(strategy, "apply_resolved_config"):
+        # A strategy that decides storage itself (FSDP2Strategy) learns the optimizer before it exists, and its
+        # decision is the one judged: it may have its own explicit storage_dtype.
+        kwargs.sharded = strategy.apply_resolved_config(kwargs, optimizer=optimizer_cfg, peft=peft, model=model_cfg)
+        kwargs.storage_dtype = kwargs.sharded.storage_dtype
+        storage_was_auto = kwargs.sharded.storage_was_auto
+    if optimizer_cfg is not None:
+        verdict = judge(
+            kwargs.storage_dtype, classify_optimizer(optimizer_cfg), peft=peft, storage_was_auto=storage_was_auto
+        )
+        kwargs.verdict = enforce(verdict, on_unsafe, where="config")
     return kwargs
 
 

@@ -1,8 +1,8 @@
 """``lightning-precision explain``: what a config will do to parameters and optimizer state, without training.
 
 Everything here asks :func:`~lightning_precision.config.resolve_trainer_cfg` and the pairing rule; nothing decides
-a dtype on its own except the FSDP2 reduce dtype, which is read from the strategy options so that explaining a
-config never imports the strategy.
+a dtype on its own. An FSDP2 strategy in the config is built (no process group needed) and its own decision on
+storage, compute and reduce dtypes is what is shown.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from lightning_precision.config import TrainerKwargs, resolve_trainer_cfg
-from lightning_precision.dtypes import dtype_name, parse_dtype
+from lightning_precision.dtypes import dtype_name
 from lightning_precision.errors import PrecisionPairingError, PrecisionWarning
 from lightning_precision.memory import MemoryEstimate, estimate_bytes_per_param, optimizer_settings
 from lightning_precision.modes import MODES
@@ -23,9 +21,12 @@ from lightning_precision.pairing import Status, Verdict
 from lightning_precision.report import PrecisionContract, optimizer_contract
 
 LIGHTNING_DEFAULT_PRECISION = "32-true"
-_FSDP2_NAMES = ("fsdp2",)
-_LIGHTNING_PLUGINS = {"32-true": "Precision", "64-true": "DoublePrecision", "bf16-mixed": "MixedPrecision",
-                      "16-mixed": "MixedPrecision"}
+_LIGHTNING_PLUGINS = {
+    "32-true": "Precision",
+    "64-true": "DoublePrecision",
+    "bf16-mixed": "MixedPrecision",
+    "16-mixed": "MixedPrecision",
+}
 
 
 @dataclass
@@ -154,7 +155,6 @@ def explain(
     Raises:
         PrecisionConfigError: If the config is not valid (unknown precision, bad dtype, import failure, ...).
     """
-    trainer_cfg, strategy_name, reduce_dtype = _split_fsdp2(dict(trainer_cfg))
     error = None
     with warnings.catch_warnings():
         # The verdict is printed in the table; the same words as a warning on stderr would only repeat it.
@@ -165,15 +165,13 @@ def explain(
             error = str(err)
             kwargs = resolve_trainer_cfg(trainer_cfg, model=model_cfg, optimizer=optimizer_cfg, on_unsafe="ignore")
             kwargs.on_unsafe = "error"
-    return _build(kwargs, optimizer_cfg, source, strategy_name, reduce_dtype, error)
+    return _build(kwargs, optimizer_cfg, source, error)
 
 
 def _build(
     kwargs: TrainerKwargs,
     optimizer_cfg: Mapping[str, Any] | None,
     source: str,
-    strategy_name: str | None,
-    reduce_dtype: torch.dtype | None,
     error: str | None,
 ) -> Explanation:
     mode = kwargs.precision_mode or MODES[LIGHTNING_DEFAULT_PRECISION]
@@ -181,20 +179,18 @@ def _build(
     verdict = kwargs.verdict
     contract = PrecisionContract(
         precision=mode.name if kwargs.precision_mode else f"{mode.name} (Lightning's default)",
-        compute_dtype=dtype_name(mode.compute_dtype),
-        reduce_dtype=dtype_name(reduce_dtype),
+        compute_dtype=dtype_name(kwargs.sharded.compute_dtype if kwargs.sharded else mode.compute_dtype),
+        reduce_dtype=dtype_name(kwargs.sharded.reduce_dtype if kwargs.sharded else None),
         optimizers=[optimizer_contract(verdict)] if verdict is not None else [],
     )
     info = verdict.optimizer if verdict is not None else None
     memory = estimate_bytes_per_param(storage, info, optimizer_settings(optimizer_cfg))
-    notes = []
-    if strategy_name is not None:
-        notes.append(f"strategy {strategy_name!r} is read from the config only (not imported or built by explain).")
+    notes: list[str] = []
     return Explanation(
         source=source,
         contract=contract,
         plugin=_plugin_name(kwargs, mode.name),
-        strategy=strategy_name or _strategy_name(kwargs.get("strategy")),
+        strategy=_strategy_name(kwargs.get("strategy")),
         storage_dtype=dtype_name(storage) if storage is not None else "- (left to the model)",
         optimizer_state=_state_text(memory, contract),
         memory=memory,
@@ -228,37 +224,3 @@ def _strategy_name(strategy: Any) -> str:
     if strategy is None:
         return "auto"
     return strategy if isinstance(strategy, str) else type(strategy).__name__
-
-
-def _split_fsdp2(trainer_cfg: dict[str, Any]) -> tuple[dict[str, Any], str | None, torch.dtype | None]:
-    """Take an FSDP2 strategy out of the trainer config, with the reduce dtype its mp policy names.
-
-    Returns:
-        The trainer config without the FSDP2 strategy, the strategy's name (``None`` if not FSDP2), and the reduce
-        dtype: the mp policy's ``reduce_dtype`` (fp32 by default) when the strategy has an mp policy, else ``None``.
-    """
-    entry = trainer_cfg.get("strategy")
-    name, options = _fsdp2_options(entry)
-    if name is None:
-        return trainer_cfg, None, None
-    rest = {k: v for k, v in trainer_cfg.items() if k != "strategy"}
-    policy = options.get("mp_policy") or options.get("mixed_precision")
-    if not policy:
-        return rest, name, None
-    given = policy.get("reduce_dtype") if isinstance(policy, Mapping) else None
-    given = given if given is not None else options.get("reduce_dtype")
-    return rest, name, parse_dtype(given, what="trainer.strategy.mp_policy.reduce_dtype") or torch.float32
-
-
-def _fsdp2_options(entry: Any) -> tuple[str | None, dict[str, Any]]:
-    if isinstance(entry, str):
-        return (entry, {}) if entry.lower() in _FSDP2_NAMES else (None, {})
-    if not isinstance(entry, Mapping):
-        return None, {}
-    if str(entry.get("name", "")).lower() in _FSDP2_NAMES:
-        return str(entry["name"]), {k: v for k, v in entry.items() if k != "name"}
-    target = str(entry.get("_target_") or entry.get("class_path") or "")
-    if target.rsplit(".", 1)[-1] == "FSDP2Strategy":
-        options = dict(entry.get("init_args") or {}) if "class_path" in entry else dict(entry)
-        return target, {k: v for k, v in options.items() if not str(k).startswith("_")}
-    return None, {}

@@ -54,12 +54,14 @@ class TaskRun:
     def summary(self) -> str:
         """A few lines for the console: steps, final loss, time, where the logs and checkpoints are."""
         losses = getattr(self.module, "step_losses", [])
-        tail = losses[-min(len(losses), 100):]
+        tail = losses[-min(len(losses), 100) :]
         final = f"{sum(tail) / len(tail):.5f} (mean of the last {len(tail)} steps)" if tail else "-"
         lines = [f"Trained {self.steps} steps in {self.seconds:.1f} s; final loss {final}."]
         if self.log_dir is not None:
             lines.append(f"CSV log: {self.log_dir / 'metrics.csv'}")
-        ckpts = sorted(str(p) for cb in self.trainer.checkpoint_callbacks for p in [cb.best_model_path, cb.last_model_path] if p)
+        ckpts = sorted(
+            str(p) for cb in self.trainer.checkpoint_callbacks for p in [cb.best_model_path, cb.last_model_path] if p
+        )
         if ckpts:
             lines.append(f"Checkpoints: {', '.join(dict.fromkeys(ckpts))}")
         return "\n".join(lines)
@@ -134,8 +136,9 @@ def fit_task(
     """
     seed = int(cfg.get("seed", 0) or 0)
     model_cfg, optimizer_cfg = _plain(cfg, "model"), _plain(cfg, "optimizer")
-    kwargs = resolve_trainer_cfg(_plain(cfg, "trainer") or {}, model=model_cfg, optimizer=optimizer_cfg,
-                                 on_unsafe=on_unsafe)
+    kwargs = resolve_trainer_cfg(
+        _plain(cfg, "trainer") or {}, model=model_cfg, optimizer=optimizer_cfg, on_unsafe=on_unsafe
+    )
     pl.seed_everything(seed, verbose=False)
     module, data = build_task(model_cfg, optimizer_cfg, _plain(cfg, "data"), seed)
     _apply_storage_dtype(module, kwargs)

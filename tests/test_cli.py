@@ -127,27 +127,42 @@ def test_added_key_with_plus_is_accepted(capsys):
 
 
 @pytest.mark.parametrize(
-    ("strategy", "reduce"),
+    ("strategy", "reduce", "storage"),
     [
-        ("{name: fsdp2}", "-"),
-        ("{name: fsdp2, mp_policy: {param_dtype: bf16}}", "float32"),
-        ("{name: fsdp2, mp_policy: {param_dtype: bf16, reduce_dtype: bf16}}", "bfloat16"),
-        ("{_target_: lightning_precision.strategies.FSDP2Strategy, mp_policy: {reduce_dtype: fp32}}", "float32"),
+        ("fsdp2", "float32", "float32"),  # NeMo AutoModel's default policy: reduce in fp32
+        ("{name: fsdp2}", "float32", "float32"),
+        ("{name: fsdp2, mp_policy: {param_dtype: bf16}}", "float32", "float32"),
+        ("{name: fsdp2, mp_policy: {param_dtype: bf16, reduce_dtype: bf16}}", "bfloat16", "float32"),
+        ("{name: fsdp2, storage_dtype: bf16}", "float32", "bfloat16"),  # the strategy's own choice is judged
+        (
+            "{_target_: lightning_precision.strategies.FSDP2Strategy, mp_policy: {reduce_dtype: fp32}}",
+            "float32",
+            "float32",
+        ),
     ],
 )
-def test_fsdp2_reduce_dtype_is_read_from_the_options_without_importing(capsys, tmp_path, strategy, reduce):
+def test_fsdp2_dtypes_are_the_strategys_own_decision(capsys, tmp_path, strategy, reduce, storage):
     path = tmp_path / "fsdp2.yaml"
-    path.write_text(f"trainer:\n  precision: bf16-mixed\n  strategy: {strategy}\n"
-                    "optimizer:\n  _target_: torch.optim.AdamW\nmodel:\n  torch_dtype: auto\n")
+    path.write_text(
+        f"trainer:\n  precision: bf16-mixed\n  strategy: {strategy}\n"
+        "optimizer:\n  _target_: torch.optim.AdamW\nmodel:\n  torch_dtype: auto\n"
+    )
     code, data, _ = explain_json(capsys, path)
     assert code == 0
     assert data["reduce_dtype"] == reduce
-    assert data["strategy"] != "auto"
+    assert data["strategy"] == "FSDP2Strategy"
+    assert data["storage_dtype"] == storage and data["compute_dtype"] == "bfloat16"
+    assert data["verdict"]["status"] == ("unsafe" if storage == "bfloat16" else "safe")
 
 
 def test_python_dash_m_help_in_a_subprocess():
-    proc = subprocess.run([sys.executable, "-m", "lightning_precision", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_precision", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0
     assert all(cmd in proc.stdout for cmd in ("explain", "train", "compare"))
 
@@ -167,8 +182,15 @@ def _metrics(output_dir, name):
 
 
 def test_train_writes_a_csv_log_with_loss_rows(capsys, tmp_path, task):
-    code, out, _ = run(capsys, "train", CONFIG_DIR / "bf16-mixed.yaml", "trainer.max_steps=6",
-                       "trainer.log_every_n_steps=1", "--output-dir", tmp_path)
+    code, out, _ = run(
+        capsys,
+        "train",
+        CONFIG_DIR / "bf16-mixed.yaml",
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=1",
+        "--output-dir",
+        tmp_path,
+    )
     assert code == 0
     rows = _metrics(tmp_path, "bf16-mixed")
     assert len(rows) == 6 and all(float(r["train_loss"]) > 0 for r in rows)
@@ -177,8 +199,16 @@ def test_train_writes_a_csv_log_with_loss_rows(capsys, tmp_path, task):
 
 
 def test_train_checkpoints_when_asked(capsys, tmp_path, task):
-    code, _, _ = run(capsys, "train", CONFIG_DIR / "bf16-true-compensated.yaml", "trainer.max_steps=4",
-                     "--ckpt-every", "2", "--output-dir", tmp_path)
+    code, _, _ = run(
+        capsys,
+        "train",
+        CONFIG_DIR / "bf16-true-compensated.yaml",
+        "trainer.max_steps=4",
+        "--ckpt-every",
+        "2",
+        "--output-dir",
+        tmp_path,
+    )
     assert code == 0
     assert len([p for p in tmp_path.rglob("*.ckpt") if p.name != "last.ckpt"]) == 2
 
@@ -201,13 +231,34 @@ def test_train_flash_config_without_cuda_exits_2(capsys, tmp_path, task):
 
 
 def test_compare_prints_the_table_and_writes_the_plot(capsys, tmp_path, task):
-    code, out, _ = run(capsys, "compare", "--steps", "6", "--recipes", "32-true", "bf16-true+adamw", "bf16-flash",
-                       "--output-dir", tmp_path)
+    code, out, _ = run(
+        capsys,
+        "compare",
+        "--steps",
+        "6",
+        "--recipes",
+        "32-true",
+        "bf16-true+adamw",
+        "bf16-flash",
+        "--output-dir",
+        tmp_path,
+    )
     assert code == 0
     lines = out.splitlines()
     header = lines[1].split()
-    assert header == ["recipe", "storage", "optimizer", "optimizer", "state", "final", "loss", "vs", "fp32",
-                      "bytes/param", "s/step"]
+    assert header == [
+        "recipe",
+        "storage",
+        "optimizer",
+        "optimizer",
+        "state",
+        "final",
+        "loss",
+        "vs",
+        "fp32",
+        "bytes/param",
+        "s/step",
+    ]
     rows = {line.split()[0]: line.split() for line in lines[3:6]}
     assert rows["32-true"][1:4] == ["float32", "torch.AdamW", "float32"]
     assert rows["32-true"][5] == "1.000x" and rows["32-true"][6] == "16.0"

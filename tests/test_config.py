@@ -215,3 +215,36 @@ def test_resolved_kwargs_fit_like_nemo():
     module = RecordingModule()
     pl.Trainer(**resolve_trainer_cfg(cfg.trainer)).fit(module, loader())
     assert module.seen[-1]["param"] == torch.bfloat16 and module.seen[-1]["audio"] == torch.float32
+
+
+def test_bf16_flash_with_a_torch_optimizer_warns_naming_the_optimizer_and_both_fixes():
+    with pytest.warns(PrecisionWarning) as caught:
+        kwargs = resolve_trainer_cfg({"precision": "bf16-flash"}, model={}, optimizer=ADAMW)
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, PrecisionWarning)]
+    assert kwargs.verdict.status is Status.UNSAFE and kwargs.storage_dtype == torch.bfloat16
+    assert message.startswith("[config] ") and "torch.optim.adamw.AdamW" in message
+    fix_fp32, fix_half = kwargs.verdict.fixes
+    assert f"(1) {fix_fp32}" in message and f"(2) {fix_half}" in message
+    assert "precision='bf16-mixed'" in fix_fp32 and "FlashAdamW(master_weight_bits=24)" in fix_half
+
+
+def test_bf16_flash_with_a_torch_optimizer_raises_under_error():
+    cfg = {"precision": "bf16-flash", "lightning_precision": {"on_unsafe": "error"}}
+    with pytest.raises(PrecisionPairingError, match=r"torch\.optim\.adamw\.AdamW.*\(1\).*\(2\).*on_unsafe='error'"):
+        resolve_trainer_cfg(cfg, model={}, optimizer=ADAMW)
+
+
+def test_fp16_flash_with_bf16_torch_dtype_names_value_precision_and_choices():
+    with pytest.raises(PrecisionConfigError) as err:
+        resolve_trainer_cfg({"precision": "fp16-flash"}, model={"torch_dtype": "bf16"}, optimizer=FLASH)
+    message = str(err.value)
+    assert "model.torch_dtype=bfloat16" in message and "precision='fp16-flash'" in message
+    assert "torch_dtype: float16 or auto" in message
+
+
+@pytest.mark.parametrize("as_list", [False, True], ids=["single object", "list"])
+def test_plugins_as_a_single_object_or_a_list(as_list):
+    plugin = HalfPrecisionForAudio("bf16-true", on_unsafe="ignore")
+    kwargs = resolve_trainer_cfg({"plugins": [plugin] if as_list else plugin, "accelerator": "cpu", "logger": False})
+    assert kwargs["plugins"] == [plugin] and kwargs.precision_mode.name == "bf16-true"
+    assert pl.Trainer(**kwargs).precision_plugin is plugin

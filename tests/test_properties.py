@@ -1,16 +1,17 @@
 """Property-based tests: input casting over random nested batches, dtype parsing, and the pairing rule."""
 
 import dataclasses
+import itertools
 from collections import OrderedDict, namedtuple
 
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lightning_precision.casting import cast_batch, is_preserved
 from lightning_precision.dtypes import _DTYPE_ALIASES, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.pairing import OptimizerInfo, OptimizerKind, Status, judge
+from lightning_precision.pairing import OptimizerInfo, OptimizerKind, Status, check_optimizer, judge
 
 PATTERNS = ("audio",)
 TENSOR_DTYPES = [
@@ -136,3 +137,43 @@ def test_only_half_storage_with_in_place_update_is_unsafe(storage, info, peft):
         not peft and storage in (torch.bfloat16, torch.float16) and info.kind is OptimizerKind.STATE_FOLLOWS_PARAM
     )
     assert unsafe == expected
+
+
+class _KeepsMaster(torch.optim.AdamW):
+    keeps_master_weights = True
+
+
+layers = st.lists(
+    st.tuples(
+        st.integers(1, 9),  # out features (the first dim, the one FSDP2 shards)
+        st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+        st.booleans(),  # frozen
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=layers, optimizer_cls=st.sampled_from([torch.optim.AdamW, torch.optim.SGD, _KeepsMaster]))
+def test_check_optimizer_decides_the_same_on_sharded_and_plain_parameters(single_rank_group, spec, optimizer_cls):
+    # One rank holds the whole shard here (local == global shape); the 2-process test in
+    # tests/strategies/test_distributed_reliability.py checks the counts where each rank holds half.
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    def build() -> torch.nn.Sequential:
+        torch.manual_seed(0)
+        dims = [3] + [out for out, _, _ in spec]
+        model = torch.nn.Sequential(*(torch.nn.Linear(i, o) for i, o in itertools.pairwise(dims)))
+        for layer, (_, dtype, frozen) in zip(model, spec):
+            layer.to(dtype).requires_grad_(not frozen)
+        return model
+
+    plain, sharded = build(), build()
+    for layer in sharded:
+        fully_shard(layer)
+    assert all(isinstance(p, DTensor) for p in sharded.parameters())
+    verdicts = [check_optimizer(optimizer_cls(m.parameters(), lr=1e-3)) for m in (plain, sharded)]
+    fields = [(v.status, v.storage_dtype, v.num_params, v.num_elements, v.message) for v in verdicts]
+    assert fields[0] == fields[1]

@@ -69,8 +69,10 @@ class CompensatedAdamW(Optimizer):
 
     Memory per element of a bf16 parameter with the defaults: 2 (param) +
     2 (compensation) + 2 (bf16 exp_avg) + 4 (fp32 exp_avg_sq) = 10 bytes, vs.
-    16 bytes for fp32 master weights with fp32 moments (4+4+4+2 for the bf16 copy
-    plus 2 more if the compute copy is kept separately).
+    14 for bf16 params with an fp32 master copy and fp32 moments (2+4+4+4).
+    ``p + c`` carries about 16 mantissa bits, and ``c`` is re-rounded at every
+    write, so the effective weight tracks the fp32 trajectory closely but not
+    exactly.
 
     Attributes:
         keeps_master_weights: False; the parameters themselves are the only copy
@@ -88,7 +90,8 @@ class CompensatedAdamW(Optimizer):
         maximize: Maximize the objective instead of minimizing. Default: False.
         exp_avg_dtype: Storage dtype of the first moment of bf16/fp16
             parameters (``torch.float32``, ``torch.bfloat16``, ``torch.float16``
-            or their names such as ``"bf16"``). Default: ``torch.bfloat16``.
+            or their names such as ``"bf16"``). Default: ``torch.bfloat16``
+            (within run-to-run noise of fp32 in benchmarks/compensated_adamw.py).
         exp_avg_sq_dtype: Storage dtype of the second moment of bf16/fp16
             parameters. Default: ``torch.float32`` (a bf16 second moment cannot
             follow ``beta2=0.999``).
@@ -114,7 +117,7 @@ class CompensatedAdamW(Optimizer):
         exp_avg_sq_dtype: torch.dtype | str = torch.float32,
     ) -> None:
         if isinstance(lr, torch.Tensor):
-            raise ValueError(f"Invalid learning rate: {lr}; CompensatedAdamW takes a Python float")
+            raise TypeError(f"Invalid learning rate: {lr}; CompensatedAdamW takes a Python float")
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= eps:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
@@ -351,7 +354,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def apply_resolved_config(
         self, kwargs: Any, *, optimizer: Any = None, peft: bool = False, model: Mapping[str, Any] | None = None
-    ) -> None:
+    ) -> FSDP2Precision:
         """Learn from :func:`~lightning_precision.config.resolve_trainer_cfg` what the strategy cannot see yet.
 
         The optimizer is created after sharding, so its config is the only way ``storage_dtype="auto"`` can know it.
@@ -363,6 +366,13 @@ class FSDP2Strategy(ModelParallelStrategy):
             peft: Whether only adapters train.
             model: The model section: an explicit ``torch_dtype`` there is the storage dtype when the strategy's own
                 ``storage_dtype`` is ``"auto"``.
+
+        Returns:
+            What the strategy will do under the config's precision (Lightning's ``32-true`` when it sets none), so the
+            config can be judged and explained before anything runs.
+
+        Raises:
+            PrecisionConfigError: If the strategy's options contradict the precision.
         """
         explicit = parse_dtype((model or {}).get("torch_dtype"), what="model.torch_dtype")
         if explicit is not None and parse_dtype(self.storage_dtype_option) is None:
@@ -373,6 +383,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.peft = self.peft or bool(peft)
         if not self._on_unsafe_given and getattr(kwargs, "on_unsafe", None) is not None:
             self.on_unsafe = validate_on_unsafe(kwargs.on_unsafe)
+        return self.decide(getattr(kwargs, "precision_mode", None) or get_mode("32-true"))
 
     # -- setup ---------------------------------------------------------------------------------------------------------
 
@@ -443,6 +454,10 @@ class FSDP2Strategy(ModelParallelStrategy):
                 f"{type(self).__name__} does not support precision={name!r}. Choose one of: '32-true', 'bf16-mixed', "
                 "'bf16-true', 'bf16-flash' (or their fp16 forms)."
             ) from err
+        return self.decide(mode)
+
+    def decide(self, mode: PrecisionMode) -> FSDP2Precision:
+        """Storage dtype and policy under ``mode`` with this strategy's options (see :func:`resolve_fsdp2_precision`)."""
         return resolve_fsdp2_precision(
             mode,
             storage_dtype=self.storage_dtype_option,
@@ -534,9 +549,34 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        """Save as ``ModelParallelStrategy`` does, into a hidden staging path that is renamed onto ``filepath`` only
+        once every rank has written.
+
+        Lightning writes a sharded checkpoint straight into ``filepath``. When that directory already holds a
+        checkpoint (``last.ckpt`` with ``save_last=True`` is rewritten in place), a rank that dies mid-save leaves the
+        previous ``.metadata`` and ``meta.pt`` next to a mix of new and old shard files: a directory that loads
+        without error but holds parameters from two different steps. Staging keeps ``filepath`` either the previous
+        complete checkpoint or the new complete one; an interrupted save leaves only ``.<name>.incomplete``, which
+        neither Lightning's ``ckpt_path="last"`` nor ``ModelCheckpoint`` take for a checkpoint.
+        """
         if self.resolved is not None:
             checkpoint[CHECKPOINT_KEY] = self.resolved.to_dict()
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        if storage_options is not None:
+            return super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # raises TypeError
+        path = Path(self.broadcast(filepath))
+        if path.is_dir() and not self._save_distributed_checkpoint and not _is_sharded_checkpoint(path):
+            raise IsADirectoryError(f"The checkpoint path exists and is a directory: {path}")
+        staging = path.with_name(f".{path.name}.incomplete")
+        if self.is_global_zero:
+            _remove_path(staging)  # left over from an interrupted save
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self.barrier()
+        super().save_checkpoint(checkpoint, staging)
+        self.barrier()  # every rank has written its part (DCP writes .metadata last, after gathering all ranks)
+        if self.is_global_zero:
+            _replace_path(staging, path)
+        self.barrier()
+        return None
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
@@ -553,6 +593,30 @@ class FSDP2Strategy(ModelParallelStrategy):
         where = f" from {path}" if path else ""
         what = f"{type(self).__name__} checkpoint{where}"
         report_storage_change(parse_dtype(recorded, what="checkpoint storage_dtype"), current, what=what)
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _replace_path(staging: Path, path: Path) -> None:
+    """Move the complete ``staging`` onto ``path`` (a file or a directory, replacing either) by renames."""
+    if not (path.exists() or path.is_symlink()):
+        staging.rename(path)
+        return
+    if staging.is_file() and path.is_file() and not path.is_symlink():
+        os.replace(staging, path)  # atomic
+        return
+    # A directory cannot atomically replace a non-empty one: set the old one aside first. A crash between the two
+    # renames leaves the old checkpoint complete under .<name>.replaced and the new one under .<name>.incomplete.
+    replaced = path.with_name(f".{path.name}.replaced")
+    _remove_path(replaced)
+    path.rename(replaced)
+    staging.rename(path)
+    _remove_path(replaced)
 
 
 if FSDP2Strategy.strategy_name not in StrategyRegistry:

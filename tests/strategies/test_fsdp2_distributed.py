@@ -3,26 +3,16 @@ every rank writes what it observed, and each test asserts one behaviour on those
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.strategies._launch import launch, rank_results
+
 WORKER = Path(__file__).with_name("_fsdp2_worker.py")
-NPROC = 2
-TIMEOUT_S = 180
 
 pytestmark = pytest.mark.distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +22,7 @@ def run_scenario(tmp_path_factory: pytest.TempPathFactory):
 
     def run(scenario: str) -> list[dict[str, Any]]:
         if scenario not in cache:
-            out = tmp_path_factory.mktemp(scenario)
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                f"--nproc_per_node={NPROC}",
-                f"--master_port={_free_port()}",
-                str(WORKER),
-                scenario,
-                str(out),
-            ]
-            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=TIMEOUT_S)
-            files = [out / f"{scenario}.rank{r}.json" for r in range(NPROC)]
-            assert proc.returncode == 0 and all(f.exists() for f in files), (
-                f"scenario {scenario!r} failed (exit {proc.returncode}).\n--- stderr ---\n{proc.stderr[-6000:]}"
-                f"\n--- stdout ---\n{proc.stdout[-2000:]}"
-            )
-            cache[scenario] = [json.loads(f.read_text()) for f in files]
+            cache[scenario] = rank_results(launch(WORKER, scenario, tmp_path_factory.mktemp(scenario)), scenario)
         return cache[scenario]
 
     return run
