@@ -18,7 +18,6 @@ The library's own options live under the trainer key ``lightning_precision`` (ne
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +26,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_precision._imports import import_object
 from lightning_precision.callbacks.guard import PrecisionGuard
 from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, normalize_preserve_keys
 from lightning_precision.dtypes import parse_dtype
@@ -203,25 +203,17 @@ def _as_list(value: Any) -> list[Any]:
     return [value]  # a single plugin or callback, as Lightning also accepts
 
 
-def _import(path: str, where: str) -> Any:
-    module_name, _, attr = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise PrecisionConfigError(f"{where}: cannot import {path!r} ({err}).") from err
-
-
 def _instantiate(entry: Any, where: str) -> Any:
     """Build a ``_target_`` or ``class_path`` mapping; anything else is returned as is."""
     if not isinstance(entry, Mapping):
         return entry
     if "_target_" in entry:
-        _import(str(entry["_target_"]), where)  # a clear error names the entry before Hydra's own message
+        import_object(str(entry["_target_"]), where=where)  # a clear error names the entry before Hydra's own message
         from hydra.utils import instantiate
 
         return instantiate(dict(entry), _convert_="all")
     if "class_path" in entry:
-        cls = _import(str(entry["class_path"]), where)
+        cls = import_object(str(entry["class_path"]), where=where)
         return cls(**dict(entry.get("init_args") or {}))
     raise PrecisionConfigError(f"{where}: a mapping needs '_target_' or 'class_path' to be built, got {dict(entry)!r}.")
 

@@ -13,7 +13,6 @@ not judged.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from lightning_precision._imports import import_object
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.dtypes import HALF_DTYPES, dtype_name, parse_dtype
 from lightning_precision.errors import PrecisionConfigError, PrecisionPairingError
@@ -253,20 +253,12 @@ def _qualname(cls: type) -> str:
 
 
 def _locate(path: str) -> type | None:
-    """Import ``a.b.C`` (or ``a.b.c.C``); ``None`` when not importable here (e.g. Transformer Engine on CPU)."""
-    parts = path.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        try:
-            obj: Any = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
-            continue
-        try:
-            for attr in parts[split:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            return None
-        return obj if isinstance(obj, type) else None
-    return None
+    """The class at ``path``; ``None`` when it does not import here (e.g. Transformer Engine on CPU)."""
+    try:
+        obj = import_object(path)
+    except PrecisionConfigError:
+        return None
+    return obj if isinstance(obj, type) else None
 
 
 def _signature_defaults(cls: type) -> dict[str, Any]:

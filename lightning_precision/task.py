@@ -16,7 +16,6 @@ input; the model casts it to its own compute dtype itself, so input casting that
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any
 
@@ -25,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from lightning_precision._imports import import_object
 
 __all__ = [
     "AUDIO_KEY",
@@ -208,27 +209,11 @@ class TaskDataModule(pl.LightningDataModule):
 def resolve_target(target: str) -> Any:
     """Imports the object named by a dotted path such as ``"torch.optim.AdamW"``.
 
-    Args:
-        target: ``"package.module.Name"``.
-
-    Returns:
-        The named object.
-
     Raises:
-        ValueError: If the path is malformed, the module cannot be imported or has no such attribute. The message
+        ValueError: (:class:`~lightning_precision.errors.PrecisionConfigError`) if it does not import; the message
             names ``target``.
     """
-    module_name, _, attr = target.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"bad _target_ {target!r}: expected a dotted path like 'torch.optim.AdamW'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"bad _target_ {target!r}: cannot import module {module_name!r} ({err})") from err
-    try:
-        return getattr(module, attr)
-    except AttributeError as err:
-        raise ValueError(f"bad _target_ {target!r}: module {module_name!r} has no attribute {attr!r}") from err
+    return import_object(target, where="optimizer")
 
 
 def build_optimizer(
