@@ -23,12 +23,14 @@ Directives combine with commas: ``<!-- docs-test: file=config.yaml, raises Preci
 
 Fixtures the runner provides: each doc file runs in its own fresh temporary working directory, with
 ``torch.set_num_threads(1)`` (the tiny examples run far faster on one thread on a loaded machine) and the library's
-once-per-cause warning registry reset before each file. Warnings raised by a block are recorded, not shown.
+once-per-cause warning registry reset before each file. Warnings raised by a block are recorded, not shown. A block
+must finish within ``MAX_BLOCK_SECONDS``: examples train a few steps (``max_steps=2``), not a real run.
 """
 
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,7 @@ from lightning_precision._logging import reset_reported
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MAX_SKIPS = 4  # skips must stay rare: raise this only with a reason that holds
+MAX_BLOCK_SECONDS = 60.0  # doc examples train a few steps; each takes ~1 s on a loaded 2-core CPU
 
 _FENCE = re.compile(r"^```(\w*)\s*$")
 _DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(.*?)\s*-->\s*$")
@@ -173,7 +176,10 @@ def test_doc_block(block: Block, tmp_path_factory: pytest.TempPathFactory, monke
             if block.file:
                 _run(block, state)
             pytest.skip(f"{block.id}: {block.skip}")
+        start = time.perf_counter()
         _run(block, state)
+        seconds = time.perf_counter() - start
+        assert seconds < MAX_BLOCK_SECONDS, f"{block.id} took {seconds:.0f} s: keep doc examples to a few steps"
     finally:
         torch.set_num_threads(threads)
 
