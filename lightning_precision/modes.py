@@ -71,7 +71,6 @@ _ALIASES: dict[str, str] = {
     "16": "16-mixed",
     "bf16": "bf16-mixed",
     "fp16-true": "16-true",
-    "fp16-mixed": "16-mixed",
 }
 _DEPRECATED: dict[str, str] = {
     "bf16-automodel": "bf16-flash",
