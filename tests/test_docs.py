@@ -220,4 +220,3 @@ def test_runner_reads_directives(tmp_path: Path) -> None:
         ("yaml", None, "c.yaml", "PrecisionPairingError"),
         ("bash", None, None, None),
     ]
-
