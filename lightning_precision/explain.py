@@ -15,9 +15,9 @@ from typing import Any
 from lightning_precision.config import TrainerKwargs, resolve_trainer_cfg
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.errors import PrecisionPairingError, PrecisionWarning
-from lightning_precision.memory import MemoryEstimate, estimate_bytes_per_param, optimizer_settings
+from lightning_precision.memory import MemoryEstimate, estimate_bytes_per_param
 from lightning_precision.modes import MODES
-from lightning_precision.pairing import Status, Verdict
+from lightning_precision.pairing import Status, Verdict, optimizer_settings
 from lightning_precision.report import PrecisionContract, optimizer_contract
 
 LIGHTNING_DEFAULT_PRECISION = "32-true"
@@ -184,7 +184,8 @@ def _build(
         optimizers=[optimizer_contract(verdict)] if verdict is not None else [],
     )
     info = verdict.optimizer if verdict is not None else None
-    memory = estimate_bytes_per_param(storage, info, optimizer_settings(optimizer_cfg))
+    settings = optimizer_settings(optimizer_cfg) if optimizer_cfg is not None else {}
+    memory = estimate_bytes_per_param(storage, info, settings)
     notes: list[str] = []
     return Explanation(
         source=source,

@@ -8,8 +8,6 @@ activations, allocator overhead and per-tensor scalars such as ``step``.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -99,38 +97,6 @@ def estimate_bytes_per_param(
         optimizer_state=float(sum(b for _, b in parts)),
         state_parts=tuple(parts),
     )
-
-
-def optimizer_settings(optimizer_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """An optimizer config's keyword arguments over the class's own defaults (``exp_avg_dtype``, ``quantize``).
-
-    Args:
-        optimizer_cfg: ``_target_`` and keyword arguments.
-
-    Returns:
-        The settings; only the config's arguments when the class does not import here.
-    """
-    cfg = dict(optimizer_cfg or {})
-    given = {k: v for k, v in cfg.items() if not str(k).startswith("_")}
-    target = cfg.get("_target_")
-    cls = _import_class(str(target)) if target else None
-    if cls is None:
-        return given
-    try:
-        params = inspect.signature(cls.__init__).parameters.values()
-    except (TypeError, ValueError):
-        return given
-    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    return {**defaults, **given}
-
-
-def _import_class(path: str) -> type | None:
-    module_name, _, attr = path.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError):
-        return None
-    return obj if isinstance(obj, type) else None
 
 
 def _state_parts(storage: torch.dtype, info: OptimizerInfo, kwargs: dict[str, Any]) -> list[tuple[str, float]]:

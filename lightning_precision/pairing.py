@@ -137,10 +137,24 @@ def classify_optimizer(optimizer: Any, kwargs: Mapping[str, Any] | None = None) 
     Raises:
         PrecisionConfigError: If ``optimizer`` is none of the above.
     """
+    return _classify(*_resolve(optimizer, kwargs))
+
+
+def optimizer_settings(optimizer: Any, kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The settings the rule reads: the class's constructor defaults under the config's (or instance's) values.
+
+    Takes the same inputs as :func:`classify_optimizer`; only the config's own arguments when the class does not
+    import here.
+    """
+    return _resolve(optimizer, kwargs)[2]
+
+
+def _resolve(optimizer: Any, kwargs: Mapping[str, Any] | None) -> tuple[str, type | None, dict[str, Any], Any]:
+    """``(import path, class or None, settings, instance or None)`` for any accepted optimizer spelling."""
     if isinstance(optimizer, torch.optim.Optimizer):
         cls = type(optimizer)
         settings = {**_signature_defaults(cls), **optimizer.defaults, **_instance_settings(optimizer)}
-        return _classify(_qualname(cls), cls, settings, optimizer)
+        return _qualname(cls), cls, settings, optimizer
     if isinstance(optimizer, Mapping):
         target = next((optimizer[k] for k in _CONFIG_TARGET_KEYS if k in optimizer), None)
         if target is None:
@@ -153,15 +167,14 @@ def classify_optimizer(optimizer: Any, kwargs: Mapping[str, Any] | None = None) 
             if "class_path" in optimizer
             else {k: v for k, v in optimizer.items() if not (isinstance(k, str) and k.startswith("_"))}
         )
-        return classify_optimizer(target, {**cfg_kwargs, **(kwargs or {})})
+        return _resolve(target, {**cfg_kwargs, **(kwargs or {})})
     if isinstance(optimizer, str):
         cls = _locate(optimizer)
         if cls is None:
-            return _classify(optimizer, None, dict(kwargs or {}), None)
+            return optimizer, None, dict(kwargs or {}), None
         optimizer = cls
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
-        settings = {**_signature_defaults(optimizer), **dict(kwargs or {})}
-        return _classify(_qualname(optimizer), optimizer, settings, None)
+        return _qualname(optimizer), optimizer, {**_signature_defaults(optimizer), **dict(kwargs or {})}, None
     raise PrecisionConfigError(
         f"Cannot classify optimizer {optimizer!r}: expected a torch.optim.Optimizer instance or class, an import path "
         "such as 'torch.optim.AdamW', or a config mapping with '_target_' or 'class_path'."
