@@ -23,11 +23,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_precision.dtypes import dtype_name
+from lightning_precision.task import DEFAULT_LAST_K, DEFAULT_MAX_STEPS
 
 REFERENCE = "32-true"
-FALLBACK_STEPS, FALLBACK_LAST_K = 2000, 100  # used only if the task module does not define its own defaults
 COMPENSATED_OPTIMIZER = "lightning_precision.optim.CompensatedAdamW"
-FALLBACK_COMPENSATED_OPTIMIZER = "optimi.AdamW"  # Kahan-summed AdamW, used while CompensatedAdamW is not available
 _ADAM_ARGS = {"weight_decay": 0.0}
 # The task's matrices are tiny: a second intra-op thread only adds synchronization. Measured on 2 shared cores,
 # one thread ran 5 ms/step against 46-57 ms/step with two.
@@ -55,15 +54,6 @@ class Recipe:
     why_cuda: str = ""
 
 
-def _compensated_optimizer() -> dict[str, Any]:
-    """The compensated recipe's optimizer: the library's CompensatedAdamW, or optimi's Kahan AdamW before it exists."""
-    try:
-        from lightning_precision.optim import CompensatedAdamW  # noqa: F401
-    except ImportError:
-        return {"_target_": FALLBACK_COMPENSATED_OPTIMIZER, **_ADAM_ARGS}
-    return {"_target_": COMPENSATED_OPTIMIZER, **_ADAM_ARGS}
-
-
 def _recipes() -> dict[str, Recipe]:
     adamw = {"_target_": "torch.optim.AdamW", **_ADAM_ARGS}
     return {
@@ -72,7 +62,7 @@ def _recipes() -> dict[str, Recipe]:
             Recipe("32-true", "32-true", adamw),
             Recipe("bf16-mixed", "bf16-mixed", adamw),
             Recipe("bf16-true+adamw", "bf16-true", adamw, on_unsafe="warn"),
-            Recipe("bf16-true+compensated", "bf16-true", _compensated_optimizer()),
+            Recipe("bf16-true+compensated", "bf16-true", {"_target_": COMPENSATED_OPTIMIZER, **_ADAM_ARGS}),
             Recipe(
                 "bf16-flash",
                 "bf16-flash",
@@ -216,13 +206,6 @@ class CompareReport:
         }
 
 
-def task_default(name: str, fallback: int) -> int:
-    """A default the built-in task defines (its tuned step count, its final-loss window)."""
-    from lightning_precision import task
-
-    return int(getattr(task, name, fallback))
-
-
 def recipe_config(recipe: Recipe, steps: int, seed: int, accelerator: str = "cpu") -> dict[str, Any]:
     """The run config of one recipe: a quiet trainer, the task's own model and data defaults."""
     return {
@@ -266,7 +249,7 @@ def run_compare(
     Returns:
         The report; ``report.ok`` is false if a recipe crashed.
     """
-    steps = steps if steps is not None else task_default("DEFAULT_MAX_STEPS", FALLBACK_STEPS)
+    steps = steps if steps is not None else DEFAULT_MAX_STEPS
     if steps < 1:
         from lightning_precision.runconfig import ConfigInputError
 
@@ -317,7 +300,7 @@ def _result_from_run(recipe: Recipe, run: Any, timer: _StepTimer) -> RecipeResul
     judged = trainable_half_params(optimizer) or trainable
     losses = list(run.module.step_losses)
     # The task's window, shrunk for short runs so the mean is over their end and not over the whole run.
-    last_k = min(task_default("DEFAULT_LAST_K", FALLBACK_LAST_K), max(1, len(losses) // 10))
+    last_k = min(DEFAULT_LAST_K, max(1, len(losses) // 10))
     return RecipeResult(
         recipe,
         storage_dtype=dtype_name(judged[0].dtype) if judged else "-",
