@@ -252,6 +252,12 @@ def main() -> None:
         f"\n{TRAP} separates from 32-true (moving average, window {max(1, args.steps // 50)}, stays > "
         f"{SEPARATION:.2f}x until the end) at step: " + ", ".join(f"seed {s}: {v}" for s, v in enumerate(seps))
     )
+    trap, ref = mean_smoothed(runs[TRAP]), mean_smoothed(runs["32-true"])
+    marks = sorted({min(args.steps, m) for m in (250, 500, 1000, 1500, 2000, 3000, args.steps)})
+    print(
+        f"{TRAP} / 32-true moving-average loss (mean of seeds) at step: "
+        + ", ".join(f"{m}: {trap[m - 1] / ref[m - 1]:.2f}x" for m in marks)
+    )
     plot(runs, names, seps, args)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -275,7 +281,9 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 8), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    fig, (top, middle, bottom) = plt.subplots(
+        3, 1, figsize=(9, 10), sharex=True, gridspec_kw={"height_ratios": [3, 2, 2]}
+    )
     styles = {
         "32-true": ("black", "-"),
         "bf16-mixed": ("tab:blue", "--"),
@@ -283,30 +291,45 @@ def plot(
         "bf16-true+compensated": ("tab:green", "-."),
         FSDP2: ("tab:purple", ":"),
     }
-    ref = [statistics.mean(v) for v in zip(*(_smooth(l) for l in runs["32-true"]))]
+    curves = {n: mean_smoothed(runs[n]) for n in names}
+    ref = curves["32-true"]
     for name in names:
         color, ls = styles[name]
-        curve = [statistics.mean(v) for v in zip(*(_smooth(l) for l in runs[name]))]
-        top.plot(curve, color=color, linestyle=ls, linewidth=1.6, label=name)
-        bottom.plot([c / r for c, r in zip(curve, ref)], color=color, linestyle=ls, linewidth=1.6, label=name)
+        top.plot(curves[name], color=color, linestyle=ls, linewidth=1.6, label=name)
+        ratio = [c / r for c, r in zip(curves[name], ref)]
+        if name == TRAP:
+            middle.plot(ratio, color=color, linestyle=ls, linewidth=1.6, label=f"{name} / 32-true")
+        elif name != "32-true":
+            bottom.plot(ratio, color=color, linestyle=ls, linewidth=1.4, label=f"{name} / 32-true")
     top.set_yscale("log")
-    top.set_ylabel(f"training loss (moving avg, mean of {args.seeds} seeds)")
+    top.set_ylabel(f"training loss\n(moving avg, mean of {args.seeds} seeds)")
     top.set_title(f"Built-in teacher task, {args.steps} steps, cosine lr: same data, same init, different precision")
     top.legend(fontsize=9)
-    top.grid(True, which="both", alpha=0.3)
-    bottom.axhline(SEPARATION, color="grey", linestyle=":", linewidth=1, label=f"{SEPARATION:.2f}x")
-    for s, step in enumerate(seps):
-        if step is not None:
-            bottom.axvline(step, color="tab:red", alpha=0.4, linewidth=1)
-            bottom.annotate(f"seed {s}: {step}", (step, 1.0), rotation=90, fontsize=7, color="tab:red", va="bottom")
-    bottom.set_yscale("log")
-    bottom.set_ylabel("loss / fp32 loss")
+    found = [s for s in seps if s is not None]
+    if found:
+        middle.axvspan(min(found), max(found) + 1, color="tab:red", alpha=0.2, label=f"separation, seeds: {found}")
+    middle.axhline(SEPARATION, color="grey", linestyle=":", linewidth=1, label=f"{SEPARATION:.2f}x")
+    middle.set_yscale("log")
+    middle.set_ylabel("trap loss / fp32 loss")
+    middle.legend(fontsize=9, loc="upper left")
+    for band in (0.99, 1.01):
+        bottom.axhline(band, color="grey", linestyle=":", linewidth=1)
+    bottom.axhline(1.0, color="black", linewidth=0.8)
+    bottom.set_ylim(0.97, 1.05)
+    bottom.set_ylabel("safe recipes: loss / fp32 loss\n(dotted: +-1%)")
     bottom.set_xlabel("optimizer step")
-    bottom.grid(True, which="both", alpha=0.3)
+    bottom.legend(fontsize=8, loc="upper right")
+    for ax in (top, middle, bottom):
+        ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=110)
+    fig.savefig(args.plot, dpi=100)
     plt.close(fig)
+
+
+def mean_smoothed(runs: list[list[float]]) -> list[float]:
+    """Moving average of each seed's curve, then the mean over seeds."""
+    return [statistics.mean(v) for v in zip(*(_smooth(losses) for losses in runs))]
 
 
 if __name__ == "__main__":
