@@ -46,11 +46,14 @@ def make_task(name: str, seed: int):
 
 
 FP32_COMPUTE = ", fp32 compute"
+BF16_WEIGHTS = ", bf16-rounded forward weights"  # fp32 master weights, forward at round_bf16(w), fp32 activations
+BF16_GRADS = ", bf16-rounded grads"  # fp32 everything, gradients rounded to bf16 before the step
 
 
 def make_optimizer(recipe: str, params, lr: float):
     wd = 1e-2
-    recipe = recipe.removesuffix(FP32_COMPUTE)
+    for suffix in (FP32_COMPUTE, BF16_WEIGHTS, BF16_GRADS):
+        recipe = recipe.removesuffix(suffix)
     if recipe in ("fp32 torch", "bf16 torch", "fp32 torch + bf16 autocast"):
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     if recipe == "bf16 optimi (defaults)":
@@ -85,6 +88,8 @@ EXTRA_RECIPES = [
     "bf16 torch" + FP32_COMPUTE,
     "bf16 Compensated m=bf16 v=fp32" + FP32_COMPUTE,
     "bf16 Compensated m=fp32 v=fp32" + FP32_COMPUTE,
+    "fp32 torch" + BF16_WEIGHTS,
+    "fp32 torch" + BF16_GRADS,
 ]
 
 
@@ -113,11 +118,17 @@ def run(recipe: str, task: str, seed: int, steps: int):
             if fp32_compute:
                 upcast = {name: p.float() for name, p in model.named_parameters()}
                 out = torch.func.functional_call(model, upcast, (x,))
+            elif recipe.endswith(BF16_WEIGHTS):  # straight-through: the gradient reaches the fp32 weight unchanged
+                rounded = {n: p + (p.bfloat16().float() - p).detach() for n, p in model.named_parameters()}
+                out = torch.func.functional_call(model, rounded, (x,))
             else:
                 out = model(x)
         loss = loss_fn(out, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if recipe.endswith(BF16_GRADS):
+            for p in model.parameters():
+                p.grad = p.grad.bfloat16().float()
         opt.step()
         sched.step()
         losses.append(loss.detach())
