@@ -48,11 +48,12 @@ def make_task(name: str, seed: int):
 FP32_COMPUTE = ", fp32 compute"
 BF16_WEIGHTS = ", bf16-rounded forward weights"  # fp32 master weights, forward at round_bf16(w), fp32 activations
 BF16_GRADS = ", bf16-rounded grads"  # fp32 everything, gradients rounded to bf16 before the step
+AT_P_PLUS_C = ", fp32 compute at p+c"  # CompensatedAdamW: forward in fp32 at p + compensation (gradient to p)
 
 
 def make_optimizer(recipe: str, params, lr: float):
     wd = 1e-2
-    for suffix in (FP32_COMPUTE, BF16_WEIGHTS, BF16_GRADS):
+    for suffix in (FP32_COMPUTE, BF16_WEIGHTS, BF16_GRADS, AT_P_PLUS_C):
         recipe = recipe.removesuffix(suffix)
     if recipe in ("fp32 torch", "bf16 torch", "fp32 torch + bf16 autocast"):
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
@@ -90,6 +91,7 @@ EXTRA_RECIPES = [
     "bf16 Compensated m=fp32 v=fp32" + FP32_COMPUTE,
     "fp32 torch" + BF16_WEIGHTS,
     "fp32 torch" + BF16_GRADS,
+    "bf16 Compensated m=bf16 v=fp32" + AT_P_PLUS_C,
 ]
 
 
@@ -107,7 +109,7 @@ def run(recipe: str, task: str, seed: int, steps: int):
     model = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, d_out))
     dtype = torch.float32 if recipe.startswith("fp32") else torch.bfloat16
     model.to(dtype)
-    fp32_compute = recipe.endswith(FP32_COMPUTE)
+    fp32_compute = recipe.endswith((FP32_COMPUTE, AT_P_PLUS_C))
     x = x.to(torch.float32 if fp32_compute else dtype)
     opt = make_optimizer(recipe, list(model.parameters()), TASKS[task])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -117,6 +119,10 @@ def run(recipe: str, task: str, seed: int, steps: int):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             if fp32_compute:
                 upcast = {name: p.float() for name, p in model.named_parameters()}
+                if recipe.endswith(AT_P_PLUS_C):
+                    for name, p in model.named_parameters():
+                        if "compensation" in opt.state.get(p, {}):
+                            upcast[name] = upcast[name] + opt.state[p]["compensation"].float()
                 out = torch.func.functional_call(model, upcast, (x,))
             elif recipe.endswith(BF16_WEIGHTS):  # straight-through: the gradient reaches the fp32 weight unchanged
                 rounded = {n: p + (p.bfloat16().float() - p).detach() for n, p in model.named_parameters()}
