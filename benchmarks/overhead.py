@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -27,6 +29,8 @@ from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
 from lightning_utilities import apply_to_collection
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, without PYTHONPATH
 
 from lightning_precision import CheckedMixedPrecision, FlashPrecision, HalfPrecisionForAudio
 from lightning_precision.casting import cast_batch
