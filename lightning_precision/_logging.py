@@ -25,10 +25,11 @@ def first_report(cause: str) -> bool:
     return True
 
 
-def warn_once(cause: str, message: str) -> None:
-    """Emit a :class:`PrecisionWarning` on rank zero, once per cause per process."""
+def warn_once(cause: str, message: str, category: type[Warning] = PrecisionWarning) -> None:
+    """Emit a warning (a :class:`PrecisionWarning` unless ``category`` says otherwise) on rank zero, once per cause
+    per process."""
     if first_report(cause):
-        rank_zero_warn(message, category=PrecisionWarning)
+        rank_zero_warn(message, category=category)
 
 
 def info_once(cause: str, message: str) -> None:

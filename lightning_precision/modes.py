@@ -7,12 +7,12 @@ forward/backward. ``storage=None`` means the precision leaves storage to the mod
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from lightning_precision._logging import warn_once
 from lightning_precision.errors import PrecisionConfigError
 
 Family = Literal["lightning", "true", "flash"]
@@ -88,17 +88,17 @@ def get_mode(precision: str | int, *, what: str = "precision") -> PrecisionMode:
         what: Where the value came from, used in messages.
 
     Returns:
-        The mode. Deprecated NeMo spellings emit a ``FutureWarning`` and return the flash mode.
+        The mode. Deprecated NeMo spellings emit a ``FutureWarning`` (once, on rank zero) and return the flash mode.
 
     Raises:
         PrecisionConfigError: If the string is unknown; the message lists the valid choices.
     """
     key = str(precision).strip().lower() if isinstance(precision, (str, int)) else None
     if key in _DEPRECATED:
-        warnings.warn(
+        warn_once(
+            f"deprecated:{key}",
             f"{what}={precision!r} is deprecated; use {_DEPRECATED[key]!r}, which means the same.",
             FutureWarning,
-            stacklevel=3,
         )
         key = _DEPRECATED[key]
     key = _ALIASES.get(key, key)
