@@ -369,6 +369,9 @@ class _quiet_lightning:
         self._warnings.__exit__(*exc)
 
 
+_LINESTYLES = ("-", "--", "-.", (0, (1, 1)))
+
+
 def plot_losses(results: Sequence[RecipeResult], path: Path, reference: float | None) -> Path | None:
     """Plot every recipe's loss curve (log scale, smoothed) to a PNG; ``None`` if no recipe has losses."""
     curves = [r for r in results if r.losses]
@@ -380,8 +383,13 @@ def plot_losses(results: Sequence[RecipeResult], path: Path, reference: float | 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in curves:
-        ax.plot(_smooth(r.losses), label=f"{r.recipe.name} ({r.optimizer}, state {r.state_dtype})", linewidth=1.5)
+    for i, r in enumerate(curves):
+        ax.plot(  # safe recipes overlap the reference: distinct dashes keep every curve visible
+            _smooth(r.losses),
+            label=f"{r.recipe.name} ({r.optimizer}, state {r.state_dtype})",
+            linewidth=1.5,
+            linestyle=_LINESTYLES[i % len(_LINESTYLES)],
+        )
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle=":", linewidth=1, label=f"fp32 final loss {reference:.4f}")
     ax.set_yscale("log")
