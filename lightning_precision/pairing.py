@@ -505,7 +505,7 @@ def observed_exp_avg_sq_dtype(optimizer: torch.optim.Optimizer, params: Iterable
     return None
 
 
-def check_optimizer(optimizer: torch.optim.Optimizer, *, peft: bool = False) -> Verdict:
+def check_optimizer(optimizer: torch.optim.Optimizer, *, peft: bool = False, storage_was_auto: bool = False) -> Verdict:
     """Judge a live optimizer and the parameters it updates.
 
     The storage dtype judged is that of the trainable half-precision parameters if there are any, otherwise of the
@@ -515,6 +515,7 @@ def check_optimizer(optimizer: torch.optim.Optimizer, *, peft: bool = False) -> 
     Args:
         optimizer: The optimizer.
         peft: Whether only adapters train.
+        storage_was_auto: Whether ``"auto"`` chose the storage dtype (see :func:`judge`).
 
     Returns:
         The verdict.
@@ -535,6 +536,7 @@ def check_optimizer(optimizer: torch.optim.Optimizer, *, peft: bool = False) -> 
         num_params=len(judged),
         num_elements=sum(p.numel() for p in judged),
         exp_avg_sq_dtype=observed_exp_avg_sq_dtype(optimizer, judged),
+        storage_was_auto=storage_was_auto,
     )
 
 
@@ -588,7 +590,15 @@ def enforce(verdict: Verdict, on_unsafe: OnUnsafe = "warn", *, where: str = "") 
 
 
 def check_and_enforce(
-    optimizers: Iterable[torch.optim.Optimizer], *, on_unsafe: OnUnsafe = "warn", peft: bool = False, where: str = ""
+    optimizers: Iterable[torch.optim.Optimizer],
+    *,
+    on_unsafe: OnUnsafe = "warn",
+    peft: bool = False,
+    where: str = "",
+    storage_was_auto: bool = False,
 ) -> list[Verdict]:
     """Judge each live optimizer with :func:`check_optimizer` and act on it with :func:`enforce`."""
-    return [enforce(check_optimizer(opt, peft=peft), on_unsafe, where=where) for opt in optimizers]
+    return [
+        enforce(check_optimizer(opt, peft=peft, storage_was_auto=storage_was_auto), on_unsafe, where=where)
+        for opt in optimizers
+    ]

@@ -32,12 +32,9 @@ from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import PrecisionMode, get_mode
 from lightning_precision.pairing import (
     OnUnsafe,
-    Status,
     Verdict,
-    check_optimizer,
+    check_and_enforce,
     classify_optimizer,
-    enforce,
-    judge,
     resolve_storage_dtype,
     validate_on_unsafe,
 )
@@ -498,21 +495,14 @@ class FSDP2Strategy(ModelParallelStrategy):
             PrecisionPairingError: For an unsafe pairing under ``on_unsafe="error"``.
         """
         assert self.resolved is not None
-        verdicts = []
-        for optimizer in optimizers:
-            verdict = check_optimizer(optimizer, peft=self.peft)
-            if self.resolved.storage_was_auto and verdict.status is Status.SAFE:
-                # Ask the rule again, telling it that fp32 was chosen by "auto" (WASTEFUL for master-keeping ones).
-                verdict = judge(
-                    verdict.storage_dtype,
-                    verdict.optimizer,
-                    peft=self.peft,
-                    num_params=verdict.num_params,
-                    num_elements=verdict.num_elements,
-                    storage_was_auto=True,
-                )
-            verdicts.append(enforce(verdict, self.on_unsafe, where=type(self).__name__))
-        return verdicts
+        # Telling the rule that "auto" chose the storage makes fp32 with a master-keeping optimizer WASTEFUL.
+        return check_and_enforce(
+            optimizers,
+            on_unsafe=self.on_unsafe,
+            peft=self.peft,
+            where=type(self).__name__,
+            storage_was_auto=self.resolved.storage_was_auto,
+        )
 
     # -- steps: the LightningModule is the FSDP root, so its forward hooks must run --------------------------------
 
