@@ -29,9 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_precision._imports import import_object
 from lightning_precision.callbacks.guard import PrecisionGuard
 from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, normalize_preserve_keys
-from lightning_precision.dtypes import parse_dtype
+from lightning_precision.dtypes import parse_bool, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.modes import PrecisionMode, get_mode
+from lightning_precision.modes import PrecisionMode, get_mode, is_lightning_only
 from lightning_precision.pairing import (
     OnUnsafe,
     Verdict,
@@ -107,7 +107,7 @@ def resolve_trainer_cfg(
     cfg = _to_plain(trainer_cfg, what="trainer")
     options = _pop_options(cfg)
     on_unsafe = validate_on_unsafe(on_unsafe if on_unsafe is not None else options["on_unsafe"])
-    peft = bool(peft if peft is not None else options["peft"])
+    peft = parse_bool(peft if peft is not None else options["peft"], what=f"trainer.{OPTIONS_KEY}.peft")
     preserve_keys = normalize_preserve_keys(options["preserve_keys"])
 
     plugins = [_instantiate(p, f"trainer.plugins[{i}]") for i, p in enumerate(_as_list(cfg.pop("plugins", None)))]
@@ -122,7 +122,9 @@ def resolve_trainer_cfg(
             f"({', '.join(type(p).__name__ for p in precision_plugins)}); give exactly one."
         )
     mode = None
-    if cfg.get("precision") is not None:
+    if is_lightning_only(cfg.get("precision")):
+        pass  # e.g. "transformer-engine": Lightning builds its own plugin; the guard still judges the live optimizers
+    elif cfg.get("precision") is not None:
         mode = get_mode(cfg["precision"], what="trainer.precision")
         if precision_plugins:
             raise PrecisionConfigError(

@@ -8,9 +8,10 @@ forward/backward. ``storage=None`` means the precision leaves storage to the mod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
+from lightning.fabric.connector import _PRECISION_INPUT_STR as _LIGHTNING_PRECISIONS
 
 from lightning_precision._logging import warn_once
 from lightning_precision.errors import PrecisionConfigError
@@ -79,6 +80,17 @@ _DEPRECATED: dict[str, str] = {
 
 VALID_PRECISIONS: tuple[str, ...] = tuple(MODES) + tuple(_ALIASES) + tuple(_DEPRECATED)
 
+# Precisions Lightning accepts that this library does not model (e.g. "transformer-engine"): passed to Lightning
+# unchanged. Read from Lightning itself, so a precision it adds later passes through too.
+LIGHTNING_ONLY_PRECISIONS: tuple[str, ...] = tuple(
+    p for p in get_args(_LIGHTNING_PRECISIONS) if p not in MODES and p not in _ALIASES
+)
+
+
+def is_lightning_only(precision: object) -> bool:
+    """Whether ``precision`` is a Lightning precision string this library leaves to Lightning unchanged."""
+    return isinstance(precision, str) and precision.strip().lower() in LIGHTNING_ONLY_PRECISIONS
+
 
 def get_mode(precision: str | int, *, what: str = "precision") -> PrecisionMode:
     """Look up a precision string.
@@ -104,6 +116,7 @@ def get_mode(precision: str | int, *, what: str = "precision") -> PrecisionMode:
     key = _ALIASES.get(key, key)
     if key not in MODES:
         raise PrecisionConfigError(
-            f"{what}={precision!r} is not a precision this library knows. Valid choices: {', '.join(VALID_PRECISIONS)}."
+            f"{what}={precision!r} is not a precision this library knows. Valid choices: {', '.join(VALID_PRECISIONS)}"
+            f" (and, passed to Lightning unchanged: {', '.join(LIGHTNING_ONLY_PRECISIONS)})."
         )
     return MODES[key]

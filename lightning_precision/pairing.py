@@ -13,6 +13,7 @@ not judged.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -266,11 +267,21 @@ def _qualname(cls: type) -> str:
 
 
 def _locate(path: str) -> type | None:
-    """The class at ``path``; ``None`` when it does not import here (e.g. Transformer Engine on CPU)."""
+    """The class at ``path``; ``None`` only when its top-level package is not installed here (e.g. Transformer
+    Engine on a CPU machine), so such a config is still classified by its path.
+
+    Raises:
+        PrecisionConfigError: If the package is installed but the path does not name an object in it (a typo such
+            as ``"torch.optim.AdamWW"``): judging a name that does not exist would invent what it does.
+    """
+    top = str(path).split(".", 1)[0]
     try:
-        obj = import_object(path)
-    except PrecisionConfigError:
+        installed = bool(top) and importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
         return None
+    obj = import_object(path, where="optimizer")
     return obj if isinstance(obj, type) else None
 
 

@@ -248,3 +248,60 @@ def test_plugins_as_a_single_object_or_a_list(as_list):
     kwargs = resolve_trainer_cfg({"plugins": [plugin] if as_list else plugin, "accelerator": "cpu", "logger": False})
     assert kwargs["plugins"] == [plugin] and kwargs.precision_mode.name == "bf16-true"
     assert pl.Trainer(**kwargs).precision_plugin is plugin
+
+
+@pytest.mark.parametrize("target", ["torch.optim.AdamWW", "lightning_precision.optim.CompensatedAdamw"])
+def test_optimizer_target_that_does_not_import_is_a_config_error(target):
+    with pytest.raises(PrecisionConfigError, match=target.replace(".", r"\.")):
+        resolve_trainer_cfg({"precision": "bf16-true"}, model={}, optimizer={"_target_": target, "lr": 1e-3})
+
+
+def test_optimizer_of_a_package_not_installed_is_still_classified_by_path():
+    kwargs = resolve_trainer_cfg(
+        {"precision": "bf16-true"},
+        model={},
+        optimizer={"_target_": "transformer_engine.pytorch.optimizers.FusedAdam", "master_weights": True},
+    )
+    assert kwargs.verdict.status is Status.SAFE
+
+
+@pytest.mark.parametrize("spelling", ["False", "false", "no", "off", "0", 0, False])
+def test_peft_false_spellings_keep_the_check_on(spelling):
+    cfg = OmegaConf.create({"precision": "bf16-true", "lightning_precision": {"on_unsafe": "error", "peft": spelling}})
+    with pytest.raises(PrecisionPairingError):
+        resolve_trainer_cfg(cfg, model={}, optimizer={"_target_": "torch.optim.AdamW"})
+
+
+@pytest.mark.parametrize("spelling", ["True", "yes", "1", 1, True])
+def test_peft_true_spellings_switch_the_check_off(spelling):
+    cfg = {"precision": "bf16-true", "lightning_precision": {"on_unsafe": "error", "peft": spelling}}
+    kwargs = resolve_trainer_cfg(cfg, model={}, optimizer={"_target_": "torch.optim.AdamW"})
+    assert kwargs.verdict.status is Status.NOT_JUDGED
+
+
+@pytest.mark.parametrize("bad", ["maybe", "", 2, 0.5])
+def test_peft_that_is_not_a_boolean_is_a_config_error(bad):
+    with pytest.raises(PrecisionConfigError, match="peft"):
+        resolve_trainer_cfg({"precision": "bf16-true", "lightning_precision": {"peft": bad}})
+
+
+def test_env_interpolated_peft_string_is_read_as_false(monkeypatch):
+    monkeypatch.setenv("LP_TEST_PEFT", "false")
+    cfg = OmegaConf.create(
+        {"precision": "bf16-true", "lightning_precision": {"on_unsafe": "error", "peft": "${oc.env:LP_TEST_PEFT,true}"}}
+    )
+    with pytest.raises(PrecisionPairingError):
+        resolve_trainer_cfg(cfg, model={}, optimizer={"_target_": "torch.optim.AdamW"})
+
+
+@pytest.mark.parametrize("precision", ["transformer-engine", "transformer-engine-float16"])
+def test_lightning_precision_the_library_does_not_model_passes_through(precision):
+    kwargs = resolve_trainer_cfg({"precision": precision}, model={}, optimizer=ADAMW)
+    assert kwargs["precision"] == precision
+    assert kwargs.precision_mode is None
+    assert _precision_plugins(kwargs) == []
+
+
+def test_unknown_precision_error_lists_the_pass_through_precisions():
+    with pytest.raises(PrecisionConfigError, match="transformer-engine"):
+        resolve_trainer_cfg({"precision": "bf16-fast"})

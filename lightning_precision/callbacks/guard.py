@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from lightning_precision._logging import info_rank_zero
 from lightning_precision.callbacks.underflow import UpdateUnderflowMonitor
-from lightning_precision.dtypes import dtype_name, parse_dtype
+from lightning_precision.dtypes import dtype_name, parse_bool, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import get_mode
 from lightning_precision.pairing import (
@@ -53,7 +53,7 @@ class PrecisionGuard(Callback):
 
     def __init__(self, on_unsafe: OnUnsafe = "warn", peft: bool = False, log_table: bool = True) -> None:
         self.on_unsafe = validate_on_unsafe(on_unsafe, what="PrecisionGuard(on_unsafe=...)")
-        self.peft = peft
+        self.peft = parse_bool(peft, what="PrecisionGuard(peft=...)")
         self.log_table = log_table
         self.contract: PrecisionContract | None = None
         self._state_observed = False

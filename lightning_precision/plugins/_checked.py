@@ -11,6 +11,7 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_precision.dtypes import parse_bool
 from lightning_precision.casting import cast_batch, normalize_preserve_keys
 from lightning_precision.pairing import OnUnsafe, check_and_enforce, validate_on_unsafe
 
@@ -23,7 +24,7 @@ class _PairingCheck(Precision):
 
     def _init_pairing_check(self, on_unsafe: OnUnsafe, peft: bool) -> None:
         self.on_unsafe = validate_on_unsafe(on_unsafe, what=f"{type(self).__name__}(on_unsafe=...)")
-        self.peft = bool(peft)
+        self.peft = parse_bool(peft, what=f"{type(self).__name__}(peft=...)")
 
     @override
     def connect(

@@ -42,3 +42,13 @@ def test_rejects_other_precisions_with_the_call(bad):
 def test_rejects_bad_on_unsafe():
     with pytest.raises(PrecisionConfigError, match="'sometimes'"):
         HalfPrecisionForAudio("bf16-true", on_unsafe="sometimes")
+
+
+@pytest.mark.parametrize("spelling, expected", [("False", False), ("true", True), (0, False)])
+def test_peft_spellings_are_read_as_booleans(spelling, expected):
+    assert HalfPrecisionForAudio("bf16-true", peft=spelling).peft is expected
+
+
+def test_peft_that_is_not_a_boolean_is_refused():
+    with pytest.raises(PrecisionConfigError, match=r"HalfPrecisionForAudio\(peft=...\)='maybe'"):
+        HalfPrecisionForAudio("bf16-true", peft="maybe")
