@@ -7,6 +7,13 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning_precision.errors import PrecisionWarning
 
 log = logging.getLogger("lightning_precision")
+# Visible by default, as Lightning's own INFO lines are (it configures "lightning.pytorch" the same way): a plain
+# script or LightningCLI has no logging set up. Where the application configured logging (Hydra, a root handler),
+# records propagate to it instead. Silence with logging.getLogger("lightning_precision").setLevel(logging.WARNING).
+log.setLevel(logging.INFO)
+if not logging.getLogger().hasHandlers():
+    log.addHandler(logging.StreamHandler())
+    log.propagate = False
 
 _REPORTED_CAUSES: set[str] = set()
 
