@@ -189,7 +189,8 @@ def read_precision_contract(
     """Read back the precision contract a :class:`~lightning_precision.PrecisionGuard` wrote into a checkpoint.
 
     Args:
-        checkpoint: A checkpoint path (local or fsspec URL) or an already loaded checkpoint dict.
+        checkpoint: A checkpoint file or a sharded checkpoint directory (``FSDP2Strategy``, ``ModelParallelStrategy``),
+            local or an fsspec URL, or an already loaded checkpoint dict.
         weights_only: Passed to ``torch.load``; set ``False`` only for trusted checkpoints that pickle objects
             (e.g. hyperparameters) which ``weights_only`` loading refuses.
 
@@ -197,8 +198,13 @@ def read_precision_contract(
         The contract, or ``None`` if the checkpoint has none (saved without the guard).
     """
     if not isinstance(checkpoint, dict):
-        from lightning.fabric.utilities.cloud_io import _load
+        from lightning.fabric.utilities.cloud_io import _load, get_filesystem
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
 
+        if get_filesystem(checkpoint).isdir(str(checkpoint)):
+            # A sharded (distributed checkpoint) directory: Lightning keeps everything but the tensors, the contract
+            # included, in its metadata file, so the shards need not be read.
+            checkpoint = f"{str(checkpoint).rstrip('/')}/{_METADATA_FILENAME}"
         checkpoint = _load(checkpoint, map_location="cpu", weights_only=weights_only)
     data = checkpoint.get(CHECKPOINT_KEY)
     return PrecisionContract.from_dict(data) if data is not None else None

@@ -235,6 +235,22 @@ def scenario_resume(out: Path, distributed: bool = True) -> dict[str, Any]:
     }
 
 
+def scenario_contract_dir(out: Path) -> dict[str, Any]:
+    from lightning_precision import PrecisionGuard, read_precision_contract
+
+    checkpoints = ModelCheckpoint(dirpath=out / "ckpts", every_n_train_steps=2, save_top_k=-1, save_last=False)
+    t = trainer(FSDP2Strategy(), out, steps=2, callbacks=[PrecisionGuard(), checkpoints], enable_checkpointing=True)
+    t.fit(MultiBlock(), loader(n=8))
+    path = next((out / "ckpts").glob("*step=2*"))
+    contract = read_precision_contract(path)
+    return {
+        "checkpoint_is_dir": path.is_dir(),
+        "storage": [row.storage_dtype for row in contract.optimizers],
+        "compute": contract.compute_dtype,
+        "reduce": contract.reduce_dtype,
+    }
+
+
 def scenario_resume_full_file(out: Path) -> dict[str, Any]:
     return scenario_resume(out, distributed=False)
 

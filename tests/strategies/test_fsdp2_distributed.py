@@ -112,6 +112,12 @@ def test_resume_matches_an_uninterrupted_run_bitwise(run_scenario, scenario, is_
         assert rank["bitwise"] is True and rank["max_abs_diff"] == 0.0
 
 
+def test_precision_contract_reads_back_from_a_sharded_checkpoint_directory(run_scenario):
+    for rank in run_scenario("contract_dir"):
+        assert rank["checkpoint_is_dir"] is True
+        assert (rank["storage"], rank["compute"], rank["reduce"]) == (["float32"], "bfloat16", "float32")
+
+
 def test_resume_bf16_checkpoint_into_fp32_storage_is_an_exact_logged_upcast(run_scenario):
     rank0, rank1 = run_scenario("cross_upcast")
     assert rank0["storage"] == rank1["storage"] == ["float32"]
