@@ -29,23 +29,26 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_precision._imports import import_object
 from lightning_precision.callbacks.guard import PrecisionGuard
 from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, normalize_preserve_keys
-from lightning_precision.dtypes import parse_bool, parse_dtype
+from lightning_precision.catalogue import classify_optimizer
+from lightning_precision.dtypes import parse_bool
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import PrecisionMode, get_mode, is_lightning_only
-from lightning_precision.pairing import (
-    OnUnsafe,
-    Verdict,
-    classify_optimizer,
-    enforce,
-    judge,
-    resolve_storage_dtype,
-    validate_on_unsafe,
-)
+from lightning_precision.pairing import Verdict, judge
 from lightning_precision.plugins.flash import FlashPrecision
 from lightning_precision.plugins.half_audio import HalfPrecisionForAudio
+from lightning_precision.policy import (
+    DEFAULT_ON_UNSAFE,
+    OnUnsafe,
+    agreed_policy,
+    enforce,
+    explicit_policies,
+    optional_on_unsafe,
+)
+from lightning_precision.storage import StorageDecision, decide_storage
+from lightning_precision.strategies.fsdp2 import FSDP2Strategy
 
 OPTIONS_KEY = "lightning_precision"
-_OPTIONS = {"on_unsafe": "warn", "peft": False, "preserve_keys": list(DEFAULT_PRESERVE_KEYS)}
+_OPTIONS = {"on_unsafe": None, "peft": False, "preserve_keys": list(DEFAULT_PRESERVE_KEYS)}
 _PLUGIN_FOR_FAMILY = {"true": HalfPrecisionForAudio, "flash": FlashPrecision}
 
 
@@ -55,6 +58,8 @@ class TrainerKwargs(dict):
     Attributes:
         storage_dtype: Dtype to load/create the trainable parameters in (``None``: left to the model, e.g. PEFT or
             no model/optimizer section given). Pass it as ``torch_dtype`` when building the model.
+        storage: The :class:`~lightning_precision.storage.StorageDecision` behind ``storage_dtype`` (``None`` when
+            no model/optimizer section was given).
         precision_mode: The precision in effect, or ``None`` if the config sets none (Lightning's default).
         verdict: The pairing rule's judgement of the config, or ``None`` if it could not be judged from the config.
         on_unsafe: The policy in effect.
@@ -63,6 +68,7 @@ class TrainerKwargs(dict):
     """
 
     storage_dtype: torch.dtype | None = None
+    storage: StorageDecision | None = None
     precision_mode: PrecisionMode | None = None
     verdict: Verdict | None = None
     on_unsafe: OnUnsafe = "warn"
@@ -77,15 +83,17 @@ def resolve_trainer_cfg(
     peft: bool | None = None,
     on_unsafe: OnUnsafe | None = None,
 ) -> TrainerKwargs:
-    """Resolve a trainer config into ``pl.Trainer`` kwargs.
+    """Resolve a trainer config into ``pl.Trainer`` kwargs, and act on the config's pairing under ``on_unsafe``.
 
     * Interpolations are resolved; the input is never modified.
     * ``precision``: true and flash strings are replaced by :class:`HalfPrecisionForAudio` /
       :class:`FlashPrecision`, *added* to ``plugins``; Lightning's own strings pass through.
     * ``_target_`` (Hydra) and ``class_path`` (LightningCLI) entries in ``plugins``, ``callbacks`` and ``strategy``
       are instantiated; ``strategy: {name: <registered name>, ...options}`` builds a registered strategy.
-    * With ``model``/``optimizer`` sections, the storage dtype is resolved by the pairing rule and the config's
-      pairing is judged under ``on_unsafe`` (``bf16-true`` + ``torch.optim.AdamW`` is unsafe before anything runs).
+    * With ``model``/``optimizer`` sections, the storage dtype is decided once
+      (:func:`~lightning_precision.storage.decide_storage`, or :class:`FSDP2Strategy`'s plan) and the config's
+      pairing is judged, then acted on under ``on_unsafe`` (``bf16-true`` + ``torch.optim.AdamW`` is unsafe before
+      anything runs). :func:`plan_trainer_cfg` does the same without acting.
     * A :class:`PrecisionGuard` callback is added unless one is there, to judge the real optimizers at fit start.
 
     Args:
@@ -96,17 +104,37 @@ def resolve_trainer_cfg(
         on_unsafe: Policy for an unsafe pairing (overrides ``lightning_precision.on_unsafe``).
 
     Returns:
-        The kwargs, with ``storage_dtype``, ``precision_mode``, ``verdict`` and ``on_unsafe`` as attributes.
+        The kwargs, with ``storage_dtype``, ``storage``, ``precision_mode``, ``verdict`` and ``on_unsafe`` as
+        attributes.
 
     Raises:
         PrecisionConfigError: On an unknown precision, a precision string given together with a precision plugin,
-            two precision plugins, an unknown ``lightning_precision`` option, a dtype that is not a dtype, or a
-            ``_target_`` that does not import.
+            two precision plugins, an unknown ``lightning_precision`` option, a dtype that is not a dtype, a
+            ``_target_`` that does not import, or two explicit ``on_unsafe`` policies that disagree.
         PrecisionPairingError: If the config is an unsafe pairing under ``on_unsafe="error"``.
     """
+    kwargs = plan_trainer_cfg(trainer_cfg, model=model, optimizer=optimizer, peft=peft, on_unsafe=on_unsafe)
+    if kwargs.verdict is not None:
+        enforce(kwargs.verdict, kwargs.on_unsafe, where="config")
+    return kwargs
+
+
+def plan_trainer_cfg(
+    trainer_cfg: Mapping[str, Any] | DictConfig,
+    *,
+    model: Mapping[str, Any] | DictConfig | None = None,
+    optimizer: Any = None,
+    peft: bool | None = None,
+    on_unsafe: OnUnsafe | None = None,
+) -> TrainerKwargs:
+    """What :func:`resolve_trainer_cfg` resolves, judged but not acted on: nothing is warned or raised for the
+    pairing (``kwargs.verdict`` says what it is). Takes the same arguments and raises the same config errors."""
     cfg = _to_plain(trainer_cfg, what="trainer")
     options = _pop_options(cfg)
-    on_unsafe = validate_on_unsafe(on_unsafe if on_unsafe is not None else options["on_unsafe"])
+    policy_where = "resolve_trainer_cfg(on_unsafe=...)" if on_unsafe is not None else f"trainer.{OPTIONS_KEY}.on_unsafe"
+    config_policy = optional_on_unsafe(
+        on_unsafe if on_unsafe is not None else options["on_unsafe"], what=f"trainer.{OPTIONS_KEY}.on_unsafe"
+    )
     peft = parse_bool(peft if peft is not None else options["peft"], what=f"trainer.{OPTIONS_KEY}.peft")
     preserve_keys = normalize_preserve_keys(options["preserve_keys"])
 
@@ -114,63 +142,74 @@ def resolve_trainer_cfg(
     callbacks = [_instantiate(c, f"trainer.callbacks[{i}]") for i, c in enumerate(_as_list(cfg.pop("callbacks", None)))]
     if "strategy" in cfg:
         cfg["strategy"] = _build_strategy(cfg["strategy"])
+    strategy = cfg.get("strategy")
 
+    # One policy for the run: the config's, or one given explicitly to a plugin, callback or strategy.
+    explicit = [(policy_where, config_policy)] if config_policy is not None else []
+    policy = agreed_policy(explicit + explicit_policies([*plugins, *callbacks, strategy])) or DEFAULT_ON_UNSAFE
+
+    mode = _precision_mode(cfg, plugins)
+    if mode is not None and "precision" in cfg and mode.family in _PLUGIN_FOR_FAMILY:
+        del cfg["precision"]
+        plugin_cls = _PLUGIN_FOR_FAMILY[mode.family]
+        plugins.append(plugin_cls(mode.name, preserve_keys=preserve_keys, on_unsafe=config_policy, peft=peft))
+    if not any(isinstance(c, PrecisionGuard) for c in callbacks):
+        callbacks.append(PrecisionGuard(on_unsafe=config_policy, peft=peft))
+
+    kwargs = TrainerKwargs(cfg)
+    if plugins:
+        kwargs["plugins"] = plugins
+    kwargs["callbacks"] = callbacks
+    kwargs.precision_mode, kwargs.on_unsafe = mode, policy
+
+    model_cfg = _to_plain(model, what="model") if model is not None else None
+    optimizer_cfg = (
+        _to_plain(optimizer, what="optimizer") if isinstance(optimizer, (Mapping, DictConfig)) else optimizer
+    )
+    info = classify_optimizer(optimizer_cfg) if optimizer_cfg is not None else None
+    torch_dtype = (model_cfg or {}).get("torch_dtype")
+    if isinstance(strategy, FSDP2Strategy):
+        # The strategy decides the resident dtype; it learns what only the config knows before the optimizer exists
+        # (a conflict with its own options is an error), and its plan is the decision judged here.
+        strategy.learn_config(
+            optimizer=optimizer_cfg, model_torch_dtype=torch_dtype, peft=peft, on_unsafe=config_policy
+        )
+        kwargs.sharded = strategy.plan(mode or get_mode("32-true"))
+        kwargs.storage = kwargs.sharded.storage
+    elif model_cfg is not None or optimizer_cfg is not None:
+        kwargs.storage = decide_storage(explicit=torch_dtype, precision=mode, optimizer=info, peft=peft)
+    if kwargs.storage is not None:
+        kwargs.storage_dtype = kwargs.storage.dtype
+    if info is not None:
+        was_auto = kwargs.storage.was_auto if kwargs.storage is not None else True
+        kwargs.verdict = judge(kwargs.storage_dtype, info, peft=peft, storage_was_auto=was_auto)
+    return kwargs
+
+
+def _precision_mode(cfg: dict[str, Any], plugins: list[Any]) -> PrecisionMode | None:
+    """The precision the config sets, by string or by its one precision plugin; ``None`` if neither."""
     precision_plugins = [p for p in plugins if isinstance(p, Precision)]
     if len(precision_plugins) > 1:
         raise PrecisionConfigError(
             f"trainer.plugins has {len(precision_plugins)} precision plugins "
             f"({', '.join(type(p).__name__ for p in precision_plugins)}); give exactly one."
         )
-    mode = None
     if is_lightning_only(cfg.get("precision")):
-        pass  # e.g. "transformer-engine": Lightning builds its own plugin; the guard still judges the live optimizers
-    elif cfg.get("precision") is not None:
+        return None  # e.g. "transformer-engine": Lightning builds its own plugin; the guard judges the live optimizers
+    if cfg.get("precision") is not None:
         mode = get_mode(cfg["precision"], what="trainer.precision")
         if precision_plugins:
             raise PrecisionConfigError(
                 f"trainer.precision={cfg['precision']!r} and the precision plugin "
                 f"{type(precision_plugins[0]).__name__} in trainer.plugins both set the precision; give one of them."
             )
-        if mode.family in _PLUGIN_FOR_FAMILY:
-            del cfg["precision"]
-            plugin_cls = _PLUGIN_FOR_FAMILY[mode.family]
-            plugins.append(plugin_cls(mode.name, preserve_keys=preserve_keys, on_unsafe=on_unsafe, peft=peft))
-    elif precision_plugins and getattr(precision_plugins[0], "precision", None):
+        return mode
+    if precision_plugins and getattr(precision_plugins[0], "precision", None):
         try:
-            mode = get_mode(precision_plugins[0].precision)
+            return get_mode(precision_plugins[0].precision)
         except PrecisionConfigError:  # a plugin for a precision this library does not model
-            mode = None
-
-    if not any(isinstance(c, PrecisionGuard) for c in callbacks):
-        callbacks.append(PrecisionGuard(on_unsafe=on_unsafe, peft=peft))
-
-    kwargs = TrainerKwargs(cfg)
-    if plugins:
-        kwargs["plugins"] = plugins
-    kwargs["callbacks"] = callbacks
-    kwargs.precision_mode, kwargs.on_unsafe = mode, on_unsafe
-
-    model_cfg = _to_plain(model, what="model") if model is not None else None
-    optimizer_cfg = (
-        _to_plain(optimizer, what="optimizer") if isinstance(optimizer, (Mapping, DictConfig)) else optimizer
-    )
-    explicit = parse_dtype((model_cfg or {}).get("torch_dtype"), what="model.torch_dtype")
-    storage_was_auto = explicit is None and (mode is None or mode.storage_dtype is None)
-    if model_cfg is not None or optimizer_cfg is not None:
-        kwargs.storage_dtype = resolve_storage_dtype(model_cfg, optimizer_cfg, peft=peft, precision=mode)
-    strategy = kwargs.get("strategy")
-    if hasattr(strategy, "apply_resolved_config"):
-        # A strategy that decides storage itself (FSDP2Strategy) learns the optimizer before it exists, and its
-        # decision is the one judged: it may have its own explicit storage_dtype.
-        kwargs.sharded = strategy.apply_resolved_config(kwargs, optimizer=optimizer_cfg, peft=peft, model=model_cfg)
-        kwargs.storage_dtype = kwargs.sharded.storage_dtype
-        storage_was_auto = kwargs.sharded.storage_was_auto
-    if optimizer_cfg is not None:
-        verdict = judge(
-            kwargs.storage_dtype, classify_optimizer(optimizer_cfg), peft=peft, storage_was_auto=storage_was_auto
-        )
-        kwargs.verdict = enforce(verdict, on_unsafe, where="config")
-    return kwargs
+            return None
+    return None
 
 
 def _to_plain(cfg: Any, *, what: str) -> dict[str, Any]:
@@ -223,7 +262,7 @@ def _instantiate(entry: Any, where: str) -> Any:
 def _build_strategy(entry: Any) -> Any:
     if isinstance(entry, str) and entry in StrategyRegistry:
         data = StrategyRegistry[entry]
-        if hasattr(data["strategy"], "apply_resolved_config"):
+        if issubclass(data["strategy"], FSDP2Strategy):
             # Built here rather than by Lightning so it can learn the optimizer section (e.g. "fsdp2").
             return data["strategy"](**data["init_params"])
     if isinstance(entry, Mapping) and "name" in entry and "_target_" not in entry and "class_path" not in entry:

@@ -1,23 +1,22 @@
 """``lightning-precision explain``: what a config will do to parameters and optimizer state, without training.
 
-Everything here asks :func:`~lightning_precision.config.resolve_trainer_cfg` and the pairing rule; nothing decides
+Everything here asks :func:`~lightning_precision.config.plan_trainer_cfg` and the pairing rule; nothing decides
 a dtype on its own. An FSDP2 strategy in the config is built (no process group needed) and its own decision on
 storage, compute and reduce dtypes is what is shown.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_precision.config import TrainerKwargs, resolve_trainer_cfg
+from lightning_precision.config import TrainerKwargs, plan_trainer_cfg
 from lightning_precision.dtypes import dtype_name
-from lightning_precision.errors import PrecisionPairingError, PrecisionWarning
 from lightning_precision.memory import MemoryEstimate, estimate_bytes_per_param
 from lightning_precision.modes import MODES
-from lightning_precision.pairing import Status, Verdict, optimizer_settings
+from lightning_precision.pairing import Status, Verdict
+from lightning_precision.policy import pairing_error
 from lightning_precision.report import PrecisionContract, optimizer_contract
 
 LIGHTNING_DEFAULT_PRECISION = "32-true"
@@ -138,7 +137,7 @@ def explain(
     *,
     source: str = "",
 ) -> Explanation:
-    """Resolve a config through :func:`resolve_trainer_cfg` and the pairing rule, without building a model.
+    """Resolve a config through :func:`plan_trainer_cfg` and the pairing rule, without building a model.
 
     An unsafe pairing under ``on_unsafe="error"`` does not raise here: the explanation is built anyway and carries
     the error message in :attr:`Explanation.error`, so the caller can show the table and then fail.
@@ -155,16 +154,9 @@ def explain(
     Raises:
         PrecisionConfigError: If the config is not valid (unknown precision, bad dtype, import failure, ...).
     """
-    error = None
-    with warnings.catch_warnings():
-        # The verdict is printed in the table; the same words as a warning on stderr would only repeat it.
-        warnings.simplefilter("ignore", PrecisionWarning)
-        try:
-            kwargs = resolve_trainer_cfg(trainer_cfg, model=model_cfg, optimizer=optimizer_cfg)
-        except PrecisionPairingError as err:
-            error = str(err)
-            kwargs = resolve_trainer_cfg(trainer_cfg, model=model_cfg, optimizer=optimizer_cfg, on_unsafe="ignore")
-            kwargs.on_unsafe = "error"
+    kwargs = plan_trainer_cfg(trainer_cfg, model=model_cfg, optimizer=optimizer_cfg)  # judged once, not acted on
+    failure = pairing_error(kwargs.verdict, kwargs.on_unsafe, where="config") if kwargs.verdict is not None else None
+    error = str(failure) if failure is not None else None
     return _build(kwargs, optimizer_cfg, source, error)
 
 
@@ -184,8 +176,7 @@ def _build(
         optimizers=[optimizer_contract(verdict)] if verdict is not None else [],
     )
     info = verdict.optimizer if verdict is not None else None
-    settings = optimizer_settings(optimizer_cfg) if optimizer_cfg is not None else {}
-    memory = estimate_bytes_per_param(storage, info, settings)
+    memory = estimate_bytes_per_param(storage, info)
     notes: list[str] = []
     return Explanation(
         source=source,

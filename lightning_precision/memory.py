@@ -1,8 +1,9 @@
 """Bytes per trainable parameter: estimated from the dtypes before a run, measured from the tensors after one.
 
-The estimate is arithmetic on what the pairing rule says an optimizer keeps (:class:`~lightning_precision.pairing.
-OptimizerInfo`): parameter storage, a gradient in the parameter dtype, the optimizer's moments, and whatever
-protects a half-precision update (master/error-correction bytes, a Kahan compensation buffer). It ignores
+The estimate is arithmetic on what the optimizer catalogue says an optimizer keeps
+(:meth:`~lightning_precision.catalogue.OptimizerInfo.state_parts`): parameter storage, a gradient in the parameter
+dtype, the optimizer's moments, and whatever protects a half-precision update (master/error-correction bytes, a Kahan
+compensation buffer). It ignores
 activations, allocator overhead and per-tensor scalars such as ``step``.
 """
 
@@ -14,12 +15,7 @@ from typing import Any
 
 import torch
 
-from lightning_precision.dtypes import HALF_DTYPES, dtype_name, parse_dtype
-from lightning_precision.pairing import OptimizerInfo, OptimizerKind
-
-# flashoptim quantizes each moment to int8 with one fp16 scale per group of 32 elements (CUDA only).
-FLASH_QUANT_GROUP_SIZE = 32
-FLASH_QUANTIZED_MOMENT_BYTES = 1 + 2 / FLASH_QUANT_GROUP_SIZE
+from lightning_precision.catalogue import OptimizerInfo, state_storage_tensors
 
 
 @dataclass(frozen=True)
@@ -71,18 +67,13 @@ def _num(value: float) -> str:
     return f"{value:.4g}"
 
 
-def estimate_bytes_per_param(
-    storage_dtype: torch.dtype | None,
-    info: OptimizerInfo | None,
-    optimizer_kwargs: Mapping[str, Any] | None = None,
-) -> MemoryEstimate | None:
+def estimate_bytes_per_param(storage_dtype: torch.dtype | None, info: OptimizerInfo | None) -> MemoryEstimate | None:
     """Predict bytes per trainable parameter from the storage dtype and what the optimizer keeps.
 
     Args:
         storage_dtype: Dtype of the trainable parameters (``None``: unknown, no estimate).
-        info: The classified optimizer (``None``: no optimizer given, params and grads only).
-        optimizer_kwargs: The optimizer's config arguments (``momentum``, ``quantize``, ``exp_avg_dtype``), used
-            where :class:`OptimizerInfo` does not say.
+        info: The classified optimizer (``None``: no optimizer given, params and grads only); its settings
+            (``momentum``, ``quantize``, ``exp_avg_dtype``) are part of the classification.
 
     Returns:
         The estimate, or ``None`` when the storage dtype is not known.
@@ -90,59 +81,13 @@ def estimate_bytes_per_param(
     if storage_dtype is None:
         return None
     size = storage_dtype.itemsize
-    parts = [] if info is None else _state_parts(storage_dtype, info, dict(optimizer_kwargs or {}))
+    parts = [] if info is None else info.state_parts(storage_dtype)
     return MemoryEstimate(
         params=float(size),
         grads=float(size),
         optimizer_state=float(sum(b for _, b in parts)),
         state_parts=tuple(parts),
     )
-
-
-def _state_parts(storage: torch.dtype, info: OptimizerInfo, kwargs: dict[str, Any]) -> list[tuple[str, float]]:
-    """The optimizer-state parts, in bytes per parameter."""
-    half = storage in HALF_DTYPES
-    quantized = info.name.startswith("flashoptim.") and bool(kwargs.get("quantize", True))
-    parts = []
-    for moment in _moment_names(info, kwargs):
-        if quantized:
-            parts.append((f"{moment} int8+scales (CUDA)", FLASH_QUANTIZED_MOMENT_BYTES))
-            continue
-        dtype = _moment_dtype(moment, storage, info, kwargs)
-        parts.append((f"{moment} {dtype_name(dtype)}", float(dtype.itemsize)))
-    if half and info.master_bytes:
-        label = "error-correction bits" if info.name.startswith("flashoptim.") else "master weights"
-        parts.append((label, float(info.master_bytes)))
-    if half and info.compensation_buffer:
-        parts.append((f"compensation {dtype_name(storage)}", float(storage.itemsize)))
-    return parts
-
-
-def _moment_names(info: OptimizerInfo, kwargs: Mapping[str, Any]) -> list[str]:
-    """Which moments the optimizer keeps per parameter."""
-    if info.kind is OptimizerKind.UNKNOWN:
-        return []  # nothing known to count
-    if info.is_adam:
-        return ["exp_avg"] if "lion" in info.short_name.lower() else ["exp_avg", "exp_avg_sq"]
-    momentum = kwargs.get("momentum", 0)
-    return ["momentum_buffer"] if momentum else []
-
-
-def _moment_dtype(moment: str, storage: torch.dtype, info: OptimizerInfo, kwargs: Mapping[str, Any]) -> torch.dtype:
-    """The dtype one moment is kept in.
-
-    Only half-precision parameters get special state dtypes: optimizers keep fp32 state for fp32 parameters.
-    """
-    if storage not in HALF_DTYPES:
-        return storage
-    if moment == "exp_avg_sq" and info.exp_avg_sq_dtype is not None:
-        return info.exp_avg_sq_dtype
-    explicit = parse_dtype(kwargs.get(f"{moment}_dtype"), what=f"optimizer.{moment}_dtype")  # e.g. CompensatedAdamW
-    if explicit is not None:
-        return explicit
-    if info.kind is OptimizerKind.KEEPS_MASTER and info.exp_avg_sq_dtype is not None:
-        return info.exp_avg_sq_dtype  # master-keeping optimizers keep both moments at the same width
-    return storage
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,7 +117,7 @@ def measure_bytes_per_param(optimizer: torch.optim.Optimizer) -> MemoryEstimate:
     by_key: dict[str, int] = {}
     for p in params:
         for key, value in (optimizer.state.get(p) or {}).items():
-            by_key[str(key)] = by_key.get(str(key), 0) + sum(_nbytes(t) for t in _state_tensors(value))
+            by_key[str(key)] = by_key.get(str(key), 0) + sum(_nbytes(t) for t in state_storage_tensors(value))
     parts = tuple((key, b / numel) for key, b in by_key.items() if b)
     return MemoryEstimate(
         params=param_bytes / numel,
@@ -192,18 +137,6 @@ def _unique_trainable(groups: Iterable[Mapping[str, Any]]) -> list[torch.Tensor]
                 seen.add(id(p))
                 out.append(p)
     return out
-
-
-def _state_tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors behind one state entry: a tensor, or a wrapper such as flashoptim's quantized tensor."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    found = []
-    for attr in ("_data", "_quantized", "_scales"):  # flashoptim's _MaybeQuantizedTensor keeps one or the other
-        tensor = getattr(value, attr, None)
-        if isinstance(tensor, torch.Tensor):
-            found.append(tensor)
-    return found
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -8,7 +8,7 @@ forward/backward. ``storage=None`` means the precision leaves storage to the mod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.fabric.connector import _PRECISION_INPUT_STR as _LIGHTNING_PRECISIONS
@@ -87,6 +87,30 @@ LIGHTNING_ONLY_PRECISIONS: tuple[str, ...] = tuple(
 )
 
 
+def spellings(family: Family, *, deprecated: bool = True) -> tuple[str, ...]:
+    """Every precision string of one family: canonical names, their ``<half>-<family>`` aliases, deprecated ones.
+
+    Lightning's bare legacy forms (``"16"``, ``"bf16"``) are left out: they name Lightning's own plugins.
+    """
+    names = [n for n, m in MODES.items() if m.family == family]
+    names += [a for a, n in _ALIASES.items() if MODES[n].family == family and "-" in a]
+    if deprecated:
+        names += [a for a, n in _DEPRECATED.items() if MODES[n].family == family]
+    return tuple(names)
+
+
+def choices_text(names: tuple[str, ...]) -> str:
+    """The precision strings as an error message lists them: ``'bf16-true', '16-true', 'fp16-true'``."""
+    return ", ".join(repr(n) for n in names)
+
+
+# The ``Literal`` types of the plugins' ``precision`` arguments (LightningCLI validates against them), derived from the
+# table above so that a precision added there is accepted by its plugin.
+TruePrecisionInput: Any = Literal[spellings("true")]  # type: ignore[valid-type]
+FlashPrecisionInput: Any = Literal[spellings("flash")]  # type: ignore[valid-type]
+MixedPrecisionInput: Any = Literal[tuple(n for n, m in MODES.items() if m.autocast)]  # type: ignore[valid-type]
+
+
 def is_lightning_only(precision: object) -> bool:
     """Whether ``precision`` is a Lightning precision string this library leaves to Lightning unchanged."""
     return isinstance(precision, str) and precision.strip().lower() in LIGHTNING_ONLY_PRECISIONS
@@ -116,7 +140,7 @@ def get_mode(precision: str | int, *, what: str = "precision") -> PrecisionMode:
     key = _ALIASES.get(key, key)
     if key not in MODES:
         raise PrecisionConfigError(
-            f"{what}={precision!r} is not a precision this library knows. Valid choices: {', '.join(VALID_PRECISIONS)}"
-            f" (and, passed to Lightning unchanged: {', '.join(LIGHTNING_ONLY_PRECISIONS)})."
+            f"{what}={precision!r} is not a precision this library knows. Valid choices: {choices_text(VALID_PRECISIONS)}"
+            f" (and, passed to Lightning unchanged: {choices_text(LIGHTNING_ONLY_PRECISIONS)})."
         )
     return MODES[key]

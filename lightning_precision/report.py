@@ -14,7 +14,8 @@ import torch
 
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.dtypes import dtype_name
-from lightning_precision.pairing import OptimizerInfo, OptimizerKind, Verdict
+from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, observed_moment_dtypes
+from lightning_precision.pairing import Verdict
 
 CHECKPOINT_KEY = "precision_contract"  # where the runtime guard stores the contract in a checkpoint
 
@@ -103,25 +104,11 @@ def describe_protection(info: OptimizerInfo, storage_dtype: torch.dtype | None) 
     return "no" if info.kind is OptimizerKind.STATE_FOLLOWS_PARAM else "unknown"
 
 
-def predicted_state_dtype(info: OptimizerInfo, storage_dtype: torch.dtype | None) -> str:
-    """The second-moment dtype the rule predicts before the first step."""
-    if info.kind is OptimizerKind.UNKNOWN:
-        return "unknown"
-    return dtype_name(info.exp_avg_sq_dtype or storage_dtype)
-
-
 def observed_state_dtypes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> str | None:
-    """The moment dtypes the optimizer really keeps for ``params`` (``exp_avg / exp_avg_sq`` when they differ)."""
-    for p in params:
-        state = optimizer.state.get(p) or {}
-        found = []
-        for key in ("exp_avg", "exp_avg_sq"):
-            value = getattr(state.get(key), "data", state.get(key))  # flashoptim wraps its state tensors
-            if isinstance(value, torch.Tensor):
-                found.append(dtype_name(value.dtype))
-        if found:
-            return " / ".join(dict.fromkeys(found))
-    return None
+    """The moment dtypes the optimizer really keeps for ``params`` (``exp_avg / exp_avg_sq`` when they differ), in
+    the same words as :meth:`~lightning_precision.catalogue.OptimizerInfo.state_text` predicts them."""
+    found = observed_moment_dtypes(optimizer, params)
+    return " / ".join(dict.fromkeys(dtype_name(d) for d in found.values())) if found else None
 
 
 def optimizer_contract(verdict: Verdict, observed_state: str | None = None) -> OptimizerContract:
@@ -130,7 +117,7 @@ def optimizer_contract(verdict: Verdict, observed_state: str | None = None) -> O
     storage = verdict.storage_dtype
     if info is None:
         return OptimizerContract("-", dtype_name(storage), "-", "-", verdict.status.value, verdict.message)
-    state = observed_state if observed_state is not None else predicted_state_dtype(info, storage)
+    state = observed_state if observed_state is not None else info.state_text(storage)
     return OptimizerContract(
         optimizer=info.name,
         storage_dtype=dtype_name(storage),

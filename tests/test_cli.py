@@ -11,7 +11,9 @@ import pytest
 from lightning_precision import cli
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.modes import get_mode
-from lightning_precision.pairing import classify_optimizer, judge, resolve_storage_dtype
+from lightning_precision.catalogue import classify_optimizer
+from lightning_precision.pairing import judge
+from lightning_precision.storage import resolve_storage_dtype
 from lightning_precision.runconfig import load_config, section
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lightning_precision.memory import FLASH_QUANTIZED_MOMENT_BYTES, estimate_bytes_per_param, measure_bytes_per_param
-from lightning_precision.pairing import classify_optimizer
+from lightning_precision.catalogue import FLASH_QUANTIZED_MOMENT_BYTES, classify_optimizer
+from lightning_precision.memory import estimate_bytes_per_param, measure_bytes_per_param
 
 BF16, FP32 = torch.bfloat16, torch.float32
 
@@ -19,7 +19,7 @@ class _DeclaredCompensatedAdamW(torch.optim.Optimizer):
 
 
 def _estimate(storage, optimizer_cfg):
-    return estimate_bytes_per_param(storage, classify_optimizer(optimizer_cfg), optimizer_cfg)
+    return estimate_bytes_per_param(storage, classify_optimizer(optimizer_cfg))
 
 
 @pytest.mark.parametrize("storage", [BF16, FP32])
@@ -41,7 +41,7 @@ def test_flash_adamw_24_bit_quantized_moments_plus_one_ecc_byte():
 def test_flash_adamw_unquantized_moments_follow_what_the_rule_says():
     cfg = {"_target_": "flashoptim.FlashAdamW", "master_weight_bits": 24, "quantize": False}
     info = classify_optimizer(cfg)
-    est = estimate_bytes_per_param(BF16, info, cfg)
+    est = estimate_bytes_per_param(BF16, info)
     assert est.optimizer_state == 2 * info.exp_avg_sq_dtype.itemsize + info.master_bytes
 
 

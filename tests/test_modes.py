@@ -1,11 +1,15 @@
 """Precision strings and dtype spellings."""
 
+import re
+from typing import get_args, get_type_hints
+
 import pytest
 import torch
 
+from lightning_precision import CheckedMixedPrecision, FlashPrecision, HalfPrecisionForAudio
 from lightning_precision.dtypes import parse_dtype
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.modes import MODES, get_mode
+from lightning_precision.modes import LIGHTNING_ONLY_PRECISIONS, MODES, VALID_PRECISIONS, get_mode, spellings
 
 
 @pytest.mark.parametrize(
@@ -83,3 +87,46 @@ def test_parse_dtype_unset(unset):
 def test_parse_dtype_rejects_non_dtypes(bad):
     with pytest.raises(PrecisionConfigError, match="model.torch_dtype"):
         parse_dtype(bad, what="model.torch_dtype")
+
+
+# -- every precision string a message lists comes from the table -------------------------------------------------------
+
+_QUOTED_PRECISION = re.compile(r"'((?:bf16|fp16|16|32|64)-[a-z]+|transformer-engine[a-z0-9-]*)'")
+
+
+def _listed(error: Exception) -> list[str]:
+    """The quoted precision strings an error message lists, after the value it refuses."""
+    return _QUOTED_PRECISION.findall(str(error).split("is not", 1)[-1])
+
+
+@pytest.mark.parametrize(
+    ("build", "family"),
+    [
+        (lambda: HalfPrecisionForAudio("bf16-fast"), "true"),
+        (lambda: FlashPrecision("bf16-fast"), "flash"),
+        (lambda: CheckedMixedPrecision("bf16-fast"), None),
+        (lambda: get_mode("bf16-fast"), None),
+    ],
+    ids=["true", "flash", "mixed", "get_mode"],
+)
+def test_every_precision_an_error_lists_comes_from_modes(build, family):
+    with pytest.raises(PrecisionConfigError) as raised:
+        build()
+    listed = _listed(raised.value)
+    assert listed, raised.value
+    assert set(listed) <= set(VALID_PRECISIONS) | set(LIGHTNING_ONLY_PRECISIONS)
+    if family is not None:
+        assert set(listed) <= set(spellings(family))
+
+
+@pytest.mark.parametrize(
+    ("plugin", "family"), [(HalfPrecisionForAudio, "true"), (FlashPrecision, "flash")], ids=["true", "flash"]
+)
+def test_plugin_literal_is_derived_from_modes(plugin, family):
+    hints = get_type_hints(plugin.__init__)
+    assert get_args(hints["precision"]) == spellings(family)
+
+
+def test_mixed_plugin_literal_lists_the_autocast_modes():
+    hints = get_type_hints(CheckedMixedPrecision.__init__)
+    assert set(get_args(hints["precision"])) == {name for name, mode in MODES.items() if mode.autocast}

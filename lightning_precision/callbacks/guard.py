@@ -13,13 +13,8 @@ from lightning_precision.callbacks.underflow import UpdateUnderflowMonitor
 from lightning_precision.dtypes import dtype_name, parse_bool, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import get_mode
-from lightning_precision.pairing import (
-    OnUnsafe,
-    Status,
-    check_and_enforce,
-    trainable_half_params,
-    validate_on_unsafe,
-)
+from lightning_precision.pairing import Status, trainable_half_params
+from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce, trainer_components
 from lightning_precision.report import (
     CHECKPOINT_KEY,
     PrecisionContract,
@@ -30,7 +25,7 @@ from lightning_precision.report import (
 )
 
 
-class PrecisionGuard(Callback):
+class PrecisionGuard(PolicyHolder, Callback):
     """Judges the live optimizers and parameters at fit start and reports the precision contract.
 
     At fit start the optimizers exist (including ones built in ``configure_optimizers``, which no config shows), so
@@ -42,8 +37,8 @@ class PrecisionGuard(Callback):
     records its latest stale-update fractions.
 
     Args:
-        on_unsafe: ``"warn"`` (default), ``"error"`` (raise :class:`PrecisionPairingError` before the first step) or
-            ``"ignore"``.
+        on_unsafe: ``"warn"``, ``"error"`` (raise :class:`PrecisionPairingError` before the first step) or
+            ``"ignore"``; ``None`` (default): the policy set on the precision plugin or strategy, else ``"warn"``.
         peft: Only adapters train: the pairing is not judged.
         log_table: Log the contract table on rank zero.
 
@@ -51,8 +46,8 @@ class PrecisionGuard(Callback):
         PrecisionConfigError: If ``on_unsafe`` is not a valid policy.
     """
 
-    def __init__(self, on_unsafe: OnUnsafe = "warn", peft: bool = False, log_table: bool = True) -> None:
-        self.on_unsafe = validate_on_unsafe(on_unsafe, what="PrecisionGuard(on_unsafe=...)")
+    def __init__(self, on_unsafe: OnUnsafe | None = None, peft: bool = False, log_table: bool = True) -> None:
+        self._init_policy(on_unsafe)
         self.peft = parse_bool(peft, what="PrecisionGuard(peft=...)")
         self.log_table = log_table
         self.contract: PrecisionContract | None = None
@@ -61,6 +56,7 @@ class PrecisionGuard(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.adopt_on_unsafe(trainer_components(trainer))
         self._state_observed = False
         self.contract = self._build_contract(trainer, observe_state=False)
         if self._restored is not None:
@@ -114,7 +110,7 @@ class PrecisionGuard(Callback):
             optimizers=rows,
         )
         if self.log_table:
-            unsafe = any(v.status is Status.UNSAFE for v in verdicts)
+            unsafe = self.on_unsafe != "ignore" and any(v.status is Status.UNSAFE for v in verdicts)
             info_rank_zero(f"{contract.format_table()}\n({where}{'; UNSAFE pairing, see warning' if unsafe else ''})")
         return contract
 

@@ -11,19 +11,19 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_precision.dtypes import parse_bool
 from lightning_precision.casting import cast_batch, normalize_preserve_keys
-from lightning_precision.pairing import OnUnsafe, check_and_enforce, validate_on_unsafe
+from lightning_precision.dtypes import parse_bool
+from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce, trainer_components
 
 
-class _PairingCheck(Precision):
+class _PairingCheck(PolicyHolder, Precision):
     """Base for this library's plugins: checks the optimizer pairing when Lightning connects the plugin.
 
     Listed first in a plugin's bases so its hooks take precedence over Lightning's.
     """
 
-    def _init_pairing_check(self, on_unsafe: OnUnsafe, peft: bool) -> None:
-        self.on_unsafe = validate_on_unsafe(on_unsafe, what=f"{type(self).__name__}(on_unsafe=...)")
+    def _init_pairing_check(self, on_unsafe: OnUnsafe | None, peft: bool) -> None:
+        self._init_policy(on_unsafe)
         self.peft = parse_bool(peft, what=f"{type(self).__name__}(peft=...)")
 
     @override
@@ -31,7 +31,9 @@ class _PairingCheck(Precision):
         self, model: Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
     ) -> tuple[Module, list[Optimizer], list[Any]]:
         # Lightning connects the plugin after the optimizers exist and before the first step: the earliest point at
-        # which the real pairing can be judged, on every rank alike.
+        # which the real pairing can be judged, on every rank alike. Under a Trainer, a policy set on the guard or
+        # the strategy applies here too.
+        self.adopt_on_unsafe(trainer_components(getattr(model, "_trainer", None)))
         check_and_enforce(optimizers, on_unsafe=self.on_unsafe, peft=self.peft, where=type(self).__name__)
         return model, optimizers, lr_schedulers
 
@@ -41,7 +43,7 @@ class _CheckedHalfInputs(_PairingCheck):
 
     _desired_input_dtype: torch.dtype
 
-    def _init_checks(self, preserve_keys: str | Iterable[str] | None, on_unsafe: OnUnsafe, peft: bool) -> None:
+    def _init_checks(self, preserve_keys: str | Iterable[str] | None, on_unsafe: OnUnsafe | None, peft: bool) -> None:
         self.preserve_keys = normalize_preserve_keys(preserve_keys)
         self._init_pairing_check(on_unsafe, peft)
 

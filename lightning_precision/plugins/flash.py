@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Literal
 
 from torch.distributed.tensor import DTensor
 from torch.nn import Module
@@ -14,11 +13,11 @@ from lightning_precision._logging import info_rank_zero
 from lightning_precision.casting import DEFAULT_PRESERVE_KEYS
 from lightning_precision.dtypes import HALF_DTYPES, dtype_name
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.modes import get_mode
-from lightning_precision.pairing import OnUnsafe
+from lightning_precision.modes import FlashPrecisionInput, choices_text, get_mode, spellings
 from lightning_precision.plugins._checked import _CheckedHalfInputs
+from lightning_precision.policy import OnUnsafe
 
-_FLASH_PRECISIONS = ("bf16-flash", "fp16-flash", "bf16-automodel", "fp16-automodel")
+_FLASH_PRECISIONS = spellings("flash")
 
 
 class FlashPrecision(_CheckedHalfInputs):
@@ -35,7 +34,8 @@ class FlashPrecision(_CheckedHalfInputs):
             deprecated aliases (``FutureWarning``).
         preserve_keys: Substring patterns of batch keys whose tensors keep their dtype.
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing (e.g. a torch optimizer,
-            or ``FlashAdamW(master_weight_bits=None)``, on half parameters).
+            or ``FlashAdamW(master_weight_bits=None)``, on half parameters); ``None`` (default): the policy set
+            elsewhere in the Trainer (guard, strategy, config), else ``"warn"``.
         peft: Only adapters train: the pairing is not judged.
         cast_model_kwargs: Extra arguments for :func:`flashoptim.cast_model`, e.g. ``full_precision_layers``.
 
@@ -43,19 +43,20 @@ class FlashPrecision(_CheckedHalfInputs):
         ValueError: If ``precision`` is not a flash precision string.
     """
 
-    precision: Literal["bf16-flash", "fp16-flash"] = "bf16-flash"
+    precision: str = "bf16-flash"
 
     def __init__(
         self,
-        precision: Literal["bf16-flash", "fp16-flash", "bf16-automodel", "fp16-automodel"] = "bf16-flash",
+        precision: FlashPrecisionInput = "bf16-flash",
         preserve_keys: Iterable[str] | str | None = DEFAULT_PRESERVE_KEYS,
-        on_unsafe: OnUnsafe = "warn",
+        on_unsafe: OnUnsafe | None = None,
         peft: bool = False,
         cast_model_kwargs: dict | None = None,
     ) -> None:
         if precision not in _FLASH_PRECISIONS:
             raise PrecisionConfigError(
-                f"`FlashPrecision(precision={precision!r})` is not supported. Valid choices: 'bf16-flash', 'fp16-flash'."
+                f"`FlashPrecision(precision={precision!r})` is not supported. Valid choices: "
+                f"{choices_text(spellings('flash', deprecated=False))}."
             )
         mode = get_mode(precision, what="FlashPrecision(precision=...)")  # warns for the deprecated aliases
         self.precision = mode.name

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
 
 from lightning.pytorch.plugins.precision import HalfPrecision
 
 from lightning_precision.casting import DEFAULT_PRESERVE_KEYS
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.modes import get_mode
-from lightning_precision.pairing import OnUnsafe
+from lightning_precision.modes import TruePrecisionInput, choices_text, get_mode, spellings
 from lightning_precision.plugins._checked import _CheckedHalfInputs
+from lightning_precision.policy import OnUnsafe
 
-_TRUE_PRECISIONS = ("bf16-true", "fp16-true", "16-true")
+_TRUE_PRECISIONS = spellings("true")
 
 
 class HalfPrecisionForAudio(_CheckedHalfInputs, HalfPrecision):
@@ -26,7 +25,8 @@ class HalfPrecisionForAudio(_CheckedHalfInputs, HalfPrecision):
     Args:
         precision: ``"bf16-true"``, or ``"fp16-true"`` (Lightning's spelling ``"16-true"`` is accepted).
         preserve_keys: Substring patterns of batch keys whose tensors keep their dtype.
-        on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing.
+        on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing; ``None`` (default): the
+            policy set elsewhere in the Trainer (guard, strategy, config), else ``"warn"``.
         peft: Only adapters train: the pairing is not judged.
 
     Raises:
@@ -35,9 +35,9 @@ class HalfPrecisionForAudio(_CheckedHalfInputs, HalfPrecision):
 
     def __init__(
         self,
-        precision: Literal["bf16-true", "fp16-true", "16-true"] = "bf16-true",
+        precision: TruePrecisionInput = "bf16-true",
         preserve_keys: Iterable[str] | str | None = DEFAULT_PRESERVE_KEYS,
-        on_unsafe: OnUnsafe = "warn",
+        on_unsafe: OnUnsafe | None = None,
         peft: bool = False,
     ) -> None:
         if precision not in _TRUE_PRECISIONS:
@@ -48,7 +48,7 @@ class HalfPrecisionForAudio(_CheckedHalfInputs, HalfPrecision):
                 pass
             raise PrecisionConfigError(
                 f"`HalfPrecisionForAudio(precision={precision!r})` is not supported. Valid choices: "
-                f"{', '.join(repr(p) for p in _TRUE_PRECISIONS)}.{hint}"
+                f"{choices_text(_TRUE_PRECISIONS)}.{hint}"
             )
         super().__init__(get_mode(precision).name)  # Lightning's canonical "bf16-true" / "16-true"
         self._init_checks(preserve_keys, on_unsafe, peft)

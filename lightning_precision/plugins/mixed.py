@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.pairing import OnUnsafe
+from lightning_precision.modes import MixedPrecisionInput, choices_text
 from lightning_precision.plugins._checked import _PairingCheck
+from lightning_precision.policy import OnUnsafe
 
-_MIXED_PRECISIONS = ("bf16-mixed", "16-mixed")
+_MIXED_PRECISIONS: tuple[str, ...] = MixedPrecisionInput.__args__
 
 
 class CheckedMixedPrecision(_PairingCheck, MixedPrecision):
@@ -25,7 +24,8 @@ class CheckedMixedPrecision(_PairingCheck, MixedPrecision):
         precision: ``"bf16-mixed"`` or ``"16-mixed"``.
         device: Device type for ``torch.autocast`` (default: ``"cuda"`` if available, else ``"cpu"``).
         scaler: Optional gradient scaler for ``16-mixed``.
-        on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing.
+        on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing; ``None`` (default): the
+            policy set elsewhere in the Trainer (guard, strategy, config), else ``"warn"``.
         peft: Only adapters train: the pairing is not judged.
 
     Raises:
@@ -34,16 +34,16 @@ class CheckedMixedPrecision(_PairingCheck, MixedPrecision):
 
     def __init__(
         self,
-        precision: Literal["bf16-mixed", "16-mixed"] = "bf16-mixed",
+        precision: MixedPrecisionInput = "bf16-mixed",
         device: str | None = None,
         scaler: torch.amp.GradScaler | None = None,
-        on_unsafe: OnUnsafe = "warn",
+        on_unsafe: OnUnsafe | None = None,
         peft: bool = False,
     ) -> None:
         if precision not in _MIXED_PRECISIONS:
             raise PrecisionConfigError(
-                f"`CheckedMixedPrecision(precision={precision!r})` is not supported. Valid choices: 'bf16-mixed', "
-                "'16-mixed'."
+                f"`CheckedMixedPrecision(precision={precision!r})` is not supported. Valid choices: "
+                f"{choices_text(_MIXED_PRECISIONS)}."
             )
         super().__init__(precision, device or ("cuda" if torch.cuda.is_available() else "cpu"), scaler)
         self._init_pairing_check(on_unsafe, peft)

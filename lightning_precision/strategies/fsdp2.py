@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -27,184 +24,18 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from typing_extensions import override
 
 from lightning_precision._logging import info_rank_zero
-from lightning_precision.dtypes import HALF_DTYPES, dtype_name, parse_dtype
+from lightning_precision.catalogue import classify_optimizer
+from lightning_precision.dtypes import dtype_name, parse_bool, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.modes import PrecisionMode, get_mode
-from lightning_precision.pairing import (
-    OnUnsafe,
-    Verdict,
-    check_and_enforce,
-    classify_optimizer,
-    resolve_storage_dtype,
-    validate_on_unsafe,
-)
+from lightning_precision.modes import MODES, PrecisionMode, choices_text, get_mode
+from lightning_precision.pairing import Verdict
+from lightning_precision.policy import OnUnsafe, PolicyHolder, agreed_policy, check_and_enforce, trainer_components
 from lightning_precision.report import report_storage_change
+from lightning_precision.strategies.checkpoint_staging import remove_path, replace_path, staging_path
+from lightning_precision.strategies.fsdp2_plan import FSDP2Precision, parse_mp_policy, resolve_fsdp2_precision
 from lightning_precision.strategies.parallelize import BlockSelector, block_selector, is_sharded, parallelize
 
 CHECKPOINT_KEY = "lightning_precision_fsdp2"
-_POLICY_KEYS = ("param_dtype", "reduce_dtype", "output_dtype", "cast_forward_inputs")
-
-
-@dataclass(frozen=True)
-class FSDP2Precision:
-    """What the strategy decided for the three dtypes (a pure function of the config: the same on every rank).
-
-    Attributes:
-        mode: The trainer's precision.
-        storage_dtype: Dtype of the resident sharded parameters (``None``: left as the model holds them, PEFT).
-        storage_was_auto: Whether ``storage_dtype`` was chosen by ``"auto"`` through the pairing rule.
-        mp_policy: The FSDP2 policy for the blocks.
-    """
-
-    mode: PrecisionMode
-    storage_dtype: torch.dtype | None
-    storage_was_auto: bool
-    mp_policy: MixedPrecisionPolicy
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.mp_policy.param_dtype or self.storage_dtype or self.mode.compute_dtype
-
-    @property
-    def reduce_dtype(self) -> torch.dtype | None:
-        return self.mp_policy.reduce_dtype or self.mp_policy.param_dtype or self.storage_dtype
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain strings, for checkpoints and loggers."""
-        return {
-            "precision": self.mode.name,
-            "storage_dtype": dtype_name(self.storage_dtype),
-            "storage_was_auto": self.storage_was_auto,
-            "mp_policy": policy_to_dict(self.mp_policy),
-        }
-
-
-def policy_to_dict(policy: MixedPrecisionPolicy) -> dict[str, Any]:
-    """A policy as plain values (dtype names, ``None`` as ``"-"``)."""
-    return {
-        "param_dtype": dtype_name(policy.param_dtype),
-        "reduce_dtype": dtype_name(policy.reduce_dtype),
-        "output_dtype": dtype_name(policy.output_dtype),
-        "cast_forward_inputs": policy.cast_forward_inputs,
-    }
-
-
-def parse_mp_policy(mp_policy: MixedPrecisionPolicy | Mapping[str, Any] | None) -> dict[str, Any]:
-    """Read the ``mp_policy`` option into a dict of the four fields, ``None`` where not given.
-
-    Args:
-        mp_policy: A ``MixedPrecisionPolicy`` (its ``None`` fields count as not given), a mapping with keys among
-            ``param_dtype``, ``reduce_dtype``, ``output_dtype``, ``cast_forward_inputs`` (dtype spellings as in
-            :func:`~lightning_precision.dtypes.parse_dtype`), or ``None``.
-
-    Raises:
-        PrecisionConfigError: On an unknown key, a value that is not a dtype, or another type.
-    """
-    if mp_policy is None:
-        return dict.fromkeys(_POLICY_KEYS)
-    if isinstance(mp_policy, MixedPrecisionPolicy):
-        return {k: getattr(mp_policy, k) for k in _POLICY_KEYS}
-    if not isinstance(mp_policy, Mapping):
-        raise PrecisionConfigError(
-            f"FSDP2Strategy(mp_policy={mp_policy!r}) is not valid: give a torch MixedPrecisionPolicy or a mapping with "
-            f"keys {list(_POLICY_KEYS)}."
-        )
-    unknown = sorted(str(k) for k in mp_policy if k not in _POLICY_KEYS)
-    if unknown:
-        raise PrecisionConfigError(
-            f"FSDP2Strategy(mp_policy=...) has unknown key(s) {unknown}. Valid keys: {list(_POLICY_KEYS)}."
-        )
-    out = {k: parse_dtype(mp_policy.get(k), what=f"mp_policy.{k}") for k in _POLICY_KEYS[:3]}
-    cast = mp_policy.get("cast_forward_inputs")
-    if cast is not None and not isinstance(cast, bool):
-        raise PrecisionConfigError(f"mp_policy.cast_forward_inputs={cast!r} is not valid: give true or false.")
-    out["cast_forward_inputs"] = cast
-    return out
-
-
-def resolve_fsdp2_precision(
-    precision: str | PrecisionMode,
-    *,
-    storage_dtype: Any = "auto",
-    mp_policy: MixedPrecisionPolicy | Mapping[str, Any] | None = None,
-    optimizer: Any = None,
-    peft: bool = False,
-) -> FSDP2Precision:
-    """Map a precision and the strategy's options onto a storage dtype and an FSDP2 ``MixedPrecisionPolicy``.
-
-    * ``bf16-mixed``: storage by the pairing rule (``"auto"``: fp32 for torch optimizers and unknown ones, bf16 for
-      optimizers that keep master weights), compute bf16. ``16-mixed`` likewise with fp16.
-    * ``bf16-true`` / ``bf16-flash``: bf16 storage and compute.
-    * ``32-true`` / ``64-true``: no mixed precision (all policy dtypes ``None``; an explicit ``reduce_dtype`` is kept).
-    * The default policy for half precisions is NeMo AutoModel's: param (compute) dtype = the precision's half dtype,
-      reduce dtype fp32, output dtype = the half dtype. Fields given in ``mp_policy`` override it.
-
-    Args:
-        precision: The trainer's precision string or mode.
-        storage_dtype: ``"auto"`` or a dtype spelling.
-        mp_policy: See :func:`parse_mp_policy`.
-        optimizer: The optimizer class, import path or config mapping, if known before it exists.
-        peft: Only adapters train: storage is left as the model holds it.
-
-    Returns:
-        The decision.
-
-    Raises:
-        PrecisionConfigError: If the options contradict each other: an explicit ``storage_dtype`` against a
-            precision that fixes storage (``*-true``, ``*-flash``, ``32-true``); ``mp_policy.param_dtype`` or
-            ``output_dtype`` against the precision's compute dtype; a half ``storage_dtype`` that is not the compute
-            half dtype (fp16 storage with bf16 compute would re-round every parameter on each gather).
-    """
-    mode = (
-        get_mode(precision, what="FSDP2Strategy precision") if not isinstance(precision, PrecisionMode) else precision
-    )
-    explicit = parse_dtype(storage_dtype, what="FSDP2Strategy(storage_dtype=...)")
-    try:
-        storage = resolve_storage_dtype({"torch_dtype": explicit}, optimizer, peft=peft, precision=mode)
-    except PrecisionConfigError as err:
-        raise PrecisionConfigError(f"FSDP2Strategy(storage_dtype={storage_dtype!r}): {err}") from err
-    given = parse_mp_policy(mp_policy)
-    half = mode.half_dtype
-    for key in ("param_dtype", "output_dtype"):
-        value = given[key]
-        expected = half or mode.compute_dtype
-        if value is not None and value != expected:
-            raise PrecisionConfigError(
-                f"FSDP2Strategy(mp_policy={{{key}: {dtype_name(value)}}}) contradicts precision={mode.name!r}, which "
-                f"computes in {dtype_name(expected)}. Drop mp_policy.{key} (it follows the precision), or choose the "
-                f"precision that computes in {dtype_name(value)}: "
-                + (
-                    "'bf16-mixed' (fp32 storage) or 'bf16-true'."
-                    if value == torch.bfloat16
-                    else f"one of {_for(value)}."
-                )
-            )
-    cast = True if given["cast_forward_inputs"] is None else given["cast_forward_inputs"]
-    if half is None:  # full precision: FSDP2 casts nothing
-        policy = MixedPrecisionPolicy(reduce_dtype=given["reduce_dtype"], cast_forward_inputs=cast)
-    else:
-        policy = MixedPrecisionPolicy(
-            param_dtype=half,
-            reduce_dtype=given["reduce_dtype"] or torch.float32,
-            output_dtype=given["output_dtype"] or half,
-            cast_forward_inputs=cast,
-        )
-        if storage in HALF_DTYPES and storage != half:
-            raise PrecisionConfigError(
-                f"FSDP2Strategy(storage_dtype={dtype_name(storage)}) with precision={mode.name!r} (compute "
-                f"{dtype_name(half)}): parameters stored in one half dtype and computed in the other are re-rounded on "
-                f"every gather. Use storage_dtype={dtype_name(half)}, float32, or auto."
-            )
-    return FSDP2Precision(
-        mode=mode,
-        storage_dtype=storage,
-        storage_was_auto=explicit is None and mode.storage_dtype is None,
-        mp_policy=policy,
-    )
-
-
-def _for(dtype: torch.dtype) -> str:
-    return "'16-mixed', '16-true'" if dtype == torch.float16 else "'32-true'"
 
 
 class _PolicyMixedPrecision(MixedPrecision):
@@ -217,7 +48,7 @@ class _PolicyMixedPrecision(MixedPrecision):
         return nullcontext()
 
 
-class FSDP2Strategy(ModelParallelStrategy):
+class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
     """Fully sharded data parallel (FSDP2, ``fully_shard``) with a mixed-precision policy and a storage dtype that is
     safe for the optimizer.
 
@@ -256,7 +87,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         autocast: Also run Lightning's ``torch.autocast`` under ``*-mixed`` precisions. Off by default: the policy
             does the casting.
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe storage/optimizer pairing. ``None``: the
-            value from ``resolve_trainer_cfg``, else ``"warn"``.
+            policy set by ``resolve_trainer_cfg`` or on another component of the Trainer, else ``"warn"``.
         peft: Only adapters train: storage is left to the model and the pairing is not judged.
         data_parallel_size: ``"auto"`` (world size / tensor-parallel size) or an int.
         tensor_parallel_size: Tensor-parallel size (default 1). With more than 1, apply tensor parallelism yourself in
@@ -304,17 +135,15 @@ class FSDP2Strategy(ModelParallelStrategy):
             raise PrecisionConfigError(
                 f"FSDP2Strategy(tensor_parallel_size={tensor_parallel_size!r}) is not valid: give an int >= 1."
             )
-        self.storage_dtype_option = storage_dtype
+        self._storage_dtype_given = storage_dtype
+        self._model_torch_dtype: torch.dtype | None = None  # learned from a config's model section
         self.mp_policy_option = mp_policy
         self.optimizer_hint = optimizer
         self.blocks = blocks
         self.reshard_after_forward = bool(reshard_after_forward)
         self.autocast = bool(autocast)
-        self._on_unsafe_given = on_unsafe is not None
-        self.on_unsafe: OnUnsafe = validate_on_unsafe(
-            on_unsafe if on_unsafe is not None else "warn", what="FSDP2Strategy: on_unsafe"
-        )
-        self.peft = bool(peft)
+        self._init_policy(on_unsafe)
+        self.peft = parse_bool(peft, what="FSDP2Strategy(peft=...)")
         self.resolved: FSDP2Precision | None = None
         self.sharded_by_strategy = False
 
@@ -349,38 +178,70 @@ class FSDP2Strategy(ModelParallelStrategy):
         """The resolved policy applied to the blocks (known after ``setup``)."""
         return self.resolved.mp_policy if self.resolved else None
 
-    def apply_resolved_config(
-        self, kwargs: Any, *, optimizer: Any = None, peft: bool = False, model: Mapping[str, Any] | None = None
-    ) -> FSDP2Precision:
-        """Learn from :func:`~lightning_precision.config.resolve_trainer_cfg` what the strategy cannot see yet.
+    @property
+    def storage_dtype_option(self) -> Any:
+        """The explicit storage dtype the plan uses: the strategy's own, else a config's ``model.torch_dtype``, else
+        ``"auto"``."""
+        if parse_dtype(self._storage_dtype_given) is None and self._model_torch_dtype is not None:
+            return self._model_torch_dtype
+        return self._storage_dtype_given
+
+    def learn_config(
+        self,
+        *,
+        optimizer: Any = None,
+        model_torch_dtype: Any = None,
+        peft: bool = False,
+        on_unsafe: OnUnsafe | None = None,
+    ) -> None:
+        """Record what :func:`~lightning_precision.config.resolve_trainer_cfg` knows and the strategy cannot see yet.
 
         The optimizer is created after sharding, so its config is the only way ``storage_dtype="auto"`` can know it.
-        Options given to the strategy itself win.
+        Nothing the strategy was given is overwritten: a different optimizer or policy is an error, and the
+        strategy's own ``storage_dtype`` decides the resident dtype over how the model is loaded.
 
         Args:
-            kwargs: The resolved ``TrainerKwargs`` (its ``on_unsafe`` is adopted unless the strategy was given one).
             optimizer: The optimizer section.
-            peft: Whether only adapters train.
-            model: The model section: an explicit ``torch_dtype`` there is the storage dtype when the strategy's own
+            model_torch_dtype: The model section's ``torch_dtype``: the storage dtype when the strategy's own
                 ``storage_dtype`` is ``"auto"``.
+            peft: Whether only adapters train.
+            on_unsafe: The config's explicit policy, if any.
 
-        Returns:
-            What the strategy will do under the config's precision (Lightning's ``32-true`` when it sets none), so the
-            config can be judged and explained before anything runs.
+        Raises:
+            PrecisionConfigError: If the config names another optimizer or another policy than the strategy's own,
+                or ``model_torch_dtype`` is not a dtype.
+        """
+        self._model_torch_dtype = parse_dtype(model_torch_dtype, what="model.torch_dtype")
+        if optimizer is not None:
+            config_name = classify_optimizer(optimizer).name
+            if self.optimizer_hint is None:
+                self.optimizer_hint = optimizer
+            elif classify_optimizer(self.optimizer_hint).name != config_name:
+                raise PrecisionConfigError(
+                    f"FSDP2Strategy(optimizer={self.optimizer_hint!r}) and the config's optimizer {config_name!r} "
+                    "disagree; give the optimizer in one place."
+                )
+        self.peft = self.peft or peft
+        if on_unsafe is not None:
+            agreed_policy(
+                [e for e in (self.explicit_on_unsafe(), ("trainer.lightning_precision.on_unsafe", on_unsafe)) if e]
+            )
+            self._on_unsafe_config = on_unsafe
+
+    def plan(self, mode: PrecisionMode) -> FSDP2Precision:
+        """Storage decision and policy under ``mode`` with this strategy's options (see
+        :func:`~lightning_precision.strategies.fsdp2_plan.resolve_fsdp2_precision`); changes nothing.
 
         Raises:
             PrecisionConfigError: If the strategy's options contradict the precision.
         """
-        explicit = parse_dtype((model or {}).get("torch_dtype"), what="model.torch_dtype")
-        if explicit is not None and parse_dtype(self.storage_dtype_option) is None:
-            self.storage_dtype_option = explicit
-        if self.optimizer_hint is None and optimizer is not None:
-            classify_optimizer(optimizer)
-            self.optimizer_hint = optimizer
-        self.peft = self.peft or bool(peft)
-        if not self._on_unsafe_given and getattr(kwargs, "on_unsafe", None) is not None:
-            self.on_unsafe = validate_on_unsafe(kwargs.on_unsafe)
-        return self.decide(getattr(kwargs, "precision_mode", None) or get_mode("32-true"))
+        return resolve_fsdp2_precision(
+            mode,
+            storage_dtype=self.storage_dtype_option,
+            mp_policy=self.mp_policy_option,
+            optimizer=self.optimizer_hint,
+            peft=self.peft,
+        )
 
     # -- setup ---------------------------------------------------------------------------------------------------------
 
@@ -403,6 +264,7 @@ class FSDP2Strategy(ModelParallelStrategy):
                 "Found modules wrapped with `torch.distributed.fsdp.FullyShardedDataParallel` (FSDP1). "
                 f"`{type(self).__name__}` only supports FSDP2 (`fully_shard`)."
             )
+        self.adopt_on_unsafe(trainer_components(trainer))
         self.resolved = self._resolve_precision()
         self._disable_autocast_unless_asked()
 
@@ -448,20 +310,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             mode = get_mode(name, what="precision")
         except PrecisionConfigError as err:
             raise PrecisionConfigError(
-                f"{type(self).__name__} does not support precision={name!r}. Choose one of: '32-true', 'bf16-mixed', "
-                "'bf16-true', 'bf16-flash' (or their fp16 forms)."
+                f"{type(self).__name__} does not support precision={name!r}. Choose one of: {choices_text(tuple(MODES))}."
             ) from err
-        return self.decide(mode)
-
-    def decide(self, mode: PrecisionMode) -> FSDP2Precision:
-        """Storage dtype and policy under ``mode`` with this strategy's options (see :func:`resolve_fsdp2_precision`)."""
-        return resolve_fsdp2_precision(
-            mode,
-            storage_dtype=self.storage_dtype_option,
-            mp_policy=self.mp_policy_option,
-            optimizer=self.optimizer_hint,
-            peft=self.peft,
-        )
+        return self.plan(mode)
 
     def _disable_autocast_unless_asked(self) -> None:
         plugin = self.precision_plugin
@@ -540,15 +391,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """Save as ``ModelParallelStrategy`` does, into a hidden staging path that is renamed onto ``filepath`` only
-        once every rank has written.
-
-        Lightning writes a sharded checkpoint straight into ``filepath``. When that directory already holds a
-        checkpoint (``last.ckpt`` with ``save_last=True`` is rewritten in place), a rank that dies mid-save leaves the
-        previous ``.metadata`` and ``meta.pt`` next to a mix of new and old shard files: a directory that loads
-        without error but holds parameters from two different steps. Staging keeps ``filepath`` either the previous
-        complete checkpoint or the new complete one; an interrupted save leaves only ``.<name>.incomplete``, which
-        neither Lightning's ``ckpt_path="last"`` nor ``ModelCheckpoint`` take for a checkpoint.
-        """
+        once every rank has written (see :mod:`~lightning_precision.strategies.checkpoint_staging` for why)."""
         if self.resolved is not None:
             checkpoint[CHECKPOINT_KEY] = self.resolved.to_dict()
         if storage_options is not None:
@@ -556,15 +399,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(filepath))
         if path.is_dir() and not self._save_distributed_checkpoint and not _is_sharded_checkpoint(path):
             raise IsADirectoryError(f"The checkpoint path exists and is a directory: {path}")
-        staging = path.with_name(f".{path.name}.incomplete")
+        staging = staging_path(path)
         if self.is_global_zero:
-            _remove_path(staging)  # left over from an interrupted save
+            remove_path(staging)  # left over from an interrupted save
             path.parent.mkdir(parents=True, exist_ok=True)
         self.barrier()
         super().save_checkpoint(checkpoint, staging)
         self.barrier()  # every rank has written its part (DCP writes .metadata last, after gathering all ranks)
         if self.is_global_zero:
-            _replace_path(staging, path)
+            replace_path(staging, path)
         self.barrier()
         return None
 
@@ -583,30 +426,6 @@ class FSDP2Strategy(ModelParallelStrategy):
         where = f" from {path}" if path else ""
         what = f"{type(self).__name__} checkpoint{where}"
         report_storage_change(parse_dtype(recorded, what="checkpoint storage_dtype"), current, what=what)
-
-
-def _remove_path(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
-
-def _replace_path(staging: Path, path: Path) -> None:
-    """Move the complete ``staging`` onto ``path`` (a file or a directory, replacing either) by renames."""
-    if not (path.exists() or path.is_symlink()):
-        staging.rename(path)
-        return
-    if staging.is_file() and path.is_file() and not path.is_symlink():
-        os.replace(staging, path)  # atomic
-        return
-    # A directory cannot atomically replace a non-empty one: set the old one aside first. A crash between the two
-    # renames leaves the old checkpoint complete under .<name>.replaced and the new one under .<name>.incomplete.
-    replaced = path.with_name(f".{path.name}.replaced")
-    _remove_path(replaced)
-    path.rename(replaced)
-    staging.rename(path)
-    _remove_path(replaced)
 
 
 if FSDP2Strategy.strategy_name not in StrategyRegistry:

@@ -1,0 +1,301 @@
+"""Classifying an optimizer: any accepted spelling resolved to one spec, then the first family that knows it.
+
+Adding an optimizer family is one entry in ``_FAMILIES`` (a test of the spec, and what it keeps) plus its tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lightning_precision._imports import import_object
+from lightning_precision.catalogue.info import OptimizerInfo, OptimizerKind, UpdateFormula
+from lightning_precision.dtypes import parse_dtype
+from lightning_precision.errors import PrecisionConfigError
+
+_CONFIG_TARGET_KEYS = ("_target_", "class_path")
+_ADAM_NAMES = ("adam", "lamb", "adan", "lion")  # optimizers with an EMA state; lion has only one moment
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """An optimizer as resolved from any spelling: its import path, class (if it imports here), settings, instance."""
+
+    name: str
+    cls: type | None
+    settings: dict[str, Any]
+    instance: Any
+
+    @property
+    def short(self) -> str:
+        return self.name.lower().rsplit(".", 1)[-1]
+
+    def declares(self, attr: str) -> bool:
+        return bool(getattr(self.instance, attr, False) or getattr(self.cls, attr, False))
+
+    def common(self) -> dict[str, Any]:
+        """The fields every family fills the same way."""
+        short = self.short
+        is_adam = any(k in short for k in _ADAM_NAMES)
+        if "lion" in short:
+            moments: tuple[str, ...] = ("exp_avg",)
+        elif is_adam:
+            moments = ("exp_avg", "exp_avg_sq")
+        else:
+            moments = ("momentum_buffer",) if self.settings.get("momentum") else ()
+        formula: UpdateFormula | None = "adam" if is_adam and "lion" not in short else None
+        if (self.cls is not None and issubclass(self.cls, torch.optim.SGD)) or self.name.startswith("torch.optim.sgd"):
+            formula = "sgd"
+        return {
+            "name": self.name,
+            "is_adam": is_adam,
+            "beta2": _beta2(self.settings),
+            "moments": moments,
+            "moment_dtypes": _moment_dtypes(self.name, self.settings, moments),
+            "update_formula": formula,
+            "decoupled_weight_decay": short.endswith("adamw") or bool(self.settings.get("decoupled_weight_decay")),
+        }
+
+
+def classify_optimizer(optimizer: Any, kwargs: Mapping[str, Any] | None = None) -> OptimizerInfo:
+    """Classify an optimizer by what it keeps.
+
+    Args:
+        optimizer: An optimizer instance, an optimizer class, an import path such as ``"torch.optim.AdamW"``, or a
+            config mapping with ``_target_`` (Hydra) or ``class_path``/``init_args`` (LightningCLI).
+        kwargs: Constructor arguments when ``optimizer`` is a class or a path.
+
+    Returns:
+        The classification. An optimizer may declare itself with class or instance attributes
+        ``keeps_master_weights = True`` or ``compensated_update = True``.
+
+    Raises:
+        PrecisionConfigError: If ``optimizer`` is none of the above, or a path that does not import.
+    """
+    spec = _resolve(optimizer, kwargs)
+    for matches, build in _FAMILIES:
+        if matches(spec):
+            return build(spec)
+    return OptimizerInfo(
+        kind=OptimizerKind.UNKNOWN,
+        reason="not a known optimizer; it can declare keeps_master_weights or compensated_update",
+        **spec.common(),
+    )
+
+
+def optimizer_settings(optimizer: Any, kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The settings the catalogue reads: the class's constructor defaults under the config's (or instance's) values.
+
+    Takes the same inputs as :func:`classify_optimizer`; only the config's own arguments when the class does not
+    import here.
+    """
+    return dict(_resolve(optimizer, kwargs).settings)
+
+
+def _resolve(optimizer: Any, kwargs: Mapping[str, Any] | None) -> _Spec:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        cls = type(optimizer)
+        settings = {**_signature_defaults(cls), **optimizer.defaults, **_instance_settings(optimizer)}
+        return _Spec(_qualname(cls), cls, settings, optimizer)
+    if isinstance(optimizer, Mapping):
+        target = next((optimizer[k] for k in _CONFIG_TARGET_KEYS if k in optimizer), None)
+        if target is None:
+            raise PrecisionConfigError(
+                f"optimizer config {dict(optimizer)!r} names no optimizer: give '_target_' (Hydra) or 'class_path' "
+                "(LightningCLI)."
+            )
+        cfg_kwargs = (
+            dict(optimizer.get("init_args") or {})
+            if "class_path" in optimizer
+            else {k: v for k, v in optimizer.items() if not (isinstance(k, str) and k.startswith("_"))}
+        )
+        return _resolve(target, {**cfg_kwargs, **(kwargs or {})})
+    if isinstance(optimizer, str):
+        cls = _locate(optimizer)
+        if cls is None:
+            return _Spec(optimizer, None, dict(kwargs or {}), None)
+        optimizer = cls
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        return _Spec(_qualname(optimizer), optimizer, {**_signature_defaults(optimizer), **dict(kwargs or {})}, None)
+    raise PrecisionConfigError(
+        f"Cannot classify optimizer {optimizer!r}: expected a torch.optim.Optimizer instance or class, an import path "
+        "such as 'torch.optim.AdamW', or a config mapping with '_target_' or 'class_path'."
+    )
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _locate(path: str) -> type | None:
+    """The class at ``path``; ``None`` only when its top-level package is not installed here (e.g. Transformer
+    Engine on a CPU machine), so such a config is still classified by its path.
+
+    Raises:
+        PrecisionConfigError: If the package is installed but the path does not name an object in it (a typo such
+            as ``"torch.optim.AdamWW"``): judging a name that does not exist would invent what it does.
+    """
+    top = str(path).split(".", 1)[0]
+    try:
+        installed = bool(top) and importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
+        return None
+    obj = import_object(path, where="optimizer")
+    return obj if isinstance(obj, type) else None
+
+
+def _signature_defaults(cls: type) -> dict[str, Any]:
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def _instance_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Constructor options a live instance keeps outside ``defaults``.
+
+    Many optimizers store keyword-only options as attributes (torchao's ``bf16_stochastic_round``, Transformer
+    Engine's ``master_weights``), so an instance reads as its config would.
+    """
+    settings = {
+        name: getattr(optimizer, name)
+        for name in _signature_defaults(type(optimizer))
+        if name not in optimizer.defaults and isinstance(getattr(optimizer, name, None), (bool, int, float, str))
+    }
+    groups = optimizer.param_groups
+    if groups and "master_bytewidth" in groups[0]:  # flashoptim records it per group
+        settings["master_bytewidth"] = max(g.get("master_bytewidth", 0) for g in groups)
+    return settings
+
+
+def _beta2(s: Mapping[str, Any]) -> float | None:
+    if "beta2" in s and s["beta2"] is not None:
+        return float(s["beta2"])
+    betas = s.get("betas")
+    if isinstance(betas, (list, tuple)) and len(betas) >= 2:
+        return float(betas[1])
+    return None
+
+
+def _moment_dtypes(name: str, s: Mapping[str, Any], moments: tuple[str, ...]) -> tuple[tuple[str, torch.dtype], ...]:
+    """Moment dtypes fixed by ``<moment>_dtype`` options (``CompensatedAdamW(exp_avg_dtype=...)``)."""
+    fixed = []
+    for moment in moments:
+        value = parse_dtype(s.get(f"{moment}_dtype"), what=f"{name} {moment}_dtype")
+        if value is not None:
+            fixed.append((moment, value))
+    return tuple(fixed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The families, in the order they are tried
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _declared_master(spec: _Spec) -> OptimizerInfo:
+    return OptimizerInfo(kind=OptimizerKind.KEEPS_MASTER, reason="it declares keeps_master_weights", **spec.common())
+
+
+def _declared_compensated(spec: _Spec) -> OptimizerInfo:
+    sq = spec.settings.get("exp_avg_sq_dtype")
+    return OptimizerInfo(
+        kind=OptimizerKind.COMPENSATED,
+        reason="it declares compensated_update",
+        exp_avg_sq_dtype=parse_dtype(sq, what=f"{spec.name} exp_avg_sq_dtype") if sq is not None else None,
+        compensation_buffer=True,
+        **spec.common(),
+    )
+
+
+def _flashoptim(spec: _Spec) -> OptimizerInfo:
+    s = spec.settings
+    bits = 8 * int(s["master_bytewidth"] or 0) if "master_bytewidth" in s else int(s.get("master_weight_bits") or 0)
+    common = {**spec.common(), "quantized_moments": bool(s.get("quantize", True))}
+    if bits:
+        return OptimizerInfo(
+            kind=OptimizerKind.KEEPS_MASTER,
+            reason=f"flashoptim keeps {bits}-bit master weights through error-correction bits",
+            master_bytes=(bits - 16) // 8,
+            exp_avg_sq_dtype=torch.float32,
+            **common,
+        )
+    return OptimizerInfo(
+        kind=OptimizerKind.STATE_FOLLOWS_PARAM,
+        reason="flashoptim with master_weight_bits=None keeps no master copy and its moments in the parameter dtype",
+        **common,
+    )
+
+
+def _transformer_engine(spec: _Spec) -> OptimizerInfo:
+    if spec.settings.get("master_weights"):
+        return OptimizerInfo(
+            kind=OptimizerKind.KEEPS_MASTER,
+            reason="Transformer Engine FusedAdam with master_weights=True keeps fp32 master weights",
+            master_bytes=4,
+            exp_avg_sq_dtype=parse_dtype(spec.settings.get("exp_avg_sq_dtype") or torch.float32),
+            **spec.common(),
+        )
+    return OptimizerInfo(
+        kind=OptimizerKind.STATE_FOLLOWS_PARAM,
+        reason="Transformer Engine FusedAdam without master_weights writes updates in the parameter dtype",
+        **spec.common(),
+    )
+
+
+def _optimi(spec: _Spec) -> OptimizerInfo:
+    common = {**spec.common()}
+    if common["update_formula"] == "adam":
+        common["update_formula"] = "adam-debiased"  # optimi keeps debiased moments
+    common["decoupled_keys"] = ("decouple_wd", "decouple_lr")
+    common["decoupled_weight_decay"] = any(bool(spec.settings.get(k)) for k in common["decoupled_keys"])
+    if spec.settings.get("kahan_sum", None) is not False:  # None means automatic: on for half parameters
+        return OptimizerInfo(
+            kind=OptimizerKind.COMPENSATED,
+            reason="optimi applies Kahan summation to half-precision parameters",
+            compensation_buffer=True,
+            **common,
+        )
+    return OptimizerInfo(
+        kind=OptimizerKind.STATE_FOLLOWS_PARAM, reason="optimi with kahan_sum=False writes plain updates", **common
+    )
+
+
+def _torchao_stochastic(spec: _Spec) -> OptimizerInfo:
+    low_bit = "8bit" in spec.short or "4bit" in spec.short
+    return OptimizerInfo(
+        kind=OptimizerKind.COMPENSATED,
+        reason="torchao rounds bf16 parameter updates stochastically",
+        exp_avg_sq_dtype=torch.uint8 if low_bit else None,
+        **spec.common(),
+    )
+
+
+def _state_follows_param(spec: _Spec) -> OptimizerInfo:
+    return OptimizerInfo(
+        kind=OptimizerKind.STATE_FOLLOWS_PARAM,
+        reason="it updates the stored parameter in place and creates its state in the parameter dtype",
+        **spec.common(),
+    )
+
+
+def _prefix(*prefixes: str) -> Callable[[_Spec], bool]:
+    return lambda spec: spec.name.lower().startswith(prefixes)
+
+
+_FAMILIES: tuple[tuple[Callable[[_Spec], bool], Callable[[_Spec], OptimizerInfo]], ...] = (
+    (lambda spec: spec.declares("keeps_master_weights"), _declared_master),
+    (lambda spec: spec.declares("compensated_update"), _declared_compensated),
+    (_prefix("flashoptim."), _flashoptim),
+    (lambda spec: _prefix("transformer_engine.")(spec) and "fusedadam" in spec.short, _transformer_engine),
+    (_prefix("optimi."), _optimi),
+    (lambda spec: _prefix("torchao.")(spec) and bool(spec.settings.get("bf16_stochastic_round")), _torchao_stochastic),
+    (_prefix("torch.optim.", "torchao."), _state_follows_param),
+)

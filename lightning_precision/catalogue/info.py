@@ -1,0 +1,126 @@
+"""What the catalogue says about one optimizer: its kind, and the dtypes and bytes of the state it keeps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+import torch
+
+from lightning_precision.dtypes import HALF_DTYPES, dtype_name
+
+# flashoptim quantizes each moment to int8 with one fp16 scale per group of 32 elements (CUDA only).
+FLASH_QUANT_GROUP_SIZE = 32
+FLASH_QUANTIZED_MOMENT_BYTES = 1 + 2 / FLASH_QUANT_GROUP_SIZE
+
+# State keys of buffers that hold the part of the update the half-precision parameter did not take (Kahan).
+COMPENSATION_KEYS: tuple[str, ...] = ("kahan_comp", "compensation", "kahan_buffer", "comp")
+# State keys of full-precision master copies of the parameter (Transformer Engine FusedAdam).
+MASTER_KEYS: tuple[str, ...] = ("master_param",)
+
+UpdateFormula = Literal["adam", "adam-debiased", "sgd"]
+
+
+class OptimizerKind(str, Enum):
+    """What an optimizer keeps, which decides whether half storage is safe with it."""
+
+    STATE_FOLLOWS_PARAM = "state follows parameter dtype"
+    KEEPS_MASTER = "keeps master weights / error-correction bits"
+    COMPENSATED = "compensated parameter update"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """An optimizer classified by what it really keeps.
+
+    Attributes:
+        name: Import path of the optimizer class, e.g. ``"torch.optim.adamw.AdamW"``.
+        kind: What it keeps (see :class:`OptimizerKind`).
+        reason: One sentence on why it was classified so.
+        is_adam: Whether it is an Adam-family optimizer (an EMA state with ``betas``).
+        beta2: Second-moment decay, where known.
+        exp_avg_sq_dtype: Dtype of the second moment if fixed by the optimizer, ``None`` if it follows the
+            parameter dtype.
+        master_bytes: Extra bytes per half-precision parameter it keeps for master weights or error correction.
+        compensation_buffer: Whether it keeps a compensation buffer in the parameter dtype (Kahan summation).
+        moments: The state tensors it keeps per parameter, by state key (``("exp_avg", "exp_avg_sq")`` for Adam,
+            ``("momentum_buffer",)`` for SGD with momentum); empty when none or not known.
+        moment_dtypes: ``(state key, dtype)`` for moments whose dtype the optimizer fixes for half parameters (e.g.
+            ``CompensatedAdamW(exp_avg_dtype=...)``); the others follow the parameter dtype.
+        quantized_moments: Whether its moments are stored quantized (flashoptim's int8 plus scales, CUDA).
+        update_formula: The update the underflow monitor reconstructs (``None``: it cannot).
+        decoupled_weight_decay: Whether weight decay is applied to the parameter rather than the gradient.
+        decoupled_keys: Parameter-group keys that switch decoupled weight decay on for one group.
+    """
+
+    name: str
+    kind: OptimizerKind
+    reason: str
+    is_adam: bool = False
+    beta2: float | None = None
+    exp_avg_sq_dtype: torch.dtype | None = None
+    master_bytes: int = 0
+    compensation_buffer: bool = False
+    moments: tuple[str, ...] = ()
+    moment_dtypes: tuple[tuple[str, torch.dtype], ...] = ()
+    quantized_moments: bool = False
+    update_formula: UpdateFormula | None = None
+    decoupled_weight_decay: bool = False
+    decoupled_keys: tuple[str, ...] = ("decoupled_weight_decay",)
+
+    @property
+    def short_name(self) -> str:
+        """Class name without the module path."""
+        return self.name.rsplit(".", 1)[-1]
+
+    def state_dtype(self, moment: str, storage_dtype: torch.dtype) -> torch.dtype:
+        """The dtype it keeps ``moment`` in for a parameter stored in ``storage_dtype``.
+
+        Only half-precision parameters get special state dtypes: optimizers keep fp32 state for fp32 parameters.
+        """
+        if storage_dtype not in HALF_DTYPES:
+            return storage_dtype
+        if moment == "exp_avg_sq" and self.exp_avg_sq_dtype is not None:
+            return self.exp_avg_sq_dtype
+        fixed = dict(self.moment_dtypes).get(moment)
+        if fixed is not None:
+            return fixed
+        if self.kind is OptimizerKind.KEEPS_MASTER and self.exp_avg_sq_dtype is not None:
+            return self.exp_avg_sq_dtype  # master-keeping optimizers keep both moments at the same width
+        return storage_dtype
+
+    def state_text(self, storage_dtype: torch.dtype | None) -> str:
+        """The moment dtypes in words (``"bfloat16 / float32"`` for exp_avg / exp_avg_sq), as the contract shows."""
+        if self.kind is OptimizerKind.UNKNOWN or storage_dtype is None:
+            return "unknown" if self.kind is OptimizerKind.UNKNOWN else "-"
+        if not self.moments:
+            return "none"
+        return " / ".join(dict.fromkeys(dtype_name(self.state_dtype(m, storage_dtype)) for m in self.moments))
+
+    def state_parts(self, storage_dtype: torch.dtype) -> list[tuple[str, float]]:
+        """Bytes per parameter of each part of its state, e.g. ``[("exp_avg bfloat16", 2.0), ...]``."""
+        if self.kind is OptimizerKind.UNKNOWN:
+            return []  # nothing known to count
+        half = storage_dtype in HALF_DTYPES
+        parts = []
+        for moment in self.moments:
+            if self.quantized_moments:
+                parts.append((f"{moment} int8+scales (CUDA)", FLASH_QUANTIZED_MOMENT_BYTES))
+                continue
+            dtype = self.state_dtype(moment, storage_dtype)
+            parts.append((f"{moment} {dtype_name(dtype)}", float(dtype.itemsize)))
+        if half and self.master_bytes:
+            label = "error-correction bits" if self.name.startswith("flashoptim.") else "master weights"
+            parts.append((label, float(self.master_bytes)))
+        if half and self.compensation_buffer:
+            parts.append((f"compensation {dtype_name(storage_dtype)}", float(storage_dtype.itemsize)))
+        return parts
+
+    @property
+    def buffer_keys(self) -> tuple[str, ...]:
+        """State keys where a compensation buffer or master copy may live, most likely first."""
+        if self.kind is OptimizerKind.KEEPS_MASTER:
+            return MASTER_KEYS + COMPENSATION_KEYS
+        return COMPENSATION_KEYS + MASTER_KEYS

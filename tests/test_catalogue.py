@@ -1,0 +1,138 @@
+"""The optimizer catalogue: classification from instances, classes, paths and configs."""
+
+import warnings
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lightning_precision.errors import PrecisionConfigError
+from lightning_precision.catalogue import OptimizerKind, classify_optimizer
+
+FOLLOWS, MASTER, COMP, UNKNOWN = (
+    OptimizerKind.STATE_FOLLOWS_PARAM,
+    OptimizerKind.KEEPS_MASTER,
+    OptimizerKind.COMPENSATED,
+    OptimizerKind.UNKNOWN,
+)
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind"),
+    [
+        ("torch.optim.AdamW", FOLLOWS),
+        ("torch.optim.adamw.AdamW", FOLLOWS),
+        (torch.optim.SGD, FOLLOWS),
+        ({"_target_": "torch.optim.Adam", "lr": 1e-3}, FOLLOWS),
+        ({"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}, FOLLOWS),
+        ({"_target_": "flashoptim.FlashAdamW"}, MASTER),  # master_weight_bits defaults to 24
+        ({"_target_": "flashoptim.FlashAdamW", "master_weight_bits": 32}, MASTER),
+        ({"_target_": "flashoptim.FlashAdamW", "master_weight_bits": None}, FOLLOWS),
+        ({"_target_": "optimi.AdamW", "lr": 1e-3}, COMP),  # kahan_sum=None: automatic for half params
+        ({"_target_": "optimi.AdamW", "kahan_sum": False}, FOLLOWS),
+        ({"_target_": "transformer_engine.pytorch.optimizers.FusedAdam", "master_weights": True}, MASTER),
+        ({"_target_": "transformer_engine.pytorch.optimizers.FusedAdam"}, FOLLOWS),
+        ({"_target_": "torchao.optim._AdamW", "bf16_stochastic_round": True}, COMP),
+        ("my_lab.optim.Shampoo", UNKNOWN),
+    ],
+)
+def test_classify_config_and_paths(spec, kind):
+    assert classify_optimizer(spec).kind is kind
+
+
+def test_classify_same_class_under_two_paths_agrees():
+    assert classify_optimizer("torch.optim.AdamW") == classify_optimizer("torch.optim.adamw.AdamW")
+
+
+def test_classify_omegaconf_node():
+    assert classify_optimizer(OmegaConf.create({"_target_": "torch.optim.AdamW"})).kind is FOLLOWS
+
+
+def test_classify_instance_reads_what_it_keeps():
+    flashoptim = pytest.importorskip("flashoptim")
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opt = flashoptim.FlashAdamW([p], quantize=False, master_weight_bits=None, fused=False)
+    assert classify_optimizer(opt).kind is FOLLOWS
+    assert classify_optimizer(torch.optim.AdamW([p])).beta2 == 0.999
+
+
+class DeclaresMaster(torch.optim.SGD):
+    keeps_master_weights = True
+
+
+class DeclaresCompensation(torch.optim.SGD):
+    compensated_update = True
+
+
+@pytest.mark.parametrize(("cls", "kind"), [(DeclaresMaster, MASTER), (DeclaresCompensation, COMP)])
+def test_optimizer_can_declare_itself(cls, kind):
+    assert classify_optimizer(cls).kind is kind
+    assert classify_optimizer(cls([torch.nn.Parameter(torch.zeros(1))], lr=0.1)).kind is kind
+
+
+@pytest.mark.parametrize("bad", [42, {"lr": 1e-3}])
+def test_classify_rejects_what_is_not_an_optimizer(bad):
+    with pytest.raises(PrecisionConfigError):
+        classify_optimizer(bad)
+
+
+# -- one answer for every spelling of the same optimizer ---------------------------------------------------------------
+
+
+def _spellings(path: str, cls: type, **kwargs):
+    """A live instance, the class with its arguments, a Hydra config and a LightningCLI config of one optimizer."""
+    instance = cls([torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))], **kwargs)
+    return {
+        "instance": classify_optimizer(instance),
+        "class": classify_optimizer(cls, kwargs),
+        "path": classify_optimizer(path, kwargs),
+        "hydra": classify_optimizer({"_target_": path, **kwargs}),
+        "lightning_cli": classify_optimizer({"class_path": path, "init_args": kwargs}),
+    }
+
+
+@pytest.mark.parametrize("stochastic_round", [True, False])
+def test_torchao_stochastic_rounding_is_judged_alike_live_and_as_config(stochastic_round):
+    torchao_optim = pytest.importorskip("torchao.optim", reason="torchao is a test extra")
+    seen = _spellings("torchao.optim._AdamW", torchao_optim._AdamW, bf16_stochastic_round=stochastic_round)
+    kinds = {name: info.kind for name, info in seen.items()}
+    expected = COMP if stochastic_round else FOLLOWS
+    assert kinds == dict.fromkeys(seen, expected)
+    assert len({info.reason for info in seen.values()}) == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "kind"),
+    [
+        ("torch.optim.AdamW", {}, FOLLOWS),
+        ("optimi.AdamW", {"lr": 1e-3, "kahan_sum": True}, COMP),
+        ("optimi.AdamW", {"lr": 1e-3, "kahan_sum": False}, FOLLOWS),
+        ("lightning_precision.optim.CompensatedAdamW", {}, COMP),
+    ],
+)
+def test_every_spelling_of_an_optimizer_gets_one_classification(path, kwargs, kind):
+    from lightning_precision._imports import import_object
+
+    seen = _spellings(path, import_object(path, where="test"), **kwargs)
+    assert {info.kind for info in seen.values()} == {kind}
+    assert len({(info.moments, info.exp_avg_sq_dtype, info.compensation_buffer) for info in seen.values()}) == 1
+
+
+def test_state_text_predicts_what_the_optimizer_then_keeps():
+    from lightning_precision.optim import CompensatedAdamW
+    from lightning_precision.report import observed_state_dtypes
+
+    param = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    optimizer = CompensatedAdamW([param])
+    predicted = classify_optimizer(optimizer).state_text(torch.bfloat16)
+    param.grad = torch.randn_like(param)
+    optimizer.step()
+    assert observed_state_dtypes(optimizer, [param]) == predicted
+
+
+def test_sgd_keeps_a_momentum_buffer_only_with_momentum():
+    assert classify_optimizer("torch.optim.SGD", {"momentum": 0.9}).moments == ("momentum_buffer",)
+    assert classify_optimizer("torch.optim.SGD").moments == ()
+    assert classify_optimizer("torch.optim.AdamW").moments == ("exp_avg", "exp_avg_sq")

@@ -1,0 +1,53 @@
+"""The storage decision: explicit dtype, precision, PEFT, then the rule."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lightning_precision.errors import PrecisionConfigError
+from lightning_precision.catalogue import OptimizerKind
+from lightning_precision.storage import resolve_storage_dtype
+
+FOLLOWS, MASTER, COMP, UNKNOWN = (
+    OptimizerKind.STATE_FOLLOWS_PARAM,
+    OptimizerKind.KEEPS_MASTER,
+    OptimizerKind.COMPENSATED,
+    OptimizerKind.UNKNOWN,
+)
+
+
+ADAMW = {"_target_": "torch.optim.AdamW"}
+FLASH = {"_target_": "flashoptim.FlashAdamW"}
+
+
+@pytest.mark.parametrize(
+    ("model_cfg", "opt", "peft", "precision", "expected"),
+    [
+        ({}, ADAMW, False, None, torch.float32),
+        ({"torch_dtype": "auto"}, ADAMW, False, "bf16-mixed", torch.float32),
+        (None, "my_lab.Unknown", False, None, torch.float32),  # unknown: the safe choice
+        (None, None, False, None, torch.float32),
+        ({"torch_dtype": "auto"}, FLASH, False, None, torch.bfloat16),
+        ({}, FLASH, False, "fp16-flash", torch.float16),
+        ({}, FLASH, False, "16-mixed", torch.float16),
+        ({"torch_dtype": "bf16"}, ADAMW, False, None, torch.bfloat16),  # explicit is honoured
+        ({"torch_dtype": "torch.float32"}, FLASH, False, None, torch.float32),
+        ({}, ADAMW, False, "bf16-true", torch.bfloat16),  # the precision casts the module
+        ({}, ADAMW, True, None, None),  # PEFT is left alone
+    ],
+)
+def test_resolve_storage_dtype(model_cfg, opt, peft, precision, expected):
+    assert resolve_storage_dtype(model_cfg, opt, peft=peft, precision=precision) == expected
+
+
+def test_resolve_storage_dtype_struct_mode_and_no_mutation():
+    cfg = OmegaConf.create({"name": "m"})
+    OmegaConf.set_struct(cfg, True)
+    assert resolve_storage_dtype(cfg, ADAMW) == torch.float32
+    assert "torch_dtype" not in cfg
+
+
+@pytest.mark.parametrize(("dtype", "precision"), [("float32", "bf16-true"), ("bf16", "fp16-flash")])
+def test_resolve_storage_dtype_conflict_is_an_error(dtype, precision):
+    with pytest.raises(PrecisionConfigError, match=precision):
+        resolve_storage_dtype({"torch_dtype": dtype}, ADAMW, precision=precision)
