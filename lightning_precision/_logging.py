@@ -1,9 +1,15 @@
 """The library's logger and its once-per-cause reporting: info lines and warnings go out on rank zero only."""
 
 import logging
+import os
+import sys
+import warnings
 
-from lightning.fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn
+import lightning
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+import lightning_precision
 from lightning_precision.errors import PrecisionWarning
 
 log = logging.getLogger("lightning_precision")
@@ -32,11 +38,26 @@ def first_report(cause: str) -> bool:
     return True
 
 
+# Frames in these packages are not the user's: a warning points at the first frame outside them (the user's
+# ``trainer.fit(...)``, ``resolve_trainer_cfg(...)`` or plugin construction), not at this module.
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(module.__file__) + os.sep for module in (lightning_precision, lightning, torch) if module.__file__
+)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first caller outside this library, Lightning and torch, seen from ``warn_once``."""
+    frame, level = sys._getframe(2), 2  # the caller of warn_once is level 2 for warnings.warn inside it
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
+
+
 def warn_once(cause: str, message: str, category: type[Warning] = PrecisionWarning) -> None:
     """Emit a warning (a :class:`PrecisionWarning` unless ``category`` says otherwise) on rank zero, once per cause
-    per process."""
-    if first_report(cause):
-        rank_zero_warn(message, category=category)
+    per process, attributed to the user's code that led to it."""
+    if first_report(cause) and rank_zero_only.rank == 0:
+        warnings.warn(message, category=category, stacklevel=_user_stacklevel())
 
 
 def info_once(cause: str, message: str) -> None:

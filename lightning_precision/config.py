@@ -182,7 +182,7 @@ def plan_trainer_cfg(
         kwargs.storage_dtype = kwargs.storage.dtype
     if info is not None:
         was_auto = kwargs.storage.was_auto if kwargs.storage is not None else True
-        kwargs.verdict = judge(kwargs.storage_dtype, info, peft=peft, storage_was_auto=was_auto)
+        kwargs.verdict = judge(kwargs.storage_dtype, info, peft=peft, storage_was_auto=was_auto, precision=mode)
     return kwargs
 
 

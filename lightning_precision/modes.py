@@ -144,3 +144,11 @@ def get_mode(precision: str | int, *, what: str = "precision") -> PrecisionMode:
             f" (and, passed to Lightning unchanged: {choices_text(LIGHTNING_ONLY_PRECISIONS)})."
         )
     return MODES[key]
+
+
+def known_mode(precision: object) -> PrecisionMode | None:
+    """The mode of a precision string this library models, ``None`` for anything else (e.g. ``transformer-engine``)."""
+    try:
+        return get_mode(precision) if isinstance(precision, (str, int)) else None
+    except PrecisionConfigError:
+        return None

@@ -23,6 +23,7 @@ import torch
 
 from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, classify_optimizer, observed_second_moment_dtype
 from lightning_precision.dtypes import HALF_DTYPES, dtype_name
+from lightning_precision.modes import PrecisionMode
 
 # Where the rule's reasoning is written down for users: messages cite these stable doc sections, not scripts.
 GUIDE_TRAP = "docs/precision-guide.md#why-torch-adamw-on-bf16-parameters-plateaus"
@@ -86,6 +87,7 @@ def judge(
     num_elements: int = 0,
     exp_avg_sq_dtype: torch.dtype | None = None,
     storage_was_auto: bool = False,
+    precision: PrecisionMode | None = None,
 ) -> Verdict:
     """Judge a storage dtype / optimizer pairing. A pure function: same inputs, same verdict, on every rank.
 
@@ -98,6 +100,8 @@ def judge(
         exp_avg_sq_dtype: Observed second-moment dtype, if the optimizer has stepped.
         storage_was_auto: Whether ``storage_dtype`` was chosen by ``"auto"`` (then fp32 with a master-keeping
             optimizer is reported as wasteful).
+        precision: The precision in effect, if known: the fix for an unsafe pairing is worded for it (under
+            ``bf16-mixed`` the fix is loading the model in fp32, not choosing ``bf16-mixed``).
 
     Returns:
         The verdict.
@@ -133,7 +137,7 @@ def judge(
             )
         return Verdict(Status.SAFE, "", cause=f"safe:{opt_name}", **common)
     if kind is OptimizerKind.STATE_FOLLOWS_PARAM:
-        return _unsafe_verdict(storage_dtype, optimizer, common)
+        return _unsafe_verdict(storage_dtype, optimizer, common, precision)
     sq = exp_avg_sq_dtype or optimizer.exp_avg_sq_dtype or storage_dtype
     if (
         kind is OptimizerKind.COMPENSATED
@@ -153,14 +157,23 @@ def judge(
     return Verdict(Status.SAFE, "", cause=f"safe:{opt_name}", **common)
 
 
-def _unsafe_verdict(storage: torch.dtype, optimizer: OptimizerInfo, common: dict[str, Any]) -> Verdict:
+def _unsafe_verdict(
+    storage: torch.dtype, optimizer: OptimizerInfo, common: dict[str, Any], precision: PrecisionMode | None
+) -> Verdict:
     half = dtype_name(storage)
     prefix = "bf16" if storage == torch.bfloat16 else "16"
     flash = "bf16-flash" if storage == torch.bfloat16 else "fp16-flash"
-    keep_fp32 = (
-        f"keep fp32 storage with {half} compute: precision='{prefix}-mixed', or FSDP2Strategy(storage_dtype='auto'), "
-        "or model.torch_dtype: float32"
-    )
+    if precision is not None and precision.autocast:
+        # The precision is already the fp32-storage one; the parameters were loaded (or cast) in half precision.
+        keep_fp32 = (
+            f"keep {precision.name!r} and load the model in fp32 (model.torch_dtype: float32, or model.float() before "
+            f"fit): autocast computes in {half} from fp32 parameters"
+        )
+    else:
+        keep_fp32 = (
+            f"keep fp32 storage with {half} compute: precision='{prefix}-mixed', or "
+            "FSDP2Strategy(storage_dtype='auto'), or model.torch_dtype: float32"
+        )
     keep_half = (
         f"keep {half} storage with an optimizer that keeps master weights or error-correction bits "
         f"(flashoptim.FlashAdamW(master_weight_bits=24) with precision='{flash}', CUDA) or compensates its update "
@@ -191,7 +204,13 @@ def trainable_half_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor
     return out
 
 
-def check_optimizer(optimizer: torch.optim.Optimizer, *, peft: bool = False, storage_was_auto: bool = False) -> Verdict:
+def check_optimizer(
+    optimizer: torch.optim.Optimizer,
+    *,
+    peft: bool = False,
+    storage_was_auto: bool = False,
+    precision: PrecisionMode | None = None,
+) -> Verdict:
     """Judge a live optimizer and the parameters it updates.
 
     The storage dtype judged is that of the trainable half-precision parameters if there are any, otherwise of the
@@ -202,6 +221,7 @@ def check_optimizer(optimizer: torch.optim.Optimizer, *, peft: bool = False, sto
         optimizer: The optimizer.
         peft: Whether only adapters train.
         storage_was_auto: Whether ``"auto"`` chose the storage dtype (see :func:`judge`).
+        precision: The precision in effect, if known (see :func:`judge`).
 
     Returns:
         The verdict.
@@ -223,4 +243,5 @@ def check_optimizer(optimizer: torch.optim.Optimizer, *, peft: bool = False, sto
         num_elements=sum(p.numel() for p in judged),
         exp_avg_sq_dtype=observed_second_moment_dtype(optimizer, judged) if judged else None,
         storage_was_auto=storage_was_auto,
+        precision=precision,
     )

@@ -17,6 +17,7 @@ import torch
 
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.errors import PrecisionConfigError, PrecisionPairingError
+from lightning_precision.modes import PrecisionMode
 from lightning_precision.pairing import Status, Verdict, check_optimizer
 
 OnUnsafe = Literal["warn", "error", "ignore"]
@@ -181,9 +182,10 @@ def check_and_enforce(
     peft: bool = False,
     where: str = "",
     storage_was_auto: bool = False,
+    precision: PrecisionMode | None = None,
 ) -> list[Verdict]:
     """Judge each live optimizer with :func:`~lightning_precision.pairing.check_optimizer` and act on it."""
-    return [
-        enforce(check_optimizer(opt, peft=peft, storage_was_auto=storage_was_auto), on_unsafe, where=where)
-        for opt in optimizers
-    ]
+    verdicts = (
+        check_optimizer(o, peft=peft, storage_was_auto=storage_was_auto, precision=precision) for o in optimizers
+    )
+    return [enforce(verdict, on_unsafe, where=where) for verdict in verdicts]

@@ -1,7 +1,12 @@
-"""The library's INFO lines are visible in a plain script and can be silenced with the logging module."""
+"""The library's INFO lines are visible in a plain script and can be silenced; warnings point at the user's code."""
 
 import subprocess
 import sys
+import warnings
+from pathlib import Path
+
+from lightning_precision import HalfPrecisionForAudio, PrecisionWarning, resolve_trainer_cfg
+from tests.helpers import RecordingModule, fit
 
 _SCRIPT = """
 import logging, sys
@@ -31,3 +36,19 @@ def test_info_line_goes_through_an_application_root_handler_once():
     err = _stderr("logging.basicConfig(level=logging.INFO, format='ROOT %(message)s')")
     assert err.count("contract-line") == 1
     assert "ROOT contract-line" in err
+
+
+def test_a_config_warning_points_at_the_callers_line():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resolve_trainer_cfg({"precision": "bf16-true"}, model={}, optimizer="torch.optim.AdamW")
+    (warning,) = [w for w in caught if issubclass(w.category, PrecisionWarning)]
+    assert warning.filename == __file__
+
+
+def test_a_fit_time_warning_points_at_the_users_fit_call():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(RecordingModule(), plugins=[HalfPrecisionForAudio("bf16-true")])
+    ours = [w for w in caught if issubclass(w.category, PrecisionWarning)]
+    assert ours and {w.filename for w in ours} <= {__file__, str(Path(__file__).parent / "helpers.py")}

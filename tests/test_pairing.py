@@ -62,3 +62,26 @@ def test_check_optimizer_frozen_half_params_are_not_flagged():
     frozen = torch.nn.Linear(4, 4).to(torch.bfloat16).requires_grad_(False)
     opt = torch.optim.AdamW([*model.parameters(), *frozen.parameters()])
     assert check_optimizer(opt).status is Status.SAFE
+
+
+def test_fix_under_mixed_precision_is_loading_in_fp32_not_choosing_mixed():
+    from lightning_precision.modes import get_mode
+
+    verdict = judge(torch.bfloat16, classify_optimizer("torch.optim.AdamW"), precision=get_mode("bf16-mixed"))
+    assert "precision='bf16-mixed', or" not in verdict.fixes[0]
+    assert "load the model in fp32" in verdict.fixes[0]
+    plain = judge(torch.bfloat16, classify_optimizer("torch.optim.AdamW"), precision=get_mode("bf16-true"))
+    assert "precision='bf16-mixed'" in plain.fixes[0]
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "named", "not_named"),
+    [
+        ("torch.optim.SGD", {"momentum": 0.9}, "momentum_buffer", "exp_avg_sq"),
+        ("torch.optim.SGD", {}, "small updates", "exp_avg"),
+        ("torch.optim.AdamW", {}, "exp_avg, exp_avg_sq", "momentum"),
+    ],
+)
+def test_unsafe_message_names_the_state_the_optimizer_keeps(path, kwargs, named, not_named):
+    verdict = judge(torch.bfloat16, classify_optimizer(path, kwargs))
+    assert named in verdict.message and not_named not in verdict.message

@@ -11,8 +11,7 @@ from typing_extensions import override
 from lightning_precision._logging import info_rank_zero
 from lightning_precision.callbacks.underflow import UpdateUnderflowMonitor
 from lightning_precision.dtypes import dtype_name, parse_bool, parse_dtype
-from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.modes import get_mode
+from lightning_precision.modes import known_mode
 from lightning_precision.pairing import Status, trainable_half_params
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce, trainer_components
 from lightning_precision.report import (
@@ -94,7 +93,10 @@ class PrecisionGuard(PolicyHolder, Callback):
 
     def _build_contract(self, trainer: pl.Trainer, *, observe_state: bool) -> PrecisionContract:
         where = "after first step" if observe_state else "fit start"
-        verdicts = check_and_enforce(trainer.optimizers, on_unsafe=self.on_unsafe, peft=self.peft, where=where)
+        mode = known_mode(trainer.precision)
+        verdicts = check_and_enforce(
+            trainer.optimizers, on_unsafe=self.on_unsafe, peft=self.peft, where=where, precision=mode
+        )
         rows = []
         for optimizer, verdict in zip(trainer.optimizers, verdicts):
             params = trainable_half_params(optimizer) or [
@@ -105,7 +107,9 @@ class PrecisionGuard(PolicyHolder, Callback):
         strategy = trainer.strategy
         contract = PrecisionContract(
             precision=str(trainer.precision),
-            compute_dtype=dtype_name(getattr(strategy, "compute_dtype", None) or _compute_dtype(trainer.precision)),
+            compute_dtype=dtype_name(
+                getattr(strategy, "compute_dtype", None) or (mode.compute_dtype if mode else None)
+            ),
             reduce_dtype=dtype_name(getattr(strategy, "reduce_dtype", None)),
             optimizers=rows,
         )
@@ -121,10 +125,3 @@ def _report_resume(stored: PrecisionContract, current: PrecisionContract) -> Non
             continue
         what = f"{optimizer} parameters (precision={stored.precision!r}, now {current.precision!r})"
         report_storage_change(parse_dtype(then), parse_dtype(now), what=what)
-
-
-def _compute_dtype(precision: str) -> Any:
-    try:
-        return get_mode(precision).compute_dtype
-    except PrecisionConfigError:  # a precision this library does not model, e.g. transformer-engine
-        return None

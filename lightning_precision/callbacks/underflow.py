@@ -15,9 +15,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_precision._logging import warn_once
+from lightning_precision._logging import info_once, warn_once
 from lightning_precision.catalogue import classify_optimizer
-from lightning_precision.dtypes import HALF_DTYPES, dtype_name
+from lightning_precision.dtypes import HALF_DTYPES, dtype_name, parse_bool
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.pairing import Verdict, check_optimizer, judge
 from lightning_precision.underflow import (
@@ -50,6 +50,7 @@ class UpdateUnderflowMonitor(Callback):
         max_elements_per_tensor: Elements sampled per parameter tensor (per rank); bounds the cost.
         top_k: Worst parameters kept in :attr:`UnderflowReport.worst_params` and named in the warning.
         seed: Seed of the sampled indices.
+        prog_bar: Also show the overall fractions in the progress bar.
 
     Raises:
         PrecisionConfigError: (a ``ValueError``) if an argument is outside its valid range.
@@ -63,6 +64,7 @@ class UpdateUnderflowMonitor(Callback):
         max_elements_per_tensor: int = 4096,
         top_k: int = 5,
         seed: int = 0,
+        prog_bar: bool = False,
     ) -> None:
         self.every_n_steps = _positive_int(every_n_steps, "every_n_steps")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
@@ -76,6 +78,7 @@ class UpdateUnderflowMonitor(Callback):
             raise PrecisionConfigError(f"UpdateUnderflowMonitor(top_k={top_k!r}) is not valid: use an int >= 0.")
         self.top_k = top_k
         self.seed = int(seed)
+        self.prog_bar = parse_bool(prog_bar, what="UpdateUnderflowMonitor(prog_bar=...)")
         self.meter = UnderflowMeter(every_n_steps, max_elements_per_tensor, top_k, seed)
         self._consecutive = {"update": 0, "exp_avg_sq": 0}
 
@@ -93,9 +96,22 @@ class UpdateUnderflowMonitor(Callback):
         if report is None:
             return
         metrics = report.metrics()
-        if metrics:
-            for logger in trainer.loggers:  # logged directly: Lightning's log_every_n_steps would drop them
-                logger.log_metrics(metrics, step=trainer.global_step)
+        if not metrics:
+            return
+        overall = (METRIC_UPDATE, METRIC_EXP_AVG_SQ)
+        for name, value in metrics.items():
+            # Lightning's convention for a callback's figures: into trainer.callback_metrics, where EarlyStopping,
+            # ModelCheckpoint(monitor=...) and the progress bar read them. The values are already reduced over ranks.
+            prog_bar = self.prog_bar and name in overall
+            pl_module.log(name, value, on_step=True, on_epoch=False, logger=False, prog_bar=prog_bar, sync_dist=False)
+        for logger in trainer.loggers:  # logged directly: Lightning's log_every_n_steps would drop them
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if not trainer.loggers:
+            info_once(
+                "underflow-no-logger",
+                "UpdateUnderflowMonitor: the Trainer has no logger, so its fractions are only in "
+                f"trainer.callback_metrics (e.g. {METRIC_UPDATE!r}) and in the monitor's .latest report.",
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

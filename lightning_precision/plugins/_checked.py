@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_precision.casting import cast_batch, normalize_preserve_keys
 from lightning_precision.dtypes import parse_bool
+from lightning_precision.modes import known_mode
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce, trainer_components
 
 
@@ -34,7 +35,13 @@ class _PairingCheck(PolicyHolder, Precision):
         # which the real pairing can be judged, on every rank alike. Under a Trainer, a policy set on the guard or
         # the strategy applies here too.
         self.adopt_on_unsafe(trainer_components(getattr(model, "_trainer", None)))
-        check_and_enforce(optimizers, on_unsafe=self.on_unsafe, peft=self.peft, where=type(self).__name__)
+        check_and_enforce(
+            optimizers,
+            on_unsafe=self.on_unsafe,
+            peft=self.peft,
+            where=type(self).__name__,
+            precision=known_mode(getattr(self, "precision", None)),
+        )
         return model, optimizers, lr_schedulers
 
 

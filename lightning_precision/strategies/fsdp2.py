@@ -77,7 +77,8 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
             (:func:`~lightning_precision.pairing.resolve_storage_dtype`) with the optimizer known from ``optimizer``
             or from :func:`~lightning_precision.config.resolve_trainer_cfg`; fp32 if the optimizer is not known.
         mp_policy: A ``MixedPrecisionPolicy`` or a mapping of its fields. Unset fields follow the precision (for half
-            precisions: param dtype = half, reduce dtype fp32, output dtype = half).
+            precisions: param dtype = half, reduce dtype fp32, output dtype fp32 for what the model hands to
+            ``training_step``, so the loss is fp32 as under ``bf16-mixed``; blocks hand on the compute dtype).
         optimizer: The optimizer the LightningModule will create (class, import path, or ``_target_``/``class_path``
             mapping), so ``"auto"`` can decide before the optimizer exists.
         blocks: Which modules are FSDP units: ``None`` (children of ``nn.ModuleList``), class names, or a callable
@@ -282,6 +283,7 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
                 self.resolved.mp_policy,
                 blocks=self.blocks,
                 reshard_after_forward=self.reshard_after_forward,
+                block_policy=self.resolved.block_policy,
             )
             self.sharded_by_strategy = True
             info_rank_zero(
@@ -353,6 +355,7 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
             peft=self.peft,
             where=type(self).__name__,
             storage_was_auto=self.resolved.storage_was_auto,
+            precision=self.resolved.mode,
         )
 
     # -- steps: the LightningModule is the FSDP root, so its forward hooks must run --------------------------------

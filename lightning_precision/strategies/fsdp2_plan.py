@@ -48,6 +48,14 @@ class FSDP2Precision:
         return self.mp_policy.param_dtype or self.storage_dtype or self.mode.compute_dtype
 
     @property
+    def block_policy(self) -> MixedPrecisionPolicy:
+        """The policy for blocks: as :attr:`mp_policy`, but a block's output stays in the compute dtype unless
+        ``output_dtype`` asks for the half dtype explicitly (casting between blocks would only be cast back)."""
+        policy = self.mp_policy
+        output = policy.output_dtype if policy.output_dtype in HALF_DTYPES else None
+        return MixedPrecisionPolicy(policy.param_dtype, policy.reduce_dtype, output, policy.cast_forward_inputs)
+
+    @property
     def reduce_dtype(self) -> torch.dtype | None:
         return self.mp_policy.reduce_dtype or self.mp_policy.param_dtype or self.storage_dtype
 
@@ -118,8 +126,11 @@ def resolve_fsdp2_precision(
       optimizers that keep master weights), compute bf16. ``16-mixed`` likewise with fp16.
     * ``bf16-true`` / ``bf16-flash``: bf16 storage and compute.
     * ``32-true`` / ``64-true``: no mixed precision (all policy dtypes ``None``; an explicit ``reduce_dtype`` is kept).
-    * The default policy for half precisions is NeMo AutoModel's: param (compute) dtype = the precision's half dtype,
-      reduce dtype fp32, output dtype = the half dtype. Fields given in ``mp_policy`` override it.
+    * The default policy for half precisions: param (compute) dtype = the precision's half dtype, reduce dtype fp32,
+      output dtype fp32. The output dtype applies to what the model hands to ``training_step`` (the outputs of its
+      top-level modules: logits, and the loss of a Hugging Face model), so the loss is fp32 as under Lightning's
+      ``bf16-mixed``; blocks inside hand their outputs on in the compute dtype (:attr:`FSDP2Precision.block_policy`).
+      Fields given in ``mp_policy`` override it; ``output_dtype`` may be fp32 or the half dtype.
 
     Args:
         precision: The trainer's precision string or mode.
@@ -134,7 +145,7 @@ def resolve_fsdp2_precision(
     Raises:
         PrecisionConfigError: If the options contradict each other: an explicit ``storage_dtype`` against a
             precision that fixes storage (``*-true``, ``*-flash``, ``32-true``); ``mp_policy.param_dtype`` or
-            ``output_dtype`` against the precision's compute dtype; a half ``storage_dtype`` that is not the compute
+            ``output_dtype`` (other than fp32) against the precision's compute dtype; a half ``storage_dtype`` that is not the compute
             half dtype (fp16 storage with bf16 compute would re-round every parameter on each gather).
     """
     mode = (
@@ -151,6 +162,8 @@ def resolve_fsdp2_precision(
     for key in ("param_dtype", "output_dtype"):
         value = given[key]
         expected = half or mode.compute_dtype
+        if key == "output_dtype" and value == torch.float32:
+            continue  # outputs may always be handed on in full precision
         if value is not None and value != expected:
             raise PrecisionConfigError(
                 f"FSDP2Strategy(mp_policy={{{key}: {dtype_name(value)}}}) contradicts precision={mode.name!r}, which "
@@ -169,7 +182,7 @@ def resolve_fsdp2_precision(
         policy = MixedPrecisionPolicy(
             param_dtype=half,
             reduce_dtype=given["reduce_dtype"] or torch.float32,
-            output_dtype=given["output_dtype"] or half,
+            output_dtype=given["output_dtype"] or torch.float32,
             cast_forward_inputs=cast,
         )
         if storage in HALF_DTYPES and storage != half:

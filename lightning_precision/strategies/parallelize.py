@@ -123,6 +123,7 @@ def parallelize(
     *,
     blocks: BlockSelector = None,
     reshard_after_forward: bool = True,
+    block_policy: MixedPrecisionPolicy | None = None,
 ) -> list[str]:
     """Shard ``model`` with FSDP2: each block, then each remaining top-level module, then the root.
 
@@ -130,10 +131,11 @@ def parallelize(
         model: The model (in Lightning, the LightningModule). Its parameters must already be in their storage dtype:
             FSDP2 keeps whatever dtype it shards as the resident shard.
         mesh: The data-parallel mesh (1-D).
-        mp_policy: The policy for blocks and top-level modules.
+        mp_policy: The policy for top-level modules (and for blocks, unless ``block_policy`` is given).
         blocks: Which modules are blocks (see :func:`block_selector`).
         reshard_after_forward: Free each block's gathered parameters after its forward (ZeRO-3); ``False`` keeps
             them until backward (ZeRO-2: more memory, less communication).
+        block_policy: The policy for blocks, if it differs (e.g. block outputs left in the compute dtype).
 
     Returns:
         Qualified names of the modules made FSDP units, root last (``""``).
@@ -142,7 +144,7 @@ def parallelize(
     for name, block in select_blocks(model, blocks):
         if not _unsharded_params(block):  # every parameter already belongs to an inner block
             continue
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=block_policy or mp_policy, reshard_after_forward=reshard_after_forward)
         sharded.append(name)
     for name, unit in top_level_units(model):
         fully_shard(unit, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)

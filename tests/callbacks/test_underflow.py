@@ -174,3 +174,22 @@ def test_dtensor_shards_are_measured(single_rank_group):
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UpdateUnderflowMonitor(**kwargs)
+
+
+def test_fractions_reach_callback_metrics_without_a_logger(caplog):
+    monitor = UpdateUnderflowMonitor(every_n_steps=1)
+    with caplog.at_level("INFO", logger="lightning_precision"):
+        trainer = fit(RecordingModule(torch_adamw), steps=2, precision="bf16-true", callbacks=[monitor], logger=False)
+    assert float(trainer.callback_metrics[METRIC_UPDATE]) == pytest.approx(monitor.latest.stale_update_fraction)
+    assert f"{METRIC_UPDATE}/group_0" in trainer.callback_metrics
+    assert "no logger" in caplog.text
+
+
+def test_early_stopping_can_monitor_the_stale_fraction():
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    monitor = UpdateUnderflowMonitor(every_n_steps=1)
+    stop = EarlyStopping(monitor=METRIC_UPDATE, mode="min", patience=0, check_on_train_epoch_end=True)
+    fit(RecordingModule(torch_adamw), steps=8, precision="bf16-true", callbacks=[monitor, stop], max_epochs=3)
+    assert torch.isfinite(stop.best_score)  # EarlyStopping read the fraction (it starts at inf, raises if missing)
+    assert float(stop.best_score) <= monitor.latest.stale_update_fraction

@@ -149,7 +149,7 @@ def test_checkpoint_record_names_storage_and_policy():
     assert record["mp_policy"] == {
         "param_dtype": "bfloat16",
         "reduce_dtype": "float32",
-        "output_dtype": "bfloat16",
+        "output_dtype": "float32",
         "cast_forward_inputs": True,
     }
     assert CHECKPOINT_KEY == "lightning_precision_fsdp2"
