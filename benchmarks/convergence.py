@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_precision.compare import RECIPES, _quiet_lightning, _smooth, recipe_config, run_recipe
-from lightning_precision.task import TensorDictDataset, make_dataloader, make_teacher_data
+from lightning_precision.demos import TensorDictDataset, make_dataloader, make_teacher_data
 
 SINGLE = ("32-true", "bf16-mixed", "bf16-true+adamw", "bf16-true+compensated")
 FSDP2 = "fsdp2-bf16-mixed x2"

@@ -1,6 +1,6 @@
 """Measures the bf16 optimizer-state trap on the built-in task with plain Lightning Trainers.
 
-Each recipe trains ``lightning_precision.task.TaskModule`` from the same seed, initial weights and data order
+Each recipe trains ``lightning_precision.demos.TaskModule`` from the same seed, initial weights and data order
 and reports the final loss (mean of the last K steps), its ratio to the ``32-true`` reference, the wall time
 and steps per second. Recipes:
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import lightning.pytorch as pl
 import torch
 
-from lightning_precision.task import DEFAULT_LAST_K, DEFAULT_MAX_STEPS, TaskDataModule, TaskModule
+from lightning_precision.demos import DEFAULT_LAST_K, DEFAULT_MAX_STEPS, TaskDataModule, TaskModule
 
 
 @dataclass(frozen=True)

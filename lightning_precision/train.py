@@ -76,10 +76,10 @@ def build_task(
     """Build the built-in task's model and data from config sections.
 
     Args:
-        model_cfg: Model arguments of :class:`lightning_precision.task.TaskModule`; ``torch_dtype`` is the
+        model_cfg: Model arguments of :class:`lightning_precision.demos.TaskModule`; ``torch_dtype`` is the
             pairing rule's business and is not passed on.
         optimizer_cfg: ``_target_``, ``lr`` (default: the task's) and further optimizer arguments.
-        data_cfg: Arguments of :class:`lightning_precision.task.TaskDataModule`.
+        data_cfg: Arguments of :class:`lightning_precision.demos.TaskDataModule`.
         seed: Seed of the initial weights and the data order, unless the sections set their own.
 
     Returns:
@@ -88,7 +88,7 @@ def build_task(
     Raises:
         ConfigInputError: If a section has an argument the task does not take.
     """
-    from lightning_precision.task import TaskDataModule, TaskModule
+    from lightning_precision.demos import TaskDataModule, TaskModule
 
     data_args = {"data_seed": seed, "shuffle_seed": seed, **dict(data_cfg or {})}
     model_args = {k: v for k, v in dict(model_cfg or {}).items() if k != "torch_dtype"}

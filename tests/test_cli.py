@@ -172,7 +172,7 @@ def test_python_dash_m_help_in_a_subprocess():
 
 @pytest.fixture
 def task():
-    return pytest.importorskip("lightning_precision.task")
+    return pytest.importorskip("lightning_precision.demos")
 
 
 def _metrics(output_dir, name):
