@@ -10,7 +10,7 @@ task's cosine schedule; only the precision (and the optimizer) differ. Recipes:
 * ``fsdp2-bf16-mixed x2``   FSDP2Strategy (fp32 storage, bf16 compute, fp32 reduce) on 2 processes (gloo), the same
   global batch of 128 split 64/64 over the ranks, the same data order (see "data order" below)
 
-The single-process recipes run through :func:`lightning_precision.compare.run_recipe` (the library's own path,
+The single-process recipes run through :func:`lightning_precision.cli.compare.run_recipe` (the library's own path,
 exactly what ``lightning-precision compare`` does). Final loss = mean of the last ``--last-k`` step losses; the table
 gives its mean over seeds and the ratio of that mean to the reference's mean (and the per-seed ratio range).
 
@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_precision.compare import RECIPES, _quiet_lightning, _smooth, recipe_config, run_recipe
+from lightning_precision.cli.compare import RECIPES, quiet_lightning, recipe_config, run_recipe
+from lightning_precision.cli.plot import moving_average
 from lightning_precision.demos import TensorDictDataset, make_dataloader, make_teacher_data
 
 SINGLE = ("32-true", "bf16-mixed", "bf16-true+adamw", "bf16-true+compensated")
@@ -115,18 +116,18 @@ def fsdp2_worker(scenario: str, out: Path) -> None:
 
     from lightning_precision.config import resolve_trainer_cfg
     from lightning_precision.dtypes import dtype_name
-    from lightning_precision.train import _apply_storage_dtype, build_task
+    from lightning_precision.cli.train import apply_storage_dtype, build_task
 
     steps, seed = int(os.environ["CONV_STEPS"]), int(os.environ["CONV_SEED"])
     torch.set_num_threads(int(os.environ["CONV_THREADS"]))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     cfg = recipe_config(RECIPES["bf16-mixed"], steps, seed)
     cfg["trainer"].update(devices=world, strategy={"name": "fsdp2"}, use_distributed_sampler=False)
-    with _quiet_lightning():
+    with quiet_lightning():
         kwargs = resolve_trainer_cfg(cfg["trainer"], model=cfg["model"], optimizer=cfg["optimizer"])
         pl.seed_everything(seed, verbose=False)
         module, data = build_task(cfg["model"], cfg["optimizer"], cfg["data"], seed)
-        _apply_storage_dtype(module, kwargs)
+        apply_storage_dtype(module, kwargs)
         data.setup()
         loader = rank_loader(data.data, data.hparams.batch_size, data.hparams.shuffle_seed, rank, world)
         trainer = pl.Trainer(**dict(kwargs))
@@ -167,7 +168,7 @@ def run_fsdp2(steps: int, seed: int, threads: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 def separation_step(trap: list[float], ref: list[float], threshold: float = SEPARATION) -> int | None:
     """First step after which ``smooth(trap) > threshold * smooth(ref)`` holds until the end (``None``: never)."""
-    a, b = _smooth(trap), _smooth(ref)
+    a, b = moving_average(trap), moving_average(ref)
     step = None
     for i in range(len(a) - 1, -1, -1):
         if a[i] > threshold * b[i]:
@@ -198,7 +199,7 @@ def main() -> None:
     runs: dict[str, list[list[float]]] = {n: [] for n in names}
     info: dict[str, dict[str, Any]] = {n: {"seconds": 0.0} for n in names}
     for seed in range(args.seeds):
-        with _quiet_lightning():
+        with quiet_lightning():
             for name in SINGLE:
                 t0 = time.perf_counter()
                 result = run_recipe(RECIPES[name], args.steps, seed)
@@ -330,7 +331,7 @@ def plot(
 
 def mean_smoothed(runs: list[list[float]]) -> list[float]:
     """Moving average of each seed's curve, then the mean over seeds."""
-    return [statistics.mean(v) for v in zip(*(_smooth(losses) for losses in runs))]
+    return [statistics.mean(v) for v in zip(*(moving_average(losses) for losses in runs))]
 
 
 if __name__ == "__main__":

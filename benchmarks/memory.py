@@ -1,7 +1,7 @@
 """Bytes per trainable parameter held after the first optimizer step, measured from the tensors, for each recipe.
 
 Each recipe of ``lightning-precision compare`` trains the built-in task for one optimizer step through the library's
-own path (:func:`lightning_precision.train.fit_task`); then :func:`lightning_precision.memory.measure_bytes_per_param`
+own path (:func:`lightning_precision.cli.train.fit_task`); then :func:`lightning_precision.memory.measure_bytes_per_param`
 counts the parameters, their gradients and every optimizer-state tensor (the ``step`` scalars included). Next to
 it: the arithmetic from the dtypes (:func:`lightning_precision.memory.estimate_bytes_per_param`), which is also the
 only figure for FlashAdamW (its quantized moments and error-correction bits need CUDA).
@@ -24,14 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-from lightning_precision.compare import RECIPES, _quiet_lightning, recipe_config
-from lightning_precision.memory import (
-    estimate_bytes_per_param,
-    measure_bytes_per_param,
-    optimizer_settings,
-)
-from lightning_precision.pairing import classify_optimizer
-from lightning_precision.train import fit_task
+from lightning_precision.cli.compare import RECIPES, quiet_lightning, recipe_config
+from lightning_precision.memory import estimate_bytes_per_param, measure_bytes_per_param
+from lightning_precision.pairing import classify_optimizer, optimizer_settings
+from lightning_precision.cli.train import fit_task
 
 STORAGE = {"32-true": torch.float32, "bf16-mixed": torch.float32, "bf16-true": torch.bfloat16}
 
@@ -51,7 +47,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     rows = []
-    with _quiet_lightning():
+    with quiet_lightning():
         for name, recipe in RECIPES.items():
             cfg = recipe.optimizer
             info = classify_optimizer(cfg)
