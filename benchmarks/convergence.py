@@ -29,14 +29,11 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+import harness
 import torch
 from torch.utils.data import DataLoader
 
@@ -46,6 +43,7 @@ from lightning_precision.demos import TensorDictDataset, make_dataloader, make_t
 
 SINGLE = ("32-true", "bf16-mixed", "bf16-true+adamw", "bf16-true+compensated")
 FSDP2 = "fsdp2-bf16-mixed x2"
+FSDP2_WORKER = "fsdp2"  # first argument of this script when torch.distributed.run starts it as a rank
 TRAP = "bf16-true+adamw"
 SEPARATION = 1.05
 WORLD = 2
@@ -111,7 +109,7 @@ def default_distributed_order(seed: int = 0, batches: int = 4) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # The 2-rank FSDP2 run (worker side, under torch.distributed.run)
 # ---------------------------------------------------------------------------------------------------------------
-def fsdp2_worker(scenario: str, out: Path) -> None:
+def fsdp2_worker(out: Path) -> None:
     import lightning.pytorch as pl
 
     from lightning_precision.config import resolve_trainer_cfg
@@ -138,26 +136,22 @@ def fsdp2_worker(scenario: str, out: Path) -> None:
     local = getattr(param, "_local_tensor", param)
     optimizer = trainer.optimizers[0]
     state = optimizer.state[param]
-    (out / f"{scenario}.rank{rank}.json").write_text(
-        json.dumps(
-            {
-                "losses": module.step_losses,
-                "seconds": seconds,
-                "storage": dtype_name(local.dtype),
-                "state": dtype_name(getattr(state["exp_avg"], "_local_tensor", state["exp_avg"]).dtype),
-                "strategy": type(trainer.strategy).__name__,
-            }
-        )
+    harness.write_rank_result(
+        out,
+        {
+            "losses": module.step_losses,
+            "seconds": seconds,
+            "storage": dtype_name(local.dtype),
+            "state": dtype_name(getattr(state["exp_avg"], "_local_tensor", state["exp_avg"]).dtype),
+            "strategy": type(trainer.strategy).__name__,
+        },
     )
 
 
 def run_fsdp2(steps: int, seed: int, threads: int) -> dict[str, Any]:
-    from tests.strategies._launch import launch, rank_results
-
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {"CONV_STEPS": str(steps), "CONV_SEED": str(seed), "CONV_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-        job = launch(Path(__file__), "fsdp2", Path(tmp), timeout=3600, nproc=WORLD, env=env)
-        ranks = rank_results(job, "fsdp2", nproc=WORLD)
+    env = {"CONV_STEPS": str(steps), "CONV_SEED": str(seed), "CONV_THREADS": str(threads)}
+    job = harness.run_on_ranks(Path(__file__), FSDP2_WORKER, WORLD, timeout=3600, env=env)
+    ranks = job.results
     # Equal local batch sizes: the global-batch loss is the mean of the ranks' losses.
     losses = [sum(vals) / WORLD for vals in zip(*(r["losses"] for r in ranks))]
     return {"losses": losses, "seconds": job.seconds, "storage": ranks[0]["storage"], "state": ranks[0]["state"]}
@@ -185,7 +179,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process")
     parser.add_argument("--last-k", type=int, default=100, help="final loss = mean of the last K step losses")
     parser.add_argument("--no-fsdp2", action="store_true", help="skip the 2-process FSDP2 run")
-    parser.add_argument("--plot", type=Path, default=ROOT / "docs/img/convergence.png")
+    parser.add_argument("--plot", type=Path, default=harness.ROOT / "docs/img/convergence.png")
     parser.add_argument("--json", type=Path, default=None, help="also write every loss curve to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -265,7 +259,8 @@ def main() -> None:
         args.json.write_text(
             json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "table": table, "runs": runs}, indent=1)
         )
-    print(f"plot: {args.plot.relative_to(ROOT) if args.plot.is_relative_to(ROOT) else args.plot}")
+    root = harness.ROOT
+    print(f"plot: {args.plot.relative_to(root) if args.plot.is_relative_to(root) else args.plot}")
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
@@ -335,7 +330,7 @@ def mean_smoothed(runs: list[list[float]]) -> list[float]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "fsdp2":
-        fsdp2_worker(sys.argv[1], Path(sys.argv[2]))
+    if len(sys.argv) == 3 and sys.argv[1] == FSDP2_WORKER:
+        fsdp2_worker(Path(sys.argv[2]))
     else:
         main()

@@ -1,9 +1,9 @@
 """Bytes per trainable parameter held after the first optimizer step, measured from the tensors, for each recipe.
 
 Each recipe of ``lightning-precision compare`` trains the built-in task for one optimizer step through the library's
-own path (:func:`lightning_precision.cli.train.fit_task`); then :func:`lightning_precision.memory.measure_bytes_per_param`
-counts the parameters, their gradients and every optimizer-state tensor (the ``step`` scalars included). Next to
-it: the arithmetic from the dtypes (:func:`lightning_precision.memory.estimate_bytes_per_param`), which is also the
+own path (:func:`lightning_precision.cli.train.fit_task`); then
+:func:`lightning_precision.memory.measure_bytes_per_param` counts the parameters, their gradients and every
+optimizer-state tensor (the ``step`` scalars included). Next to it: the arithmetic from the dtypes (:func:`lightning_precision.memory.estimate_bytes_per_param`), which is also the
 only figure for FlashAdamW (its quantized moments and error-correction bits need CUDA).
 
 Usage (from the repository root)::
@@ -16,18 +16,13 @@ Per-rank bytes under FSDP2 on 2 processes: ``python benchmarks/fsdp2_memory.py``
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch
 
 from lightning_precision.cli.compare import RECIPES, quiet_lightning, recipe_config
+from lightning_precision.cli.train import fit_task
 from lightning_precision.memory import estimate_bytes_per_param, measure_bytes_per_param
 from lightning_precision.pairing import classify_optimizer, optimizer_settings
-from lightning_precision.cli.train import fit_task
 
 STORAGE = {"32-true": torch.float32, "bf16-mixed": torch.float32, "bf16-true": torch.bfloat16}
 
