@@ -10,7 +10,7 @@ task's cosine schedule; only the precision (and the optimizer) differ. Recipes:
 * ``fsdp2-bf16-mixed x2``   FSDP2Strategy (fp32 storage, bf16 compute, fp32 reduce) on 2 processes (gloo), the same
   global batch of 128 split 64/64 over the ranks, the same data order (see "data order" below)
 
-The single-process recipes run through :func:`lightning_precision.compare.run_recipe` (the library's own path,
+The single-process recipes run through :func:`lightning_precision.cli.compare.run_recipe` (the library's own path,
 exactly what ``lightning-precision compare`` does). Final loss = mean of the last ``--last-k`` step losses; the table
 gives its mean over seeds and the ratio of that mean to the reference's mean (and the per-seed ratio range).
 
@@ -29,22 +29,21 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+import harness
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_precision.compare import RECIPES, _quiet_lightning, _smooth, recipe_config, run_recipe
-from lightning_precision.task import TensorDictDataset, make_dataloader, make_teacher_data
+from lightning_precision.cli.compare import RECIPES, quiet_lightning, recipe_config, run_recipe
+from lightning_precision.cli.plot import moving_average
+from lightning_precision.demos import TensorDictDataset, make_dataloader, make_teacher_data
 
 SINGLE = ("32-true", "bf16-mixed", "bf16-true+adamw", "bf16-true+compensated")
 FSDP2 = "fsdp2-bf16-mixed x2"
+FSDP2_WORKER = "fsdp2"  # first argument of this script when torch.distributed.run starts it as a rank
 TRAP = "bf16-true+adamw"
 SEPARATION = 1.05
 WORLD = 2
@@ -110,23 +109,23 @@ def default_distributed_order(seed: int = 0, batches: int = 4) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # The 2-rank FSDP2 run (worker side, under torch.distributed.run)
 # ---------------------------------------------------------------------------------------------------------------
-def fsdp2_worker(scenario: str, out: Path) -> None:
+def fsdp2_worker(out: Path) -> None:
     import lightning.pytorch as pl
 
     from lightning_precision.config import resolve_trainer_cfg
     from lightning_precision.dtypes import dtype_name
-    from lightning_precision.train import _apply_storage_dtype, build_task
+    from lightning_precision.cli.train import apply_storage_dtype, build_task
 
     steps, seed = int(os.environ["CONV_STEPS"]), int(os.environ["CONV_SEED"])
     torch.set_num_threads(int(os.environ["CONV_THREADS"]))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     cfg = recipe_config(RECIPES["bf16-mixed"], steps, seed)
     cfg["trainer"].update(devices=world, strategy={"name": "fsdp2"}, use_distributed_sampler=False)
-    with _quiet_lightning():
+    with quiet_lightning():
         kwargs = resolve_trainer_cfg(cfg["trainer"], model=cfg["model"], optimizer=cfg["optimizer"])
         pl.seed_everything(seed, verbose=False)
         module, data = build_task(cfg["model"], cfg["optimizer"], cfg["data"], seed)
-        _apply_storage_dtype(module, kwargs)
+        apply_storage_dtype(module, kwargs)
         data.setup()
         loader = rank_loader(data.data, data.hparams.batch_size, data.hparams.shuffle_seed, rank, world)
         trainer = pl.Trainer(**dict(kwargs))
@@ -137,26 +136,22 @@ def fsdp2_worker(scenario: str, out: Path) -> None:
     local = getattr(param, "_local_tensor", param)
     optimizer = trainer.optimizers[0]
     state = optimizer.state[param]
-    (out / f"{scenario}.rank{rank}.json").write_text(
-        json.dumps(
-            {
-                "losses": module.step_losses,
-                "seconds": seconds,
-                "storage": dtype_name(local.dtype),
-                "state": dtype_name(getattr(state["exp_avg"], "_local_tensor", state["exp_avg"]).dtype),
-                "strategy": type(trainer.strategy).__name__,
-            }
-        )
+    harness.write_rank_result(
+        out,
+        {
+            "losses": module.step_losses,
+            "seconds": seconds,
+            "storage": dtype_name(local.dtype),
+            "state": dtype_name(getattr(state["exp_avg"], "_local_tensor", state["exp_avg"]).dtype),
+            "strategy": type(trainer.strategy).__name__,
+        },
     )
 
 
 def run_fsdp2(steps: int, seed: int, threads: int) -> dict[str, Any]:
-    from tests.strategies._launch import launch, rank_results
-
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {"CONV_STEPS": str(steps), "CONV_SEED": str(seed), "CONV_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-        job = launch(Path(__file__), "fsdp2", Path(tmp), timeout=3600, nproc=WORLD, env=env)
-        ranks = rank_results(job, "fsdp2", nproc=WORLD)
+    env = {"CONV_STEPS": str(steps), "CONV_SEED": str(seed), "CONV_THREADS": str(threads)}
+    job = harness.run_on_ranks(Path(__file__), FSDP2_WORKER, WORLD, timeout=3600, env=env)
+    ranks = job.results
     # Equal local batch sizes: the global-batch loss is the mean of the ranks' losses.
     losses = [sum(vals) / WORLD for vals in zip(*(r["losses"] for r in ranks))]
     return {"losses": losses, "seconds": job.seconds, "storage": ranks[0]["storage"], "state": ranks[0]["state"]}
@@ -167,7 +162,7 @@ def run_fsdp2(steps: int, seed: int, threads: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 def separation_step(trap: list[float], ref: list[float], threshold: float = SEPARATION) -> int | None:
     """First step after which ``smooth(trap) > threshold * smooth(ref)`` holds until the end (``None``: never)."""
-    a, b = _smooth(trap), _smooth(ref)
+    a, b = moving_average(trap), moving_average(ref)
     step = None
     for i in range(len(a) - 1, -1, -1):
         if a[i] > threshold * b[i]:
@@ -184,7 +179,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process")
     parser.add_argument("--last-k", type=int, default=100, help="final loss = mean of the last K step losses")
     parser.add_argument("--no-fsdp2", action="store_true", help="skip the 2-process FSDP2 run")
-    parser.add_argument("--plot", type=Path, default=ROOT / "docs/img/convergence.png")
+    parser.add_argument("--plot", type=Path, default=harness.ROOT / "docs/img/convergence.png")
     parser.add_argument("--json", type=Path, default=None, help="also write every loss curve to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -198,7 +193,7 @@ def main() -> None:
     runs: dict[str, list[list[float]]] = {n: [] for n in names}
     info: dict[str, dict[str, Any]] = {n: {"seconds": 0.0} for n in names}
     for seed in range(args.seeds):
-        with _quiet_lightning():
+        with quiet_lightning():
             for name in SINGLE:
                 t0 = time.perf_counter()
                 result = run_recipe(RECIPES[name], args.steps, seed)
@@ -264,7 +259,8 @@ def main() -> None:
         args.json.write_text(
             json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "table": table, "runs": runs}, indent=1)
         )
-    print(f"plot: {args.plot.relative_to(ROOT) if args.plot.is_relative_to(ROOT) else args.plot}")
+    root = harness.ROOT
+    print(f"plot: {args.plot.relative_to(root) if args.plot.is_relative_to(root) else args.plot}")
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
@@ -330,11 +326,11 @@ def plot(
 
 def mean_smoothed(runs: list[list[float]]) -> list[float]:
     """Moving average of each seed's curve, then the mean over seeds."""
-    return [statistics.mean(v) for v in zip(*(_smooth(losses) for losses in runs))]
+    return [statistics.mean(v) for v in zip(*(moving_average(losses) for losses in runs))]
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "fsdp2":
-        fsdp2_worker(sys.argv[1], Path(sys.argv[2]))
+    if len(sys.argv) == 3 and sys.argv[1] == FSDP2_WORKER:
+        fsdp2_worker(Path(sys.argv[2]))
     else:
         main()

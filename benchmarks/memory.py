@@ -1,9 +1,9 @@
 """Bytes per trainable parameter held after the first optimizer step, measured from the tensors, for each recipe.
 
 Each recipe of ``lightning-precision compare`` trains the built-in task for one optimizer step through the library's
-own path (:func:`lightning_precision.train.fit_task`); then :func:`lightning_precision.memory.measure_bytes_per_param`
-counts the parameters, their gradients and every optimizer-state tensor (the ``step`` scalars included). Next to
-it: the arithmetic from the dtypes (:func:`lightning_precision.memory.estimate_bytes_per_param`), which is also the
+own path (:func:`lightning_precision.cli.train.fit_task`); then
+:func:`lightning_precision.memory.measure_bytes_per_param` counts the parameters, their gradients and every
+optimizer-state tensor (the ``step`` scalars included). Next to it: the arithmetic from the dtypes (:func:`lightning_precision.memory.estimate_bytes_per_param`), which is also the
 only figure for FlashAdamW (its quantized moments and error-correction bits need CUDA).
 
 Usage (from the repository root)::
@@ -16,22 +16,13 @@ Per-rank bytes under FSDP2 on 2 processes: ``python benchmarks/fsdp2_memory.py``
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch
 
-from lightning_precision.compare import RECIPES, _quiet_lightning, recipe_config
-from lightning_precision.memory import (
-    estimate_bytes_per_param,
-    measure_bytes_per_param,
-    optimizer_settings,
-)
-from lightning_precision.pairing import classify_optimizer
-from lightning_precision.train import fit_task
+from lightning_precision.cli.compare import RECIPES, quiet_lightning, recipe_config
+from lightning_precision.cli.train import fit_task
+from lightning_precision.memory import estimate_bytes_per_param, measure_bytes_per_param
+from lightning_precision.catalogue import classify_optimizer
 
 STORAGE = {"32-true": torch.float32, "bf16-mixed": torch.float32, "bf16-true": torch.bfloat16}
 
@@ -51,12 +42,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     rows = []
-    with _quiet_lightning():
+    with quiet_lightning():
         for name, recipe in RECIPES.items():
             cfg = recipe.optimizer
             info = classify_optimizer(cfg)
             storage = STORAGE.get(recipe.precision, torch.bfloat16)
-            estimate = estimate_bytes_per_param(storage, info, optimizer_settings(cfg))
+            estimate = estimate_bytes_per_param(storage, info)
             if recipe.needs_cuda and not torch.cuda.is_available():
                 rows.append((name, recipe.precision, info.short_name, None, estimate, "needs CUDA: arithmetic only"))
                 continue

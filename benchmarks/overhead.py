@@ -17,48 +17,31 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
-import lightning.pytorch as pl
+import harness
 import torch
 from lightning.fabric.plugins.precision.utils import _convert_fp_tensor
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
 from lightning_utilities import apply_to_collection
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, without PYTHONPATH
 
 from lightning_precision import CheckedMixedPrecision, FlashPrecision, HalfPrecisionForAudio
 from lightning_precision.casting import cast_batch
 
-
-class StepTimer(pl.Callback):
-    def __init__(self, warmup: int = 10) -> None:
-        self.warmup, self.times, self._start = warmup, [], 0.0
-
-    def on_train_batch_start(self, *args) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step > self.warmup:
-            self.times.append(time.perf_counter() - self._start)
+WARMUP_STEPS = 10
 
 
-class MLP(pl.LightningModule):
-    def __init__(self, width: int = 512, depth: int = 4) -> None:
-        super().__init__()
-        self.net = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(depth)])
+class AudioBatchMLP(harness.MLP):
+    """The harness MLP (4 blocks of 512, no head) on dict batches whose ``audio`` tensor input casting keeps."""
+
+    def __init__(self) -> None:
+        super().__init__(width=512, depth=4, out_features=None)
 
     def training_step(self, batch, batch_idx):
         x = batch["x"] + batch["audio"].to(batch["x"].dtype)
-        return self.net(x).float().pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+        return self(x).float().pow(2).mean()
 
 
 def _loader(steps: int, width: int = 512, batch: int = 64) -> DataLoader:
@@ -74,19 +57,10 @@ def _loader(steps: int, width: int = 512, batch: int = 64) -> DataLoader:
 
 def median_step_seconds(plugin_factory, steps: int) -> float:
     torch.manual_seed(0)
-    timer = StepTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        plugins=[plugin_factory()],
-        callbacks=[timer],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(MLP(), _loader(steps))
-    return statistics.median(timer.times)
+    timer = harness.StepTimer()
+    trainer = harness.trainer(max_steps=steps, plugins=[plugin_factory()], callbacks=[timer])
+    trainer.fit(AudioBatchMLP(), _loader(steps))
+    return statistics.median(t for _, t in timer.after_warmup(WARMUP_STEPS))
 
 
 PAIRS = {

@@ -1,6 +1,6 @@
 """Measures the bf16 optimizer-state trap on the built-in task with plain Lightning Trainers.
 
-Each recipe trains ``lightning_precision.task.TaskModule`` from the same seed, initial weights and data order
+Each recipe trains ``lightning_precision.demos.TaskModule`` from the same seed, initial weights and data order
 and reports the final loss (mean of the last K steps), its ratio to the ``32-true`` reference, the wall time
 and steps per second. Recipes:
 
@@ -30,10 +30,10 @@ import time
 import warnings
 from dataclasses import dataclass
 
-import lightning.pytorch as pl
+import harness
 import torch
 
-from lightning_precision.task import DEFAULT_LAST_K, DEFAULT_MAX_STEPS, TaskDataModule, TaskModule
+from lightning_precision.demos import DEFAULT_LAST_K, DEFAULT_MAX_STEPS, TaskDataModule, TaskModule
 
 
 @dataclass(frozen=True)
@@ -89,15 +89,7 @@ def run_recipe(recipe: Recipe, config: Config, seed: int, last_k: int) -> tuple[
         min_lr_ratio=config.min_lr_ratio,
         init_seed=seed,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        precision=recipe.precision,
-        max_steps=config.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = harness.trainer(precision=recipe.precision, max_steps=config.steps)
     trainer.fit(module, datamodule)
     return module.final_loss(last_k), time.perf_counter() - start
 

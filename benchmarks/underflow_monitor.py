@@ -13,69 +13,30 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
 import warnings
-from pathlib import Path
 
-import lightning.pytorch as pl
+import harness
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, without PYTHONPATH
 
 from lightning_precision.callbacks import UpdateUnderflowMonitor
 
-
-class MLP(pl.LightningModule):
-    def __init__(self, width: int, depth: int) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        for _ in range(depth):
-            layers += [nn.Linear(width, width), nn.GELU()]
-        self.net = nn.Sequential(*layers, nn.Linear(width, 1))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.mse_loss(self.net(x).float(), y)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-5)
-
-
-class StepTimer(pl.Callback):
-    """Wall time from batch start to batch end, after every other callback's ``on_train_batch_end``."""
-
-    def __init__(self) -> None:
-        self.times: list[tuple[int, float]] = []  # (optimizer step index, seconds)
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append((trainer.global_step - 1, time.perf_counter() - self._start))
+LR = 1e-5
+WARMUP_STEPS = 10
 
 
 def run(width: int, depth: int, steps: int, monitor: UpdateUnderflowMonitor | None) -> dict[str, float]:
     """Median step time of the run; with a monitor, separately for its monitored and unmonitored steps."""
     torch.manual_seed(0)
-    data = TensorDataset(torch.randn(steps * 32, width), torch.randn(steps * 32, 1))
-    timer = StepTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    loader = harness.regression_loader(steps * 32, width, batch_size=32)
+    timer = harness.StepTimer()
+    trainer = harness.trainer(
         devices=1,
         precision="bf16-true",
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[*([monitor] if monitor else []), timer],  # timer last: it includes the monitor's batch end
     )
-    trainer.fit(MLP(width, depth), DataLoader(data, batch_size=32))
-    times = timer.times[10:]  # warm-up
+    trainer.fit(harness.MLP(width, depth, lr=LR), loader)
+    times = timer.after_warmup(WARMUP_STEPS)
     if monitor is None:
         return {"all": statistics.median(t for _, t in times)}
     return {
@@ -109,7 +70,7 @@ def main() -> None:
         unmonitored.append(m["unmonitored"])
         paired.append(m["monitored"] - m["unmonitored"])
 
-    params = sum(p.numel() for p in MLP(args.width, args.depth).parameters())
+    params = sum(p.numel() for p in harness.MLP(args.width, args.depth).parameters())
     base = statistics.median(baseline)
     cost = statistics.median(paired)
     print(

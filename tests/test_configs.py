@@ -8,8 +8,8 @@ import pytest
 from lightning_precision import PrecisionWarning, judge, resolve_storage_dtype, resolve_trainer_cfg
 from lightning_precision.modes import get_mode
 from lightning_precision.catalogue import classify_optimizer
+from lightning_precision.cli.yaml_loading import load_config, section
 from lightning_precision.pairing import Status
-from lightning_precision.runconfig import load_config, section
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))

@@ -27,20 +27,6 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from lightning_precision._imports import import_object
 
-__all__ = [
-    "AUDIO_KEY",
-    "DEFAULT_LAST_K",
-    "DEFAULT_MAX_STEPS",
-    "TaskDataModule",
-    "TaskModule",
-    "TensorDictDataset",
-    "build_optimizer",
-    "cosine_lr_lambda",
-    "make_dataloader",
-    "make_teacher_data",
-    "resolve_target",
-]
-
 AUDIO_KEY = "audio_features"
 """Name of the optional float input that input casting should leave in its original dtype."""
 

@@ -2,7 +2,7 @@
 
 Every recipe trains the same model from the same initial weights on the same data in the same order; only the
 precision and the optimizer differ. Each recipe goes through the library's own path
-(:func:`~lightning_precision.train.fit_task` -> :func:`~lightning_precision.config.resolve_trainer_cfg`), and
+(:func:`~lightning_precision.cli.train.fit_task` -> :func:`~lightning_precision.config.resolve_trainer_cfg`), and
 the table is filled from the live run: parameter and optimizer-state dtypes are read from the tensors after
 training, bytes per parameter are measured from them.
 """
@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_precision.cli.plot import PlotUnavailableError, plot_losses
 from lightning_precision.dtypes import dtype_name
-from lightning_precision.task import DEFAULT_LAST_K, DEFAULT_MAX_STEPS
+from lightning_precision.demos import DEFAULT_LAST_K, DEFAULT_MAX_STEPS
 
 REFERENCE = "32-true"
 COMPENSATED_OPTIMIZER = "lightning_precision.optim.CompensatedAdamW"
@@ -112,7 +113,18 @@ class RecipeResult:
 
 @dataclass
 class CompareReport:
-    """All recipes' results and where the plot and data went."""
+    """All recipes' results and where the plot and data went.
+
+    Attributes:
+        results: One result per recipe, in the order they ran.
+        steps: Optimizer steps per recipe.
+        seed: Seed of data, data order and initial weights.
+        threads: ``torch.set_num_threads`` value the recipes ran with.
+        seconds: Wall-clock seconds of the whole comparison.
+        plot_path: The loss-curve PNG, if one was written.
+        plot_unavailable: Why no plot was written and how to get one (matplotlib missing), else empty.
+        json_path: The results JSON, once written.
+    """
 
     results: list[RecipeResult]
     steps: int
@@ -120,6 +132,7 @@ class CompareReport:
     threads: int
     seconds: float
     plot_path: Path | None = None
+    plot_unavailable: str = ""
     json_path: Path | None = None
 
     @property
@@ -173,6 +186,8 @@ class CompareReport:
         out.append("bytes/param: params + grads + every optimizer-state tensor, measured after training.")
         if self.plot_path is not None:
             out.append(f"Loss curves: {self.plot_path}")
+        elif self.plot_unavailable:
+            out.append(self.plot_unavailable)
         if self.json_path is not None:
             out.append(f"Results: {self.json_path}")
         out.append(f"Total time: {self.seconds:.1f} s")
@@ -251,7 +266,7 @@ def run_compare(
     """
     steps = steps if steps is not None else DEFAULT_MAX_STEPS
     if steps < 1:
-        from lightning_precision.runconfig import ConfigInputError
+        from lightning_precision.cli.yaml_loading import ConfigInputError
 
         raise ConfigInputError(f"--steps must be at least 1, got {steps}.")
     threads = threads or DEFAULT_THREADS
@@ -259,7 +274,7 @@ def run_compare(
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.perf_counter()
     results = []
-    with _quiet_lightning():
+    with quiet_lightning():
         for i, name in enumerate(recipes, 1):
             say(f"[{i}/{len(recipes)}] {name} ...")
             result = run_recipe(RECIPES[name], steps, seed)
@@ -268,7 +283,10 @@ def run_compare(
             results.append(result)
     report = CompareReport(results, steps, seed, threads, seconds=0.0)
     output_dir.mkdir(parents=True, exist_ok=True)
-    report.plot_path = plot_losses(results, output_dir / "compare_loss.png", report.reference_loss())
+    try:
+        report.plot_path = plot_losses(results, output_dir / "compare_loss.png", report.reference_loss())
+    except PlotUnavailableError as err:  # the plot is optional (the `plot` extra); the table is the result
+        report.plot_unavailable = str(err)
     report.seconds = time.perf_counter() - start
     report.json_path = output_dir / "compare.json"
     report.json_path.write_text(json.dumps(report.to_dict(), indent=1))
@@ -279,7 +297,7 @@ def run_recipe(recipe: Recipe, steps: int, seed: int) -> RecipeResult:
     """Train one recipe and read what it did from the live model and optimizer; never raises."""
     if recipe.needs_cuda and not torch.cuda.is_available():
         return RecipeResult(recipe, status="skipped", reason=f"needs CUDA ({recipe.why_cuda}); no CUDA device here")
-    from lightning_precision.train import fit_task
+    from lightning_precision.cli.train import fit_task
 
     timer = _StepTimer()
     accelerator = "cuda" if recipe.needs_cuda else "cpu"
@@ -342,8 +360,13 @@ class _StepTimer(Callback):
         return (self.end - self.start) / (self.steps - 1)
 
 
-class _quiet_lightning:
-    """Silence Lightning's per-trainer banners and known CPU-only warnings while recipes run; keeps our warning."""
+class quiet_lightning:  # noqa: N801 - used like a function: `with quiet_lightning():`
+    """Silence Lightning's per-trainer banners and known CPU-only warnings while recipes run; keeps our warning.
+
+    A context manager: inside ``with quiet_lightning():`` the Lightning and library loggers show warnings and errors
+    only, and the known harmless CPU-only warnings are ignored; a :class:`~lightning_precision.PrecisionWarning`
+    still shows. Both are restored on exit.
+    """
 
     _NOISE = (
         ".*does not have many workers.*",
@@ -367,49 +390,3 @@ class _quiet_lightning:
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
         self._warnings.__exit__(*exc)
-
-
-_LINESTYLES = ("-", "--", "-.", (0, (1, 1)))
-
-
-def plot_losses(results: Sequence[RecipeResult], path: Path, reference: float | None) -> Path | None:
-    """Plot every recipe's loss curve (log scale, smoothed) to a PNG; ``None`` if no recipe has losses."""
-    curves = [r for r in results if r.losses]
-    if not curves:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed: this runs on servers and in CI
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, r in enumerate(curves):
-        ax.plot(  # safe recipes overlap the reference: distinct dashes keep every curve visible
-            _smooth(r.losses),
-            label=f"{r.recipe.name} ({r.optimizer}, state {r.state_dtype})",
-            linewidth=1.5,
-            linestyle=_LINESTYLES[i % len(_LINESTYLES)],
-        )
-    if reference is not None:
-        ax.axhline(reference, color="grey", linestyle=":", linewidth=1, label=f"fp32 final loss {reference:.4f}")
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (moving average)")
-    ax.set_title("Built-in task: same data, same seed, different precision recipes")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _smooth(values: Sequence[float], window: int | None = None) -> list[float]:
-    """Trailing moving average, so recipes' curves can be told apart through the step-to-step noise."""
-    window = window or max(1, len(values) // 50)
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out

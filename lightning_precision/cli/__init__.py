@@ -1,5 +1,8 @@
 """The ``lightning-precision`` command: ``explain``, ``train`` and ``compare``.
 
+Each subcommand lives in its own module of this package (:mod:`~lightning_precision.cli.explain`,
+:mod:`~lightning_precision.cli.train`, :mod:`~lightning_precision.cli.compare`), imported when that subcommand runs.
+
 Exit codes: 0 success (or a safe config), 1 an unsafe pairing under ``on_unsafe: error`` or a recipe that crashed,
 2 bad input (missing file, YAML that does not parse, unknown override key, unknown precision, any
 :class:`~lightning_precision.errors.PrecisionConfigError`). Errors are one line on stderr, without a traceback.
@@ -36,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", default="runs", help="where CSV logs and checkpoints go (default: runs/)")
     train.add_argument("--ckpt-every", type=int, default=None, metavar="N", help="save a checkpoint every N steps")
 
-    from lightning_precision.compare import DEFAULT_RECIPES, RECIPES  # cheap: no training imports at module level
+    from lightning_precision.cli.compare import DEFAULT_RECIPES, RECIPES  # cheap: no training imports at module level
 
     compare = sub.add_parser("compare", help="train the built-in task under several recipes and compare them")
     compare.add_argument(
@@ -101,8 +104,8 @@ def _error(message: str) -> None:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from lightning_precision.explain import explain
-    from lightning_precision.runconfig import load_config, section
+    from lightning_precision.cli.explain import explain
+    from lightning_precision.cli.yaml_loading import load_config, section
 
     cfg = load_config(args.config, args.overrides)
     result = explain(section(cfg, "trainer"), section(cfg, "model"), section(cfg, "optimizer"), source=str(args.config))
@@ -114,8 +117,8 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lightning_precision.runconfig import load_config
-    from lightning_precision.train import train_from_config
+    from lightning_precision.cli.yaml_loading import load_config
+    from lightning_precision.cli.train import train_from_config
 
     cfg = load_config(args.config, args.overrides)
     result = train_from_config(
@@ -126,7 +129,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from lightning_precision.compare import run_compare
+    from lightning_precision.cli.compare import run_compare
 
     report = run_compare(
         recipes=args.recipes,
@@ -137,7 +140,3 @@ def _compare(args: argparse.Namespace) -> int:
     )
     print(report.format_text())
     return EXIT_OK if report.ok else EXIT_UNSAFE
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

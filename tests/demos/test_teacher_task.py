@@ -1,4 +1,4 @@
-"""Tests of the built-in training task (lightning_precision.task)."""
+"""Tests of the built-in training task (lightning_precision.demos.teacher_task)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_precision.task import (
+from lightning_precision.demos import (
     AUDIO_KEY,
     TaskDataModule,
     TaskModule,

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from lightning_precision.config import TrainerKwargs, resolve_trainer_cfg
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.runconfig import ConfigInputError, section
+from lightning_precision.cli.yaml_loading import ConfigInputError, section
 
 # Keys of the data section the model must agree with: the task's model is built to the data's shapes.
 _SHARED_SHAPE_KEYS = ("in_features", "audio_features", "out_features")
@@ -76,10 +76,10 @@ def build_task(
     """Build the built-in task's model and data from config sections.
 
     Args:
-        model_cfg: Model arguments of :class:`lightning_precision.task.TaskModule`; ``torch_dtype`` is the
+        model_cfg: Model arguments of :class:`lightning_precision.demos.TaskModule`; ``torch_dtype`` is the
             pairing rule's business and is not passed on.
         optimizer_cfg: ``_target_``, ``lr`` (default: the task's) and further optimizer arguments.
-        data_cfg: Arguments of :class:`lightning_precision.task.TaskDataModule`.
+        data_cfg: Arguments of :class:`lightning_precision.demos.TaskDataModule`.
         seed: Seed of the initial weights and the data order, unless the sections set their own.
 
     Returns:
@@ -88,7 +88,7 @@ def build_task(
     Raises:
         ConfigInputError: If a section has an argument the task does not take.
     """
-    from lightning_precision.task import TaskDataModule, TaskModule
+    from lightning_precision.demos import TaskDataModule, TaskModule
 
     data_args = {"data_seed": seed, "shuffle_seed": seed, **dict(data_cfg or {})}
     model_args = {k: v for k, v in dict(model_cfg or {}).items() if k != "torch_dtype"}
@@ -141,7 +141,7 @@ def fit_task(
     )
     pl.seed_everything(seed, verbose=False)
     module, data = build_task(model_cfg, optimizer_cfg, _plain(cfg, "data"), seed)
-    _apply_storage_dtype(module, kwargs)
+    apply_storage_dtype(module, kwargs)
     trainer_args = dict(kwargs)
     trainer_args["callbacks"] = [*kwargs["callbacks"], *(extra_callbacks or [])]
     if logger is not None:
@@ -162,11 +162,15 @@ def _plain(cfg: DictConfig | Mapping[str, Any], name: str) -> dict[str, Any] | N
     return dict(value) if value is not None else None
 
 
-def _apply_storage_dtype(module: torch.nn.Module, kwargs: TrainerKwargs) -> None:
+def apply_storage_dtype(module: torch.nn.Module, kwargs: TrainerKwargs) -> None:
     """Store the parameters in the dtype the pairing rule chose, where the precision plugin does not cast them.
 
     ``*-true`` and ``*-flash`` plugins cast the module themselves (flash keeps normalization layers in fp32), so
     only precisions that leave storage to the model (``32-true``, ``*-mixed``) are cast here.
+
+    Args:
+        module: The model, cast in place.
+        kwargs: What :func:`resolve_trainer_cfg` resolved (its ``storage_dtype`` and ``precision_mode``).
     """
     mode = kwargs.precision_mode
     if kwargs.storage_dtype is None or (mode is not None and mode.storage_dtype is not None):

@@ -1,0 +1,63 @@
+"""lightning-precision train: a real run of the built-in task, its CSV log, checkpoints and refusals."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from tests.cli.helpers import CONFIG_DIR, TRAP, assert_one_line_error, run
+
+
+def _metrics(output_dir, name):
+    [path] = Path(output_dir, name).glob("version_*/metrics.csv")
+    with path.open() as f:
+        return [row for row in csv.DictReader(f) if row.get("train_loss")]
+
+
+def test_train_writes_a_csv_log_with_loss_rows(capsys, tmp_path, task):
+    code, out, _ = run(
+        capsys,
+        "train",
+        CONFIG_DIR / "bf16-mixed.yaml",
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=1",
+        "--output-dir",
+        tmp_path,
+    )
+    assert code == 0
+    rows = _metrics(tmp_path, "bf16-mixed")
+    assert len(rows) == 6 and all(float(r["train_loss"]) > 0 for r in rows)
+    assert "Trained 6 steps" in out
+    assert not list(tmp_path.rglob("*.ckpt"))  # not asked for checkpoints
+
+
+def test_train_checkpoints_when_asked(capsys, tmp_path, task):
+    code, _, _ = run(
+        capsys,
+        "train",
+        CONFIG_DIR / "bf16-true-compensated.yaml",
+        "trainer.max_steps=4",
+        "--ckpt-every",
+        "2",
+        "--output-dir",
+        tmp_path,
+    )
+    assert code == 0
+    assert len([p for p in tmp_path.rglob("*.ckpt") if p.name != "last.ckpt"]) == 2
+
+
+def test_train_refuses_unsafe_under_error(capsys, tmp_path, task):
+    code, _, err = run(capsys, "train", TRAP, "trainer.lightning_precision.on_unsafe=error", "--output-dir", tmp_path)
+    assert code == 1
+    assert_one_line_error(err)
+
+
+def test_train_flash_config_without_cuda_exits_2(capsys, tmp_path, task):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the flash config would train")
+    code, _, err = run(capsys, "train", CONFIG_DIR / "bf16-flash.yaml", "--output-dir", tmp_path)
+    assert code == 2
+    assert_one_line_error(err)
+    assert "needs a CUDA device" in err
