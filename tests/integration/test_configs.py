@@ -11,7 +11,7 @@ from lightning_precision.catalogue import classify_optimizer
 from lightning_precision.cli.yaml_loading import load_config, section
 from lightning_precision.pairing import Status
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
