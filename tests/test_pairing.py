@@ -3,16 +3,8 @@
 import pytest
 import torch
 
-from lightning_precision.catalogue import OptimizerKind, classify_optimizer
+from lightning_precision.catalogue import classify_optimizer
 from lightning_precision.pairing import Status, check_optimizer, judge
-
-FOLLOWS, MASTER, COMP, UNKNOWN = (
-    OptimizerKind.STATE_FOLLOWS_PARAM,
-    OptimizerKind.KEEPS_MASTER,
-    OptimizerKind.COMPENSATED,
-    OptimizerKind.UNKNOWN,
-)
-
 
 ADAMW = {"_target_": "torch.optim.AdamW"}
 FLASH = {"_target_": "flashoptim.FlashAdamW"}

@@ -5,16 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.catalogue import OptimizerKind
-from lightning_precision.storage import resolve_storage_dtype
-
-FOLLOWS, MASTER, COMP, UNKNOWN = (
-    OptimizerKind.STATE_FOLLOWS_PARAM,
-    OptimizerKind.KEEPS_MASTER,
-    OptimizerKind.COMPENSATED,
-    OptimizerKind.UNKNOWN,
-)
-
+from lightning_precision.storage import decide_storage, resolve_storage_dtype
 
 ADAMW = {"_target_": "torch.optim.AdamW"}
 FLASH = {"_target_": "flashoptim.FlashAdamW"}
@@ -51,3 +42,30 @@ def test_resolve_storage_dtype_struct_mode_and_no_mutation():
 def test_resolve_storage_dtype_conflict_is_an_error(dtype, precision):
     with pytest.raises(PrecisionConfigError, match=precision):
         resolve_storage_dtype({"torch_dtype": dtype}, ADAMW, precision=precision)
+
+
+@pytest.mark.parametrize(
+    ("options", "dtype", "was_auto", "why"),
+    [
+        ({"precision": "bf16-mixed", "optimizer": "torch.optim.AdamW"}, torch.float32, True, "AdamW keeps its state"),
+        ({"precision": "bf16-mixed", "optimizer": FLASH | {"master_weight_bits": 24}}, torch.bfloat16, True, "master"),
+        ({"precision": "bf16-mixed", "explicit": "bf16"}, torch.bfloat16, False, "explicit model.torch_dtype"),
+        ({"precision": "bf16-true", "optimizer": "torch.optim.AdamW"}, torch.bfloat16, False, "'bf16-true' casts"),
+        ({"precision": "bf16-mixed", "peft": True}, None, True, "PEFT"),
+        ({}, torch.float32, True, "optimizer not known"),
+    ],
+)
+def test_decision_says_what_why_and_whether_auto(options, dtype, was_auto, why):
+    decision = decide_storage(**options)
+    assert (decision.dtype, decision.was_auto) == (dtype, was_auto)
+    assert why in decision.reason
+
+
+def test_config_and_strategy_carry_the_same_decision():
+    from lightning_precision import FSDP2Strategy, resolve_trainer_cfg
+
+    optimizer = {"_target_": "torch.optim.AdamW"}
+    plain = resolve_trainer_cfg({"precision": "bf16-mixed"}, model={}, optimizer=optimizer)
+    sharded = resolve_trainer_cfg({"precision": "bf16-mixed", "strategy": FSDP2Strategy()}, optimizer=optimizer)
+    expected = decide_storage(precision="bf16-mixed", optimizer=optimizer)
+    assert plain.storage == sharded.storage == sharded.sharded.storage == expected
