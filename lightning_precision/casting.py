@@ -2,8 +2,10 @@
 
 Raw waveforms lose signal quality when rounded to bf16/fp16, so every floating-point tensor of a batch is cast
 to the plugin's dtype except the ones stored under a *preserved key*: a string mapping key, dataclass field or
-namedtuple field that contains one of the patterns (default ``"audio"``, case-sensitive). A preserved key protects
-everything below it, and preserved tensors are returned as the very same objects.
+namedtuple field that contains one of the patterns (default ``"audio"``, case-sensitive), or an integer position in a
+top-level tuple or list batch (NeMo's ASR batches are ``(audio_signal, audio_lengths, tokens, token_lengths)``, so
+``preserve_keys=[0]`` keeps the audio). A preserved key protects everything below it, and preserved tensors are
+returned as the very same objects.
 """
 
 from __future__ import annotations
@@ -17,34 +19,41 @@ import torch
 
 DEFAULT_PRESERVE_KEYS: tuple[str, ...] = ("audio",)
 
+PreserveKey = str | int
 
-def normalize_preserve_keys(preserve_keys: str | Iterable[str] | None) -> tuple[str, ...]:
-    """Validate the preserved-key patterns.
+
+def normalize_preserve_keys(preserve_keys: PreserveKey | Iterable[PreserveKey] | None) -> tuple[PreserveKey, ...]:
+    """Validate the preserved keys.
 
     Args:
-        preserve_keys: One pattern, an iterable of patterns, or ``None`` for none.
+        preserve_keys: One key, an iterable of keys, or ``None`` for none. A string is a substring pattern of mapping
+            keys and field names; an int is a position in a top-level tuple or list batch (negative counts from the
+            end).
 
     Raises:
-        TypeError: If a pattern is not a string.
+        TypeError: If a key is neither a string nor an int.
     """
     if preserve_keys is None:
         return ()
-    if isinstance(preserve_keys, str):
+    if isinstance(preserve_keys, (str, int)) and not isinstance(preserve_keys, bool):
         return (preserve_keys,)
-    patterns = tuple(preserve_keys)
-    bad = [p for p in patterns if not isinstance(p, str)]
+    keys = tuple(preserve_keys)
+    bad = [k for k in keys if isinstance(k, bool) or not isinstance(k, (str, int))]
     if bad:
-        raise TypeError(f"preserve_keys must be strings, got {bad!r} in {patterns!r}.")
-    return patterns
+        raise TypeError(
+            f"preserve_keys must be strings (key patterns) or ints (positions in a tuple batch), got {bad!r} in "
+            f"{keys!r}."
+        )
+    return keys
 
 
-def is_preserved(key: Any, patterns: tuple[str, ...]) -> bool:
-    """Whether a key is protected: only string keys can match a pattern."""
-    return isinstance(key, str) and any(p in key for p in patterns)
+def is_preserved(key: Any, patterns: tuple[PreserveKey, ...]) -> bool:
+    """Whether a mapping key or field name is protected: only string keys can match a string pattern."""
+    return isinstance(key, str) and any(isinstance(p, str) and p in key for p in patterns)
 
 
 def cast_batch(
-    batch: Any, dtype: torch.dtype, preserve_keys: Iterable[str] | str | None = DEFAULT_PRESERVE_KEYS
+    batch: Any, dtype: torch.dtype, preserve_keys: Iterable[PreserveKey] | PreserveKey | None = DEFAULT_PRESERVE_KEYS
 ) -> Any:
     """Cast every floating-point tensor in ``batch`` to ``dtype``, except under preserved keys.
 
@@ -56,15 +65,31 @@ def cast_batch(
     Args:
         batch: The batch, of any nesting.
         dtype: Target floating-point dtype.
-        preserve_keys: Substring patterns of keys whose values keep their dtype.
+        preserve_keys: Substring patterns of keys whose values keep their dtype, and positions of a top-level tuple or
+            list batch whose elements keep theirs.
 
     Returns:
         The cast batch.
     """
-    return _cast(batch, dtype, normalize_preserve_keys(preserve_keys))
+    keys = normalize_preserve_keys(preserve_keys)
+    positions = {k for k in keys if isinstance(k, int)}
+    if positions and isinstance(batch, (list, tuple)):
+        n = len(batch)
+        kept = {p % n for p in positions if -n <= p < n}
+        values = [v if i in kept else _cast(v, dtype, keys) for i, v in enumerate(batch)]
+        if all(a is b for a, b in zip(values, batch)):
+            return batch
+        return _rebuild_sequence(batch, values)
+    return _cast(batch, dtype, keys)
 
 
-def _cast(node: Any, dtype: torch.dtype, patterns: tuple[str, ...]) -> Any:
+def _rebuild_sequence(node: list | tuple, values: list[Any]) -> list | tuple:
+    if type(node) is list:
+        return values
+    return type(node)(*values) if hasattr(node, "_fields") else type(node)(values)
+
+
+def _cast(node: Any, dtype: torch.dtype, patterns: tuple[PreserveKey, ...]) -> Any:
     if isinstance(node, torch.Tensor):
         return node.to(dtype) if node.is_floating_point() and node.dtype != dtype else node
     if isinstance(node, Mapping):
@@ -79,9 +104,7 @@ def _cast(node: Any, dtype: torch.dtype, patterns: tuple[str, ...]) -> Any:
         return node if all(a is b for a, b in zip(values, node)) else type(node)(*values)
     if isinstance(node, (list, tuple)):
         values = [_cast(v, dtype, patterns) for v in node]
-        if all(a is b for a, b in zip(values, node)):
-            return node
-        return values if type(node) is list else type(node)(values)
+        return node if all(a is b for a, b in zip(values, node)) else _rebuild_sequence(node, values)
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
         changed = {
             f.name: new

@@ -54,6 +54,7 @@ class PrecisionContract:
         optimizers: One line per optimizer.
         measured: The latest stale-update fractions of an ``UpdateUnderflowMonitor`` running alongside the guard,
             by metric name (empty without one, or before its first measurement).
+        fp32_modules: Submodules the precision plugin or strategy keeps in fp32 (``fp32_modules=...``).
     """
 
     precision: str
@@ -61,6 +62,7 @@ class PrecisionContract:
     reduce_dtype: str = "-"
     optimizers: list[OptimizerContract] = field(default_factory=list)
     measured: dict[str, float] = field(default_factory=dict)
+    fp32_modules: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON, hyperparameters and checkpoints."""
@@ -90,7 +92,8 @@ class PrecisionContract:
         widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
         title = f"Precision contract (precision={self.precision})"
-        return "\n".join([title, line(head), line(["-" * w for w in widths]), *map(line, rows)])
+        kept = [f"kept in fp32: {', '.join(self.fp32_modules)}"] if self.fp32_modules else []
+        return "\n".join([title, line(head), line(["-" * w for w in widths]), *map(line, rows), *kept])
 
 
 def describe_protection(info: OptimizerInfo, storage_dtype: torch.dtype | None) -> str:

@@ -137,10 +137,36 @@ def test_custom_preserve_keys_and_none():
 
 def test_bad_preserve_keys_named():
     with pytest.raises(TypeError, match="preserve_keys"):
-        cast_batch({}, torch.bfloat16, preserve_keys=["audio", 3])
+        cast_batch({}, torch.bfloat16, preserve_keys=["audio", 3.5])
 
 
 def test_meta_and_empty_containers():
     out = cast_batch({"m": torch.empty(2, device="meta"), "e": [], "d": {}}, torch.bfloat16)
     assert out["m"].device.type == "meta" and out["m"].dtype == torch.bfloat16
     assert out["e"] == [] and out["d"] == {}
+
+
+def test_positions_keep_elements_of_a_tuple_batch():
+    audio, lengths, feats = torch.randn(2, 16), torch.tensor([16, 12]), torch.randn(2, 4)
+    out = cast_batch((audio, lengths, feats), torch.bfloat16, preserve_keys=[0])
+    assert out[0] is audio and out[1] is lengths and out[2].dtype == torch.bfloat16
+    assert type(out) is tuple
+
+
+def test_negative_positions_count_from_the_end_of_a_list_batch():
+    batch = [torch.randn(2), torch.randn(2)]
+    out = cast_batch(batch, torch.bfloat16, preserve_keys=[-1])
+    assert out[0].dtype == torch.bfloat16 and out[1] is batch[1] and type(out) is list
+
+
+def test_positions_and_key_patterns_combine():
+    batch = ({"audio_signal": torch.randn(2), "x": torch.randn(2)}, torch.randn(2))
+    out = cast_batch(batch, torch.bfloat16, preserve_keys=["audio", 1])
+    assert out[0]["audio_signal"].dtype == torch.float32 and out[0]["x"].dtype == torch.bfloat16
+    assert out[1] is batch[1]
+
+
+def test_positions_apply_only_to_the_top_level():
+    inner = torch.randn(2)
+    out = cast_batch({"pair": (inner, torch.randn(2))}, torch.bfloat16, preserve_keys=[0])
+    assert out["pair"][0].dtype == torch.bfloat16

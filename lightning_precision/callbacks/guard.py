@@ -112,6 +112,11 @@ class PrecisionGuard(PolicyHolder, Callback):
             ),
             reduce_dtype=dtype_name(getattr(strategy, "reduce_dtype", None)),
             optimizers=rows,
+            fp32_modules=list(
+                dict.fromkeys(
+                    [*getattr(trainer.precision_plugin, "fp32_module_names", ()), *getattr(strategy, "fp32_module_names", ())]
+                )
+            ),
         )
         if self.log_table:
             unsafe = self.on_unsafe != "ignore" and any(v.status is Status.UNSAFE for v in verdicts)

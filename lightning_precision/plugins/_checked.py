@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -11,8 +11,15 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_precision.casting import cast_batch, normalize_preserve_keys
+from lightning_precision.casting import PreserveKey, cast_batch, normalize_preserve_keys
 from lightning_precision.dtypes import parse_bool
+from lightning_precision.fp32_modules import (
+    Fp32ModuleSelector,
+    add_fp32_boundaries,
+    cast_keeping_fp32,
+    normalize_fp32_modules,
+    select_fp32_modules,
+)
 from lightning_precision.modes import known_mode
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce, trainer_components
 
@@ -46,13 +53,29 @@ class _PairingCheck(PolicyHolder, Precision):
 
 
 class _CheckedHalfInputs(_PairingCheck):
-    """Base for the half plugins: also casts batches with :func:`cast_batch`, keeping preserved keys."""
+    """Base for the half plugins: also casts batches with :func:`cast_batch`, keeping preserved keys, and keeps the
+    chosen submodules in fp32 (:mod:`lightning_precision.fp32_modules`)."""
 
     _desired_input_dtype: torch.dtype
 
-    def _init_checks(self, preserve_keys: str | Iterable[str] | None, on_unsafe: OnUnsafe | None, peft: bool) -> None:
+    def _init_checks(
+        self,
+        preserve_keys: PreserveKey | Iterable[PreserveKey] | None,
+        on_unsafe: OnUnsafe | None,
+        peft: bool,
+        fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
+    ) -> None:
         self.preserve_keys = normalize_preserve_keys(preserve_keys)
+        self.fp32_modules = normalize_fp32_modules(fp32_modules, what=f"{type(self).__name__}(fp32_modules=...)")
+        self.fp32_module_names: tuple[str, ...] = ()  # what convert_module kept in fp32, for the contract
         self._init_pairing_check(on_unsafe, peft)
+
+    def _convert_keeping_fp32(self, module: Module, cast: Callable[[Module], Any]) -> Module:
+        kept = select_fp32_modules(module, self.fp32_modules)
+        cast_keeping_fp32(module, kept, cast)
+        add_fp32_boundaries(kept, self._desired_input_dtype)
+        self.fp32_module_names = tuple(name for name, _ in kept)
+        return module
 
     @override
     def convert_input(self, data: Any) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 from torch.distributed.tensor import DTensor
@@ -10,7 +10,8 @@ from torch.nn import Module
 from typing_extensions import override
 
 from lightning_precision._logging import info_rank_zero
-from lightning_precision.casting import DEFAULT_PRESERVE_KEYS
+from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, PreserveKey
+from lightning_precision.fp32_modules import Fp32ModuleSelector
 from lightning_precision.dtypes import HALF_DTYPES, dtype_name
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import FlashPrecisionInput, choices_text, get_mode, spellings
@@ -32,12 +33,16 @@ class FlashPrecision(_CheckedHalfInputs):
     Args:
         precision: ``"bf16-flash"`` or ``"fp16-flash"``. NeMo's ``"bf16-automodel"``/``"fp16-automodel"`` are
             deprecated aliases (``FutureWarning``).
-        preserve_keys: Substring patterns of batch keys whose tensors keep their dtype.
+        preserve_keys: Substring patterns of batch keys whose tensors keep their dtype, and integer positions of a
+            top-level tuple or list batch (``[0]`` for NeMo's ``(audio, audio_len, tokens, tokens_len)``).
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing (e.g. a torch optimizer,
             or ``FlashAdamW(master_weight_bits=None)``, on half parameters); ``None`` (default): the policy set
             elsewhere in the Trainer (guard, strategy, config), else ``"warn"``.
         peft: Only adapters train: the pairing is not judged.
         cast_model_kwargs: Extra arguments for :func:`flashoptim.cast_model`, e.g. ``full_precision_layers``.
+        fp32_modules: Submodules kept in fp32 (parameters, buffers, inputs, math), handing their outputs on in the
+            half dtype: module-name patterns (``"frontend"``, ``"*.norm"``), class names or ``nn.Module`` types. See
+            :mod:`lightning_precision.fp32_modules`.
 
     Raises:
         ValueError: If ``precision`` is not a flash precision string.
@@ -48,10 +53,11 @@ class FlashPrecision(_CheckedHalfInputs):
     def __init__(
         self,
         precision: FlashPrecisionInput = "bf16-flash",
-        preserve_keys: Iterable[str] | str | None = DEFAULT_PRESERVE_KEYS,
+        preserve_keys: Iterable[PreserveKey] | PreserveKey | None = DEFAULT_PRESERVE_KEYS,
         on_unsafe: OnUnsafe | None = None,
         peft: bool = False,
         cast_model_kwargs: dict | None = None,
+        fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
     ) -> None:
         if precision not in _FLASH_PRECISIONS:
             raise PrecisionConfigError(
@@ -62,7 +68,7 @@ class FlashPrecision(_CheckedHalfInputs):
         self.precision = mode.name
         self._desired_input_dtype = mode.compute_dtype
         self.cast_model_kwargs = dict(cast_model_kwargs or {})
-        self._init_checks(preserve_keys, on_unsafe, peft)
+        self._init_checks(preserve_keys, on_unsafe, peft, fp32_modules)
 
     @override
     def convert_module(self, module: Module) -> Module:
@@ -93,14 +99,15 @@ class FlashPrecision(_CheckedHalfInputs):
             )
             return module
         before = {n: p.dtype for n, p in params.items()}
-        cast_model(module, dtype=dtype, **self.cast_model_kwargs)
+        self._convert_keeping_fp32(module, lambda m: cast_model(m, dtype=dtype, **self.cast_model_kwargs))
         after = dict(module.named_parameters())
         cast = sum(1 for n, p in after.items() if before[n] != p.dtype)
         already = sum(1 for n in after if before[n] == dtype)
         kept = len(after) - cast - already
         info_rank_zero(
             f"FlashPrecision: cast {cast} parameters to {dtype_name(dtype)}, {already} were already "
-            f"{dtype_name(dtype)}, {kept} kept in full precision (normalization layers / full_precision_layers)."
+            f"{dtype_name(dtype)}, {kept} kept in full precision (normalization layers / full_precision_layers / "
+            "fp32_modules)."
         )
         return module
 

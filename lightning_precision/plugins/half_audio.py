@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from lightning.pytorch.plugins.precision import HalfPrecision
+from torch.nn import Module
+from typing_extensions import override
 
-from lightning_precision.casting import DEFAULT_PRESERVE_KEYS
+from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, PreserveKey
+from lightning_precision.fp32_modules import Fp32ModuleSelector
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import TruePrecisionInput, choices_text, get_mode, spellings
 from lightning_precision.plugins._checked import _CheckedHalfInputs
@@ -24,10 +27,14 @@ class HalfPrecisionForAudio(_CheckedHalfInputs, HalfPrecision):
 
     Args:
         precision: ``"bf16-true"``, or ``"fp16-true"`` (Lightning's spelling ``"16-true"`` is accepted).
-        preserve_keys: Substring patterns of batch keys whose tensors keep their dtype.
+        preserve_keys: Substring patterns of batch keys whose tensors keep their dtype, and integer positions of a
+            top-level tuple or list batch (``[0]`` for NeMo's ``(audio, audio_len, tokens, tokens_len)``).
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing; ``None`` (default): the
             policy set elsewhere in the Trainer (guard, strategy, config), else ``"warn"``.
         peft: Only adapters train: the pairing is not judged.
+        fp32_modules: Submodules kept in fp32 (parameters, buffers, inputs, math), handing their outputs on in the
+            half dtype: module-name patterns (``"frontend"``, ``"*.norm"``), class names or ``nn.Module`` types. See
+            :mod:`lightning_precision.fp32_modules`.
 
     Raises:
         ValueError: If ``precision`` is not a true half-precision string.
@@ -36,9 +43,10 @@ class HalfPrecisionForAudio(_CheckedHalfInputs, HalfPrecision):
     def __init__(
         self,
         precision: TruePrecisionInput = "bf16-true",
-        preserve_keys: Iterable[str] | str | None = DEFAULT_PRESERVE_KEYS,
+        preserve_keys: Iterable[PreserveKey] | PreserveKey | None = DEFAULT_PRESERVE_KEYS,
         on_unsafe: OnUnsafe | None = None,
         peft: bool = False,
+        fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
     ) -> None:
         if precision not in _TRUE_PRECISIONS:
             hint = ""
@@ -51,4 +59,9 @@ class HalfPrecisionForAudio(_CheckedHalfInputs, HalfPrecision):
                 f"{choices_text(_TRUE_PRECISIONS)}.{hint}"
             )
         super().__init__(get_mode(precision).name)  # Lightning's canonical "bf16-true" / "16-true"
-        self._init_checks(preserve_keys, on_unsafe, peft)
+        self._init_checks(preserve_keys, on_unsafe, peft, fp32_modules)
+
+    @override
+    def convert_module(self, module: Module) -> Module:
+        """Cast the module to the half dtype, except the ``fp32_modules``."""
+        return self._convert_keeping_fp32(module, super().convert_module)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +27,13 @@ from lightning_precision._logging import info_rank_zero
 from lightning_precision.catalogue import classify_optimizer
 from lightning_precision.dtypes import dtype_name, parse_bool, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
+from lightning_precision.fp32_modules import (
+    Fp32ModuleSelector,
+    add_fp32_boundaries,
+    cast_keeping_fp32,
+    normalize_fp32_modules,
+    select_fp32_modules,
+)
 from lightning_precision.modes import MODES, PrecisionMode, choices_text, get_mode
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, agreed_policy, check_and_enforce, trainer_components
@@ -90,6 +97,9 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe storage/optimizer pairing. ``None``: the
             policy set by ``resolve_trainer_cfg`` or on another component of the Trainer, else ``"warn"``.
         peft: Only adapters train: storage is left to the model and the pairing is not judged.
+        fp32_modules: Submodules kept in fp32 (storage, inputs, math), handing their outputs on in the compute dtype:
+            module-name patterns, class names or ``nn.Module`` types (see :mod:`lightning_precision.fp32_modules`).
+            Each becomes its own FSDP unit that gathers in fp32.
         data_parallel_size: ``"auto"`` (world size / tensor-parallel size) or an int.
         tensor_parallel_size: Tensor-parallel size (default 1). With more than 1, apply tensor parallelism yourself in
             ``configure_model``.
@@ -114,6 +124,7 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
         autocast: bool = False,
         on_unsafe: OnUnsafe | None = None,
         peft: bool = False,
+        fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
         data_parallel_size: Literal["auto"] | int = "auto",
         tensor_parallel_size: int = 1,
         save_distributed_checkpoint: bool = True,
@@ -145,6 +156,8 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
         self.autocast = bool(autocast)
         self._init_policy(on_unsafe)
         self.peft = parse_bool(peft, what="FSDP2Strategy(peft=...)")
+        self.fp32_modules = normalize_fp32_modules(fp32_modules, what="FSDP2Strategy(fp32_modules=...)")
+        self.fp32_module_names: tuple[str, ...] = ()  # what setup kept in fp32, for the contract
         self.resolved: FSDP2Precision | None = None
         self.sharded_by_strategy = False
 
@@ -276,7 +289,11 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
                 "and storage_dtype / mp_policy are left as configure_model set them."
             )
         else:
-            self._cast_storage(self.model)  # before sharding: the plugin must never re-cast DTensor shards
+            kept = select_fp32_modules(self.model, self.fp32_modules) if self.resolved.mode.half_dtype else []
+            # Before sharding: the plugin must never re-cast DTensor shards.
+            cast_keeping_fp32(self.model, kept, self._cast_storage)
+            add_fp32_boundaries(kept, self.resolved.compute_dtype)
+            self.fp32_module_names = tuple(name for name, _ in kept)
             units = parallelize(
                 self.model,
                 self.device_mesh["data_parallel"],
@@ -284,6 +301,7 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
                 blocks=self.blocks,
                 reshard_after_forward=self.reshard_after_forward,
                 block_policy=self.resolved.block_policy,
+                fp32_units=[module for _, module in kept],
             )
             self.sharded_by_strategy = True
             info_rank_zero(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -124,6 +125,7 @@ def parallelize(
     blocks: BlockSelector = None,
     reshard_after_forward: bool = True,
     block_policy: MixedPrecisionPolicy | None = None,
+    fp32_units: Sequence[nn.Module] = (),
 ) -> list[str]:
     """Shard ``model`` with FSDP2: each block, then each remaining top-level module, then the root.
 
@@ -136,11 +138,19 @@ def parallelize(
         reshard_after_forward: Free each block's gathered parameters after its forward (ZeRO-3); ``False`` keeps
             them until backward (ZeRO-2: more memory, less communication).
         block_policy: The policy for blocks, if it differs (e.g. block outputs left in the compute dtype).
+        fp32_units: Modules kept in fp32, sharded first as units of their own that gather and reduce in fp32 and
+            leave their inputs and outputs to the module's own casting (:mod:`lightning_precision.fp32_modules`).
 
     Returns:
         Qualified names of the modules made FSDP units, root last (``""``).
     """
     sharded = []
+    names = {id(module): name for name, module in model.named_modules()}
+    fp32_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for unit in fp32_units:
+        if _unsharded_params(unit):
+            fully_shard(unit, mesh=mesh, mp_policy=fp32_policy, reshard_after_forward=reshard_after_forward)
+            sharded.append(names[id(unit)])
     for name, block in select_blocks(model, blocks):
         if not _unsharded_params(block):  # every parameter already belongs to an inner block
             continue

@@ -312,6 +312,29 @@ def scenario_plugins(out: Path) -> dict[str, Any]:
     return result
 
 
+def scenario_fp32_modules(out: Path) -> dict[str, Any]:
+    """bf16-true storage with the head kept in fp32: its own fp32 unit, fp32 inputs inside, bf16 handed on."""
+    from lightning_precision import HalfPrecisionForAudio, PrecisionGuard
+
+    module = MultiBlock()
+    seen: dict[str, str] = {}
+    module.head.register_forward_hook(
+        lambda m, args, output: seen.update(input=dtype_name(args[0].dtype), output=dtype_name(output.dtype))
+    )
+    guard = PrecisionGuard(on_unsafe="ignore", log_table=False)
+    strategy = FSDP2Strategy(on_unsafe="ignore", fp32_modules=["head"])
+    t = trainer(strategy, out, steps=2, precision=None, plugins=[HalfPrecisionForAudio("bf16-true")], callbacks=[guard])
+    t.fit(module, loader())
+    return {
+        "head_storage": sorted({dtype_name(p.dtype) for p in module.head.parameters()}),
+        "block_storage": sorted({dtype_name(p.dtype) for p in module.blocks.parameters()}),
+        "head_is_dtensor": all(isinstance(p, DTensor) for p in module.head.parameters()),
+        "head_seen": seen,
+        "contract_fp32_modules": guard.contract.fp32_modules,
+        "losses_finite": all(torch.isfinite(torch.tensor(module.losses)).tolist()),
+    }
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)

@@ -133,3 +133,16 @@ def test_resume_fp32_checkpoint_into_bf16_storage_warns(run_scenario):
     assert len(rank0["precision_warnings"]) == 1
     assert "float32" in rank0["precision_warnings"][0] and "bfloat16" in rank0["precision_warnings"][0]
     assert rank1["precision_warnings"] == []  # rank zero only
+
+
+# -- fp32_modules ---------------------------------------------------------------------------------------------------
+
+
+def test_fp32_module_keeps_fp32_shards_and_computes_in_fp32(run_scenario):
+    for rank in run_scenario("fp32_modules"):
+        assert (rank["head_storage"], rank["block_storage"]) == (["float32"], ["bfloat16"])
+        assert rank["head_is_dtensor"] is True
+        # The head's forward hook runs inside the fp32 boundary: fp32 in; the boundary hands bf16 on afterwards.
+        assert rank["head_seen"] == {"input": "float32", "output": "float32"}
+        assert rank["contract_fp32_modules"] == ["head"]
+        assert rank["losses_finite"] is True

@@ -1,0 +1,127 @@
+"""Submodules that stay in fp32 under a half precision: parameters, buffers, inputs and the math inside them.
+
+Some modules lose too much in bf16/fp16: an audio front end (a mel filterbank buffer applied to fp32 audio), norms,
+rotary tables, MoE routers. Under ``HalfPrecisionForAudio``, ``FlashPrecision`` or ``FSDP2Strategy`` with
+``fp32_modules=...``, the selected submodules keep fp32 parameters and buffers while the rest of the model is cast,
+receive their floating-point inputs in fp32, compute in fp32 (torch's default dtype is fp32 inside them), and hand
+their floating-point outputs on in the compute dtype, so the next half-precision layer gets what it expects.
+
+A selector is a module type, or a string matched (shell-style, :mod:`fnmatch`) against the qualified module name
+(``"frontend"``, ``"*.norm"``, ``"model.layers.*.mlp.gate"``) or the class name (``"LayerNorm"``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_precision.casting import cast_batch
+from lightning_precision.errors import PrecisionConfigError
+
+Fp32ModuleSelector = str | type[nn.Module]
+_MARK = "_lightning_precision_fp32_boundary"  # set on a module once its hooks are registered
+
+
+def normalize_fp32_modules(
+    fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None, *, what: str = "fp32_modules"
+) -> tuple[Fp32ModuleSelector, ...]:
+    """Validate the ``fp32_modules`` option.
+
+    Raises:
+        PrecisionConfigError: If an entry is neither a string nor an ``nn.Module`` subclass.
+    """
+    if fp32_modules is None:
+        return ()
+    if isinstance(fp32_modules, (str, type)):
+        fp32_modules = [fp32_modules]
+    entries = tuple(fp32_modules)
+    bad = [e for e in entries if not (isinstance(e, str) or (isinstance(e, type) and issubclass(e, nn.Module)))]
+    if bad:
+        raise PrecisionConfigError(
+            f"{what}={entries!r} has {bad!r}: give module-name patterns (e.g. 'frontend', '*.norm'), class names "
+            "(e.g. 'LayerNorm') or nn.Module subclasses."
+        )
+    return entries
+
+
+def select_fp32_modules(model: nn.Module, selectors: Iterable[Fp32ModuleSelector]) -> list[tuple[str, nn.Module]]:
+    """The outermost submodules of ``model`` that a selector matches (a match covers everything below it).
+
+    Raises:
+        PrecisionConfigError: If a selector matches nothing, which would silently leave the module in half precision.
+    """
+    selectors = tuple(selectors)
+    if not selectors:
+        return []
+    hits: dict[Fp32ModuleSelector, int] = dict.fromkeys(selectors, 0)
+    selected: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        matched = [s for s in selectors if _matches(s, name, module)]
+        for s in matched:
+            hits[s] += 1
+        inside = any(name.startswith(f"{outer}.") for outer, _ in selected)
+        if matched and name and not inside:
+            selected.append((name, module))
+    missing = [s for s, n in hits.items() if n == 0]
+    if missing:
+        raise PrecisionConfigError(
+            f"fp32_modules entries {missing!r} match no submodule of {type(model).__name__}. Module names look like: "
+            f"{', '.join(repr(n) for n, _ in list(model.named_modules())[1:6])}."
+        )
+    return selected
+
+
+def _matches(selector: Fp32ModuleSelector, name: str, module: nn.Module) -> bool:
+    if isinstance(selector, type):
+        return isinstance(module, selector)
+    return fnmatch.fnmatchcase(name, selector) or type(module).__name__ == selector
+
+
+def cast_keeping_fp32(
+    model: nn.Module, kept: Sequence[tuple[str, nn.Module]], cast: Callable[[nn.Module], Any]
+) -> None:
+    """Run ``cast(model)`` while the parameters and buffers of ``kept`` stay fp32.
+
+    Their tensors are set aside before the cast and put back after it, so they are never rounded through the half
+    dtype (a model loaded in half precision has its kept modules upcast exactly).
+    """
+    params = {id(p): (p, p.data) for _, m in kept for p in m.parameters()}
+    buffers = [(owner, key, buf) for _, m in kept for owner in m.modules() for key, buf in owner._buffers.items()]
+    cast(model)
+    for p, data in params.values():
+        p.data = data.float() if data.is_floating_point() else data
+    for owner, key, buf in buffers:
+        if buf is not None:
+            owner._buffers[key] = buf.float() if buf.is_floating_point() else buf
+
+
+def add_fp32_boundaries(kept: Sequence[tuple[str, nn.Module]], compute_dtype: torch.dtype) -> None:
+    """Make each kept module take fp32 inputs, compute with fp32 as the default dtype, and return ``compute_dtype``."""
+    for _, module in kept:
+        if getattr(module, _MARK, False):
+            continue
+        module.register_forward_pre_hook(_enter_fp32, with_kwargs=True)
+        module.register_forward_hook(_leave_fp32(compute_dtype))
+        setattr(module, _MARK, True)
+
+
+_DEFAULT_DTYPES: list[torch.dtype] = []  # the default dtype outside each kept module being run, innermost last
+
+
+def _enter_fp32(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    _DEFAULT_DTYPES.append(torch.get_default_dtype())
+    torch.set_default_dtype(torch.float32)  # tensors the module creates (windows, masks) are fp32 too
+    return cast_batch(args, torch.float32, None), cast_batch(kwargs, torch.float32, None)
+
+
+def _leave_fp32(compute_dtype: torch.dtype) -> Callable[[nn.Module, Any, Any], Any]:
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        if _DEFAULT_DTYPES:
+            torch.set_default_dtype(_DEFAULT_DTYPES.pop())
+        return cast_batch(output, compute_dtype, None)
+
+    return hook

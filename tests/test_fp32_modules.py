@@ -1,0 +1,121 @@
+"""Submodules kept in fp32 under half precision: a naive speech front end with a mel filterbank buffer."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_precision import FlashPrecision, HalfPrecisionForAudio, PrecisionConfigError, PrecisionGuard
+
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
+class MelFrontEnd(nn.Module):
+    """Frames raw audio and applies a fixed filterbank buffer, as naive speech code does (no dtype handling)."""
+
+    def __init__(self, frame: int = 16, mels: int = 8) -> None:
+        super().__init__()
+        self.frame = frame
+        self.register_buffer("filterbank", torch.rand(mels, frame))
+        self.scale = nn.Parameter(torch.ones(mels))
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        self.seen_input_dtype = audio.dtype
+        self.seen_default_dtype = torch.get_default_dtype()
+        frames = audio.unfold(-1, self.frame, self.frame)  # (batch, time, frame)
+        return torch.log1p((frames @ self.filterbank.T).abs()) * self.scale
+
+
+class SpeechModel(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.frontend = MelFrontEnd()
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        features = self.frontend(audio)
+        self.seen_feature_dtype = features.dtype
+        return self.encoder(features).mean(dim=(1, 2))
+
+    def training_step(self, batch, batch_idx):
+        audio, target = (batch["audio"], batch["y"]) if isinstance(batch, dict) else batch
+        loss = nn.functional.mse_loss(self(audio).float(), target.float())
+        self.log("train_loss", loss, batch_size=len(target))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+def _loader(kind: str) -> DataLoader:
+    audio, y = torch.randn(8, 64), torch.randn(8)
+    data = [{"audio": a, "y": t} for a, t in zip(audio, y)] if kind == "dict" else list(zip(audio, y))
+    return DataLoader(data, batch_size=4)
+
+
+def _fit(model: pl.LightningModule, plugin: pl.plugins.Precision, kind: str = "dict") -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[plugin],
+        callbacks=[PrecisionGuard(on_unsafe="ignore")],
+    )
+    trainer.fit(model, _loader(kind))
+    return trainer
+
+
+def test_naive_front_end_fails_under_bf16_true_without_fp32_modules():
+    with pytest.raises(RuntimeError, match="dtype"):
+        _fit(SpeechModel(), HalfPrecisionForAudio("bf16-true"))
+
+
+@pytest.mark.parametrize(("kind", "preserve_keys"), [("dict", ("audio",)), ("tuple", (0,))])
+def test_front_end_in_fp32_trains_on_dict_and_tuple_batches(kind, preserve_keys):
+    model = SpeechModel()
+    plugin = HalfPrecisionForAudio("bf16-true", preserve_keys=preserve_keys, fp32_modules=["frontend"])
+    trainer = _fit(model, plugin, kind)
+    assert {p.dtype for p in model.frontend.parameters()} == {FP32} and model.frontend.filterbank.dtype == FP32
+    assert {p.dtype for p in model.encoder.parameters()} == {BF16}
+    assert (model.frontend.seen_input_dtype, model.frontend.seen_default_dtype) == (FP32, FP32)
+    assert model.seen_feature_dtype == BF16  # handed on in the compute dtype
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])
+    assert trainer.callbacks[0].contract.fp32_modules == ["frontend"]
+
+
+@pytest.mark.parametrize("selector", [MelFrontEnd, "MelFrontEnd", "front*"], ids=["type", "class-name", "pattern"])
+def test_selectors_by_type_class_name_and_pattern(selector):
+    model = SpeechModel()
+    HalfPrecisionForAudio("bf16-true", fp32_modules=selector).convert_module(model)
+    assert model.frontend.scale.dtype == FP32 and model.encoder[0].weight.dtype == BF16
+
+
+def test_kept_module_loaded_in_half_is_upcast_exactly():
+    model = SpeechModel().to(BF16)
+    before = model.frontend.scale.detach().clone()
+    HalfPrecisionForAudio("bf16-true", fp32_modules=["frontend"]).convert_module(model)
+    assert model.frontend.scale.dtype == FP32 and torch.equal(model.frontend.scale.to(BF16), before)
+
+
+def test_selector_that_matches_nothing_is_an_error_naming_it():
+    with pytest.raises(PrecisionConfigError, match="'frontnd'"):
+        HalfPrecisionForAudio("bf16-true", fp32_modules=["frontnd"]).convert_module(SpeechModel())
+
+
+def test_invalid_selector_is_an_error():
+    with pytest.raises(PrecisionConfigError, match="fp32_modules"):
+        HalfPrecisionForAudio("bf16-true", fp32_modules=[42])
+
+
+def test_flash_precision_keeps_fp32_modules_too():
+    model = SpeechModel()
+    FlashPrecision("bf16-flash", fp32_modules=["frontend"]).convert_module(model)
+    assert model.frontend.scale.dtype == FP32 and model.frontend.filterbank.dtype == FP32
+    assert model.encoder[0].weight.dtype == BF16
+    assert model.frontend(torch.randn(2, 32)).dtype == BF16
