@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,12 +13,6 @@ from typing import Any
 
 NPROC = 2
 TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -54,7 +47,7 @@ def launch(
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
+        "--standalone",  # the rendezvous picks a free port itself: no pick-then-bind race between parallel launches
         str(worker),
         scenario,
         str(out),
