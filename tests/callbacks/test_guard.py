@@ -94,3 +94,11 @@ def test_guard_reads_strategy_dtypes():
     guard = PrecisionGuard(on_unsafe="ignore")
     fit(RecordingModule(adamw), steps=1, callbacks=[guard], strategy=Strategy(device="cpu"))
     assert (guard.contract.compute_dtype, guard.contract.reduce_dtype) == ("float16", "float32")
+
+
+@pytest.mark.parametrize(("policy", "says_see_warning"), [("warn", True), ("ignore", False)])
+def test_table_points_at_a_warning_only_when_one_is_printed(policy, says_see_warning, caplog):
+    with caplog.at_level(logging.INFO, logger="lightning_precision"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionWarning)
+        fit(RecordingModule(adamw), steps=1, plugins=[HalfPrecision("bf16-true")], callbacks=[PrecisionGuard(policy)])
+    assert ("see warning" in caplog.text) is says_see_warning
