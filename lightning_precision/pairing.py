@@ -135,26 +135,36 @@ def judge(
                 cause=f"wasteful:{opt_name}",
                 **common,
             )
+        # fp32 parameters are safe, but a second moment the optimizer keeps in half precision is not (e.g.
+        # torchtitan-style bf16 optimizer states, AnyPrecisionAdamW's default variance_dtype).
+        sq = exp_avg_sq_dtype or optimizer.state_dtype("exp_avg_sq", storage_dtype)
+        if _second_moment_is_weak(optimizer, sq):
+            return _weak_state_verdict(f"keeps {dtype_name(storage_dtype)} parameters", optimizer, sq, common)
         return Verdict(Status.SAFE, "", cause=f"safe:{opt_name}", **common)
     if kind is OptimizerKind.STATE_FOLLOWS_PARAM:
         return _unsafe_verdict(storage_dtype, optimizer, common, precision)
-    sq = exp_avg_sq_dtype or optimizer.exp_avg_sq_dtype or storage_dtype
-    if (
-        kind is OptimizerKind.COMPENSATED
-        and optimizer.is_adam
-        and sq in HALF_DTYPES
-        and (optimizer.beta2 or 0.0) > WEAK_SECOND_MOMENT_BETA2
-    ):
-        return Verdict(
-            Status.WEAK_STATE,
-            f"{optimizer.short_name} protects the {dtype_name(storage_dtype)} parameter update, but keeps exp_avg_sq in "
-            f"{dtype_name(sq)} with beta2={optimizer.beta2}: a change of {1 - optimizer.beta2:.3g} per step is below half "
-            f"a {dtype_name(sq)} ulp, so the second moment cannot decay and the step size drifts ({GUIDE_RECIPES}). Use beta2 <= "
-            f"{WEAK_SECOND_MOMENT_BETA2} or an fp32 second moment (lightning_precision.optim.CompensatedAdamW keeps one).",
-            cause=f"weak-state:{opt_name}:{dtype_name(sq)}:{optimizer.beta2}",
-            **common,
-        )
+    sq = exp_avg_sq_dtype or optimizer.state_dtype("exp_avg_sq", storage_dtype)
+    if kind is OptimizerKind.COMPENSATED and _second_moment_is_weak(optimizer, sq):
+        return _weak_state_verdict(f"protects the {dtype_name(storage_dtype)} parameter update", optimizer, sq, common)
     return Verdict(Status.SAFE, "", cause=f"safe:{opt_name}", **common)
+
+
+def _second_moment_is_weak(optimizer: OptimizerInfo, sq: torch.dtype | None) -> bool:
+    """A half-precision EMA second moment with ``beta2`` above the threshold cannot decay."""
+    keeps_one = "exp_avg_sq" in optimizer.moments or not optimizer.moments
+    return optimizer.is_adam and keeps_one and sq in HALF_DTYPES and (optimizer.beta2 or 0.0) > WEAK_SECOND_MOMENT_BETA2
+
+
+def _weak_state_verdict(what: str, optimizer: OptimizerInfo, sq: torch.dtype, common: dict[str, Any]) -> Verdict:
+    return Verdict(
+        Status.WEAK_STATE,
+        f"{optimizer.short_name} {what}, but keeps exp_avg_sq in {dtype_name(sq)} with beta2={optimizer.beta2}: a "
+        f"change of {1 - optimizer.beta2:.3g} per step is below half a {dtype_name(sq)} ulp, so the second moment cannot "
+        f"decay and the step size drifts ({GUIDE_RECIPES}). Use beta2 <= {WEAK_SECOND_MOMENT_BETA2} or an fp32 second "
+        "moment (lightning_precision.optim.CompensatedAdamW keeps one).",
+        cause=f"weak-state:{optimizer.name}:{dtype_name(sq)}:{optimizer.beta2}",
+        **common,
+    )
 
 
 def _unsafe_verdict(

@@ -77,3 +77,40 @@ def test_fix_under_mixed_precision_is_loading_in_fp32_not_choosing_mixed():
 def test_unsafe_message_names_the_state_the_optimizer_keeps(path, kwargs, named, not_named):
     verdict = judge(torch.bfloat16, classify_optimizer(path, kwargs))
     assert named in verdict.message and not_named not in verdict.message
+
+
+ANY_PRECISION = "torchdistx.optimizers.AnyPrecisionAdamW"  # not installed here: classified by path and its signature
+
+
+@pytest.mark.parametrize(
+    ("storage", "kwargs", "status"),
+    [
+        (torch.float32, {}, Status.WEAK_STATE),  # fp32 parameters, bf16 variance by default
+        (torch.float32, {"variance_dtype": "float32"}, Status.SAFE),
+        (torch.bfloat16, {"use_kahan_summation": True, "variance_dtype": "float32"}, Status.SAFE),
+        (torch.bfloat16, {"use_kahan_summation": True}, Status.WEAK_STATE),
+        (torch.bfloat16, {}, Status.UNSAFE),  # no Kahan summation: the bf16 write rounds away
+        (torch.float32, {"betas": (0.9, 0.98)}, Status.SAFE),  # a half second moment can decay at beta2 <= 0.99
+    ],
+)
+def test_any_precision_adamw(storage, kwargs, status):
+    assert judge(storage, classify_optimizer(ANY_PRECISION, kwargs)).status is status
+
+
+def test_fp32_storage_with_an_observed_half_second_moment_is_weak_state():
+    verdict = judge(torch.float32, classify_optimizer("torch.optim.AdamW"), exp_avg_sq_dtype=torch.bfloat16)
+    assert verdict.status is Status.WEAK_STATE and "keeps float32 parameters" in verdict.message
+
+
+def test_fp32_storage_with_sgd_is_never_weak_state():
+    verdict = judge(
+        torch.float32, classify_optimizer("torch.optim.SGD", {"momentum": 0.9}), exp_avg_sq_dtype=torch.bfloat16
+    )
+    assert verdict.status is Status.SAFE
+
+
+@pytest.mark.parametrize("path", ["bitsandbytes.optim.AdamW8bit", "bitsandbytes.optim.PagedAdamW8bit"])
+def test_bitsandbytes_8bit_on_bf16_parameters_is_unsafe(path):
+    info = classify_optimizer(path)
+    assert judge(torch.bfloat16, info).status is Status.UNSAFE
+    assert info.state_dtype("exp_avg", torch.bfloat16) == torch.uint8 == info.state_dtype("exp_avg_sq", torch.bfloat16)

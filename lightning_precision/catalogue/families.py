@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -278,6 +278,47 @@ def _torchao_stochastic(spec: _Spec) -> OptimizerInfo:
     )
 
 
+def _any_precision_adamw(spec: _Spec) -> OptimizerInfo:
+    """torchdistx's AnyPrecisionAdamW: moments in ``momentum_dtype``/``variance_dtype`` for every parameter, and
+    optional Kahan summation of the parameter write (``use_kahan_summation``, off by default)."""
+    # Defaults from its documented signature, for configs read where the package is not installed.
+    documented = {"betas": (0.9, 0.999), "momentum_dtype": torch.bfloat16, "variance_dtype": torch.bfloat16}
+    spec = replace(spec, settings={**documented, **spec.settings})
+    s = spec.settings
+    fixed = []
+    for moment, option in (("exp_avg", "momentum_dtype"), ("exp_avg_sq", "variance_dtype")):
+        value = parse_dtype(s.get(option), what=f"{spec.name} {option}")
+        if value is not None:
+            fixed.append((moment, value))
+    common = {**spec.common(), "moment_dtypes": tuple(fixed), "moment_dtypes_for_all": True}
+    if s.get("use_kahan_summation"):
+        return OptimizerInfo(
+            kind=OptimizerKind.COMPENSATED,
+            reason="AnyPrecisionAdamW with use_kahan_summation=True compensates the parameter write",
+            compensation_buffer=True,
+            **common,
+        )
+    return OptimizerInfo(
+        kind=OptimizerKind.STATE_FOLLOWS_PARAM,
+        reason="AnyPrecisionAdamW without use_kahan_summation writes its update into the parameter in place",
+        **common,
+    )
+
+
+def _bitsandbytes(spec: _Spec) -> OptimizerInfo:
+    """bitsandbytes optimizers update half parameters in place; 8-bit ones keep block-quantized uint8 moments."""
+    eight_bit = "8bit" in spec.short or spec.settings.get("optim_bits") == 8
+    common = spec.common()
+    if eight_bit:
+        common["moment_dtypes"] = tuple((m, torch.uint8) for m in common["moments"])
+    return OptimizerInfo(
+        kind=OptimizerKind.STATE_FOLLOWS_PARAM,
+        reason="bitsandbytes writes the update into the half-precision parameter in place (no master copy)",
+        exp_avg_sq_dtype=torch.uint8 if eight_bit else None,
+        **common,
+    )
+
+
 def _state_follows_param(spec: _Spec) -> OptimizerInfo:
     return OptimizerInfo(
         kind=OptimizerKind.STATE_FOLLOWS_PARAM,
@@ -297,5 +338,7 @@ _FAMILIES: tuple[tuple[Callable[[_Spec], bool], Callable[[_Spec], OptimizerInfo]
     (lambda spec: _prefix("transformer_engine.")(spec) and "fusedadam" in spec.short, _transformer_engine),
     (_prefix("optimi."), _optimi),
     (lambda spec: _prefix("torchao.")(spec) and bool(spec.settings.get("bf16_stochastic_round")), _torchao_stochastic),
+    (lambda spec: spec.short == "anyprecisionadamw", _any_precision_adamw),
+    (_prefix("bitsandbytes."), _bitsandbytes),
     (_prefix("torch.optim.", "torchao."), _state_follows_param),
 )

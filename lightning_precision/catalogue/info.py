@@ -49,6 +49,8 @@ class OptimizerInfo:
             ``("momentum_buffer",)`` for SGD with momentum); empty when none or not known.
         moment_dtypes: ``(state key, dtype)`` for moments whose dtype the optimizer fixes for half parameters (e.g.
             ``CompensatedAdamW(exp_avg_dtype=...)``); the others follow the parameter dtype.
+        moment_dtypes_for_all: Whether ``moment_dtypes`` hold for full-precision parameters too (AnyPrecisionAdamW's
+            ``variance_dtype`` applies to every parameter).
         quantized_moments: Whether its moments are stored quantized (flashoptim's int8 plus scales, CUDA).
         update_formula: The update the underflow monitor reconstructs (``None``: it cannot).
         decoupled_weight_decay: Whether weight decay is applied to the parameter rather than the gradient.
@@ -65,6 +67,7 @@ class OptimizerInfo:
     compensation_buffer: bool = False
     moments: tuple[str, ...] = ()
     moment_dtypes: tuple[tuple[str, torch.dtype], ...] = ()
+    moment_dtypes_for_all: bool = False
     quantized_moments: bool = False
     update_formula: UpdateFormula | None = None
     decoupled_weight_decay: bool = False
@@ -81,7 +84,8 @@ class OptimizerInfo:
         Only half-precision parameters get special state dtypes: optimizers keep fp32 state for fp32 parameters.
         """
         if storage_dtype not in HALF_DTYPES:
-            return storage_dtype
+            fixed = dict(self.moment_dtypes).get(moment) if self.moment_dtypes_for_all else None
+            return fixed or storage_dtype
         if moment == "exp_avg_sq" and self.exp_avg_sq_dtype is not None:
             return self.exp_avg_sq_dtype
         fixed = dict(self.moment_dtypes).get(moment)
