@@ -12,12 +12,34 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def staging_path(path: Path) -> Path:
     """Where a checkpoint for ``path`` is written before it is complete."""
     return path.with_name(f".{path.name}.incomplete")
+
+
+def save_staged(path: Path, write: Callable[[Path], None], strategy: Any) -> None:
+    """Write a checkpoint for ``path`` with ``write(staging)`` on every rank, then move it onto ``path``.
+
+    Args:
+        path: The checkpoint path (the same on every rank).
+        write: Writes the checkpoint (every rank its part) to the path it is given.
+        strategy: Provides ``is_global_zero`` and ``barrier()``; rank zero alone touches the file system paths.
+    """
+    staging = staging_path(path)
+    if strategy.is_global_zero:
+        remove_path(staging)  # left over from an interrupted save
+        path.parent.mkdir(parents=True, exist_ok=True)
+    strategy.barrier()
+    write(staging)
+    strategy.barrier()  # every rank has written its part (DCP writes .metadata last, after gathering all ranks)
+    if strategy.is_global_zero:
+        replace_path(staging, path)
+    strategy.barrier()
 
 
 def remove_path(path: Path) -> None:

@@ -38,7 +38,7 @@ from lightning_precision.modes import MODES, PrecisionMode, choices_text, get_mo
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, agreed_policy, check_and_enforce, trainer_components
 from lightning_precision.report import report_storage_change
-from lightning_precision.strategies.checkpoint_staging import remove_path, replace_path, staging_path
+from lightning_precision.strategies.checkpoint_staging import save_staged
 from lightning_precision.strategies.fsdp2_plan import FSDP2Precision, parse_mp_policy, resolve_fsdp2_precision
 from lightning_precision.strategies.parallelize import BlockSelector, block_selector, is_sharded, parallelize
 
@@ -420,16 +420,7 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
         path = Path(self.broadcast(filepath))
         if path.is_dir() and not self._save_distributed_checkpoint and not _is_sharded_checkpoint(path):
             raise IsADirectoryError(f"The checkpoint path exists and is a directory: {path}")
-        staging = staging_path(path)
-        if self.is_global_zero:
-            remove_path(staging)  # left over from an interrupted save
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self.barrier()
-        super().save_checkpoint(checkpoint, staging)
-        self.barrier()  # every rank has written its part (DCP writes .metadata last, after gathering all ranks)
-        if self.is_global_zero:
-            replace_path(staging, path)
-        self.barrier()
+        save_staged(path, lambda staging: super(FSDP2Strategy, self).save_checkpoint(checkpoint, staging), self)
         return None
 
     @override
