@@ -153,7 +153,7 @@ def find_optimizer(model: Mapping[str, Any] | None, optimizer: Any = None) -> Fo
         PrecisionConfigError: If two sections disagree (both paths named), a NeMo name is not in NeMo's registry
             (the known names listed), or a section names no optimizer.
     """
-    found = [f for f in (_read_optimizer(path, value) for path, value in _candidates(model, optimizer)) if f]
+    found = [_read_optimizer(path, value) for path, value in _candidates(model, optimizer)]
     if not found:
         return None
     first = found[0]
@@ -164,6 +164,13 @@ def find_optimizer(model: Mapping[str, Any] | None, optimizer: Any = None) -> Fo
 
 def find_torch_dtype(model: Mapping[str, Any] | None) -> Found | None:
     """The model's storage dtype as written, wherever the layout puts it (see :data:`TORCH_DTYPE_PATHS`).
+
+    Args:
+        model: The model section (plain mapping or OmegaConf), or ``None``.
+
+    Returns:
+        The spelling as written and its path, or ``None`` if the layout sets none. Both places may set it if they
+        name the same dtype (``bf16`` and ``bfloat16``); the first is returned.
 
     Raises:
         PrecisionConfigError: If both places set it and they differ (both named), or one is not a dtype.
@@ -196,7 +203,7 @@ def _candidates(
     return out
 
 
-def _read_optimizer(path: str, value: Any) -> Found | None:
+def _read_optimizer(path: str, value: Any) -> Found:
     if path == "model.optim":
         return _read_nemo_optim(value)
     if isinstance(value, str):

@@ -118,3 +118,12 @@ def test_resolve_trainer_cfg_names_the_lightning_cli_dtype_path_in_a_contradicti
     model = {"class_path": "my.Module", "init_args": {"torch_dtype": "bfloat16", "optimizer": "torch.optim.AdamW"}}
     with pytest.raises(PrecisionConfigError, match=r"model\.init_args\.torch_dtype=bfloat16 contradicts"):
         resolve_trainer_cfg({"precision": "32-true"}, model=model)
+
+
+def test_resolve_storage_dtype_reads_the_lightning_cli_dtype_too():
+    from omegaconf import OmegaConf
+
+    from lightning_precision.storage import resolve_storage_dtype
+
+    model = OmegaConf.create({"class_path": "my.Module", "init_args": {"torch_dtype": "bf16"}})
+    assert resolve_storage_dtype(model, "torch.optim.AdamW") == torch.bfloat16
