@@ -30,6 +30,7 @@ from lightning_precision._imports import import_object
 from lightning_precision.callbacks.guard import PrecisionGuard
 from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, normalize_preserve_keys
 from lightning_precision.catalogue import classify_optimizer
+from lightning_precision.config_layouts import find_optimizer, find_torch_dtype
 from lightning_precision.dtypes import parse_bool
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import PrecisionMode, get_mode, is_lightning_only
@@ -65,6 +66,10 @@ class TrainerKwargs(dict):
         on_unsafe: The policy in effect.
         sharded: What a storage-deciding strategy (``FSDP2Strategy``) resolved: storage, compute and reduce dtypes
             and its ``MixedPrecisionPolicy``; ``None`` for other strategies.
+        optimizer: The optimizer that was judged, as the catalogue took it (a section found in the model section
+            or written as ``class_path``/NeMo ``name`` is rewritten as a ``_target_`` config); ``None`` without one.
+        optimizer_path: Where it was found (``"optimizer"``, ``"model.optim"``, ``"model.init_args.optimizer"``, ...).
+        layout_notes: How the optimizer was read, when that is not obvious (a NeMo name mapped to a class).
     """
 
     storage_dtype: torch.dtype | None = None
@@ -73,6 +78,9 @@ class TrainerKwargs(dict):
     verdict: Verdict | None = None
     on_unsafe: OnUnsafe = "warn"
     sharded: Any = None
+    optimizer: Any = None
+    optimizer_path: str | None = None
+    layout_notes: tuple[str, ...] = ()
 
 
 def resolve_trainer_cfg(
@@ -90,6 +98,10 @@ def resolve_trainer_cfg(
       :class:`FlashPrecision`, *added* to ``plugins``; Lightning's own strings pass through.
     * ``_target_`` (Hydra) and ``class_path`` (LightningCLI) entries in ``plugins``, ``callbacks`` and ``strategy``
       are instantiated; ``strategy: {name: <registered name>, ...options}`` builds a registered strategy.
+    * The optimizer is found wherever NeMo, LightningCLI or this library's layout puts it (``optimizer``,
+      ``model.optim``, ``model.optimizer``, ``model.init_args.optimizer``; see
+      :mod:`~lightning_precision.config_layouts`), and the storage dtype in ``model.torch_dtype`` or
+      ``model.init_args.torch_dtype``.
     * With ``model``/``optimizer`` sections, the storage dtype is decided once
       (:func:`~lightning_precision.storage.decide_storage`, or :class:`FSDP2Strategy`'s plan) and the config's
       pairing is judged, then acted on under ``on_unsafe`` (``bf16-true`` + ``torch.optim.AdamW`` is unsafe before
@@ -98,7 +110,8 @@ def resolve_trainer_cfg(
 
     Args:
         trainer_cfg: The trainer section (dict or OmegaConf, struct mode too).
-        model: The model section; its ``torch_dtype`` (unset/``auto``/a dtype) is read.
+        model: The model section; its ``torch_dtype`` (unset/``auto``/a dtype) is read, and its optimizer section
+            if it holds one (NeMo's ``optim``, ``optimizer``, LightningCLI's ``init_args.optimizer``).
         optimizer: The optimizer section (``_target_``/``class_path`` mapping), class, or import path.
         peft: Only adapters train (overrides ``lightning_precision.peft``).
         on_unsafe: Policy for an unsafe pairing (overrides ``lightning_precision.on_unsafe``).
@@ -110,7 +123,8 @@ def resolve_trainer_cfg(
     Raises:
         PrecisionConfigError: On an unknown precision, a precision string given together with a precision plugin,
             two precision plugins, an unknown ``lightning_precision`` option, a dtype that is not a dtype, a
-            ``_target_`` that does not import, or two explicit ``on_unsafe`` policies that disagree.
+            ``_target_`` that does not import, two explicit ``on_unsafe`` policies that disagree, two optimizer
+            sections (or two ``torch_dtype`` settings) that disagree, or a NeMo optimizer name NeMo does not know.
         PrecisionPairingError: If the config is an unsafe pairing under ``on_unsafe="error"``.
     """
     kwargs = plan_trainer_cfg(trainer_cfg, model=model, optimizer=optimizer, peft=peft, on_unsafe=on_unsafe)
@@ -163,11 +177,16 @@ def plan_trainer_cfg(
     kwargs.precision_mode, kwargs.on_unsafe = mode, policy
 
     model_cfg = _to_plain(model, what="model") if model is not None else None
-    optimizer_cfg = (
-        _to_plain(optimizer, what="optimizer") if isinstance(optimizer, (Mapping, DictConfig)) else optimizer
+    found = find_optimizer(
+        model_cfg, _to_plain(optimizer, what="optimizer") if isinstance(optimizer, (Mapping, DictConfig)) else optimizer
     )
+    optimizer_cfg = found.value if found is not None else None
+    if found is not None:
+        kwargs.optimizer, kwargs.optimizer_path = optimizer_cfg, found.path
+        kwargs.layout_notes = (found.note,) if found.note else ()
     info = classify_optimizer(optimizer_cfg) if optimizer_cfg is not None else None
-    torch_dtype = (model_cfg or {}).get("torch_dtype")
+    dtype_found = find_torch_dtype(model_cfg)
+    torch_dtype = dtype_found.value if dtype_found is not None else None
     if isinstance(strategy, FSDP2Strategy):
         # The strategy decides the resident dtype; it learns what only the config knows before the optimizer exists
         # (a conflict with its own options is an error), and its plan is the decision judged here.
@@ -177,7 +196,13 @@ def plan_trainer_cfg(
         kwargs.sharded = strategy.plan(mode or get_mode("32-true"))
         kwargs.storage = kwargs.sharded.storage
     elif model_cfg is not None or optimizer_cfg is not None:
-        kwargs.storage = decide_storage(explicit=torch_dtype, precision=mode, optimizer=info, peft=peft)
+        kwargs.storage = decide_storage(
+            explicit=torch_dtype,
+            explicit_what=dtype_found.path if dtype_found is not None else "model.torch_dtype",
+            precision=mode,
+            optimizer=info,
+            peft=peft,
+        )
     if kwargs.storage is not None:
         kwargs.storage_dtype = kwargs.storage.dtype
     if info is not None:

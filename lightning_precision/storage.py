@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, classify_optimizer
+from lightning_precision.config_layouts import find_torch_dtype
 from lightning_precision.dtypes import dtype_name, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import PrecisionMode, get_mode
@@ -108,8 +109,8 @@ def resolve_storage_dtype(
     """The storage dtype :func:`decide_storage` chooses for a model section and an optimizer section.
 
     Args:
-        model_cfg: The model section (dict, OmegaConf or object; ``None``); its ``torch_dtype`` is read, never
-            modified.
+        model_cfg: The model section (dict, OmegaConf or object; ``None``); its ``torch_dtype`` (or LightningCLI's
+            ``init_args.torch_dtype``) is read, never modified.
         optimizer_cfg: The optimizer section, class, path or instance (``None``: treated as unknown).
         peft: Whether only adapters train.
         precision: The trainer's precision string or mode, if known.
@@ -120,7 +121,11 @@ def resolve_storage_dtype(
     Raises:
         PrecisionConfigError: If ``torch_dtype`` is not a dtype, or contradicts the precision.
     """
-    explicit = (
-        model_cfg.get("torch_dtype") if isinstance(model_cfg, Mapping) else getattr(model_cfg, "torch_dtype", None)
-    )
-    return decide_storage(explicit=explicit, precision=precision, optimizer=optimizer_cfg, peft=peft).dtype
+    if isinstance(model_cfg, Mapping):  # ours, NeMo's and Hugging Face's model.torch_dtype, or LightningCLI's
+        found = find_torch_dtype(model_cfg)
+        explicit, what = (found.value, found.path) if found is not None else (None, "model.torch_dtype")
+    else:
+        explicit, what = getattr(model_cfg, "torch_dtype", None), "model.torch_dtype"
+    return decide_storage(
+        explicit=explicit, explicit_what=what, precision=precision, optimizer=optimizer_cfg, peft=peft
+    ).dtype

@@ -105,10 +105,11 @@ def _error(message: str) -> None:
 
 def _explain(args: argparse.Namespace) -> int:
     from lightning_precision.cli.explain import explain
-    from lightning_precision.cli.yaml_loading import load_config, section
+    from lightning_precision.cli.yaml_loading import load_config, load_layout
 
     cfg = load_config(args.config, args.overrides)
-    result = explain(section(cfg, "trainer"), section(cfg, "model"), section(cfg, "optimizer"), source=str(args.config))
+    layout = load_layout(cfg, source=str(args.config))
+    result = explain(layout.trainer, layout.model, layout.optimizer, source=str(args.config), notes=layout.notes)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_text())
     if result.error is not None:
         _error(result.error)
@@ -117,14 +118,15 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lightning_precision.cli.yaml_loading import load_config
-    from lightning_precision.cli.train import train_from_config
+    from lightning_precision.cli.yaml_loading import load_config, load_layout
+    from lightning_precision.cli.train import print_summary, train_from_config
 
     cfg = load_config(args.config, args.overrides)
+    load_layout(cfg, source=str(args.config))  # logs the notes on sections the run does not read
     result = train_from_config(
         cfg, output_dir=Path(args.output_dir), name=Path(args.config).stem, ckpt_every=args.ckpt_every
     )
-    print(result.summary())
+    print_summary(result)
     return EXIT_OK
 
 

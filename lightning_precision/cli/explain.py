@@ -7,7 +7,7 @@ storage, compute and reduce dtypes is what is shown.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,9 +133,10 @@ class Explanation:
 def explain(
     trainer_cfg: Mapping[str, Any],
     model_cfg: Mapping[str, Any] | None = None,
-    optimizer_cfg: Mapping[str, Any] | None = None,
+    optimizer_cfg: Any = None,
     *,
     source: str = "",
+    notes: Sequence[str] = (),
 ) -> Explanation:
     """Resolve a config through :func:`plan_trainer_cfg` and the pairing rule, without building a model.
 
@@ -144,9 +145,11 @@ def explain(
 
     Args:
         trainer_cfg: The trainer section (plain mapping).
-        model_cfg: The model section, if any.
-        optimizer_cfg: The optimizer section (``_target_`` + kwargs), if any.
+        model_cfg: The model section, if any; it may hold the optimizer (NeMo's ``optim``, LightningCLI's
+            ``init_args.optimizer``, ...).
+        optimizer_cfg: The top-level optimizer section (``_target_`` or ``class_path``), if any.
         source: Where the config came from, for the title.
+        notes: Notes on reading the config (sections ignored), shown after the table.
 
     Returns:
         The explanation.
@@ -157,15 +160,19 @@ def explain(
     kwargs = plan_trainer_cfg(trainer_cfg, model=model_cfg, optimizer=optimizer_cfg)  # judged once, not acted on
     failure = pairing_error(kwargs.verdict, kwargs.on_unsafe, where="config") if kwargs.verdict is not None else None
     error = str(failure) if failure is not None else None
-    return _build(kwargs, optimizer_cfg, source, error)
+    return _build(kwargs, source, error, [*notes, *_optimizer_notes(kwargs)])
 
 
-def _build(
-    kwargs: TrainerKwargs,
-    optimizer_cfg: Mapping[str, Any] | None,
-    source: str,
-    error: str | None,
-) -> Explanation:
+def _optimizer_notes(kwargs: TrainerKwargs) -> list[str]:
+    """Where the judged optimizer came from, when it was not the top-level ``optimizer`` section."""
+    if kwargs.layout_notes:
+        return list(kwargs.layout_notes)
+    if kwargs.optimizer_path not in (None, "optimizer"):
+        return [f"optimizer read from {kwargs.optimizer_path}"]
+    return []
+
+
+def _build(kwargs: TrainerKwargs, source: str, error: str | None, notes: list[str]) -> Explanation:
     mode = kwargs.precision_mode or MODES[LIGHTNING_DEFAULT_PRECISION]
     storage = kwargs.storage_dtype if kwargs.storage_dtype is not None else mode.storage_dtype
     verdict = kwargs.verdict
@@ -177,7 +184,6 @@ def _build(
     )
     info = verdict.optimizer if verdict is not None else None
     memory = estimate_bytes_per_param(storage, info)
-    notes: list[str] = []
     return Explanation(
         source=source,
         contract=contract,

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
 from lightning_precision.config import TrainerKwargs, resolve_trainer_cfg
+from lightning_precision.config_layouts import MODEL_LAYOUT_KEYS
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.cli.yaml_loading import ConfigInputError, section
 
@@ -67,6 +68,13 @@ class TaskRun:
         return "\n".join(lines)
 
 
+def print_summary(run: TaskRun) -> None:
+    """Print the run's summary once per run: on global rank zero only (every rank of a multi-process run finishes
+    ``fit`` and returns here)."""
+    if run.trainer.is_global_zero:
+        print(run.summary())
+
+
 def build_task(
     model_cfg: Mapping[str, Any] | None,
     optimizer_cfg: Mapping[str, Any] | None,
@@ -76,9 +84,10 @@ def build_task(
     """Build the built-in task's model and data from config sections.
 
     Args:
-        model_cfg: Model arguments of :class:`lightning_precision.demos.TaskModule`; ``torch_dtype`` is the
-            pairing rule's business and is not passed on.
-        optimizer_cfg: ``_target_``, ``lr`` (default: the task's) and further optimizer arguments.
+        model_cfg: Model arguments of :class:`lightning_precision.demos.TaskModule`; the keys the config layouts
+            read (``torch_dtype``, and an optimizer section such as NeMo's ``optim``) are not passed on.
+        optimizer_cfg: ``_target_``, ``lr`` (default: the task's) and further optimizer arguments: the optimizer
+            that was judged (``TrainerKwargs.optimizer``), wherever the config put it.
         data_cfg: Arguments of :class:`lightning_precision.demos.TaskDataModule`.
         seed: Seed of the initial weights and the data order, unless the sections set their own.
 
@@ -91,7 +100,7 @@ def build_task(
     from lightning_precision.demos import TaskDataModule, TaskModule
 
     data_args = {"data_seed": seed, "shuffle_seed": seed, **dict(data_cfg or {})}
-    model_args = {k: v for k, v in dict(model_cfg or {}).items() if k != "torch_dtype"}
+    model_args = {k: v for k, v in dict(model_cfg or {}).items() if k not in MODEL_LAYOUT_KEYS}
     model_args.setdefault("init_seed", seed)
     for key in _SHARED_SHAPE_KEYS:
         if key in data_args:
@@ -135,12 +144,13 @@ def fit_task(
         PrecisionPairingError: If the config is unsafe under ``on_unsafe="error"``.
     """
     seed = int(cfg.get("seed", 0) or 0)
-    model_cfg, optimizer_cfg = _plain(cfg, "model"), _plain(cfg, "optimizer")
+    model_cfg = _plain(cfg, "model")
     kwargs = resolve_trainer_cfg(
-        _plain(cfg, "trainer") or {}, model=model_cfg, optimizer=optimizer_cfg, on_unsafe=on_unsafe
+        _plain(cfg, "trainer") or {}, model=model_cfg, optimizer=_plain(cfg, "optimizer"), on_unsafe=on_unsafe
     )
     pl.seed_everything(seed, verbose=False)
-    module, data = build_task(model_cfg, optimizer_cfg, _plain(cfg, "data"), seed)
+    # The optimizer judged is the one built, wherever the config put it.
+    module, data = build_task(model_cfg, kwargs.optimizer, _plain(cfg, "data"), seed)
     apply_storage_dtype(module, kwargs)
     trainer_args = dict(kwargs)
     trainer_args["callbacks"] = [*kwargs["callbacks"], *(extra_callbacks or [])]

@@ -7,6 +7,9 @@ A run config has these sections (all but ``trainer`` optional)::
     optimizer:  # _target_ and its keyword arguments
     data:       # the built-in task's data arguments
     seed: 0
+
+NeMo, LightningCLI and composed Hydra configs are read too (:mod:`lightning_precision.config_layouts`): the
+optimizer may sit in the model section, and other top-level sections are ignored with a note.
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_precision.config_layouts import RUN_SECTIONS, RunLayout, read_run_layout
 from lightning_precision.errors import PrecisionConfigError
 
-SECTIONS = ("trainer", "model", "optimizer", "data", "seed")
 _MISSING = object()
 
 
@@ -38,23 +41,43 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
             loudly instead of being ignored; prefix it with ``+`` to add a new key (``+trainer.log_every_n_steps=1``).
 
     Returns:
-        The config (not in struct mode).
+        The config (not in struct mode), with a ``trainer`` mapping.
 
     Raises:
-        ConfigInputError: If the file is missing or not a YAML mapping, an override is not ``key=value``, names an
-            unknown key, or its value does not parse.
+        PrecisionConfigError: (:class:`ConfigInputError` for the file) If the file is missing or not a YAML
+            mapping, an override is not ``key=value``, names an unknown key, or its value does not parse, or the
+            config has no ``trainer`` mapping.
     """
     cfg = _read_yaml(Path(path))
     for item in overrides:
         _apply_override(cfg, item)
-    unknown = sorted(str(k) for k in cfg if k not in SECTIONS)
-    if unknown:
-        raise ConfigInputError(
-            f"{path}: unknown top-level section(s) {', '.join(unknown)}; valid sections: {', '.join(SECTIONS)}."
-        )
-    if not isinstance(cfg.get("trainer"), DictConfig):
-        raise ConfigInputError(f"{path}: needs a 'trainer:' mapping (pl.Trainer arguments).")
+    load_layout(cfg, source=str(path), log_notes=False)  # the layout's own checks, before anyone reads a section
     return cfg
+
+
+def load_layout(cfg: DictConfig, *, source: str, log_notes: bool = True) -> RunLayout:
+    """The sections of a loaded config that the library reads, with notes on the ones it ignores.
+
+    Args:
+        cfg: The loaded config.
+        source: The file name, for messages.
+        log_notes: Also log each note (once per run: the commands ask for it, :func:`load_config` does not).
+
+    Raises:
+        PrecisionConfigError: See :func:`~lightning_precision.config_layouts.read_run_layout`.
+    """
+    # Only the sections read are resolved: an ignored one may interpolate what exists only inside its app
+    # (NeMo's exp_manager with ${hydra:runtime.output_dir}).
+    plain = {str(k): (_resolved(cfg, str(k)) if k in RUN_SECTIONS else None) for k in cfg}
+    return read_run_layout(plain, source=source, log_notes=log_notes)
+
+
+def _resolved(cfg: DictConfig, name: str) -> Any:
+    try:
+        value = cfg.get(name)
+        return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+    except OmegaConfBaseException as err:
+        raise ConfigInputError(f"section {name!r}: {_one_line(err)}") from err
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -67,7 +90,7 @@ def _read_yaml(path: Path) -> DictConfig:
     except OmegaConfBaseException as err:
         raise ConfigInputError(f"{path}: cannot be loaded: {_one_line(err)}") from err
     if not isinstance(cfg, DictConfig):
-        raise ConfigInputError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)}).")
+        raise ConfigInputError(f"{path}: the top level must be a mapping of sections ({', '.join(RUN_SECTIONS)}).")
     return cfg
 
 
@@ -96,13 +119,9 @@ def _one_line(err: BaseException) -> str:
 
 def section(cfg: DictConfig, name: str) -> dict[str, Any] | None:
     """A section as a plain dict with interpolations resolved, or ``None`` if absent."""
-    value = cfg.get(name)
-    if value is None:
+    plain = _resolved(cfg, name)
+    if plain is None:
         return None
-    try:
-        plain = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
-    except OmegaConfBaseException as err:
-        raise ConfigInputError(f"section {name!r}: {_one_line(err)}") from err
     if not isinstance(plain, dict):
         raise ConfigInputError(f"section {name!r} must be a mapping, got {plain!r}.")
     return plain

@@ -61,3 +61,32 @@ def test_train_flash_config_without_cuda_exits_2(capsys, tmp_path, task):
     assert code == 2
     assert_one_line_error(err)
     assert "needs a CUDA device" in err
+
+
+@pytest.mark.parametrize(("global_zero", "printed"), [(True, True), (False, False)])
+def test_train_prints_its_summary_on_global_rank_zero_only(capsys, tmp_path, task, monkeypatch, global_zero, printed):
+    import lightning.pytorch as pl
+
+    # Every rank of a multi-process run returns from fit; only rank zero may print the summary.
+    monkeypatch.setattr(pl.Trainer, "is_global_zero", property(lambda self: global_zero))
+    code, out, _ = run(capsys, "train", TRAP, "trainer.max_steps=2", "--output-dir", tmp_path)
+    assert code == 0
+    assert ("Trained 2 steps" in out) is printed
+
+
+def test_train_builds_the_optimizer_it_judged_from_a_nemo_model_section(tmp_path, task):
+    import torch
+
+    from lightning_precision.cli.train import fit_task
+
+    cfg = {
+        "name": "nemo-style",
+        "trainer": {"precision": "bf16-mixed", "max_steps": 2, "enable_checkpointing": False},
+        "model": {"torch_dtype": "auto", "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "sched": {}}},
+        "data": {"num_samples": 256},
+    }
+    run_ = fit_task(cfg)
+    [optimizer] = run_.trainer.optimizers
+    assert type(optimizer) is torch.optim.SGD
+    assert optimizer.defaults["lr"] == 0.05 and optimizer.defaults["momentum"] == 0.9
+    assert run_.kwargs.optimizer_path == "model.optim"

@@ -1,0 +1,141 @@
+"""lightning-precision explain on NeMo, LightningCLI and Hydra configs, read as they are written."""
+
+import textwrap
+
+import pytest
+import torch
+
+from lightning_precision.catalogue import classify_optimizer
+from lightning_precision.pairing import judge
+from tests.cli.helpers import TRAP, assert_one_line_error, explain_json, run
+
+# A NeMo config as NeMo writes it: the exp_manager interpolation only resolves inside a Hydra app.
+NEMO = """
+name: QuartzNet15x5
+trainer:
+  devices: 1
+  precision: bf16-true
+  max_steps: 2
+model:
+  sample_rate: 16000
+  optim:
+    name: {name}
+    lr: 1.0e-3
+    betas: [0.9, 0.98]
+    weight_decay: 1.0e-3
+    sched:
+      name: CosineAnnealing
+      warmup_steps: 10
+exp_manager:
+  exp_dir: ${{hydra:runtime.output_dir}}
+  name: ${{name}}
+"""
+
+
+def _write(tmp_path, text, name="config.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_nemo_config_with_torch_adamw_is_unsafe_with_the_same_exit_codes_as_ours(capsys, tmp_path):
+    path = _write(tmp_path, NEMO.format(name="adamw"))
+    code, data, _ = explain_json(capsys, path)
+    ours_code, ours, _ = explain_json(capsys, TRAP)
+    assert (code, data["verdict"]["unsafe"]) == (ours_code, True) == (0, True)
+    assert data["storage_dtype"] == "bfloat16"
+    assert data["contract"]["optimizers"][0]["optimizer"] == ours["contract"]["optimizers"][0]["optimizer"]
+    assert data["notes"] == [
+        "ignored top-level section(s) exp_manager, name: not about precision",
+        "model.optim (name: adamw) read as torch.optim.AdamW",
+    ]
+    code, out, err = run(capsys, "explain", path, "+trainer.lightning_precision.on_unsafe=error")
+    assert code == 1 and "UNSAFE (on_unsafe=error)" in out
+    assert_one_line_error(err)
+
+
+def test_nemo_only_optimizer_is_classified_by_its_class_path(capsys, tmp_path):
+    code, data, _ = explain_json(capsys, _write(tmp_path, NEMO.format(name="fused_adam")))
+    assert code == 0
+    assert data["contract"]["optimizers"][0]["optimizer"] == "apex.optimizers.FusedAdam"  # not installed here
+    verdict = judge(torch.bfloat16, classify_optimizer("apex.optimizers.FusedAdam"))
+    assert data["verdict"]["status"] == verdict.status.value != "safe"
+
+
+def test_unknown_nemo_optimizer_name_exits_2_listing_the_known_names(capsys, tmp_path):
+    code, _, err = run(capsys, "explain", _write(tmp_path, NEMO.format(name="adamq")))
+    assert code == 2
+    assert_one_line_error(err)
+    assert "'adamq'" in err and "fused_adam" in err and "adamw" in err
+
+
+def test_lightning_cli_config_with_the_optimizer_as_a_model_init_arg(capsys, tmp_path):
+    path = _write(
+        tmp_path,
+        """
+        seed_everything: 0
+        trainer:
+          precision: bf16-mixed
+        model:
+          class_path: my_project.AudioModule
+          init_args:
+            torch_dtype: bfloat16
+            optimizer:
+              class_path: torch.optim.AdamW
+              init_args:
+                lr: 1.0e-4
+        """,
+    )
+    code, data, _ = explain_json(capsys, path)
+    assert code == 0
+    assert data["storage_dtype"] == "bfloat16" and data["verdict"]["unsafe"] is True  # bf16 storage, torch AdamW
+    assert data["contract"]["optimizers"][0]["optimizer"] == "torch.optim.adamw.AdamW"
+    assert "optimizer read from model.init_args.optimizer" in data["notes"]
+
+
+def test_composed_hydra_config_is_read_with_notes(capsys, tmp_path):
+    path = _write(
+        tmp_path,
+        """
+        defaults:
+          - _self_
+          - optimizer: adamw
+        hydra:
+          run:
+            dir: outputs/${now:%Y-%m-%d}
+        trainer:
+          precision: bf16-mixed
+        model:
+          torch_dtype: auto
+        optimizer:
+          _target_: torch.optim.AdamW
+          lr: 1.0e-4
+        """,
+    )
+    code, data, _ = explain_json(capsys, path)
+    assert code == 0 and data["verdict"]["status"] == "safe" and data["storage_dtype"] == "float32"
+    assert data["notes"][0] == "ignored top-level section(s) hydra: not about precision"
+    assert "Hydra 'defaults' list" in data["notes"][1] and "--cfg job" in data["notes"][1]
+
+
+def test_raw_hydra_file_without_a_trainer_exits_2_saying_to_compose_it(capsys, tmp_path):
+    path = _write(tmp_path, "defaults:\n  - trainer: default\n  - _self_\nmodel:\n  torch_dtype: auto\n")
+    code, _, err = run(capsys, "explain", path)
+    assert code == 2
+    assert_one_line_error(err)
+    assert "needs a 'trainer:' mapping" in err and "--cfg job" in err
+
+
+@pytest.mark.parametrize(
+    ("model", "paths"),
+    [
+        ("{optim: {name: sgd, lr: 0.1}}", "optimizer and model.optim"),
+        ("{init_args: {optimizer: {class_path: torch.optim.SGD}}}", "optimizer and model.init_args.optimizer"),
+    ],
+)
+def test_conflicting_optimizer_sections_exit_2_naming_both(capsys, tmp_path, model, paths):
+    text = f"trainer:\n  precision: bf16-mixed\nmodel: {model}\noptimizer:\n  _target_: torch.optim.AdamW\n"
+    code, _, err = run(capsys, "explain", _write(tmp_path, text))
+    assert code == 2
+    assert_one_line_error(err)
+    assert f"{paths} both set the optimizer and disagree" in err
