@@ -262,6 +262,7 @@ def _read_nemo_optim(optim: Any) -> Found:
 
 def _agree(a: Found, b: Found) -> Found:
     """One optimizer from two sections that must describe the same one."""
+
     def disagree(detail: str) -> PrecisionConfigError:
         return PrecisionConfigError(
             f"{a.path} and {b.path} both set the optimizer and disagree ({detail}): {a.path}={_show(a.value)}, "

@@ -193,7 +193,11 @@ def _unsafe_verdict(
     count = f"{common['num_params']} trainable {half} parameter tensors ({common['num_elements']:,} elements)"
     if not common["num_params"]:
         count = f"trainable {half} parameters"
-    state = f"its state ({', '.join(optimizer.moments)}) is {half} and small" if optimizer.moments else "small"
+    half_moments = [m for m in optimizer.moments if optimizer.state_dtype(m, storage) == storage]
+    if half_moments:
+        state = f"its state ({', '.join(half_moments)}) is {half} and small"
+    else:  # full-precision moments do not help when the update itself is written into the half parameter
+        state = f"it writes each update into the {half} parameter in place, so small"
     message = (
         f"{count} are trained by {optimizer.name} ({optimizer.reason}): {state} updates round away, so long "
         f"full-parameter runs plateau at a higher loss ({GUIDE_TRAP}). Fix: (1) {fixes[0]}; or (2) {fixes[1]}. For a "

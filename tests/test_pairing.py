@@ -114,3 +114,11 @@ def test_bitsandbytes_8bit_on_bf16_parameters_is_unsafe(path):
     info = classify_optimizer(path)
     assert judge(torch.bfloat16, info).status is Status.UNSAFE
     assert info.state_dtype("exp_avg", torch.bfloat16) == torch.uint8 == info.state_dtype("exp_avg_sq", torch.bfloat16)
+
+
+def test_apex_fused_adam_on_bf16_parameters_is_unsafe_although_its_moments_are_fp32():
+    info = classify_optimizer("apex.optimizers.FusedAdam", {"master_weights": True})
+    verdict = judge(torch.bfloat16, info)
+    assert verdict.status is Status.UNSAFE
+    assert "writes each update into the bfloat16 parameter in place" in verdict.message
+    assert info.state_text(torch.bfloat16) == "float32"

@@ -114,7 +114,10 @@ class PrecisionGuard(PolicyHolder, Callback):
             optimizers=rows,
             fp32_modules=list(
                 dict.fromkeys(
-                    [*getattr(trainer.precision_plugin, "fp32_module_names", ()), *getattr(strategy, "fp32_module_names", ())]
+                    [
+                        *getattr(trainer.precision_plugin, "fp32_module_names", ()),
+                        *getattr(strategy, "fp32_module_names", ()),
+                    ]
                 )
             ),
         )

@@ -319,6 +319,18 @@ def _bitsandbytes(spec: _Spec) -> OptimizerInfo:
     )
 
 
+def _apex_fused_adam(spec: _Spec) -> OptimizerInfo:
+    """apex FusedAdam keeps fp32 moments for every parameter but writes bf16 parameters in place; its fp32 master
+    copy (``master_weights``/``use_master``) covers fp16 parameters only, so half storage is judged unsafe."""
+    common = {**spec.common(), "moment_dtypes": (("exp_avg", torch.float32),), "moment_dtypes_for_all": True}
+    return OptimizerInfo(
+        kind=OptimizerKind.STATE_FOLLOWS_PARAM,
+        reason="apex FusedAdam writes bf16 parameters in place (its master copy, if enabled, is for fp16 parameters)",
+        exp_avg_sq_dtype=torch.float32,
+        **common,
+    )
+
+
 def _state_follows_param(spec: _Spec) -> OptimizerInfo:
     return OptimizerInfo(
         kind=OptimizerKind.STATE_FOLLOWS_PARAM,
@@ -340,5 +352,6 @@ _FAMILIES: tuple[tuple[Callable[[_Spec], bool], Callable[[_Spec], OptimizerInfo]
     (lambda spec: _prefix("torchao.")(spec) and bool(spec.settings.get("bf16_stochastic_round")), _torchao_stochastic),
     (lambda spec: spec.short == "anyprecisionadamw", _any_precision_adamw),
     (_prefix("bitsandbytes."), _bitsandbytes),
+    (lambda spec: _prefix("apex.")(spec) and spec.short == "fusedadam", _apex_fused_adam),
     (_prefix("torch.optim.", "torchao."), _state_follows_param),
 )
