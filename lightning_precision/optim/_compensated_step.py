@@ -1,0 +1,295 @@
+"""The bounded-memory step of :class:`~lightning_precision.optim.CompensatedAdamW`.
+
+The reference step (``implementation="reference"``) runs each ``torch._foreach_*`` op over whole tensors, so it holds
+fp32 copies of every gradient, moment, parameter and compensation of a bucket at once (about 17 B/param on top of the
+12 B/param steady state). The step here applies the same elementwise ops, in the same order and dtypes, to bounded
+chunks of elements: each chunk is a short list of 1-D slices (a piece of one large tensor, or several small tensors
+packed together) and each op is one ``torch._foreach_*`` call over that list. The fp32 temporaries are then those of
+one chunk only, and on CPU a chunk of the default size stays in cache between the ~20 ops of the update.
+
+Because every op is elementwise and sees the same operand values as in the reference, the result is bitwise the same
+on CPU (tested in ``tests/optim/test_compensated_step.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Piece = tuple[int, int, int]  # (tensor index, start, stop) of a slice of a flat tensor
+F32 = torch.float32
+
+# Auto chunk size. The fp32 temporaries of a chunk take at most 24 bytes per chunk element (fp32 gradient, moments
+# that are not stored in fp32, denominator, update; for fp64 parameters a negated gradient, denominator, update), so a
+# chunk of total/64 elements keeps the transient memory of the step under 0.375 B/param of the model. The floor keeps
+# the per-op dispatch cost small on tiny models. On CPU the cap keeps a chunk's working set near the L2/L3 caches, so
+# the ~20 ops of the update do not each stream from DRAM (2**17 was the fastest of 2**15..2**19 on the 2-core AMD EPYC
+# of benchmarks/optimizer_step.py); on accelerators it bounds the transient memory while each kernel still has enough
+# work to hide its launch.
+AUTO_CHUNK_DIVISOR = 64
+AUTO_CHUNK_MIN = 4096
+AUTO_CHUNK_CAP_CPU = 2**17
+AUTO_CHUNK_CAP_ACCELERATOR = 2**22
+
+
+def auto_chunk_size(total_numel: int, device: torch.device) -> int:
+    """Elements per chunk when the user did not choose a size.
+
+    Args:
+        total_numel: Elements of all parameters (local shards) the optimizer steps.
+        device: Device of the tensors of the bucket being stepped.
+
+    Returns:
+        ``total_numel / 64`` clamped to ``[4096, cap]``, with a cap of 2**17 elements on CPU and 2**22 elsewhere.
+    """
+    cap = AUTO_CHUNK_CAP_CPU if device.type == "cpu" else AUTO_CHUNK_CAP_ACCELERATOR
+    return max(AUTO_CHUNK_MIN, min(cap, total_numel // AUTO_CHUNK_DIVISOR))
+
+
+def plan_chunks(numels: Sequence[int], chunk_size: int) -> list[list[Piece]]:
+    """Split flat tensors of the given sizes into chunks of at most ``chunk_size`` elements.
+
+    Tensors are taken in order; a tensor larger than the room left in the current chunk is split across chunks, and
+    small tensors share a chunk, so every chunk but the last holds exactly ``chunk_size`` elements.
+
+    Args:
+        numels: Number of elements of each flat tensor.
+        chunk_size: Maximum elements per chunk (positive).
+
+    Returns:
+        The chunks, each a list of ``(tensor index, start, stop)`` slices.
+    """
+    chunks: list[list[Piece]] = []
+    current: list[Piece] = []
+    room = chunk_size
+    for index, numel in enumerate(numels):
+        start = 0
+        while start < numel:
+            stop = min(numel, start + room)
+            current.append((index, start, stop))
+            room -= stop - start
+            start = stop
+            if room == 0:
+                chunks.append(current)
+                current, room = [], chunk_size
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _slices(tensors: Sequence[torch.Tensor], chunk: list[Piece]) -> list[torch.Tensor]:
+    return [tensors[i][start:stop] for i, start, stop in chunk]
+
+
+def _views(buffer: torch.Tensor, chunk: list[Piece]) -> list[torch.Tensor]:
+    """Consecutive views of ``buffer`` shaped like the slices of ``chunk``."""
+    out, offset = [], 0
+    for _, start, stop in chunk:
+        out.append(buffer[offset : offset + stop - start])
+        offset += stop - start
+    return out
+
+
+def _chunk_scalars(scalars: Sequence[torch.Tensor], chunk: list[Piece]) -> list[torch.Tensor]:
+    return [scalars[i] for i, _, _ in chunk]
+
+
+def _fp32_work(
+    state: Sequence[torch.Tensor], chunk: list[Piece], buffer: torch.Tensor | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The chunk's slices of ``state`` and the fp32 tensors to update them in.
+
+    An fp32 state is updated in place (as the reference's ``.to(float32)`` returns the tensor itself); any other
+    dtype is copied into ``buffer`` and must be copied back.
+    """
+    slices = _slices(state, chunk)
+    if buffer is None:
+        return slices, slices
+    work = _views(buffer, chunk)
+    torch._foreach_copy_(work, slices)
+    return slices, work
+
+
+def compensated_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    comps: Sequence[torch.Tensor],
+    neg_step_size: Sequence[torch.Tensor],
+    bc2_sqrt: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    chunk_size: int,
+) -> None:
+    """AdamW with a Kahan-compensated write into half-precision parameters, chunk by chunk.
+
+    Every tensor is flat (1-D) and local (not a DTensor); tensors at the same index have the same number of elements.
+    The per-tensor scalars are 0-dim fp32 tensors, as the reference step computes them.
+
+    Args:
+        params: Half-precision parameters, updated in place.
+        grads: Their gradients (any floating dtype).
+        exp_avgs: First moments (any floating dtype), updated in place.
+        exp_avg_sqs: Second moments (any floating dtype), updated in place.
+        comps: Compensation buffers in the parameter dtype, updated in place.
+        neg_step_size: ``-lr / (1 - beta1**step)`` per tensor.
+        bc2_sqrt: ``sqrt(1 - beta2**step)`` per tensor.
+        lr: Learning rate.
+        beta1: First-moment coefficient.
+        beta2: Second-moment coefficient.
+        eps: Denominator term.
+        weight_decay: Decoupled weight decay coefficient.
+        maximize: Whether to ascend the objective.
+        chunk_size: Maximum elements per chunk.
+    """
+    numels = [p.numel() for p in params]
+    size = min(chunk_size, sum(numels))
+    if size == 0:
+        return
+    device = params[0].device
+
+    def buffer() -> torch.Tensor:
+        return torch.empty(size, dtype=F32, device=device)
+
+    # The gradient (later the decay term) always needs fp32 room; the moments only if not already fp32.
+    g_buf = buffer()
+    m_buf = None if all(m.dtype == F32 for m in exp_avgs) else buffer()
+    v_buf = None if all(v.dtype == F32 for v in exp_avg_sqs) else buffer()
+    decay_factor = -lr * weight_decay
+    for chunk in plan_chunks(numels, chunk_size):
+        g32 = _views(g_buf, chunk)
+        torch._foreach_copy_(g32, _slices(grads, chunk))
+        if maximize:
+            torch._foreach_neg_(g32)
+        m_slices, m32 = _fp32_work(exp_avgs, chunk, m_buf)
+        v_slices, v32 = _fp32_work(exp_avg_sqs, chunk, v_buf)
+        torch._foreach_lerp_(m32, g32, 1.0 - beta1)
+        torch._foreach_mul_(v32, beta2)
+        torch._foreach_addcmul_(v32, g32, g32, 1.0 - beta2)
+        if m_buf is not None:
+            torch._foreach_copy_(m_slices, m32)
+        if v_buf is not None:
+            torch._foreach_copy_(v_slices, v32)
+
+        denom = torch._foreach_sqrt(v32)
+        torch._foreach_div_(denom, _chunk_scalars(bc2_sqrt, chunk))
+        torch._foreach_add_(denom, eps)
+        if m_buf is not None:
+            torch._foreach_div_(m32, denom)  # the buffer's fp32 first moment is no longer needed
+            update = m32
+        else:
+            update = torch._foreach_div(m32, denom)
+        del denom
+        torch._foreach_mul_(update, _chunk_scalars(neg_step_size, chunk))
+
+        # The parameter and compensation enter the fp32 sums as bf16/fp16 operands: type promotion widens them
+        # exactly, so no fp32 copy of them is made, and fp32 addition is commutative, so update + p == p + update.
+        p_slices, c_slices = _slices(params, chunk), _slices(comps, chunk)
+        if weight_decay != 0:
+            decay = g32  # the fp32 gradient is no longer needed
+            torch._foreach_copy_(decay, p_slices)
+            torch._foreach_add_(decay, c_slices)  # decay the compensated value p + c
+            torch._foreach_mul_(decay, decay_factor)
+            torch._foreach_add_(update, decay)
+        torch._foreach_add_(update, c_slices)  # y = c + update
+        torch._foreach_add_(update, p_slices)  # t = p + y
+        torch._foreach_copy_(p_slices, update)  # round to nearest
+        torch._foreach_sub_(update, p_slices)  # low bits lost by the write
+        torch._foreach_copy_(c_slices, update)
+
+
+def plain_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    neg_step_size: Sequence[torch.Tensor],
+    bc2_sqrt: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    chunk_size: int,
+) -> None:
+    """torch.optim.AdamW for fp32/fp64 parameters (state in the parameter dtype), chunk by chunk.
+
+    Args:
+        params: Parameters, updated in place; flat and local like every other tensor here.
+        grads: Their gradients, in the parameter dtype.
+        exp_avgs: First moments, updated in place.
+        exp_avg_sqs: Second moments, updated in place.
+        neg_step_size: ``-lr / (1 - beta1**step)`` per tensor.
+        bc2_sqrt: ``sqrt(1 - beta2**step)`` per tensor.
+        lr: Learning rate.
+        beta1: First-moment coefficient.
+        beta2: Second-moment coefficient.
+        eps: Denominator term.
+        weight_decay: Decoupled weight decay coefficient.
+        maximize: Whether to ascend the objective.
+        chunk_size: Maximum elements per chunk.
+    """
+    numels = [p.numel() for p in params]
+    for chunk in plan_chunks(numels, chunk_size):
+        g = _slices(grads, chunk)
+        if maximize:
+            g = torch._foreach_neg(g)
+        p, m, v = _slices(params, chunk), _slices(exp_avgs, chunk), _slices(exp_avg_sqs, chunk)
+        if weight_decay != 0:
+            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
+        torch._foreach_lerp_(m, g, 1.0 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1.0 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, _chunk_scalars(bc2_sqrt, chunk))
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(m, denom)
+        del denom
+        torch._foreach_mul_(update, _chunk_scalars(neg_step_size, chunk))
+        torch._foreach_add_(p, update)
+
+
+def flat_local_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """1-D views of the local data of tensors that line up element by element, or None if they do not.
+
+    DTensors (FSDP2 shards) are replaced by their local tensors when all of them share one mesh and placements, so
+    the step reads and writes the shard in place and never redistributes. Tensors of the same shape and strides that
+    are contiguous up to a permutation of their dimensions (e.g. channels-last) are viewed in memory order.
+
+    Args:
+        tensors: A parameter, its gradient and its state tensors.
+
+    Returns:
+        One flat view per tensor, aliasing its storage, or None when the tensors mix DTensor and plain tensors,
+        differ in mesh, placements, shape or strides, or have gaps or overlaps in memory (the caller then uses the
+        reference step for them).
+    """
+    from torch.distributed.tensor import DTensor
+
+    first = tensors[0]
+    if isinstance(first, DTensor):
+        if not all(
+            isinstance(t, DTensor) and t.device_mesh == first.device_mesh and t.placements == first.placements
+            for t in tensors
+        ):
+            return None
+        tensors = [t.to_local() for t in tensors]
+    elif any(isinstance(t, DTensor) for t in tensors):
+        return None
+    shape, strides = tensors[0].shape, tensors[0].stride()
+    if any(t.shape != shape or t.stride() != strides for t in tensors):
+        return None
+    order = sorted(range(len(shape)), key=lambda d: (-strides[d], -shape[d]))
+    permuted = [t.permute(order) for t in tensors]
+    if not all(t.is_contiguous() for t in permuted):
+        return None
+    return [t.reshape(-1) for t in permuted]
