@@ -20,31 +20,53 @@ import torch
 Piece = tuple[int, int, int]  # (tensor index, start, stop) of a slice of a flat tensor
 F32 = torch.float32
 
-# Auto chunk size. The fp32 temporaries of a chunk take at most 24 bytes per chunk element (fp32 gradient, moments
-# that are not stored in fp32, denominator, update; for fp64 parameters a negated gradient, denominator, update), so a
-# chunk of total/64 elements keeps the transient memory of the step under 0.375 B/param of the model. The floor keeps
-# the per-op dispatch cost small on tiny models. On CPU the cap keeps a chunk's working set near the L2/L3 caches, so
-# the ~20 ops of the update do not each stream from DRAM (2**17 was the fastest of 2**15..2**19 on the 2-core AMD EPYC
-# of benchmarks/optimizer_step.py); on accelerators it bounds the transient memory while each kernel still has enough
-# work to hide its launch.
-AUTO_CHUNK_DIVISOR = 64
+# Auto chunk size: the chunk's fp32 temporaries (temp_bytes_per_element per chunk element) may take up to
+# TRANSIENT_BUDGET bytes per parameter of the model. The floor keeps the per-op dispatch cost small on tiny models.
+# On CPU the cap keeps a chunk's working set near the L2/L3 caches, so the ~20 ops of the update do not each stream
+# from DRAM (2**17 was the fastest of 2**15..2**19 on the 2-core AMD EPYC of benchmarks/optimizer_step.py); on
+# accelerators it bounds the transient memory while each kernel still has enough work to hide its launch.
+TRANSIENT_BUDGET = 0.375
 AUTO_CHUNK_MIN = 4096
 AUTO_CHUNK_CAP_CPU = 2**17
 AUTO_CHUNK_CAP_ACCELERATOR = 2**22
 
 
-def auto_chunk_size(total_numel: int, device: torch.device) -> int:
+def temp_bytes_per_element(
+    param_dtype: torch.dtype, exp_avg_dtype: torch.dtype, exp_avg_sq_dtype: torch.dtype, *, compensated: bool
+) -> int:
+    """Bytes of temporaries per chunk element that :func:`compensated_step` or :func:`plain_step` allocate.
+
+    Args:
+        param_dtype: Parameter dtype.
+        exp_avg_dtype: First-moment dtype.
+        exp_avg_sq_dtype: Second-moment dtype.
+        compensated: Whether the compensated step (half-precision parameters) runs.
+
+    Returns:
+        Compensated: fp32 gradient (then parameter), compensation, and the denominator or (later) the decay
+        term, plus an fp32 copy of each moment not stored in fp32, plus the update when the first moment is fp32
+        (it cannot be divided in place). Plain: negated gradient, denominator
+        and update in the parameter dtype.
+    """
+    if not compensated:
+        return 3 * param_dtype.itemsize
+    return 4 * (3 + (exp_avg_dtype != F32) + (exp_avg_sq_dtype != F32) + (exp_avg_dtype == F32))
+
+
+def auto_chunk_size(total_numel: int, device: torch.device, temp_bytes: int) -> int:
     """Elements per chunk when the user did not choose a size.
 
     Args:
         total_numel: Elements of all parameters (local shards) the optimizer steps.
         device: Device of the tensors of the bucket being stepped.
+        temp_bytes: Temporary bytes per chunk element (:func:`temp_bytes_per_element`).
 
     Returns:
-        ``total_numel / 64`` clamped to ``[4096, cap]``, with a cap of 2**17 elements on CPU and 2**22 elsewhere.
+        The size whose temporaries take ``TRANSIENT_BUDGET`` (0.375) bytes per parameter of the model, clamped to
+        ``[4096, cap]``, with a cap of 2**17 elements on CPU and 2**22 elsewhere.
     """
     cap = AUTO_CHUNK_CAP_CPU if device.type == "cpu" else AUTO_CHUNK_CAP_ACCELERATOR
-    return max(AUTO_CHUNK_MIN, min(cap, total_numel // AUTO_CHUNK_DIVISOR))
+    return max(AUTO_CHUNK_MIN, min(cap, int(total_numel * TRANSIENT_BUDGET) // temp_bytes))
 
 
 def plan_chunks(numels: Sequence[int], chunk_size: int) -> list[list[Piece]]:
@@ -91,7 +113,7 @@ def _views(buffer: torch.Tensor, chunk: list[Piece]) -> list[torch.Tensor]:
     return out
 
 
-def _chunk_scalars(scalars: Sequence[torch.Tensor], chunk: list[Piece]) -> list[torch.Tensor]:
+def _chunk_scalars(scalars: Sequence[torch.Tensor | float], chunk: list[Piece]) -> list[torch.Tensor | float]:
     return [scalars[i] for i, _, _ in chunk]
 
 
@@ -117,8 +139,8 @@ def compensated_step(
     exp_avgs: Sequence[torch.Tensor],
     exp_avg_sqs: Sequence[torch.Tensor],
     comps: Sequence[torch.Tensor],
-    neg_step_size: Sequence[torch.Tensor],
-    bc2_sqrt: Sequence[torch.Tensor],
+    neg_step_size: Sequence[torch.Tensor | float],
+    bc2_sqrt: Sequence[torch.Tensor | float],
     *,
     lr: float,
     beta1: float,
@@ -131,7 +153,7 @@ def compensated_step(
     """AdamW with a Kahan-compensated write into half-precision parameters, chunk by chunk.
 
     Every tensor is flat (1-D) and local (not a DTensor); tensors at the same index have the same number of elements.
-    The per-tensor scalars are 0-dim fp32 tensors, as the reference step computes them.
+    The per-tensor scalars are the reference step's 0-dim fp32 tensors, or their values as Python floats.
 
     Args:
         params: Half-precision parameters, updated in place.
@@ -158,8 +180,9 @@ def compensated_step(
     def buffer() -> torch.Tensor:
         return torch.empty(size, dtype=F32, device=device)
 
-    # The gradient (later the decay term) always needs fp32 room; the moments only if not already fp32.
-    g_buf = buffer()
+    # The gradient (later the parameter) and the compensation always need fp32 room; the moments only if not
+    # already stored in fp32.
+    g_buf, c_buf = buffer(), buffer()
     m_buf = None if all(m.dtype == F32 for m in exp_avgs) else buffer()
     v_buf = None if all(v.dtype == F32 for v in exp_avg_sqs) else buffer()
     decay_factor = -lr * weight_decay
@@ -189,20 +212,21 @@ def compensated_step(
         del denom
         torch._foreach_mul_(update, _chunk_scalars(neg_step_size, chunk))
 
-        # The parameter and compensation enter the fp32 sums as bf16/fp16 operands: type promotion widens them
-        # exactly, so no fp32 copy of them is made, and fp32 addition is commutative, so update + p == p + update.
         p_slices, c_slices = _slices(params, chunk), _slices(comps, chunk)
+        p32, c32 = g32, _views(c_buf, chunk)  # the fp32 gradient is no longer needed
+        torch._foreach_copy_(p32, p_slices)
+        torch._foreach_copy_(c32, c_slices)
         if weight_decay != 0:
-            decay = g32  # the fp32 gradient is no longer needed
-            torch._foreach_copy_(decay, p_slices)
-            torch._foreach_add_(decay, c_slices)  # decay the compensated value p + c
+            decay = torch._foreach_add(p32, c32)  # decay the compensated value p + c
             torch._foreach_mul_(decay, decay_factor)
             torch._foreach_add_(update, decay)
-        torch._foreach_add_(update, c_slices)  # y = c + update
-        torch._foreach_add_(update, p_slices)  # t = p + y
-        torch._foreach_copy_(p_slices, update)  # round to nearest
-        torch._foreach_sub_(update, p_slices)  # low bits lost by the write
-        torch._foreach_copy_(c_slices, update)
+            del decay
+        torch._foreach_add_(update, c32)  # y = c + update
+        torch._foreach_add_(p32, update)  # t = p + y
+        del update
+        torch._foreach_copy_(p_slices, p32)  # round to nearest
+        torch._foreach_sub_(p32, p_slices)  # low bits lost by the write
+        torch._foreach_copy_(c_slices, p32)
 
 
 def plain_step(
@@ -210,8 +234,8 @@ def plain_step(
     grads: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
     exp_avg_sqs: Sequence[torch.Tensor],
-    neg_step_size: Sequence[torch.Tensor],
-    bc2_sqrt: Sequence[torch.Tensor],
+    neg_step_size: Sequence[torch.Tensor | float],
+    bc2_sqrt: Sequence[torch.Tensor | float],
     *,
     lr: float,
     beta1: float,

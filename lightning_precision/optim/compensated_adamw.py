@@ -140,9 +140,9 @@ class CompensatedAdamW(Optimizer):
             of all of a group's gradients, moments, parameters and compensations
             at once; kept to check the chunked step against.
         chunk_size: Elements per chunk of the chunked step. Default: None, which
-            picks 1/64 of the elements of all stepped parameters, at least 4096
-            and at most 2**17 on CPU (a chunk stays near the caches) or 2**22 on
-            accelerators.
+            sizes a chunk so that its temporaries take 0.375 bytes per stepped
+            parameter, at least 4096 and at most 2**17 elements on CPU (a chunk
+            stays near the caches) or 2**22 on accelerators.
 
     Raises:
         ValueError: If a hyperparameter is out of range.
@@ -312,8 +312,17 @@ class CompensatedAdamW(Optimizer):
                 continue
             params, grads, exp_avgs, exp_avg_sqs, steps, comps = bucket
             neg_step_size, bc2_sqrt = self._step_scalars(group, steps, device)
+            if device.type == "cpu":
+                # Python floats take torch's scalar fast path, with the same fp32 result as the 0-dim tensors. On
+                # other devices the device tensors stay: a host scalar divisor becomes a reciprocal multiply there.
+                neg_step_size, bc2_sqrt = [t.item() for t in neg_step_size], [t.item() for t in bc2_sqrt]
             beta1, beta2 = group["betas"]
-            chunk_size = group["chunk_size"] or _compensated_step.auto_chunk_size(stepped_numel, device)
+            chunk_size = group["chunk_size"]
+            if chunk_size is None:
+                temp_bytes = _compensated_step.temp_bytes_per_element(
+                    params[0].dtype, exp_avgs[0].dtype, exp_avg_sqs[0].dtype, compensated=half
+                )
+                chunk_size = _compensated_step.auto_chunk_size(stepped_numel, device, temp_bytes)
             options = {
                 "lr": group["lr"],
                 "beta1": beta1,

@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.optim import CompensatedAdamW
-from lightning_precision.optim._compensated_step import auto_chunk_size, flat_local_views, plan_chunks
+from lightning_precision.optim._compensated_step import (
+    TRANSIENT_BUDGET,
+    auto_chunk_size,
+    flat_local_views,
+    plan_chunks,
+    temp_bytes_per_element,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,12 +47,19 @@ def test_plan_chunks_covers_every_element_once_within_the_bound(numels, chunk_si
         assert (spans[-1][1] if spans else 0) == numel
 
 
-def test_auto_chunk_size_bounds():
+def test_auto_chunk_size_keeps_temporaries_within_the_budget():
     cpu, meta = torch.device("cpu"), torch.device("meta")
-    assert auto_chunk_size(10, cpu) == 4096
-    assert auto_chunk_size(64 * 5000, cpu) == 5000
-    assert auto_chunk_size(10**9, cpu) == 2**17
-    assert auto_chunk_size(10**10, meta) == 2**22
+    bf16, f32 = torch.bfloat16, torch.float32
+    temp = temp_bytes_per_element(bf16, bf16, f32, compensated=True)
+    assert temp == 16  # fp32 gradient/parameter, compensation, copy of the bf16 first moment, denominator/decay
+    assert temp_bytes_per_element(bf16, bf16, bf16, compensated=True) == 20
+    assert temp_bytes_per_element(torch.float64, torch.float64, torch.float64, compensated=False) == 24
+    for total in (10**6, 3 * 10**6 + 7):
+        chunk = auto_chunk_size(total, cpu, temp)
+        assert chunk * temp <= TRANSIENT_BUDGET * total < (chunk + 1) * temp
+    assert auto_chunk_size(10, cpu, temp) == 4096  # tiny models: dispatch cost, not memory, bounds the chunk
+    assert auto_chunk_size(10**9, cpu, temp) == 2**17
+    assert auto_chunk_size(10**10, meta, temp) == 2**22
 
 
 def _model_tensors(seed):
