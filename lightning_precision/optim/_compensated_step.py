@@ -14,6 +14,8 @@ on CPU (tested in ``tests/optim/test_compensated_step.py``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -133,44 +135,47 @@ def _fp32_work(
     return slices, work
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """The hyperparameters of one parameter group that the step functions read, and the chunk size."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    maximize: bool
+    chunk_size: int
+
+
+class Bucket(NamedTuple):
+    """Tensors of one step call, index-aligned; all flat (1-D) and local (not DTensors)."""
+
+    params: Sequence[torch.Tensor]
+    grads: Sequence[torch.Tensor]
+    exp_avgs: Sequence[torch.Tensor]
+    exp_avg_sqs: Sequence[torch.Tensor]
+    comps: Sequence[torch.Tensor | None]
+
+
 def compensated_step(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    comps: Sequence[torch.Tensor],
-    neg_step_size: Sequence[torch.Tensor | float],
-    bc2_sqrt: Sequence[torch.Tensor | float],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-    chunk_size: int,
+    bucket: Bucket,
+    scalars: tuple[Sequence[torch.Tensor | float], Sequence[torch.Tensor | float]],
+    options: StepOptions,
 ) -> None:
     """AdamW with a Kahan-compensated write into half-precision parameters, chunk by chunk.
 
-    Every tensor is flat (1-D) and local (not a DTensor); tensors at the same index have the same number of elements.
-    The per-tensor scalars are the reference step's 0-dim fp32 tensors, or their values as Python floats.
-
     Args:
-        params: Half-precision parameters, updated in place.
-        grads: Their gradients (any floating dtype).
-        exp_avgs: First moments (any floating dtype), updated in place.
-        exp_avg_sqs: Second moments (any floating dtype), updated in place.
-        comps: Compensation buffers in the parameter dtype, updated in place.
-        neg_step_size: ``-lr / (1 - beta1**step)`` per tensor.
-        bc2_sqrt: ``sqrt(1 - beta2**step)`` per tensor.
-        lr: Learning rate.
-        beta1: First-moment coefficient.
-        beta2: Second-moment coefficient.
-        eps: Denominator term.
-        weight_decay: Decoupled weight decay coefficient.
-        maximize: Whether to ascend the objective.
-        chunk_size: Maximum elements per chunk.
+        bucket: Half-precision parameters, their gradients (any floating dtype), moments (any floating dtype) and
+            compensation buffers (parameter dtype); all but the gradients are updated in place.
+        scalars: ``-lr / (1 - beta1**step)`` and ``sqrt(1 - beta2**step)`` per tensor: the reference step's 0-dim
+            fp32 tensors, or their values as Python floats.
+        options: The group's hyperparameters and the chunk size.
     """
+    params, grads, exp_avgs, exp_avg_sqs, comps = bucket
+    lr, beta1, beta2, eps = options.lr, options.beta1, options.beta2, options.eps
+    weight_decay, chunk_size = options.weight_decay, options.chunk_size
+    neg_step_size, bc2_sqrt = scalars
     numels = [p.numel() for p in params]
     size = min(chunk_size, sum(numels))
     if size == 0:
@@ -189,7 +194,7 @@ def compensated_step(
     for chunk in plan_chunks(numels, chunk_size):
         g32 = _views(g_buf, chunk)
         torch._foreach_copy_(g32, _slices(grads, chunk))
-        if maximize:
+        if options.maximize:
             torch._foreach_neg_(g32)
         m_slices, m32 = _fp32_work(exp_avgs, chunk, m_buf)
         v_slices, v32 = _fp32_work(exp_avg_sqs, chunk, v_buf)
@@ -229,43 +234,21 @@ def compensated_step(
         torch._foreach_copy_(c_slices, p32)
 
 
-def plain_step(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    neg_step_size: Sequence[torch.Tensor | float],
-    bc2_sqrt: Sequence[torch.Tensor | float],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-    chunk_size: int,
-) -> None:
+def plain_step(bucket: Bucket, scalars, options: StepOptions) -> None:
     """torch.optim.AdamW for fp32/fp64 parameters (state in the parameter dtype), chunk by chunk.
 
     Args:
-        params: Parameters, updated in place; flat and local like every other tensor here.
-        grads: Their gradients, in the parameter dtype.
-        exp_avgs: First moments, updated in place.
-        exp_avg_sqs: Second moments, updated in place.
-        neg_step_size: ``-lr / (1 - beta1**step)`` per tensor.
-        bc2_sqrt: ``sqrt(1 - beta2**step)`` per tensor.
-        lr: Learning rate.
-        beta1: First-moment coefficient.
-        beta2: Second-moment coefficient.
-        eps: Denominator term.
-        weight_decay: Decoupled weight decay coefficient.
-        maximize: Whether to ascend the objective.
-        chunk_size: Maximum elements per chunk.
+        bucket: Parameters, their gradients and moments, all in the parameter dtype (``comps`` is not read).
+        scalars: Per-tensor step scalars, as for :func:`compensated_step`.
+        options: The group's hyperparameters and the chunk size.
     """
+    params, grads, exp_avgs, exp_avg_sqs, _ = bucket
+    lr, beta1, beta2, eps, weight_decay = options.lr, options.beta1, options.beta2, options.eps, options.weight_decay
+    neg_step_size, bc2_sqrt = scalars
     numels = [p.numel() for p in params]
-    for chunk in plan_chunks(numels, chunk_size):
+    for chunk in plan_chunks(numels, options.chunk_size):
         g = _slices(grads, chunk)
-        if maximize:
+        if options.maximize:
             g = torch._foreach_neg(g)
         p, m, v = _slices(params, chunk), _slices(exp_avgs, chunk), _slices(exp_avg_sqs, chunk)
         if weight_decay != 0:

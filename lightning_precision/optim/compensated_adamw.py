@@ -323,21 +323,19 @@ class CompensatedAdamW(Optimizer):
                     params[0].dtype, exp_avgs[0].dtype, exp_avg_sqs[0].dtype, compensated=half
                 )
                 chunk_size = _compensated_step.auto_chunk_size(stepped_numel, device, temp_bytes)
-            options = {
-                "lr": group["lr"],
-                "beta1": beta1,
-                "beta2": beta2,
-                "eps": group["eps"],
-                "weight_decay": group["weight_decay"],
-                "maximize": group["maximize"],
-                "chunk_size": chunk_size,
-            }
-            if half:
-                _compensated_step.compensated_step(
-                    params, grads, exp_avgs, exp_avg_sqs, comps, neg_step_size, bc2_sqrt, **options
-                )
-            else:
-                _compensated_step.plain_step(params, grads, exp_avgs, exp_avg_sqs, neg_step_size, bc2_sqrt, **options)
+            options = _compensated_step.StepOptions(
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                chunk_size=chunk_size,
+            )
+            scalars = (neg_step_size, bc2_sqrt)
+            tensors = _compensated_step.Bucket(params, grads, exp_avgs, exp_avg_sqs, comps)
+            step_fn = _compensated_step.compensated_step if half else _compensated_step.plain_step
+            step_fn(tensors, scalars, options)
         return loss
 
     @staticmethod
