@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -102,37 +102,87 @@ def plan_chunks(numels: Sequence[int], chunk_size: int) -> list[list[Piece]]:
     return chunks
 
 
-def _slices(tensors: Sequence[torch.Tensor], chunk: list[Piece]) -> list[torch.Tensor]:
-    return [tensors[i][start:stop] for i, start, stop in chunk]
+class _ForeachOps:
+    """The update's ops as ``torch._foreach_*`` calls over the lists of slices of a chunk of several pieces."""
+
+    copy_ = staticmethod(torch._foreach_copy_)
+    neg = staticmethod(torch._foreach_neg)
+    neg_ = staticmethod(torch._foreach_neg_)
+    lerp_ = staticmethod(torch._foreach_lerp_)
+    mul_ = staticmethod(torch._foreach_mul_)
+    addcmul_ = staticmethod(torch._foreach_addcmul_)
+    sqrt = staticmethod(torch._foreach_sqrt)
+    div = staticmethod(torch._foreach_div)
+    div_ = staticmethod(torch._foreach_div_)
+    add = staticmethod(torch._foreach_add)
+    add_ = staticmethod(torch._foreach_add_)
+    sub_ = staticmethod(torch._foreach_sub_)
 
 
-def _views(buffer: torch.Tensor, chunk: list[Piece]) -> list[torch.Tensor]:
-    """Consecutive views of ``buffer`` shaped like the slices of ``chunk``."""
-    out, offset = [], 0
-    for _, start, stop in chunk:
-        out.append(buffer[offset : offset + stop - start])
-        offset += stop - start
-    return out
+def _tensor_addcmul_(self: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, value: float) -> torch.Tensor:
+    return self.addcmul_(t1, t2, value=value)
 
 
-def _chunk_scalars(scalars: Sequence[torch.Tensor | float], chunk: list[Piece]) -> list[torch.Tensor | float]:
-    return [scalars[i] for i, _, _ in chunk]
+class _TensorOps:
+    """The same ops on the single slice of a one-piece chunk (the common case for large tensors): a foreach call on
+    a one-element list costs about twice the dispatch of the tensor method on CPU, and the kernels are the same."""
+
+    copy_ = staticmethod(torch.Tensor.copy_)
+    neg = staticmethod(torch.neg)
+    neg_ = staticmethod(torch.Tensor.neg_)
+    lerp_ = staticmethod(torch.Tensor.lerp_)
+    mul_ = staticmethod(torch.Tensor.mul_)
+    addcmul_ = staticmethod(_tensor_addcmul_)
+    sqrt = staticmethod(torch.sqrt)
+    div = staticmethod(torch.div)
+    div_ = staticmethod(torch.Tensor.div_)
+    add = staticmethod(torch.add)
+    add_ = staticmethod(torch.Tensor.add_)
+    sub_ = staticmethod(torch.Tensor.sub_)
 
 
-def _fp32_work(
-    state: Sequence[torch.Tensor], chunk: list[Piece], buffer: torch.Tensor | None
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The chunk's slices of ``state`` and the fp32 tensors to update them in.
+class _Chunk:
+    """One chunk's slices, buffer views, per-tensor scalars and ops: lists for several pieces, bare for one."""
 
-    An fp32 state is updated in place (as the reference's ``.to(float32)`` returns the tensor itself); any other
-    dtype is copied into ``buffer`` and must be copied back.
-    """
-    slices = _slices(state, chunk)
-    if buffer is None:
-        return slices, slices
-    work = _views(buffer, chunk)
-    torch._foreach_copy_(work, slices)
-    return slices, work
+    def __init__(self, pieces: list[Piece]) -> None:
+        self.pieces = pieces
+        self.single = len(pieces) == 1
+        self.ops = _TensorOps if self.single else _ForeachOps
+
+    def slices(self, tensors: Sequence[torch.Tensor]) -> Any:
+        if self.single:
+            i, start, stop = self.pieces[0]
+            return tensors[i][start:stop]
+        return [tensors[i][start:stop] for i, start, stop in self.pieces]
+
+    def views(self, buffer: torch.Tensor) -> Any:
+        """Consecutive views of ``buffer`` shaped like the slices of the chunk."""
+        if self.single:
+            _, start, stop = self.pieces[0]
+            return buffer[: stop - start]
+        out, offset = [], 0
+        for _, start, stop in self.pieces:
+            out.append(buffer[offset : offset + stop - start])
+            offset += stop - start
+        return out
+
+    def scalars(self, values: Sequence[torch.Tensor | float]) -> Any:
+        if self.single:
+            return values[self.pieces[0][0]]
+        return [values[i] for i, _, _ in self.pieces]
+
+    def fp32_work(self, state: Sequence[torch.Tensor], buffer: torch.Tensor | None) -> tuple[Any, Any]:
+        """The chunk's slices of ``state`` and the fp32 tensors to update them in.
+
+        An fp32 state is updated in place (as the reference's ``.to(float32)`` returns the tensor itself); any other
+        dtype is copied into ``buffer`` and must be copied back.
+        """
+        slices = self.slices(state)
+        if buffer is None:
+            return slices, slices
+        work = self.views(buffer)
+        self.ops.copy_(work, slices)
+        return slices, work
 
 
 @dataclass(frozen=True)
@@ -191,50 +241,56 @@ def compensated_step(
     m_buf = None if all(m.dtype == F32 for m in exp_avgs) else buffer()
     v_buf = None if all(v.dtype == F32 for v in exp_avg_sqs) else buffer()
     decay_factor = -lr * weight_decay
-    for chunk in plan_chunks(numels, chunk_size):
-        g32 = _views(g_buf, chunk)
-        torch._foreach_copy_(g32, _slices(grads, chunk))
+    for pieces in plan_chunks(numels, chunk_size):
+        chunk = _Chunk(pieces)
+        ops = chunk.ops
+        g32 = chunk.views(g_buf)
+        ops.copy_(g32, chunk.slices(grads))
         if options.maximize:
-            torch._foreach_neg_(g32)
-        m_slices, m32 = _fp32_work(exp_avgs, chunk, m_buf)
-        v_slices, v32 = _fp32_work(exp_avg_sqs, chunk, v_buf)
-        torch._foreach_lerp_(m32, g32, 1.0 - beta1)
-        torch._foreach_mul_(v32, beta2)
-        torch._foreach_addcmul_(v32, g32, g32, 1.0 - beta2)
+            ops.neg_(g32)
+        m_slices, m32 = chunk.fp32_work(exp_avgs, m_buf)
+        v_slices, v32 = chunk.fp32_work(exp_avg_sqs, v_buf)
+        ops.lerp_(m32, g32, 1.0 - beta1)
+        ops.mul_(v32, beta2)
+        ops.addcmul_(v32, g32, g32, 1.0 - beta2)
         if m_buf is not None:
-            torch._foreach_copy_(m_slices, m32)
+            ops.copy_(m_slices, m32)
         if v_buf is not None:
-            torch._foreach_copy_(v_slices, v32)
+            ops.copy_(v_slices, v32)
 
-        denom = torch._foreach_sqrt(v32)
-        torch._foreach_div_(denom, _chunk_scalars(bc2_sqrt, chunk))
-        torch._foreach_add_(denom, eps)
+        denom = ops.sqrt(v32)
+        ops.div_(denom, chunk.scalars(bc2_sqrt))
+        ops.add_(denom, eps)
         if m_buf is not None:
-            torch._foreach_div_(m32, denom)  # the buffer's fp32 first moment is no longer needed
+            ops.div_(m32, denom)  # the buffer's fp32 first moment is no longer needed
             update = m32
         else:
-            update = torch._foreach_div(m32, denom)
+            update = ops.div(m32, denom)
         del denom
-        torch._foreach_mul_(update, _chunk_scalars(neg_step_size, chunk))
+        ops.mul_(update, chunk.scalars(neg_step_size))
 
-        p_slices, c_slices = _slices(params, chunk), _slices(comps, chunk)
-        p32, c32 = g32, _views(c_buf, chunk)  # the fp32 gradient is no longer needed
-        torch._foreach_copy_(p32, p_slices)
-        torch._foreach_copy_(c32, c_slices)
+        p_slices, c_slices = chunk.slices(params), chunk.slices(comps)
+        p32, c32 = g32, chunk.views(c_buf)  # the fp32 gradient is no longer needed
+        ops.copy_(p32, p_slices)
+        ops.copy_(c32, c_slices)
         if weight_decay != 0:
-            decay = torch._foreach_add(p32, c32)  # decay the compensated value p + c
-            torch._foreach_mul_(decay, decay_factor)
-            torch._foreach_add_(update, decay)
+            decay = ops.add(p32, c32)  # decay the compensated value p + c
+            ops.mul_(decay, decay_factor)
+            ops.add_(update, decay)
             del decay
-        torch._foreach_add_(update, c32)  # y = c + update
-        torch._foreach_add_(p32, update)  # t = p + y
+        ops.add_(update, c32)  # y = c + update
+        ops.add_(p32, update)  # t = p + y
         del update
-        torch._foreach_copy_(p_slices, p32)  # round to nearest
-        torch._foreach_sub_(p32, p_slices)  # low bits lost by the write
-        torch._foreach_copy_(c_slices, p32)
+        ops.copy_(p_slices, p32)  # round to nearest
+        ops.sub_(p32, p_slices)  # low bits lost by the write
+        ops.copy_(c_slices, p32)
 
 
-def plain_step(bucket: Bucket, scalars, options: StepOptions) -> None:
+def plain_step(
+    bucket: Bucket,
+    scalars: tuple[Sequence[torch.Tensor | float], Sequence[torch.Tensor | float]],
+    options: StepOptions,
+) -> None:
     """torch.optim.AdamW for fp32/fp64 parameters (state in the parameter dtype), chunk by chunk.
 
     Args:
@@ -246,23 +302,25 @@ def plain_step(bucket: Bucket, scalars, options: StepOptions) -> None:
     lr, beta1, beta2, eps, weight_decay = options.lr, options.beta1, options.beta2, options.eps, options.weight_decay
     neg_step_size, bc2_sqrt = scalars
     numels = [p.numel() for p in params]
-    for chunk in plan_chunks(numels, options.chunk_size):
-        g = _slices(grads, chunk)
+    for pieces in plan_chunks(numels, options.chunk_size):
+        chunk = _Chunk(pieces)
+        ops = chunk.ops
+        g = chunk.slices(grads)
         if options.maximize:
-            g = torch._foreach_neg(g)
-        p, m, v = _slices(params, chunk), _slices(exp_avgs, chunk), _slices(exp_avg_sqs, chunk)
+            g = ops.neg(g)
+        p, m, v = chunk.slices(params), chunk.slices(exp_avgs), chunk.slices(exp_avg_sqs)
         if weight_decay != 0:
-            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
-        torch._foreach_lerp_(m, g, 1.0 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, 1.0 - beta2)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, _chunk_scalars(bc2_sqrt, chunk))
-        torch._foreach_add_(denom, eps)
-        update = torch._foreach_div(m, denom)
+            ops.mul_(p, 1.0 - lr * weight_decay)
+        ops.lerp_(m, g, 1.0 - beta1)
+        ops.mul_(v, beta2)
+        ops.addcmul_(v, g, g, 1.0 - beta2)
+        denom = ops.sqrt(v)
+        ops.div_(denom, chunk.scalars(bc2_sqrt))
+        ops.add_(denom, eps)
+        update = ops.div(m, denom)
         del denom
-        torch._foreach_mul_(update, _chunk_scalars(neg_step_size, chunk))
-        torch._foreach_add_(p, update)
+        ops.mul_(update, chunk.scalars(neg_step_size))
+        ops.add_(p, update)
 
 
 def flat_local_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
