@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import torch
@@ -102,43 +103,29 @@ def plan_chunks(numels: Sequence[int], chunk_size: int) -> list[list[Piece]]:
     return chunks
 
 
-class _ForeachOps:
-    """The update's ops as ``torch._foreach_*`` calls over the lists of slices of a chunk of several pieces."""
-
-    copy_ = staticmethod(torch._foreach_copy_)
-    neg = staticmethod(torch._foreach_neg)
-    neg_ = staticmethod(torch._foreach_neg_)
-    lerp_ = staticmethod(torch._foreach_lerp_)
-    mul_ = staticmethod(torch._foreach_mul_)
-    addcmul_ = staticmethod(torch._foreach_addcmul_)
-    sqrt = staticmethod(torch._foreach_sqrt)
-    div = staticmethod(torch._foreach_div)
-    div_ = staticmethod(torch._foreach_div_)
-    add = staticmethod(torch._foreach_add)
-    add_ = staticmethod(torch._foreach_add_)
-    sub_ = staticmethod(torch._foreach_sub_)
-
-
 def _tensor_addcmul_(self: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, value: float) -> torch.Tensor:
     return self.addcmul_(t1, t2, value=value)
 
 
-class _TensorOps:
-    """The same ops on the single slice of a one-piece chunk (the common case for large tensors): a foreach call on
-    a one-element list costs about twice the dispatch of the tensor method on CPU, and the kernels are the same."""
-
-    copy_ = staticmethod(torch.Tensor.copy_)
-    neg = staticmethod(torch.neg)
-    neg_ = staticmethod(torch.Tensor.neg_)
-    lerp_ = staticmethod(torch.Tensor.lerp_)
-    mul_ = staticmethod(torch.Tensor.mul_)
-    addcmul_ = staticmethod(_tensor_addcmul_)
-    sqrt = staticmethod(torch.sqrt)
-    div = staticmethod(torch.div)
-    div_ = staticmethod(torch.Tensor.div_)
-    add = staticmethod(torch.add)
-    add_ = staticmethod(torch.Tensor.add_)
-    sub_ = staticmethod(torch.Tensor.sub_)
+# The update's ops, each as a torch._foreach_* call over the lists of slices of a chunk of several pieces, and as the
+# same kernel on the single slice of a one-piece chunk (the common case for large tensors), where a foreach call on a
+# one-element list costs about twice the dispatch of the tensor method on CPU.
+_OPS = {
+    "copy_": (torch._foreach_copy_, torch.Tensor.copy_),
+    "neg": (torch._foreach_neg, torch.neg),
+    "neg_": (torch._foreach_neg_, torch.Tensor.neg_),
+    "lerp_": (torch._foreach_lerp_, torch.Tensor.lerp_),
+    "mul_": (torch._foreach_mul_, torch.Tensor.mul_),
+    "addcmul_": (torch._foreach_addcmul_, _tensor_addcmul_),
+    "sqrt": (torch._foreach_sqrt, torch.sqrt),
+    "div": (torch._foreach_div, torch.div),
+    "div_": (torch._foreach_div_, torch.Tensor.div_),
+    "add": (torch._foreach_add, torch.add),
+    "add_": (torch._foreach_add_, torch.Tensor.add_),
+    "sub_": (torch._foreach_sub_, torch.Tensor.sub_),
+}
+_FOREACH_OPS = SimpleNamespace(**{name: ops[0] for name, ops in _OPS.items()})
+_TENSOR_OPS = SimpleNamespace(**{name: ops[1] for name, ops in _OPS.items()})
 
 
 class _Chunk:
@@ -147,7 +134,7 @@ class _Chunk:
     def __init__(self, pieces: list[Piece]) -> None:
         self.pieces = pieces
         self.single = len(pieces) == 1
-        self.ops = _TensorOps if self.single else _ForeachOps
+        self.ops = _TENSOR_OPS if self.single else _FOREACH_OPS
 
     def slices(self, tensors: Sequence[torch.Tensor]) -> Any:
         if self.single:
