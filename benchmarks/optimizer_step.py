@@ -5,7 +5,7 @@ For each model size (parameters in 16 equal tensors) and thread count, every opt
 * **steady B/param**: parameters + gradients + optimizer state after the second step, counted from the tensors
   (:func:`lightning_precision.memory.measure_bytes_per_param`).
 * **transient B/param**: growth of the resident set during the second step over the resident set just before it,
-  measured in a fresh subprocess per optimizer: ``/proc/self/clear_refs`` resets the peak (``VmHWM``) after
+  measured in a fresh subprocess per optimizer (two at a time, before the timing): ``/proc/self/clear_refs`` resets the peak (``VmHWM``) after
   ``malloc_trim``, and glibc's ``MALLOC_MMAP_THRESHOLD_`` is set to 64 KiB so that freed blocks go back to the system
   instead of a retained heap that would hide growth. The first step (state creation, compilation) is not measured.
 * **peak B/param** = steady + transient: what the step needs at its high point.
@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,12 +218,17 @@ def main() -> None:
         f"  {'ms/step':>8} {'vs foreach':>10}  note"
     )
     for numel in sizes:
+        # Two probes at a time (one per core): each measures only its own resident set. The timing runs after them,
+        # with no probe competing for the cores.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            probes = {(row.name, t): pool.submit(_run_probe, row.name, numel, t) for t in threads for row in ROWS}
+            memory = {key: future.result() for key, future in probes.items()}
         timing = time_steps(numel, threads, rounds)
         for t in threads:
             block = [header, "-" * len(header)]
             base = timing.get((BASE_ROW, t))
             for row in ROWS:
-                mem = _run_probe(row.name, numel, t)
+                mem = memory[(row.name, t)]
                 secs = timing[(row.name, t)]
                 label = f"{numel // 1_000_000:>5}M {t:>3}  {row.name:<34}"
                 error = mem.get("error") or (secs if isinstance(secs, str) else None)
