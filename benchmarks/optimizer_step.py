@@ -5,9 +5,10 @@ For each model size (parameters in 16 equal tensors) and thread count, every opt
 * **steady B/param**: parameters + gradients + optimizer state after the second step, counted from the tensors
   (:func:`lightning_precision.memory.measure_bytes_per_param`).
 * **transient B/param**: growth of the resident set during the second step over the resident set just before it,
-  measured in a fresh subprocess per optimizer (two at a time, before the timing): ``/proc/self/clear_refs`` resets the peak (``VmHWM``) after
-  ``malloc_trim``, and glibc's ``MALLOC_MMAP_THRESHOLD_`` is set to 64 KiB so that freed blocks go back to the system
-  instead of a retained heap that would hide growth. The first step (state creation, compilation) is not measured.
+  measured in a fresh subprocess per optimizer (two at a time, before the timing): ``/proc/self/clear_refs`` resets
+  the peak (``VmHWM``) after ``malloc_trim``, and glibc's ``MALLOC_MMAP_THRESHOLD_`` is set to 64 KiB so that freed
+  blocks go back to the system instead of a retained heap that would hide growth. The first step (state creation,
+  compilation) is not measured.
 * **peak B/param** = steady + transient: what the step needs at its high point.
 * **time**: median step time over the interleaved rounds (all optimizers built in one process, each on its own
   copy of the model, stepped in turn per round), and its ratio to torch AdamW fp32 foreach.

@@ -339,7 +339,9 @@ def _peak_bytes_per_param(n, *implementations):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs (VmHWM reset)")
+@pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs (VmHWM reset)"
+)
 def test_step_transient_memory_is_bounded():
     # One 16M-element bf16 tensor: each whole-tensor fp32 copy is 64 MiB, 4 B/param.
     peaks = _peak_bytes_per_param(16 * 2**20, "chunked", "reference")
