@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lightning_precision.catalogue import OptimizerInfo, state_storage_tensors
+from lightning_precision.catalogue import OptimizerInfo, classify_optimizer, state_storage_tensors
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class MemoryEstimate:
         optimizer_state: Moments plus master/error-correction/compensation bytes.
         state_parts: ``(name, bytes)`` for each part of the optimizer state, e.g. ``("exp_avg bfloat16", 2.0)``.
         measured: Whether the numbers were read from live tensors rather than predicted from dtypes.
+        step_transient: What the optimizer step allocates on top of the steady state (``None``: not known), so
+            :attr:`peak` is what the process reaches during the step, not only what it holds between steps.
     """
 
     params: float
@@ -35,20 +37,28 @@ class MemoryEstimate:
     optimizer_state: float
     state_parts: tuple[tuple[str, float], ...] = ()
     measured: bool = False
+    step_transient: float | None = None
 
     @property
     def total(self) -> float:
-        """Parameters + gradients + optimizer state."""
+        """Parameters + gradients + optimizer state: the steady state between steps."""
         return self.params + self.grads + self.optimizer_state
+
+    @property
+    def peak(self) -> float | None:
+        """The steady state plus the step's temporaries (``None`` when those are not known)."""
+        return None if self.step_transient is None else self.total + self.step_transient
 
     def describe(self) -> str:
         """One line, e.g. ``"~8 B/param: params 2 + grads 2 + optimizer state 4 (exp_avg bfloat16 2, ...)"``."""
         parts = ", ".join(f"{name} {_num(b)}" for name, b in self.state_parts)
         prefix = "" if self.measured else "~"
         suffix = "measured" if self.measured else "estimate from dtypes"
+        peak = "unknown" if self.peak is None else f"~{_num(self.peak)}"  # the step's temporaries are estimated
         return (
             f"{prefix}{_num(self.total)} B/param: params {_num(self.params)} + grads {_num(self.grads)} + optimizer "
-            f"state {_num(self.optimizer_state)}{f' ({parts})' if parts else ''} [{suffix}]"
+            f"state {_num(self.optimizer_state)}{f' ({parts})' if parts else ''}; peak during the step {peak} "
+            f"[{suffix}]"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,6 +68,8 @@ class MemoryEstimate:
             "grads": self.grads,
             "optimizer_state": self.optimizer_state,
             "total": self.total,
+            "step_transient": self.step_transient,
+            "peak": self.peak,
             "state_parts": dict(self.state_parts),
             "measured": self.measured,
         }
@@ -87,6 +99,7 @@ def estimate_bytes_per_param(storage_dtype: torch.dtype | None, info: OptimizerI
         grads=float(size),
         optimizer_state=float(sum(b for _, b in parts)),
         state_parts=tuple(parts),
+        step_transient=info.step_transient(storage_dtype) if info is not None else 0.0,
     )
 
 
@@ -119,12 +132,16 @@ def measure_bytes_per_param(optimizer: torch.optim.Optimizer) -> MemoryEstimate:
         for key, value in (optimizer.state.get(p) or {}).items():
             by_key[str(key)] = by_key.get(str(key), 0) + sum(_nbytes(t) for t in state_storage_tensors(value))
     parts = tuple((key, b / numel) for key, b in by_key.items() if b)
+    # The steady state is read from the tensors; what the step allocates on top is the catalogue's estimate.
+    first = params[0]
+    transient = classify_optimizer(optimizer).step_transient(first.dtype, on_cpu=first.device.type == "cpu")
     return MemoryEstimate(
         params=param_bytes / numel,
         grads=grad_bytes / numel,
         optimizer_state=sum(by_key.values()) / numel,
         state_parts=parts,
         measured=True,
+        step_transient=transient,
     )
 
 

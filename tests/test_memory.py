@@ -87,3 +87,34 @@ def test_measured_counts_released_gradients_in_the_parameter_dtype():
     layer = torch.nn.Linear(4, 4)
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     assert measure_bytes_per_param(opt).total == 8  # no grads yet, no state: params 4 + grads 4
+
+
+@pytest.mark.parametrize(
+    ("storage", "optimizer", "steady", "peak"),
+    [
+        (FP32, {"_target_": "torch.optim.AdamW"}, 16, 20),  # foreach: one fp32 copy of the parameters
+        (FP32, {"_target_": "torch.optim.AdamW", "fused": True}, 16, 16),
+        (BF16, {"_target_": "torch.optim.AdamW"}, 8, 10),
+        (BF16, {"_target_": "optimi.AdamW", "lr": 1e-3}, 10, 10),
+        (BF16, {"_target_": "lightning_precision.optim.CompensatedAdamW"}, 12, 12.375),
+        (BF16, {"_target_": "lightning_precision.optim.CompensatedAdamW", "implementation": "reference"}, 12, 28),
+    ],
+)
+def test_peak_adds_what_the_step_allocates(storage, optimizer, steady, peak):
+    est = _estimate(storage, optimizer)
+    assert (est.total, est.peak) == (pytest.approx(steady), pytest.approx(peak))
+    assert "peak during the step" in est.describe()
+
+
+def test_peak_is_unknown_for_an_optimizer_the_catalogue_cannot_size():
+    assert _estimate(BF16, {"_target_": "my_lab.Optim"}).peak is None
+
+
+@pytest.mark.parametrize(("foreach", "extra"), [(None, 0.0), (True, 4.0)])
+def test_measured_steady_state_carries_the_steps_temporaries_for_cpu_parameters(foreach, extra):
+    param = torch.nn.Parameter(torch.randn(64, 8))
+    optimizer = torch.optim.AdamW([param], foreach=foreach)
+    param.grad = torch.randn_like(param)
+    optimizer.step()
+    measured = measure_bytes_per_param(optimizer)
+    assert measured.peak == pytest.approx(measured.total + extra)

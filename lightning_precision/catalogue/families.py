@@ -206,11 +206,15 @@ def _declared_master(spec: _Spec) -> OptimizerInfo:
 
 def _declared_compensated(spec: _Spec) -> OptimizerInfo:
     sq = spec.settings.get("exp_avg_sq_dtype")
+    # An optimizer may state its step's temporaries (CompensatedAdamW: the bound of its chunked step).
+    declared = getattr(spec.instance, "step_temporaries", None) or getattr(spec.cls, "step_temporaries", None)
+    temporaries = declared(spec.settings) if callable(declared) else declared
     return OptimizerInfo(
         kind=OptimizerKind.COMPENSATED,
         reason="it declares compensated_update",
         exp_avg_sq_dtype=parse_dtype(sq, what=f"{spec.name} exp_avg_sq_dtype") if sq is not None else None,
         compensation_buffer=True,
+        step_temporaries=temporaries,
         **spec.common(),
     )
 
@@ -256,6 +260,7 @@ def _optimi(spec: _Spec) -> OptimizerInfo:
         common["update_formula"] = "adam-debiased"  # optimi keeps debiased moments
     common["decoupled_keys"] = ("decouple_wd", "decouple_lr")
     common["decoupled_weight_decay"] = any(bool(spec.settings.get(k)) for k in common["decoupled_keys"])
+    common["step_temporaries"] = (0.0, 0.0)  # optimi's foreach step reuses the gradient buffers for temporaries
     if spec.settings.get("kahan_sum", None) is not False:  # None means automatic: on for half parameters
         return OptimizerInfo(
             kind=OptimizerKind.COMPENSATED,
@@ -274,6 +279,7 @@ def _torchao_stochastic(spec: _Spec) -> OptimizerInfo:
         kind=OptimizerKind.COMPENSATED,
         reason="torchao rounds bf16 parameter updates stochastically",
         exp_avg_sq_dtype=torch.uint8 if low_bit else None,
+        step_temporaries=(0.0, 0.0),  # a per-tensor (compiled) step
         **spec.common(),
     )
 
@@ -331,10 +337,20 @@ def _apex_fused_adam(spec: _Spec) -> OptimizerInfo:
     )
 
 
+def _torch_step_temporaries(s: dict[str, Any]) -> tuple[float, float]:
+    """torch's multi-tensor (foreach) step, its default on accelerators, allocates one copy of the parameters; the
+    fused step and the per-tensor loop (``foreach=False``) allocate about nothing per parameter of the model."""
+    return (0.0, 0.0) if s.get("fused") or s.get("foreach") is False else (1.0, 0.0)
+
+
 def _state_follows_param(spec: _Spec) -> OptimizerInfo:
+    torch_optim = spec.name.startswith("torch.optim.")
+    default_step = spec.settings.get("foreach") is None and not spec.settings.get("fused")
     return OptimizerInfo(
         kind=OptimizerKind.STATE_FOLLOWS_PARAM,
         reason="it updates the stored parameter in place and creates its state in the parameter dtype",
+        step_temporaries=_torch_step_temporaries(spec.settings) if torch_optim else None,
+        step_temporaries_on_cpu=(0.0, 0.0) if torch_optim and default_step else None,
         **spec.common(),
     )
 

@@ -55,6 +55,11 @@ class OptimizerInfo:
         update_formula: The update the underflow monitor reconstructs (``None``: it cannot).
         decoupled_weight_decay: Whether weight decay is applied to the parameter rather than the gradient.
         decoupled_keys: Parameter-group keys that switch decoupled weight decay on for one group.
+        step_temporaries: What the optimizer step allocates on top of the steady state, per parameter, as
+            ``(copies of the parameters in their dtype, extra bytes)``: torch's foreach step makes one copy, its fused
+            step none, ``CompensatedAdamW``'s chunked step at most 0.375 bytes. ``None``: not known.
+        step_temporaries_on_cpu: The same for CPU parameters, where it differs (torch's default step is the
+            per-tensor loop there, the multi-tensor one on accelerators).
     """
 
     name: str
@@ -72,6 +77,8 @@ class OptimizerInfo:
     update_formula: UpdateFormula | None = None
     decoupled_weight_decay: bool = False
     decoupled_keys: tuple[str, ...] = ("decoupled_weight_decay",)
+    step_temporaries: tuple[float, float] | None = None
+    step_temporaries_on_cpu: tuple[float, float] | None = None
 
     @property
     def short_name(self) -> str:
@@ -121,6 +128,19 @@ class OptimizerInfo:
         if half and self.compensation_buffer:
             parts.append((f"compensation {dtype_name(storage_dtype)}", float(storage_dtype.itemsize)))
         return parts
+
+    def step_transient(self, storage_dtype: torch.dtype, *, on_cpu: bool = False) -> float | None:
+        """Bytes per parameter the step allocates on top of the steady state (``None``: not known).
+
+        Args:
+            storage_dtype: Dtype of the parameters.
+            on_cpu: Whether the parameters live on the CPU (before a run the accelerator's default is assumed).
+        """
+        temporaries = (on_cpu and self.step_temporaries_on_cpu) or self.step_temporaries
+        if temporaries is None:
+            return None
+        copies, extra = temporaries
+        return copies * storage_dtype.itemsize + extra
 
     @property
     def buffer_keys(self) -> tuple[str, ...]:

@@ -94,7 +94,9 @@ class RecipeResult:
         losses: Loss of every step.
         final_loss: Mean of the last ``last_k`` losses.
         last_k: How many steps ``final_loss`` averages.
-        bytes_per_param: Measured params + grads + optimizer state bytes per trainable parameter.
+        bytes_per_param: Measured params + grads + optimizer state bytes per trainable parameter (steady state).
+        peak_bytes_per_param: ``bytes_per_param`` plus the catalogue's estimate of what the optimizer step allocates
+            on top (``None`` when the catalogue cannot size it).
         seconds_per_step: Wall-clock seconds per optimizer step (first step excluded: it allocates state).
     """
 
@@ -108,6 +110,7 @@ class RecipeResult:
     final_loss: float | None = None
     last_k: int = 0
     bytes_per_param: float | None = None
+    peak_bytes_per_param: float | None = None
     seconds_per_step: float | None = None
 
 
@@ -160,6 +163,7 @@ class CompareReport:
                     "final loss": f"{r.final_loss:.4g}" if ok and r.final_loss is not None else r.status,
                     "vs fp32": f"{r.final_loss / ref:.3f}x" if ok and ref and r.final_loss is not None else "-",
                     "bytes/param": f"{r.bytes_per_param:.1f}" if ok and r.bytes_per_param is not None else "-",
+                    "peak": f"{r.peak_bytes_per_param:.1f}" if ok and r.peak_bytes_per_param is not None else "-",
                     "s/step": f"{r.seconds_per_step * 1000:.1f}ms" if ok and r.seconds_per_step else "-",
                 }
             )
@@ -183,7 +187,10 @@ class CompareReport:
             *(line([row[h] for h in head]) for row in rows),
         ]
         out += [f"{r.recipe.name}: {r.status}: {r.reason}" for r in self.results if r.status != "ok"]
-        out.append("bytes/param: params + grads + every optimizer-state tensor, measured after training.")
+        out.append(
+            "bytes/param: params + grads + every optimizer-state tensor, measured after training; peak: that plus what "
+            "the optimizer step allocates on top (the catalogue's estimate; benchmarks/optimizer_step.py measures it)."
+        )
         if self.plot_path is not None:
             out.append(f"Loss curves: {self.plot_path}")
         elif self.plot_unavailable:
@@ -213,6 +220,7 @@ class CompareReport:
                     "state_dtype": r.state_dtype,
                     "final_loss": r.final_loss,
                     "bytes_per_param": r.bytes_per_param,
+                    "peak_bytes_per_param": r.peak_bytes_per_param,
                     "seconds_per_step": r.seconds_per_step,
                     "losses": r.losses,
                 }
@@ -317,6 +325,7 @@ def _result_from_run(recipe: Recipe, run: Any, timer: _StepTimer) -> RecipeResul
     trainable = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     judged = trainable_half_params(optimizer) or trainable
     losses = list(run.module.step_losses)
+    memory = measure_bytes_per_param(optimizer)
     # The task's window, shrunk for short runs so the mean is over their end and not over the whole run.
     last_k = min(DEFAULT_LAST_K, max(1, len(losses) // 10))
     return RecipeResult(
@@ -327,7 +336,8 @@ def _result_from_run(recipe: Recipe, run: Any, timer: _StepTimer) -> RecipeResul
         losses=losses,
         final_loss=sum(losses[-last_k:]) / last_k if losses else None,
         last_k=last_k,
-        bytes_per_param=measure_bytes_per_param(optimizer).total,
+        bytes_per_param=memory.total,
+        peak_bytes_per_param=memory.peak,
         seconds_per_step=timer.seconds_per_step,
     )
 

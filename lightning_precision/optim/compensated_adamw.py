@@ -153,6 +153,16 @@ class CompensatedAdamW(Optimizer):
     keeps_master_weights: bool = False
     compensated_update: bool = True
 
+    @staticmethod
+    def step_temporaries(settings: dict[str, Any]) -> tuple[float, float]:
+        """What one step allocates on top of the steady state, per parameter, for the optimizer catalogue:
+        ``(copies of the parameters, extra bytes)``. The chunked step stays under its transient budget; the
+        reference step holds fp32 copies of gradient, moments, parameter and compensation (16 B/param, measured
+        by ``benchmarks/optimizer_step.py``)."""
+        if settings.get("implementation", "chunked") == "reference":
+            return (0.0, 16.0)
+        return (0.0, _compensated_step.TRANSIENT_BUDGET)
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],

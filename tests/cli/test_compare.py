@@ -33,11 +33,13 @@ def test_compare_prints_the_table_and_writes_the_plot(capsys, tmp_path, task):
         "vs",
         "fp32",
         "bytes/param",
+        "peak",
         "s/step",
     ]
     rows = {line.split()[0]: line.split() for line in lines[3:6]}
     assert rows["32-true"][1:4] == ["float32", "torch.AdamW", "float32"]
     assert rows["32-true"][5] == "1.000x" and rows["32-true"][6] == "16.0"
+    assert rows["32-true"][7] == "16.0"  # torch AdamW's default step on CPU is the per-tensor loop
     assert rows["bf16-true+adamw"][1] == "bfloat16" and rows["bf16-true+adamw"][3] == "bfloat16"
     import torch
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,13 @@ from typing import Any
 
 NPROC = 2
 TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    """A free local port for an in-process (single-rank) process group; multi-process launches use torchrun's own."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass
