@@ -72,17 +72,19 @@ class RecordingModule(pl.LightningModule):
         return self.optimizer_factory(self.parameters())
 
 
+# A short, quiet CPU run: what every fit in the tests shares.
+QUIET_TRAINER: dict[str, Any] = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+
+
 def fit(module: pl.LightningModule, steps: int = 3, **trainer_kwargs: Any) -> pl.Trainer:
     """Fit ``module`` for a few steps on CPU, quietly."""
-    defaults = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": steps,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    trainer = pl.Trainer(**{**defaults, **trainer_kwargs})
+    trainer = pl.Trainer(**{**QUIET_TRAINER, "max_steps": steps, **trainer_kwargs})
     trainer.fit(module, loader())
     return trainer

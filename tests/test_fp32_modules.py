@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_precision import FlashPrecision, HalfPrecisionForAudio, PrecisionConfigError, PrecisionGuard
+from tests.helpers import QUIET_TRAINER
 
 BF16, FP32 = torch.bfloat16, torch.float32
 
@@ -57,16 +58,7 @@ def _loader(kind: str) -> DataLoader:
 
 
 def _fit(model: pl.LightningModule, plugin: pl.plugins.Precision, kind: str = "dict") -> pl.Trainer:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        plugins=[plugin],
-        callbacks=[PrecisionGuard(on_unsafe="ignore")],
-    )
+    trainer = pl.Trainer(**QUIET_TRAINER, max_steps=2, plugins=[plugin], callbacks=[PrecisionGuard(on_unsafe="ignore")])
     trainer.fit(model, _loader(kind))
     return trainer
 

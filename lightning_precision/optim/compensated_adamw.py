@@ -18,60 +18,19 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.optim import _compensated_step
+from lightning_precision.optim._compensated_options import (
+    _STATE_DTYPES,
+    _normalise_group_options,
+    _state_dtype_name,
+)
 
 __all__ = ["CompensatedAdamW"]
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
-# param_groups hold the canonical names, not torch.dtype objects: distributed checkpoint (DCP) only saves tensors,
-# numbers, strings, None and containers of them.
-_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_STATE_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-_DTYPE_OPTIONS = ("exp_avg_dtype", "exp_avg_sq_dtype")
-_IMPLEMENTATIONS = ("chunked", "reference")
 # State whose dtype/device is chosen by this optimizer, not by the parameter. torch's
 # load_state_dict would cast these to the param dtype, and alias (not copy) "step".
 _DTYPED_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "compensation")
-
-
-def _state_dtype_name(name: str, value: torch.dtype | str) -> str:
-    """The canonical name (``"bfloat16"``...) of a state dtype given as a torch.dtype or a spelling of one."""
-    if isinstance(value, torch.dtype):
-        for canonical, dtype in _STATE_DTYPES.items():
-            if value == dtype:
-                return canonical
-    elif isinstance(value, str):
-        key = value.strip().lower().removeprefix("torch.")
-        key = _STATE_DTYPE_ALIASES.get(key, key)
-        if key in _STATE_DTYPES:
-            return key
-    choices = sorted([*_STATE_DTYPES, *_STATE_DTYPE_ALIASES])
-    raise PrecisionConfigError(
-        f"Invalid {name}: {value!r}; expected torch.float32, torch.bfloat16, torch.float16 or one of {choices}"
-    )
-
-
-def _check_implementation(value: Any) -> str:
-    if value not in _IMPLEMENTATIONS:
-        raise PrecisionConfigError(f"Invalid implementation: {value!r}; expected one of {list(_IMPLEMENTATIONS)}")
-    return value
-
-
-def _check_chunk_size(value: Any) -> int | None:
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        return value
-    raise PrecisionConfigError(f"Invalid chunk_size: {value!r}; expected a positive int (elements) or None (auto)")
-
-
-def _normalise_group_options(group: dict[str, Any]) -> None:
-    for key in _DTYPE_OPTIONS:
-        if key in group:
-            group[key] = _state_dtype_name(key, group[key])
-    if "implementation" in group:
-        _check_implementation(group["implementation"])
-    if "chunk_size" in group:
-        _check_chunk_size(group["chunk_size"])
 
 
 class CompensatedAdamW(Optimizer):

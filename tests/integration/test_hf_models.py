@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_precision import HalfPrecisionForAudio, PrecisionGuard
+from tests.helpers import QUIET_TRAINER
 from tests.strategies._launch import launch, rank_results
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra (pip install -e '.[test]')")
@@ -81,16 +82,7 @@ class Wav2Vec2Module(pl.LightningModule):
 def _fit_wav2vec2(fp32_modules: list[str] | None) -> tuple[Wav2Vec2Module, pl.Trainer]:
     data = [{"input_values": torch.randn(800), "labels": torch.randint(1, 16, (4,))} for _ in range(4)]
     plugin = HalfPrecisionForAudio("bf16-true", preserve_keys=["input_values"], fp32_modules=fp32_modules)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        plugins=[plugin],
-        callbacks=[PrecisionGuard(on_unsafe="ignore")],
-    )
+    trainer = pl.Trainer(**QUIET_TRAINER, max_steps=2, plugins=[plugin], callbacks=[PrecisionGuard(on_unsafe="ignore")])
     module = Wav2Vec2Module()
     trainer.fit(module, DataLoader(data, batch_size=2))
     return module, trainer

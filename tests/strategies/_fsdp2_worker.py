@@ -136,7 +136,7 @@ def full_state(module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> 
         full = p.full_tensor() if isinstance(p, DTensor) else p
         out[f"param/{name}"] = full.detach().float().flatten().tolist()
         state = optimizer.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ("exp_avg", "exp_avg_sq", "compensation"):  # compensation: CompensatedAdamW's Kahan buffer
             if key in state:
                 s = state[key]
                 s = s.full_tensor() if isinstance(s, DTensor) else s
@@ -332,6 +332,62 @@ def scenario_fp32_modules(out: Path) -> dict[str, Any]:
         "head_seen": seen,
         "contract_fp32_modules": guard.contract.fp32_modules,
         "losses_finite": all(torch.isfinite(torch.tensor(module.losses)).tolist()),
+    }
+
+
+class CompensatedBlocks(MultiBlock):
+    """The library's low-memory FSDP2 recipe: bf16 storage chosen by "auto" for CompensatedAdamW."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        from lightning_precision.optim import CompensatedAdamW
+
+        return CompensatedAdamW(self.parameters(), lr=self.lr)
+
+
+def _compensated_trainer(out: Path, steps: int) -> pl.Trainer:
+    strategy = FSDP2Strategy(optimizer="lightning_precision.optim.CompensatedAdamW")
+    return trainer(strategy, out, steps=steps)
+
+
+def _state_dtypes(module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> dict[str, str]:
+    state = optimizer.state[module.blocks[0].fc.weight]
+    return {k: dtype_name(v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor) and k != "step"}
+
+
+def scenario_compensated_save(out: Path) -> dict[str, Any]:
+    """Fit with CompensatedAdamW under FSDP2 and save a sharded checkpoint, with the full state beside it."""
+    module = CompensatedBlocks()
+    t = _compensated_trainer(out, steps=2)
+    t.fit(module, loader(n=8))
+    t.save_checkpoint(out / "compensated.ckpt")
+    saved = full_state(module, t.optimizers[0])
+    if t.is_global_zero:
+        (out / "compensated_state.json").write_text(json.dumps(saved))
+    return {
+        "storage": sorted({dtype_name(p.dtype) for p in module.parameters()}),
+        "state": _state_dtypes(module, t.optimizers[0]),
+    }
+
+
+def scenario_compensated_resume(out: Path) -> dict[str, Any]:
+    """Load that checkpoint on this world size and compare what was restored with what was saved."""
+    module = CompensatedBlocks()
+    t = _compensated_trainer(out, steps=3)
+    restored: dict[str, Any] = {}
+
+    class Capture(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            restored.update(full_state(pl_module, trainer.optimizers[0]))
+
+    t.callbacks.append(Capture())
+    t.fit(module, loader(n=8), ckpt_path=str(out / "compensated.ckpt"))
+    saved = json.loads((out / "compensated_state.json").read_text())
+    return {
+        "world_size": t.world_size,
+        "restored_exactly": saved == {k: restored[k] for k in saved},
+        "keys": sorted(saved),
+        "storage": sorted({dtype_name(p.dtype) for p in module.parameters()}),
+        "state": _state_dtypes(module, t.optimizers[0]),
     }
 
 

@@ -146,3 +146,21 @@ def test_fp32_module_keeps_fp32_shards_and_computes_in_fp32(run_scenario):
         assert rank["head_seen"] == {"input": "float32", "output": "float32"}
         assert rank["contract_fp32_modules"] == ["head"]
         assert rank["losses_finite"] is True
+
+
+# -- the library's low-memory recipe: CompensatedAdamW under FSDP2 ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [(2, 1), (1, 2), (2, 2)], ids=["2->1", "1->2", "2->2"])
+def test_compensated_adamw_checkpoint_resumes_across_world_sizes(tmp_path, saved_on, resumed_on):
+    saved = rank_results(launch(WORKER, "compensated_save", tmp_path, nproc=saved_on), "compensated_save", saved_on)
+    resumed = rank_results(
+        launch(WORKER, "compensated_resume", tmp_path, nproc=resumed_on), "compensated_resume", resumed_on
+    )
+    expected_state = {"exp_avg": "bfloat16", "exp_avg_sq": "float32", "compensation": "bfloat16"}
+    assert saved[0]["storage"] == ["bfloat16"] and saved[0]["state"] == expected_state
+    for rank in resumed:
+        assert rank["world_size"] == resumed_on
+        assert rank["restored_exactly"] is True
+        assert {k.split("/")[0] for k in rank["keys"]} == {"param", "exp_avg", "exp_avg_sq", "compensation"}
+        assert rank["storage"] == ["bfloat16"] and rank["state"] == expected_state
