@@ -5,12 +5,10 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.modes import MixedPrecisionInput, choices_text
+from lightning_precision._plugin_common import check_mixed
+from lightning_precision.modes import MixedPrecisionInput
 from lightning_precision.plugins._checked import _PairingCheck
 from lightning_precision.policy import OnUnsafe
-
-_MIXED_PRECISIONS: tuple[str, ...] = MixedPrecisionInput.__args__
 
 
 class CheckedMixedPrecision(_PairingCheck, MixedPrecision):
@@ -29,7 +27,7 @@ class CheckedMixedPrecision(_PairingCheck, MixedPrecision):
         peft: Only adapters train: the pairing is not judged.
 
     Raises:
-        ValueError: If ``precision`` is not a mixed precision string.
+        PrecisionConfigError: If ``precision`` is not a mixed precision string.
     """
 
     def __init__(
@@ -40,10 +38,6 @@ class CheckedMixedPrecision(_PairingCheck, MixedPrecision):
         on_unsafe: OnUnsafe | None = None,
         peft: bool = False,
     ) -> None:
-        if precision not in _MIXED_PRECISIONS:
-            raise PrecisionConfigError(
-                f"`CheckedMixedPrecision(precision={precision!r})` is not supported. Valid choices: "
-                f"{choices_text(_MIXED_PRECISIONS)}."
-            )
+        check_mixed(precision, type(self).__name__)
         super().__init__(precision, device or ("cuda" if torch.cuda.is_available() else "cpu"), scaler)
         self._init_pairing_check(on_unsafe, peft)
