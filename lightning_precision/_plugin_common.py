@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_precision._logging import info_rank_zero
-from lightning_precision.casting import PreserveKey, cast_batch, normalize_preserve_keys
+from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, PreserveKey, cast_batch, normalize_preserve_keys
 from lightning_precision.dtypes import HALF_DTYPES, dtype_name, parse_bool
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.fp32_modules import (
@@ -29,7 +29,16 @@ from lightning_precision.fp32_modules import (
     normalize_fp32_modules,
     select_fp32_modules,
 )
-from lightning_precision.modes import MixedPrecisionInput, PrecisionMode, choices_text, get_mode, known_mode, spellings
+from lightning_precision.modes import (
+    FlashPrecisionInput,
+    MixedPrecisionInput,
+    PrecisionMode,
+    TruePrecisionInput,
+    choices_text,
+    get_mode,
+    known_mode,
+    spellings,
+)
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce
 
@@ -108,6 +117,24 @@ class PairingCheckMixin(PolicyHolder):
         )
 
 
+class CheckedMixedMixin(PairingCheckMixin):
+    """Lightning's mixed precision plus the pairing check. The constructor of both ``CheckedMixedPrecision`` classes
+    (Trainer and Fabric), whose docstrings give the arguments."""
+
+    def __init__(
+        self,
+        precision: MixedPrecisionInput = "bf16-mixed",
+        device: str | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        on_unsafe: OnUnsafe | None = None,
+        peft: bool = False,
+    ) -> None:
+        check_mixed(precision, type(self).__name__)
+        # Lightning's MixedPrecision (Trainer or Fabric) is next in the MRO.
+        super().__init__(precision, device or ("cuda" if torch.cuda.is_available() else "cpu"), scaler)  # type: ignore[call-arg]
+        self._init_pairing_check(on_unsafe, peft)
+
+
 class HalfInputsMixin(PairingCheckMixin):
     """For the half plugins: casts batches with :func:`cast_batch`, keeping preserved keys, and keeps the chosen
     submodules in fp32 (:mod:`lightning_precision.fp32_modules`)."""
@@ -139,7 +166,20 @@ class HalfInputsMixin(PairingCheckMixin):
 
 
 class TrueHalfMixin(HalfInputsMixin):
-    """True half precision: Lightning's ``HalfPrecision`` cast, except the ``fp32_modules``."""
+    """True half precision: Lightning's ``HalfPrecision`` cast, except the ``fp32_modules``. The constructor of both
+    ``HalfPrecisionForAudio`` classes (Trainer and Fabric), whose docstrings give the arguments."""
+
+    def __init__(
+        self,
+        precision: TruePrecisionInput = "bf16-true",
+        preserve_keys: Iterable[PreserveKey] | PreserveKey | None = DEFAULT_PRESERVE_KEYS,
+        on_unsafe: OnUnsafe | None = None,
+        peft: bool = False,
+        fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
+    ) -> None:
+        # Lightning's canonical "bf16-true" / "16-true", for its HalfPrecision (Trainer or Fabric) next in the MRO.
+        super().__init__(true_mode(precision, type(self).__name__).name)  # type: ignore[call-arg]
+        self._init_checks(preserve_keys, on_unsafe, peft, fp32_modules)
 
     @override
     def convert_module(self, module: Module) -> Module:
@@ -148,15 +188,25 @@ class TrueHalfMixin(HalfInputsMixin):
 
 
 class FlashMixin(HalfInputsMixin):
-    """Flash precision: ``flashoptim.cast_model`` once, no autocast, and torch's default dtype left alone."""
+    """Flash precision: ``flashoptim.cast_model`` once, no autocast, and torch's default dtype left alone. The
+    constructor of both ``FlashPrecision`` classes (Trainer and Fabric), whose docstrings give the arguments."""
 
-    cast_model_kwargs: dict
+    precision: str = "bf16-flash"
 
-    def _init_flash(self, precision: Any, cast_model_kwargs: dict | None) -> None:
+    def __init__(
+        self,
+        precision: FlashPrecisionInput = "bf16-flash",
+        preserve_keys: Iterable[PreserveKey] | PreserveKey | None = DEFAULT_PRESERVE_KEYS,
+        on_unsafe: OnUnsafe | None = None,
+        peft: bool = False,
+        cast_model_kwargs: dict | None = None,
+        fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
+    ) -> None:
         mode = flash_mode(precision, type(self).__name__)
         self.precision = mode.name
         self._desired_input_dtype = mode.compute_dtype
         self.cast_model_kwargs = dict(cast_model_kwargs or {})
+        self._init_checks(preserve_keys, on_unsafe, peft, fp32_modules)
 
     @override
     def convert_module(self, module: Module) -> Module:

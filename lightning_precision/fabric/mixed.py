@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from lightning.fabric.plugins.precision import MixedPrecision
 from typing_extensions import override
 
-from lightning_precision._plugin_common import check_mixed
+from lightning_precision._plugin_common import CheckedMixedMixin
 from lightning_precision.fabric._checked import _FabricPairingCheck
-from lightning_precision.modes import MixedPrecisionInput
-from lightning_precision.policy import OnUnsafe
 
 
-class CheckedMixedPrecision(_FabricPairingCheck, MixedPrecision):
+class CheckedMixedPrecision(CheckedMixedMixin, _FabricPairingCheck, MixedPrecision):
     """The Trainer's :class:`lightning_precision.plugins.CheckedMixedPrecision` for ``Fabric(plugins=[...])``:
     autocast, parameters left as loaded, and each optimizer judged before its first step (a model loaded in bf16 by
     accident keeps bf16 AdamW state under autocast all the same). Inputs are not cast, as under the Trainer: autocast
@@ -31,18 +28,6 @@ class CheckedMixedPrecision(_FabricPairingCheck, MixedPrecision):
     Raises:
         PrecisionConfigError: If ``precision`` is not a mixed precision string, or ``on_unsafe`` is not a policy.
     """
-
-    def __init__(
-        self,
-        precision: MixedPrecisionInput = "bf16-mixed",
-        device: str | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-        on_unsafe: OnUnsafe | None = None,
-        peft: bool = False,
-    ) -> None:
-        check_mixed(precision, type(self).__name__)
-        super().__init__(precision, device or ("cuda" if torch.cuda.is_available() else "cpu"), scaler)
-        self._init_pairing_check(on_unsafe, peft)
 
     @override
     def convert_input(self, data: Any) -> Any:

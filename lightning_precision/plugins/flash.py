@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 from lightning_precision._plugin_common import FlashMixin
-from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, PreserveKey
-from lightning_precision.fp32_modules import Fp32ModuleSelector
-from lightning_precision.modes import FlashPrecisionInput
 from lightning_precision.plugins._checked import _CheckedHalfInputs
-from lightning_precision.policy import OnUnsafe
 
 
 class FlashPrecision(FlashMixin, _CheckedHalfInputs):
@@ -39,16 +33,3 @@ class FlashPrecision(FlashMixin, _CheckedHalfInputs):
         PrecisionConfigError: If ``precision`` is not a flash precision string.
     """
 
-    precision: str = "bf16-flash"
-
-    def __init__(
-        self,
-        precision: FlashPrecisionInput = "bf16-flash",
-        preserve_keys: Iterable[PreserveKey] | PreserveKey | None = DEFAULT_PRESERVE_KEYS,
-        on_unsafe: OnUnsafe | None = None,
-        peft: bool = False,
-        cast_model_kwargs: dict | None = None,
-        fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
-    ) -> None:
-        self._init_flash(precision, cast_model_kwargs)
-        self._init_checks(preserve_keys, on_unsafe, peft, fp32_modules)

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 from lightning.pytorch.plugins.precision import HalfPrecision
 
-from lightning_precision._plugin_common import TrueHalfMixin, true_mode
-from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, PreserveKey
-from lightning_precision.fp32_modules import Fp32ModuleSelector
-from lightning_precision.modes import TruePrecisionInput
+from lightning_precision._plugin_common import TrueHalfMixin
 from lightning_precision.plugins._checked import _CheckedHalfInputs
-from lightning_precision.policy import OnUnsafe
 
 
 class HalfPrecisionForAudio(TrueHalfMixin, _CheckedHalfInputs, HalfPrecision):
@@ -36,14 +30,3 @@ class HalfPrecisionForAudio(TrueHalfMixin, _CheckedHalfInputs, HalfPrecision):
         PrecisionConfigError: If ``precision`` is not a true half-precision string.
     """
 
-    def __init__(
-        self,
-        precision: TruePrecisionInput = "bf16-true",
-        preserve_keys: Iterable[PreserveKey] | PreserveKey | None = DEFAULT_PRESERVE_KEYS,
-        on_unsafe: OnUnsafe | None = None,
-        peft: bool = False,
-        fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
-    ) -> None:
-        # Lightning's canonical "bf16-true" / "16-true"
-        super().__init__(true_mode(precision, type(self).__name__).name)
-        self._init_checks(preserve_keys, on_unsafe, peft, fp32_modules)

@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.strategies._launch import launch, rank_results
+from tests.strategies._launch import scenario_runner
 
 WORKER = Path(__file__).with_name("_fsdp2_worker.py")
 
@@ -17,14 +16,7 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def run_scenario(tmp_path_factory: pytest.TempPathFactory):
-    cache: dict[str, list[dict[str, Any]]] = {}
-
-    def run(scenario: str) -> list[dict[str, Any]]:
-        if scenario not in cache:
-            cache[scenario] = rank_results(launch(WORKER, scenario, tmp_path_factory.mktemp(scenario)), scenario)
-        return cache[scenario]
-
-    return run
+    return scenario_runner(WORKER, tmp_path_factory)
 
 
 def test_parameters_are_dtensors_sharded_across_both_ranks(run_scenario):

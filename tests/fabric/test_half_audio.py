@@ -21,7 +21,7 @@ def test_bf16_true_with_compensated_adamw_trains_in_bf16_and_keeps_audio():
     net = Net()
     with warnings.catch_warnings():
         warnings.simplefilter("error", PrecisionWarning)  # a safe pairing says nothing
-        model, optimizer = train(fabric, net, lambda p: CompensatedAdamW(p, lr=1e-2))
+        _, optimizer = train(fabric, net, lambda p: CompensatedAdamW(p, lr=1e-2))
     seen = net.seen[0]
     assert (seen["x"], seen["audio"], seen["idx"]) == (torch.bfloat16, torch.float32, torch.int64)
     assert seen["param"] == torch.bfloat16 and seen["default"] == torch.bfloat16  # Fabric's HalfPrecision context
