@@ -12,14 +12,7 @@ from lightning_precision.fabric._checked import _FabricPairingCheck
 from lightning_precision.fabric.fsdp2 import FSDP2Parallelize
 from lightning_precision.modes import known_mode
 from lightning_precision.pairing import Verdict
-from lightning_precision.policy import (
-    DEFAULT_ON_UNSAFE,
-    OnUnsafe,
-    agreed_policy,
-    check_and_enforce,
-    explicit_policies,
-    optional_on_unsafe,
-)
+from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce, optional_on_unsafe
 from lightning_precision.report import build_contract, log_contract
 
 
@@ -39,7 +32,8 @@ def check(
         fabric: The Fabric object.
         *optimizers: The optimizers (as ``fabric.setup`` returned them, or plain).
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"``; ``None`` (default): the policy given to the precision
-            plugin, else ``"warn"``.
+            plugin, else ``"warn"``. A policy given here also applies to the plugin's first-step check of optimizers
+            not passed here.
         peft: Only adapters train: the pairing is not judged. ``None``: the precision plugin's ``peft``, else
             ``False``.
 
@@ -54,9 +48,10 @@ def check(
     # Fabric keeps the parallelize_fn only privately; reading it tells the rule what "auto" storage decided.
     sharding = getattr(fabric.strategy, "_parallelize_fn", None)
     plan = sharding.plan if isinstance(sharding, FSDP2Parallelize) else None
-    given = optional_on_unsafe(on_unsafe, what="lightning_precision.fabric.check: on_unsafe")
-    explicit = [("check(on_unsafe=...)", given)] if given else []
-    policy = agreed_policy(explicit + explicit_policies([plugin])) or DEFAULT_ON_UNSAFE
+    call = _CheckCall(optional_on_unsafe(on_unsafe, what="lightning_precision.fabric.check: on_unsafe"))
+    policy = call.adopt_on_unsafe([plugin])
+    if isinstance(plugin, PolicyHolder):
+        plugin.adopt_on_unsafe([call])  # optimizers this call does not see follow it at their first step too
     peft = parse_bool(peft, what="lightning_precision.fabric.check: peft") if peft is not None else bool(getattr(plugin, "peft", False))
     raw = [_unwrap(o) for o in optimizers]
     mode = plan.mode if plan is not None else known_mode(getattr(plugin, "precision", None))
@@ -81,6 +76,16 @@ def check(
     )
     log_contract(contract, verdicts, on_unsafe=policy, where=where)
     return verdicts
+
+
+class _CheckCall(PolicyHolder):
+    """The ``on_unsafe`` given to one :func:`check` call, as a component whose policy the plugin's must agree with."""
+
+    def __init__(self, on_unsafe: OnUnsafe | None) -> None:
+        self._init_policy(on_unsafe)
+
+    def explicit_on_unsafe(self) -> tuple[str, OnUnsafe] | None:
+        return ("lightning_precision.fabric.check(on_unsafe=...)", self.on_unsafe_given) if self.on_unsafe_given else None
 
 
 def _unwrap(optimizer: Any) -> Optimizer:

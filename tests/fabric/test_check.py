@@ -12,6 +12,7 @@ from lightning_precision import PrecisionConfigError, PrecisionPairingError, Pre
 from lightning_precision.fabric import CheckedMixedPrecision, HalfPrecisionForAudio, check
 from lightning_precision.optim import CompensatedAdamW
 from tests.fabric.helpers import Net, fabric_with, train
+from tests.helpers import loader
 
 
 def test_litgpt_style_bf16_true_with_torch_adamw_is_refused_right_after_setup():
@@ -112,3 +113,13 @@ def test_fp32_modules_under_fabric_keep_the_front_end_fp32(caplog):
     assert "kept in fp32: frontend" in caplog.text
     with pytest.raises(PrecisionConfigError, match="match no submodule"):
         fabric_with(HalfPrecisionForAudio("bf16-true", fp32_modules=["nothing"])).setup(Speech())
+
+
+def test_policy_given_to_check_also_applies_at_the_plugins_first_step():
+    fabric = fabric_with(HalfPrecisionForAudio("bf16-true"))  # plugin left at the default policy
+    model, safe = fabric.setup(net := Net(), CompensatedAdamW(net.parameters()))
+    check(fabric, safe, on_unsafe="error")
+    unsafe = fabric.setup_optimizers(torch.optim.AdamW(net.parameters()))  # never passed to check
+    fabric.backward(model(next(iter(loader()))))
+    with pytest.raises(PrecisionPairingError, match="first optimizer step"):
+        unsafe.step()
