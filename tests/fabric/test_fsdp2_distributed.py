@@ -7,27 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.strategies._launch import scenario_runner
-
 WORKER = Path(__file__).with_name("_fsdp2_worker.py")
 
-pytestmark = pytest.mark.distributed
+pytestmark = pytest.mark.distributed  # run_scenario (tests/conftest.py) launches WORKER on 2 ranks
 
 
-@pytest.fixture(scope="module")
-def run_scenario(tmp_path_factory: pytest.TempPathFactory):
-    return scenario_runner(WORKER, tmp_path_factory)
-
-
-def test_parameters_are_dtensors_sharded_across_both_ranks(run_scenario):
+def test_bf16_mixed_with_torch_adamw_stores_fp32_shards_and_computes_bf16(run_scenario):
     for rank in run_scenario("fit"):
-        assert rank["is_dtensor"] is True and rank["mesh_size"] == 2
-        assert rank["placements"] == ["S(0)"]
+        # Row-sharded DTensors over both ranks, stored in fp32: the dtype the rule chose for torch AdamW.
+        assert (rank["is_dtensor"], rank["mesh_size"], rank["placements"]) == (True, 2, ["S(0)"])
         assert rank["local_rows"] * 2 == rank["global_rows"]
-
-
-def test_bf16_mixed_with_torch_adamw_stores_fp32_and_computes_bf16(run_scenario):
-    for rank in run_scenario("fit"):
         assert rank["storage"] == ["float32"]
         assert rank["state"] == ["float32", "float32"]
         assert rank["inside"] == {"input": "bfloat16", "output": "bfloat16"}

@@ -7,17 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.strategies._launch import scenario_runner
-
 WORKER = Path(__file__).with_name("_fsdp2_worker.py")
 
-pytestmark = pytest.mark.distributed
-
-
-@pytest.fixture(scope="module")
-def run_scenario(tmp_path_factory: pytest.TempPathFactory):
-    """Run a scenario once per module; return the per-rank observations (rank order)."""
-    return scenario_runner(WORKER, tmp_path_factory)
+pytestmark = pytest.mark.distributed  # run_scenario (tests/conftest.py) launches WORKER on 2 ranks
 
 
 # -- fit without configure_model --------------------------------------------------------------------------------------
