@@ -52,7 +52,9 @@ def check(
     policy = call.adopt_on_unsafe([plugin])
     if isinstance(plugin, PolicyHolder):
         plugin.adopt_on_unsafe([call])  # optimizers this call does not see follow it at their first step too
-    peft = parse_bool(peft, what="lightning_precision.fabric.check: peft") if peft is not None else bool(getattr(plugin, "peft", False))
+    if peft is None:
+        peft = bool(getattr(plugin, "peft", False))
+    peft = parse_bool(peft, what="lightning_precision.fabric.check: peft")
     raw = [_unwrap(o) for o in optimizers]
     mode = plan.mode if plan is not None else known_mode(getattr(plugin, "precision", None))
     where = "lightning_precision.fabric.check"
@@ -85,7 +87,9 @@ class _CheckCall(PolicyHolder):
         self._init_policy(on_unsafe)
 
     def explicit_on_unsafe(self) -> tuple[str, OnUnsafe] | None:
-        return ("lightning_precision.fabric.check(on_unsafe=...)", self.on_unsafe_given) if self.on_unsafe_given else None
+        return (
+            ("lightning_precision.fabric.check(on_unsafe=...)", self.on_unsafe_given) if self.on_unsafe_given else None
+        )
 
 
 def _unwrap(optimizer: Any) -> Optimizer:

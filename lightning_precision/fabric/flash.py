@@ -26,4 +26,3 @@ class FlashPrecision(FlashMixin, _FabricHalfInputs):
     Raises:
         PrecisionConfigError: If ``precision`` is not a flash precision string, or ``on_unsafe`` is not a policy.
     """
-

@@ -28,4 +28,3 @@ class HalfPrecisionForAudio(TrueHalfMixin, _FabricHalfInputs, HalfPrecision):
     Raises:
         PrecisionConfigError: If ``precision`` is not a true half-precision string, or ``on_unsafe`` is not a policy.
     """
-

@@ -61,7 +61,11 @@ class Model(nn.Module):
 def batches(rank: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(100 + rank)
     return [
-        {"x": torch.randn(2, DIM, generator=g), "audio_signal": torch.randn(2, DIM, generator=g), "y": torch.randn(2, 1)}
+        {
+            "x": torch.randn(2, DIM, generator=g),
+            "audio_signal": torch.randn(2, DIM, generator=g),
+            "y": torch.randn(2, 1),
+        }
         for _ in range(STEPS)
     ]
 
@@ -126,7 +130,8 @@ def scenario_fit(out: Path) -> dict[str, Any]:
         "reloaded_equal": all(torch.equal(a.to_local(), b.to_local()) for a, b in pairs),
         "reloaded_storage": storage(fresh_net),
         "reloaded_state_equal": torch.equal(
-            fresh_optimizer.state[fresh_net.blocks[0].fc.weight]["exp_avg_sq"].to_local(), state["exp_avg_sq"].to_local()
+            fresh_optimizer.state[fresh_net.blocks[0].fc.weight]["exp_avg_sq"].to_local(),
+            state["exp_avg_sq"].to_local(),
         ),
     }
 
