@@ -4,12 +4,28 @@ every rank writes what it observed, and each test asserts one behaviour on those
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.strategies._launch import launch, rank_results
+
 WORKER = Path(__file__).with_name("_fsdp2_worker.py")
 
-pytestmark = pytest.mark.distributed  # run_scenario (tests/conftest.py) launches WORKER on 2 ranks
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def run_scenario(tmp_path_factory: pytest.TempPathFactory):
+    """Run a scenario once per module; return the per-rank observations (rank order)."""
+    cache: dict[str, list[dict[str, Any]]] = {}
+
+    def run(scenario: str) -> list[dict[str, Any]]:
+        if scenario not in cache:
+            cache[scenario] = rank_results(launch(WORKER, scenario, tmp_path_factory.mktemp(scenario)), scenario)
+        return cache[scenario]
+
+    return run
 
 
 # -- fit without configure_model --------------------------------------------------------------------------------------
