@@ -109,6 +109,16 @@ def add_fp32_boundaries(kept: Sequence[tuple[str, nn.Module]], compute_dtype: to
         setattr(module, _MARK, True)
 
 
+def marked_fp32_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The submodules of ``model`` that :func:`add_fp32_boundaries` already made fp32 (e.g. a precision plugin's
+    ``fp32_modules``), outermost only, so a later step (sharding) can keep them fp32 too."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if getattr(module, _MARK, False) and not any(name.startswith(f"{outer}.") for outer, _ in found):
+            found.append((name, module))
+    return found
+
+
 _DEFAULT_DTYPES: list[torch.dtype] = []  # the default dtype outside each kept module being run, innermost last
 
 

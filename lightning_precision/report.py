@@ -7,15 +7,16 @@ The runtime guard fills it from the live trainer; the CLI's ``explain`` fills it
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from lightning_precision._logging import info_once, warn_once
+from lightning_precision._logging import info_once, info_rank_zero, warn_once
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, observed_moment_dtypes
-from lightning_precision.pairing import Verdict
+from lightning_precision.pairing import Status, Verdict, trainable_half_params
 
 CHECKPOINT_KEY = "precision_contract"  # where the runtime guard stores the contract in a checkpoint
 
@@ -130,6 +131,51 @@ def optimizer_contract(verdict: Verdict, observed_state: str | None = None) -> O
         message=verdict.message,
         observed=observed_state is not None,
     )
+
+
+def build_contract(
+    precision: str,
+    optimizers: Sequence[torch.optim.Optimizer],
+    verdicts: Sequence[Verdict],
+    *,
+    compute_dtype: torch.dtype | None,
+    reduce_dtype: torch.dtype | None = None,
+    fp32_modules: Iterable[str] = (),
+    observe_state: bool = False,
+) -> PrecisionContract:
+    """The contract of a run from its live optimizers and their verdicts (the Trainer guard and Fabric's ``check``).
+
+    Args:
+        precision: The precision string in effect.
+        optimizers: The optimizers, in the order of ``verdicts``.
+        verdicts: What the pairing rule said about each.
+        compute_dtype: Dtype of forward/backward math.
+        reduce_dtype: Dtype of gradient reduction, if set.
+        fp32_modules: Submodules kept in fp32 (duplicates are dropped).
+        observe_state: Read the optimizer-state dtypes from the state tensors (after a step) instead of predicting
+            them.
+    """
+    rows = []
+    for optimizer, verdict in zip(optimizers, verdicts):
+        params = trainable_half_params(optimizer) or [
+            p for g in optimizer.param_groups for p in g["params"] if p.requires_grad
+        ]
+        observed = observed_state_dtypes(optimizer, params) if observe_state else None
+        rows.append(optimizer_contract(verdict, observed))
+    return PrecisionContract(
+        precision=precision,
+        compute_dtype=dtype_name(compute_dtype),
+        reduce_dtype=dtype_name(reduce_dtype),
+        optimizers=rows,
+        fp32_modules=list(dict.fromkeys(fp32_modules)),
+    )
+
+
+def log_contract(contract: PrecisionContract, verdicts: Sequence[Verdict], *, on_unsafe: str, where: str) -> None:
+    """Log the contract table on rank zero, saying where it was built and pointing at the warning of an unsafe
+    pairing (unless the policy ignores it)."""
+    unsafe = on_unsafe != "ignore" and any(v.status is Status.UNSAFE for v in verdicts)
+    info_rank_zero(f"{contract.format_table()}\n({where}{'; UNSAFE pairing, see warning' if unsafe else ''})")
 
 
 def storage_changes(stored: PrecisionContract, current: PrecisionContract) -> list[tuple[str, str, str]]:

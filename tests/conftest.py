@@ -26,3 +26,12 @@ def single_rank_group():
         yield
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def run_scenario(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """For a distributed test module that names its ``WORKER`` script: run each scenario once per module on 2 ranks
+    and return the per-rank observations (rank order)."""
+    from tests.strategies._launch import scenario_runner
+
+    return scenario_runner(request.module.WORKER, tmp_path_factory)

@@ -8,17 +8,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_precision._logging import info_rank_zero
 from lightning_precision.callbacks.underflow import UpdateUnderflowMonitor
-from lightning_precision.dtypes import dtype_name, parse_bool, parse_dtype
+from lightning_precision.dtypes import parse_bool, parse_dtype
 from lightning_precision.modes import known_mode
-from lightning_precision.pairing import Status, trainable_half_params
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce, trainer_components
 from lightning_precision.report import (
     CHECKPOINT_KEY,
     PrecisionContract,
-    observed_state_dtypes,
-    optimizer_contract,
+    build_contract,
+    log_contract,
     report_storage_change,
     storage_changes,
 )
@@ -97,33 +95,21 @@ class PrecisionGuard(PolicyHolder, Callback):
         verdicts = check_and_enforce(
             trainer.optimizers, on_unsafe=self.on_unsafe, peft=self.peft, where=where, precision=mode
         )
-        rows = []
-        for optimizer, verdict in zip(trainer.optimizers, verdicts):
-            params = trainable_half_params(optimizer) or [
-                p for g in optimizer.param_groups for p in g["params"] if p.requires_grad
-            ]
-            observed = observed_state_dtypes(optimizer, params) if observe_state else None
-            rows.append(optimizer_contract(verdict, observed))
         strategy = trainer.strategy
-        contract = PrecisionContract(
-            precision=str(trainer.precision),
-            compute_dtype=dtype_name(
-                getattr(strategy, "compute_dtype", None) or (mode.compute_dtype if mode else None)
-            ),
-            reduce_dtype=dtype_name(getattr(strategy, "reduce_dtype", None)),
-            optimizers=rows,
-            fp32_modules=list(
-                dict.fromkeys(
-                    [
-                        *getattr(trainer.precision_plugin, "fp32_module_names", ()),
-                        *getattr(strategy, "fp32_module_names", ()),
-                    ]
-                )
-            ),
+        contract = build_contract(
+            str(trainer.precision),
+            trainer.optimizers,
+            verdicts,
+            compute_dtype=getattr(strategy, "compute_dtype", None) or (mode.compute_dtype if mode else None),
+            reduce_dtype=getattr(strategy, "reduce_dtype", None),
+            fp32_modules=[
+                *getattr(trainer.precision_plugin, "fp32_module_names", ()),
+                *getattr(strategy, "fp32_module_names", ()),
+            ],
+            observe_state=observe_state,
         )
         if self.log_table:
-            unsafe = self.on_unsafe != "ignore" and any(v.status is Status.UNSAFE for v in verdicts)
-            info_rank_zero(f"{contract.format_table()}\n({where}{'; UNSAFE pairing, see warning' if unsafe else ''})")
+            log_contract(contract, verdicts, on_unsafe=self.on_unsafe, where=where)
         return contract
 
 

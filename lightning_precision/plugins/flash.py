@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-
-from torch.distributed.tensor import DTensor
-from torch.nn import Module
-from typing_extensions import override
-
-from lightning_precision._logging import info_rank_zero
-from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, PreserveKey
-from lightning_precision.fp32_modules import Fp32ModuleSelector
-from lightning_precision.dtypes import HALF_DTYPES, dtype_name
-from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.modes import FlashPrecisionInput, choices_text, get_mode, spellings
+from lightning_precision._plugin_common import FlashMixin
 from lightning_precision.plugins._checked import _CheckedHalfInputs
-from lightning_precision.policy import OnUnsafe
-
-_FLASH_PRECISIONS = spellings("flash")
 
 
-class FlashPrecision(_CheckedHalfInputs):
+class FlashPrecision(FlashMixin, _CheckedHalfInputs):
     """Half-precision storage for optimizers that keep their own master weights (FlashOptim's ``FlashAdamW``).
 
     The module is cast once with :func:`flashoptim.cast_model` (normalization layers with running statistics stay
@@ -45,80 +30,6 @@ class FlashPrecision(_CheckedHalfInputs):
             :mod:`lightning_precision.fp32_modules`.
 
     Raises:
-        ValueError: If ``precision`` is not a flash precision string.
+        PrecisionConfigError: If ``precision`` is not a flash precision string.
     """
 
-    precision: str = "bf16-flash"
-
-    def __init__(
-        self,
-        precision: FlashPrecisionInput = "bf16-flash",
-        preserve_keys: Iterable[PreserveKey] | PreserveKey | None = DEFAULT_PRESERVE_KEYS,
-        on_unsafe: OnUnsafe | None = None,
-        peft: bool = False,
-        cast_model_kwargs: dict | None = None,
-        fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
-    ) -> None:
-        if precision not in _FLASH_PRECISIONS:
-            raise PrecisionConfigError(
-                f"`FlashPrecision(precision={precision!r})` is not supported. Valid choices: "
-                f"{choices_text(spellings('flash', deprecated=False))}."
-            )
-        mode = get_mode(precision, what="FlashPrecision(precision=...)")  # warns for the deprecated aliases
-        self.precision = mode.name
-        self._desired_input_dtype = mode.compute_dtype
-        self.cast_model_kwargs = dict(cast_model_kwargs or {})
-        self._init_checks(preserve_keys, on_unsafe, peft, fp32_modules)
-
-    @override
-    def convert_module(self, module: Module) -> Module:
-        """Cast the parameters to the half dtype, deciding per tensor.
-
-        Sharded (DTensor) parameters are left as the strategy stored them; parameters already in the target dtype
-        are not cast again; parameters in the other half dtype are refused rather than silently re-rounded.
-
-        Raises:
-            PrecisionConfigError: If a parameter is stored in the other half dtype (e.g. bf16 under ``fp16-flash``).
-        """
-        from flashoptim import cast_model
-
-        dtype = self._desired_input_dtype
-        params = dict(module.named_parameters())
-        sharded = [n for n, p in params.items() if isinstance(p, DTensor)]
-        other_half = [n for n, p in params.items() if p.dtype in HALF_DTYPES and p.dtype != dtype]
-        if other_half:
-            raise PrecisionConfigError(
-                f"precision={self.precision!r} stores parameters in {dtype_name(dtype)}, but {len(other_half)} "
-                f"parameters are {dtype_name(params[other_half[0]].dtype)} (e.g. {other_half[0]!r}). Load the model in "
-                f"float32 or {dtype_name(dtype)}, or use the matching flash precision."
-            )
-        if sharded:
-            info_rank_zero(
-                f"FlashPrecision: {len(sharded)} parameters are sharded (DTensor); their storage dtype was set by the "
-                "strategy and is left as is."
-            )
-            return module
-        before = {n: p.dtype for n, p in params.items()}
-        self._convert_keeping_fp32(module, lambda m: cast_model(m, dtype=dtype, **self.cast_model_kwargs))
-        after = dict(module.named_parameters())
-        cast = sum(1 for n, p in after.items() if before[n] != p.dtype)
-        already = sum(1 for n in after if before[n] == dtype)
-        kept = len(after) - cast - already
-        info_rank_zero(
-            f"FlashPrecision: cast {cast} parameters to {dtype_name(dtype)}, {already} were already "
-            f"{dtype_name(dtype)}, {kept} kept in full precision (normalization layers / full_precision_layers / "
-            "fp32_modules)."
-        )
-        return module
-
-    @override
-    def tensor_init_context(self) -> AbstractContextManager:
-        return nullcontext()  # never touch torch's default dtype
-
-    @override
-    def module_init_context(self) -> AbstractContextManager:
-        return nullcontext()
-
-    @override
-    def forward_context(self) -> AbstractContextManager:
-        return nullcontext()  # no autocast: FlashOptim works on the half parameters directly

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 from lightning.pytorch.plugins.precision import HalfPrecision
-from torch.nn import Module
-from typing_extensions import override
 
-from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, PreserveKey
-from lightning_precision.fp32_modules import Fp32ModuleSelector
-from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.modes import TruePrecisionInput, choices_text, get_mode, spellings
+from lightning_precision._plugin_common import TrueHalfMixin
 from lightning_precision.plugins._checked import _CheckedHalfInputs
-from lightning_precision.policy import OnUnsafe
-
-_TRUE_PRECISIONS = spellings("true")
 
 
-class HalfPrecisionForAudio(_CheckedHalfInputs, HalfPrecision):
+class HalfPrecisionForAudio(TrueHalfMixin, _CheckedHalfInputs, HalfPrecision):
     """Lightning's true half precision: parameters, activations and gradients in bf16/fp16.
 
     Inputs are cast to the half dtype except tensors under a preserved key (default: any key containing
@@ -37,31 +27,6 @@ class HalfPrecisionForAudio(_CheckedHalfInputs, HalfPrecision):
             :mod:`lightning_precision.fp32_modules`.
 
     Raises:
-        ValueError: If ``precision`` is not a true half-precision string.
+        PrecisionConfigError: If ``precision`` is not a true half-precision string.
     """
 
-    def __init__(
-        self,
-        precision: TruePrecisionInput = "bf16-true",
-        preserve_keys: Iterable[PreserveKey] | PreserveKey | None = DEFAULT_PRESERVE_KEYS,
-        on_unsafe: OnUnsafe | None = None,
-        peft: bool = False,
-        fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
-    ) -> None:
-        if precision not in _TRUE_PRECISIONS:
-            hint = ""
-            try:
-                hint = f" ({precision!r} is a {get_mode(precision).family} precision.)"
-            except PrecisionConfigError:
-                pass
-            raise PrecisionConfigError(
-                f"`HalfPrecisionForAudio(precision={precision!r})` is not supported. Valid choices: "
-                f"{choices_text(_TRUE_PRECISIONS)}.{hint}"
-            )
-        super().__init__(get_mode(precision).name)  # Lightning's canonical "bf16-true" / "16-true"
-        self._init_checks(preserve_keys, on_unsafe, peft, fp32_modules)
-
-    @override
-    def convert_module(self, module: Module) -> Module:
-        """Cast the module to the half dtype, except the ``fp32_modules``."""
-        return self._convert_keeping_fp32(module, super().convert_module)

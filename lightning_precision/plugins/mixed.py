@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.modes import MixedPrecisionInput, choices_text
+from lightning_precision._plugin_common import CheckedMixedMixin
 from lightning_precision.plugins._checked import _PairingCheck
-from lightning_precision.policy import OnUnsafe
-
-_MIXED_PRECISIONS: tuple[str, ...] = MixedPrecisionInput.__args__
 
 
-class CheckedMixedPrecision(_PairingCheck, MixedPrecision):
+class CheckedMixedPrecision(CheckedMixedMixin, _PairingCheck, MixedPrecision):
     """Autocast to bf16/fp16 while the parameters stay in the dtype they were loaded in.
 
     Mixed precision is only safe when that dtype is fp32: a model loaded in bf16 and trained under ``bf16-mixed``
@@ -29,21 +24,6 @@ class CheckedMixedPrecision(_PairingCheck, MixedPrecision):
         peft: Only adapters train: the pairing is not judged.
 
     Raises:
-        ValueError: If ``precision`` is not a mixed precision string.
+        PrecisionConfigError: If ``precision`` is not a mixed precision string.
     """
 
-    def __init__(
-        self,
-        precision: MixedPrecisionInput = "bf16-mixed",
-        device: str | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-        on_unsafe: OnUnsafe | None = None,
-        peft: bool = False,
-    ) -> None:
-        if precision not in _MIXED_PRECISIONS:
-            raise PrecisionConfigError(
-                f"`CheckedMixedPrecision(precision={precision!r})` is not supported. Valid choices: "
-                f"{choices_text(_MIXED_PRECISIONS)}."
-            )
-        super().__init__(precision, device or ("cuda" if torch.cuda.is_available() else "cpu"), scaler)
-        self._init_pairing_check(on_unsafe, peft)

@@ -25,22 +25,22 @@ from typing_extensions import override
 
 from lightning_precision._logging import info_rank_zero
 from lightning_precision.catalogue import classify_optimizer
-from lightning_precision.dtypes import dtype_name, parse_bool, parse_dtype
+from lightning_precision.dtypes import parse_bool, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.fp32_modules import (
-    Fp32ModuleSelector,
-    add_fp32_boundaries,
-    cast_keeping_fp32,
-    normalize_fp32_modules,
-    select_fp32_modules,
-)
+from lightning_precision.fp32_modules import Fp32ModuleSelector, normalize_fp32_modules
 from lightning_precision.modes import MODES, PrecisionMode, choices_text, get_mode
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, agreed_policy, check_and_enforce, trainer_components
 from lightning_precision.report import report_storage_change
 from lightning_precision.strategies.checkpoint_staging import save_staged
 from lightning_precision.strategies.fsdp2_plan import FSDP2Precision, parse_mp_policy, resolve_fsdp2_precision
-from lightning_precision.strategies.parallelize import BlockSelector, block_selector, is_sharded, parallelize
+from lightning_precision.strategies.parallelize import (
+    BlockSelector,
+    block_selector,
+    cast_parameters,
+    is_sharded,
+    shard_in_storage_dtype,
+)
 
 CHECKPOINT_KEY = "lightning_precision_fsdp2"
 
@@ -289,27 +289,17 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
                 "and storage_dtype / mp_policy are left as configure_model set them."
             )
         else:
-            kept = select_fp32_modules(self.model, self.fp32_modules) if self.resolved.mode.half_dtype else []
-            # Before sharding: the plugin must never re-cast DTensor shards.
-            cast_keeping_fp32(self.model, kept, self._cast_storage)
-            add_fp32_boundaries(kept, self.resolved.compute_dtype)
-            self.fp32_module_names = tuple(name for name, _ in kept)
-            units = parallelize(
+            self.fp32_module_names = shard_in_storage_dtype(
                 self.model,
                 self.device_mesh["data_parallel"],
-                self.resolved.mp_policy,
+                self.resolved,
+                cast_storage=self._cast_storage,  # before sharding: the plugin must never re-cast DTensor shards
+                fp32_modules=self.fp32_modules,
                 blocks=self.blocks,
                 reshard_after_forward=self.reshard_after_forward,
-                block_policy=self.resolved.block_policy,
-                fp32_units=[module for _, module in kept],
+                where=type(self).__name__,
             )
             self.sharded_by_strategy = True
-            info_rank_zero(
-                f"{type(self).__name__}: sharded {len(units) - 1} modules and the root over "
-                f"{self.device_mesh['data_parallel'].size()} data-parallel ranks; storage "
-                f"{dtype_name(self.storage_dtype)}{' (auto)' if self.resolved.storage_was_auto else ''}, compute "
-                f"{dtype_name(self.compute_dtype)}, reduce {dtype_name(self.reduce_dtype)}."
-            )
 
         _materialize_distributed_module(self.model, self.root_device)
         self.model_to_device()
@@ -351,13 +341,7 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
             # applied while the parameters are still plain tensors.
             self.precision_plugin.convert_module(model)
             return
-        cast = 0
-        for param in model.parameters():
-            if param.is_floating_point() and param.dtype != storage:
-                param.data = param.data.to(storage)
-                cast += 1
-        if cast:
-            info_rank_zero(f"{type(self).__name__}: cast {cast} parameters to storage dtype {dtype_name(storage)}.")
+        cast_parameters(model, storage, where=type(self).__name__)
 
     def check_pairing(self, optimizers: list[torch.optim.Optimizer]) -> list[Verdict]:
         """Judge each live optimizer on the sharded parameters with the pairing rule and act under ``on_unsafe``.

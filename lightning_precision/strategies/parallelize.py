@@ -10,13 +10,26 @@ which must keep its dtype) and whose "output" is the loss.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from lightning_precision._logging import info_rank_zero
+from lightning_precision.dtypes import dtype_name
 from lightning_precision.errors import PrecisionConfigError
+from lightning_precision.fp32_modules import (
+    Fp32ModuleSelector,
+    add_fp32_boundaries,
+    cast_keeping_fp32,
+    marked_fp32_modules,
+    select_fp32_modules,
+)
+
+if TYPE_CHECKING:
+    from lightning_precision.strategies.fsdp2_plan import FSDP2Precision
 
 BlockSelector = None | str | Sequence[str] | Callable[[str, nn.Module], bool]
 
@@ -163,3 +176,80 @@ def parallelize(
     fully_shard(model, mesh=mesh, mp_policy=root_policy(mp_policy), reshard_after_forward=False)
     sharded.append("")
     return sharded
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype, *, where: str) -> int:
+    """Cast every floating-point parameter of ``model`` that is not in ``dtype`` to it, in place; logs the count.
+
+    Returns:
+        How many parameters were cast.
+    """
+    cast = 0
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += 1
+    if cast:
+        info_rank_zero(f"{where}: cast {cast} parameters to storage dtype {dtype_name(dtype)}.")
+    return cast
+
+
+def shard_in_storage_dtype(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    plan: FSDP2Precision,
+    *,
+    cast_storage: Callable[[nn.Module], Any],
+    fp32_modules: Sequence[Fp32ModuleSelector] = (),
+    blocks: BlockSelector = None,
+    reshard_after_forward: bool = True,
+    where: str,
+) -> tuple[str, ...]:
+    """Put ``model`` in the storage dtype of ``plan``, then shard it per block (:func:`parallelize`).
+
+    The one sharding path of ``FSDP2Strategy`` and of Fabric's ``fsdp2_parallelize``. The storage cast runs before
+    sharding, because FSDP2 keeps whatever dtype it shards as the resident shard and a DTensor shard must never be
+    re-cast. Submodules selected by ``fp32_modules``, and those a precision plugin already kept in fp32, stay fp32
+    and become fp32 units of their own.
+
+    Args:
+        model: The model, not sharded yet.
+        mesh: The data-parallel mesh (1-D).
+        plan: The dtype plan (:func:`~lightning_precision.strategies.fsdp2_plan.resolve_fsdp2_precision`).
+        cast_storage: Puts the model's parameters in the storage dtype (the caller knows who casts: a precision
+            plugin or :func:`cast_parameters`).
+        fp32_modules: Selectors of submodules kept in fp32 (see :mod:`lightning_precision.fp32_modules`).
+        blocks: Which modules are blocks (see :func:`block_selector`).
+        reshard_after_forward: As in :func:`parallelize`.
+        where: Who shards, for the log line.
+
+    Returns:
+        The qualified names of the submodules kept in fp32.
+
+    Raises:
+        PrecisionConfigError: If an ``fp32_modules`` selector matches no submodule.
+    """
+    kept = select_fp32_modules(model, fp32_modules) if plan.mode.half_dtype else []
+    names = {name for name, _ in kept}
+    kept += [(n, m) for n, m in marked_fp32_modules(model) if n not in names and not _inside(n, names)]
+    cast_keeping_fp32(model, kept, cast_storage)
+    add_fp32_boundaries(kept, plan.compute_dtype)
+    units = parallelize(
+        model,
+        mesh,
+        plan.mp_policy,
+        blocks=blocks,
+        reshard_after_forward=reshard_after_forward,
+        block_policy=plan.block_policy,
+        fp32_units=[module for _, module in kept],
+    )
+    info_rank_zero(
+        f"{where}: sharded {len(units) - 1} modules and the root over {mesh.size()} data-parallel ranks; storage "
+        f"{dtype_name(plan.storage_dtype)}{' (auto)' if plan.storage_was_auto else ''}, compute "
+        f"{dtype_name(plan.compute_dtype)}, reduce {dtype_name(plan.reduce_dtype)}."
+    )
+    return tuple(name for name, _ in kept)
+
+
+def _inside(name: str, outer: set[str]) -> bool:
+    return any(name.startswith(f"{o}.") for o in outer)

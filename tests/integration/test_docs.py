@@ -201,7 +201,7 @@ def test_every_top_level_export_has_an_api_entry() -> None:
     assert not missing, f"docs/api.md has no entry (a '### `Name`' heading) for: {missing}"
 
 
-@pytest.mark.parametrize("subpackage", ["callbacks", "optim", "plugins", "strategies"])
+@pytest.mark.parametrize("subpackage", ["callbacks", "fabric", "optim", "plugins", "strategies"])
 def test_every_subpackage_export_has_an_api_entry(subpackage: str) -> None:
     module = __import__(f"lightning_precision.{subpackage}", fromlist=["__all__"])
     missing = sorted(set(module.__all__) - _documented_names())

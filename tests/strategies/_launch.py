@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,3 +75,16 @@ def rank_results(launch_: Launch, scenario: str, nproc: int = NPROC) -> list[dic
         f"scenario {scenario!r} failed: {launch_.describe()}"
     )
     return [json.loads(f.read_text()) for f in files]
+
+
+def scenario_runner(worker: Path, tmp_path_factory: Any) -> Callable[[str], list[dict[str, Any]]]:
+    """For a module-scoped fixture: a function that runs each scenario of ``worker`` once, in its own temporary
+    directory, and returns the per-rank observations (rank order) on every call."""
+    cache: dict[str, list[dict[str, Any]]] = {}
+
+    def run(scenario: str) -> list[dict[str, Any]]:
+        if scenario not in cache:
+            cache[scenario] = rank_results(launch(worker, scenario, tmp_path_factory.mktemp(scenario)), scenario)
+        return cache[scenario]
+
+    return run

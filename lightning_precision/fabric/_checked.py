@@ -1,0 +1,85 @@
+"""The Fabric side of this library's plugins: the pairing check at the first optimizer step, and input casting of the
+forward call. What they share with the Trainer plugins lives in :mod:`lightning_precision._plugin_common`."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from lightning.fabric.plugins.precision import Precision
+from lightning.fabric.utilities.types import Optimizable
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_precision._plugin_common import HalfInputsMixin, PairingCheckMixin
+from lightning_precision.modes import known_mode
+from lightning_precision.pairing import Verdict
+from lightning_precision.policy import OnUnsafe
+from lightning_precision.report import build_contract, log_contract
+
+
+class _FabricPairingCheck(PairingCheckMixin, Precision):
+    """Base for this library's Fabric plugins: judges each optimizer before its first step.
+
+    Fabric hands no plugin hook the optimizers before they step (``convert_module`` sees only the model, and
+    ``setup_optimizers`` goes to the strategy), so :func:`lightning_precision.fabric.check` judges them right after
+    ``fabric.setup``; an optimizer it has not judged is judged here, before its first update is applied, so a run that
+    forgets the call is still warned or refused with its parameters untouched.
+    """
+
+    @override
+    def _init_pairing_check(self, on_unsafe: OnUnsafe | None, peft: bool) -> None:
+        super()._init_pairing_check(on_unsafe, peft)
+        self._judged: weakref.WeakSet[Optimizer] = weakref.WeakSet()
+
+    def mark_judged(self, optimizers: Iterable[Optimizer]) -> None:
+        """Record optimizers already judged (by :func:`~lightning_precision.fabric.check`): not judged again."""
+        self._judged.update(optimizers)
+
+    @override
+    def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
+        # DeepSpeed hands its engine here, which has no param_groups to judge; its optimizer is judged by check().
+        if isinstance(optimizer, Optimizer) and optimizer not in self._judged:
+            self.judge_first_step(optimizer)
+        return super().optimizer_step(optimizer, **kwargs)
+
+    def judge_first_step(self, optimizer: Optimizer) -> list[Verdict]:
+        """Judge ``optimizer`` under this plugin's policy and log its contract line on rank zero.
+
+        Raises:
+            PrecisionPairingError: For an unsafe pairing under ``on_unsafe="error"`` (before the step is applied).
+        """
+        where = f"{type(self).__name__}, first optimizer step"
+        self._judged.add(optimizer)  # judged once, whether it passes or raises
+        verdicts = self.judge_optimizers([optimizer], where=where)
+        mode = known_mode(self.precision)
+        contract = build_contract(
+            str(self.precision),
+            [optimizer],
+            verdicts,
+            compute_dtype=mode.compute_dtype if mode else None,
+            fp32_modules=getattr(self, "fp32_module_names", ()),
+        )
+        log_contract(contract, verdicts, on_unsafe=self.on_unsafe, where=where)
+        return verdicts
+
+
+class _FabricHalfInputs(HalfInputsMixin, _FabricPairingCheck):
+    """Base for the half Fabric plugins: casts the arguments of the wrapped module's forward call."""
+
+    @override
+    def convert_input(self, data: Any) -> Any:
+        """Cast the floating-point inputs of a forward call, keeping the preserved keys and positions.
+
+        Fabric hands over the call as ``(args, kwargs)``. Integer positions in ``preserve_keys`` count the
+        positional arguments (``model(audio, audio_len, tokens)``); a call with one tuple or list argument and no
+        keywords (``model(batch)``) is the batch itself, whose positions they count, as under the Trainer. String
+        patterns match mapping keys, fields and keyword-argument names (``model(x, audio=wave)``).
+        """
+        if not (isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], dict)):
+            return self.cast_inputs(data)  # called directly with a batch
+        args, kwargs = data
+        if len(args) == 1 and not kwargs and isinstance(args[0], (list, tuple)):
+            return (self.cast_inputs(args[0]),), kwargs
+        return self.cast_inputs(args), self.cast_inputs(kwargs)

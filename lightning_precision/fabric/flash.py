@@ -1,0 +1,28 @@
+"""Flash precision (``bf16-flash`` / ``fp16-flash``) for Lightning Fabric and FlashOptim optimizers."""
+
+from __future__ import annotations
+
+from lightning_precision._plugin_common import FlashMixin
+from lightning_precision.fabric._checked import _FabricHalfInputs
+
+
+class FlashPrecision(FlashMixin, _FabricHalfInputs):
+    """The Trainer's :class:`lightning_precision.plugins.FlashPrecision` for ``Fabric(plugins=[...])``.
+
+    ``fabric.setup`` casts the model once with :func:`flashoptim.cast_model`; no autocast, and
+    ``torch.get_default_dtype()`` is never changed. Inputs are cast except preserved keys and positions, and each
+    optimizer is judged before its first step (or by :func:`lightning_precision.fabric.check`).
+
+    Args:
+        precision: ``"bf16-flash"`` or ``"fp16-flash"`` (``"*-automodel"`` are deprecated aliases).
+        preserve_keys: Key patterns and positions whose tensors keep their dtype (default: keys containing
+            ``"audio"``).
+        on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"``; ``None`` (default): the policy given to ``check``, else
+            ``"warn"``.
+        peft: Only adapters train: the pairing is not judged.
+        cast_model_kwargs: Extra arguments for :func:`flashoptim.cast_model`.
+        fp32_modules: Submodules kept in fp32 (see :mod:`lightning_precision.fp32_modules`).
+
+    Raises:
+        PrecisionConfigError: If ``precision`` is not a flash precision string, or ``on_unsafe`` is not a policy.
+    """

@@ -1,0 +1,30 @@
+"""True half precision (``bf16-true`` / ``fp16-true``) for Lightning Fabric, keeping audio inputs in full precision."""
+
+from __future__ import annotations
+
+from lightning.fabric.plugins.precision import HalfPrecision
+
+from lightning_precision._plugin_common import TrueHalfMixin
+from lightning_precision.fabric._checked import _FabricHalfInputs
+
+
+class HalfPrecisionForAudio(TrueHalfMixin, _FabricHalfInputs, HalfPrecision):
+    """Fabric's true half precision with the behaviour of the Trainer's
+    :class:`lightning_precision.plugins.HalfPrecisionForAudio`, for ``Fabric(plugins=[...])``.
+
+    ``fabric.setup`` casts the model to the half dtype except the ``fp32_modules``; the forward call's inputs are cast
+    except preserved keys and positions (see :meth:`convert_input`). Each optimizer is judged by the pairing rule
+    before its first step, or earlier by :func:`lightning_precision.fabric.check`.
+
+    Args:
+        precision: ``"bf16-true"``, or ``"fp16-true"`` (Lightning's spelling ``"16-true"`` is accepted).
+        preserve_keys: Key patterns and positions whose tensors keep their dtype (default: keys containing
+            ``"audio"``).
+        on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing; ``None`` (default): the
+            policy given to ``check``, else ``"warn"``.
+        peft: Only adapters train: the pairing is not judged.
+        fp32_modules: Submodules kept in fp32 (see :mod:`lightning_precision.fp32_modules`).
+
+    Raises:
+        PrecisionConfigError: If ``precision`` is not a true half-precision string, or ``on_unsafe`` is not a policy.
+    """

@@ -1,0 +1,113 @@
+"""HalfPrecisionForAudio under Lightning Fabric: dtypes of parameters, optimizer state and inputs, and the pairing
+check before the first step."""
+
+from __future__ import annotations
+
+import warnings
+from collections import namedtuple
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_precision import PrecisionConfigError, PrecisionPairingError, PrecisionWarning
+from lightning_precision.fabric import HalfPrecisionForAudio
+from lightning_precision.optim import CompensatedAdamW
+from tests.fabric.helpers import Net, fabric_with, state_dtypes, train
+
+
+def test_bf16_true_with_compensated_adamw_trains_in_bf16_and_keeps_audio():
+    fabric = fabric_with(HalfPrecisionForAudio("bf16-true"))
+    net = Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)  # a safe pairing says nothing
+        _, optimizer = train(fabric, net, lambda p: CompensatedAdamW(p, lr=1e-2))
+    seen = net.seen[0]
+    assert (seen["x"], seen["audio"], seen["idx"]) == (torch.bfloat16, torch.float32, torch.int64)
+    assert seen["param"] == torch.bfloat16 and seen["default"] == torch.bfloat16  # Fabric's HalfPrecision context
+    assert state_dtypes(optimizer, net.net[0].weight) == (torch.bfloat16, torch.float32)
+    assert torch.get_default_dtype() == torch.float32  # restored after the forward
+
+
+def test_torch_adamw_warns_once_at_the_first_step():
+    fabric = fabric_with(HalfPrecisionForAudio("bf16-true"))
+    net = Net()
+    with pytest.warns(PrecisionWarning) as record:
+        _, optimizer = train(fabric, net, steps=3)
+    messages = [str(w.message) for w in record if issubclass(w.category, PrecisionWarning)]
+    assert len(messages) == 1 and "torch.optim.adamw.AdamW" in messages[0] and "first optimizer step" in messages[0]
+    assert state_dtypes(optimizer, net.net[0].weight) == (torch.bfloat16, torch.bfloat16)  # what it warned about
+
+
+def test_error_refuses_before_the_first_update():
+    fabric = fabric_with(HalfPrecisionForAudio("bf16-true", on_unsafe="error"))
+    net = Net()
+    snapshots: list[list[torch.Tensor]] = []
+    optimizers = []
+
+    def snapshot(fabric, optimizer):
+        snapshots.append([p.detach().clone() for p in net.parameters()])
+        optimizers.append(optimizer)
+
+    with pytest.raises(PrecisionPairingError, match="bfloat16"):
+        train(fabric, net, before_loop=snapshot)
+    assert len(net.seen) == 1  # one forward/backward ran, then the step was refused
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[0], net.parameters()))
+    assert len(optimizers[0].state) == 0  # AdamW never created its state
+
+
+class TupleNet(nn.Module):
+    """NeMo's ASR batch shape: (audio_signal, audio_lengths, features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.seen: list[tuple[torch.dtype, ...]] = []
+
+    def forward(self, *batch):
+        if len(batch) == 1:
+            batch = batch[0]
+        audio, lengths, feats = batch
+        self.seen.append((audio.dtype, lengths.dtype, feats.dtype))
+        return self.lin(feats + audio.to(feats.dtype)).float().mean()
+
+
+Batch = namedtuple("Batch", ["audio_signal", "audio_lengths", "feats"])
+
+
+@pytest.mark.parametrize("call", ["whole_batch", "unpacked", "namedtuple"])
+def test_tuple_positions_are_preserved(call):
+    fabric = fabric_with(HalfPrecisionForAudio("bf16-true", preserve_keys=[0]))
+    net = TupleNet()
+    model = fabric.setup(net)
+    batch = (torch.randn(2, 4), torch.tensor([4, 3]), torch.randn(2, 4))
+    if call == "whole_batch":
+        model(batch)
+    elif call == "unpacked":
+        model(*batch)
+    else:
+        model(Batch(*batch))
+    assert net.seen == [(torch.float32, torch.int64, torch.bfloat16)]
+
+
+def test_keyword_arguments_are_matched_by_name():
+    class KwNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+            self.seen: dict[str, torch.dtype] = {}
+
+        def forward(self, x, audio=None):
+            self.seen = {"x": x.dtype, "audio": audio.dtype}
+            return self.lin(x)
+
+    net = KwNet()
+    fabric_with(HalfPrecisionForAudio("fp16-true")).setup(net)(torch.randn(2, 4), audio=torch.randn(2, 4))
+    assert net.seen == {"x": torch.float16, "audio": torch.float32}
+
+
+def test_bad_precision_names_the_value_and_choices():
+    with pytest.raises(PrecisionConfigError, match=r"HalfPrecisionForAudio\(precision='bf16-mixed'\).*'bf16-true'"):
+        HalfPrecisionForAudio("bf16-mixed")
+    with pytest.raises(PrecisionConfigError, match="on_unsafe='loud'"):
+        HalfPrecisionForAudio(on_unsafe="loud")
