@@ -112,9 +112,9 @@ def default_distributed_order(seed: int = 0, batches: int = 4) -> list[str]:
 def fsdp2_worker(out: Path) -> None:
     import lightning.pytorch as pl
 
+    from lightning_precision.cli.train import apply_storage_dtype, build_task
     from lightning_precision.config import resolve_trainer_cfg
     from lightning_precision.dtypes import dtype_name
-    from lightning_precision.cli.train import apply_storage_dtype, build_task
 
     steps, seed = int(os.environ["CONV_STEPS"]), int(os.environ["CONV_SEED"])
     torch.set_num_threads(int(os.environ["CONV_THREADS"]))

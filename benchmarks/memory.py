@@ -19,10 +19,10 @@ import argparse
 
 import torch
 
+from lightning_precision.catalogue import classify_optimizer
 from lightning_precision.cli.compare import RECIPES, quiet_lightning, recipe_config
 from lightning_precision.cli.train import fit_task
 from lightning_precision.memory import estimate_bytes_per_param, measure_bytes_per_param
-from lightning_precision.catalogue import classify_optimizer
 
 STORAGE = {"32-true": torch.float32, "bf16-mixed": torch.float32, "bf16-true": torch.bfloat16}
 

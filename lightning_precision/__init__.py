@@ -8,12 +8,12 @@ what an unsafe pairing does (:mod:`~lightning_precision.policy`) and what each p
 
 from lightning_precision.callbacks import PrecisionGuard, UpdateUnderflowMonitor
 from lightning_precision.casting import cast_batch
+from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, classify_optimizer
 from lightning_precision.config import TrainerKwargs, plan_trainer_cfg, resolve_trainer_cfg
 from lightning_precision.dtypes import parse_dtype
 from lightning_precision.errors import PrecisionConfigError, PrecisionPairingError, PrecisionWarning
 from lightning_precision.modes import PrecisionMode, get_mode
 from lightning_precision.optim import CompensatedAdamW
-from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, classify_optimizer
 from lightning_precision.pairing import Status, Verdict, check_optimizer, judge
 from lightning_precision.plugins import CheckedMixedPrecision, FlashPrecision, HalfPrecisionForAudio
 from lightning_precision.report import PrecisionContract, read_precision_contract

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from lightning_precision._logging import info_once, info_rank_zero, warn_once
-from lightning_precision.dtypes import dtype_name
 from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, observed_moment_dtypes
+from lightning_precision.dtypes import dtype_name
 from lightning_precision.pairing import Status, Verdict, trainable_half_params
 
 CHECKPOINT_KEY = "precision_contract"  # where the runtime guard stores the contract in a checkpoint

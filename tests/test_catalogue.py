@@ -6,8 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.catalogue import OptimizerKind, classify_optimizer
+from lightning_precision.errors import PrecisionConfigError
 
 FOLLOWS, MASTER, COMP, UNKNOWN = (
     OptimizerKind.STATE_FOLLOWS_PARAM,

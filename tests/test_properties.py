@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lightning_precision.casting import cast_batch, is_preserved
+from lightning_precision.catalogue import OptimizerInfo, OptimizerKind
 from lightning_precision.dtypes import _DTYPE_ALIASES, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.catalogue import OptimizerInfo, OptimizerKind
 from lightning_precision.pairing import Status, check_optimizer, judge
 
 PATTERNS = ("audio",)

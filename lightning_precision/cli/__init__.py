@@ -118,8 +118,8 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lightning_precision.cli.yaml_loading import load_config, load_layout
     from lightning_precision.cli.train import print_summary, train_from_config
+    from lightning_precision.cli.yaml_loading import load_config, load_layout
 
     cfg = load_config(args.config, args.overrides)
     load_layout(cfg, source=str(args.config))  # logs the notes on sections the run does not read

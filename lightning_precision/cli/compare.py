@@ -23,8 +23,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_precision.cli.plot import PlotUnavailableError, plot_losses
-from lightning_precision.dtypes import dtype_name
 from lightning_precision.demos import DEFAULT_LAST_K, DEFAULT_MAX_STEPS
+from lightning_precision.dtypes import dtype_name
 
 REFERENCE = "32-true"
 COMPENSATED_OPTIMIZER = "lightning_precision.optim.CompensatedAdamW"

@@ -20,10 +20,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
+from lightning_precision.cli.yaml_loading import ConfigInputError, section
 from lightning_precision.config import TrainerKwargs, resolve_trainer_cfg
 from lightning_precision.config_layouts import MODEL_LAYOUT_KEYS
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.cli.yaml_loading import ConfigInputError, section
 
 # Keys of the data section the model must agree with: the task's model is built to the data's shapes.
 _SHARED_SHAPE_KEYS = ("in_features", "audio_features", "out_features")

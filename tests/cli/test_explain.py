@@ -2,10 +2,10 @@
 
 import pytest
 
+from lightning_precision.catalogue import classify_optimizer
 from lightning_precision.cli.yaml_loading import load_config, section
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.modes import get_mode
-from lightning_precision.catalogue import classify_optimizer
 from lightning_precision.pairing import judge
 from lightning_precision.storage import resolve_storage_dtype
 from tests.cli.helpers import CONFIGS, TRAP, assert_one_line_error, explain_json, run

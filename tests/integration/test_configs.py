@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from lightning_precision import PrecisionWarning, judge, resolve_storage_dtype, resolve_trainer_cfg
-from lightning_precision.modes import get_mode
 from lightning_precision.catalogue import classify_optimizer
 from lightning_precision.cli.yaml_loading import load_config, section
+from lightning_precision.modes import get_mode
 from lightning_precision.pairing import Status
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
