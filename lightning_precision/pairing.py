@@ -255,7 +255,7 @@ def check_optimizer(
         peft=peft,
         num_params=len(judged),
         num_elements=sum(p.numel() for p in judged),
-        exp_avg_sq_dtype=observed_second_moment_dtype(optimizer, judged) if judged else None,
+        exp_avg_sq_dtype=observed_second_moment_dtype(optimizer, judged, info) if judged else None,
         storage_was_auto=storage_was_auto,
         precision=precision,
     )

@@ -108,10 +108,13 @@ def describe_protection(info: OptimizerInfo, storage_dtype: torch.dtype | None) 
     return "no" if info.kind is OptimizerKind.STATE_FOLLOWS_PARAM else "unknown"
 
 
-def observed_state_dtypes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> str | None:
+def observed_state_dtypes(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], info: OptimizerInfo | None = None
+) -> str | None:
     """The moment dtypes the optimizer really keeps for ``params`` (``exp_avg / exp_avg_sq`` when they differ), in
-    the same words as :meth:`~lightning_precision.catalogue.OptimizerInfo.state_text` predicts them."""
-    found = observed_moment_dtypes(optimizer, params)
+    the same words as :meth:`~lightning_precision.catalogue.OptimizerInfo.state_text` predicts them; ``info`` is its
+    classification, when the caller has it."""
+    found = observed_moment_dtypes(optimizer, params, info)
     return " / ".join(dict.fromkeys(dtype_name(d) for d in found.values())) if found else None
 
 
@@ -160,7 +163,7 @@ def build_contract(
         params = trainable_half_params(optimizer) or [
             p for g in optimizer.param_groups for p in g["params"] if p.requires_grad
         ]
-        observed = observed_state_dtypes(optimizer, params) if observe_state else None
+        observed = observed_state_dtypes(optimizer, params, verdict.optimizer) if observe_state else None
         rows.append(optimizer_contract(verdict, observed))
     return PrecisionContract(
         precision=precision,

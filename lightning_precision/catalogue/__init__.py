@@ -16,7 +16,7 @@ The pairing rule (:mod:`lightning_precision.pairing`), the memory estimate, the 
 this package. Adding an optimizer family is one entry in ``families._FAMILIES`` plus its tests.
 """
 
-from lightning_precision.catalogue.families import classify_optimizer, optimizer_settings
+from lightning_precision.catalogue.families import classify_optimizer
 from lightning_precision.catalogue.info import (
     COMPENSATION_KEYS,
     FLASH_QUANTIZED_MOMENT_BYTES,
@@ -42,7 +42,6 @@ __all__ = [
     "classify_optimizer",
     "observed_moment_dtypes",
     "observed_second_moment_dtype",
-    "optimizer_settings",
     "state_storage_tensors",
     "state_tensor",
 ]

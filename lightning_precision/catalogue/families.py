@@ -88,15 +88,6 @@ def classify_optimizer(optimizer: Any, kwargs: Mapping[str, Any] | None = None) 
     )
 
 
-def optimizer_settings(optimizer: Any, kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The settings the catalogue reads: the class's constructor defaults under the config's (or instance's) values.
-
-    Takes the same inputs as :func:`classify_optimizer`; only the config's own arguments when the class does not
-    import here.
-    """
-    return dict(_resolve(optimizer, kwargs).settings)
-
-
 def _resolve(optimizer: Any, kwargs: Mapping[str, Any] | None) -> _Spec:
     if isinstance(optimizer, torch.optim.Optimizer):
         cls = type(optimizer)

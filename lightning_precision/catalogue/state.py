@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from lightning_precision.catalogue.families import classify_optimizer
+from lightning_precision.catalogue.info import OptimizerInfo
 
 
 def state_tensor(value: Any) -> torch.Tensor | None:
@@ -28,10 +29,14 @@ def state_storage_tensors(value: Any) -> list[torch.Tensor]:
     return found
 
 
-def observed_moment_dtypes(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> dict[str, torch.dtype]:
-    """The dtype of each moment the optimizer really keeps for the first of ``params`` it has state for."""
-    info = classify_optimizer(optimizer)
-    keys = info.moments or ("exp_avg", "exp_avg_sq")
+def observed_moment_dtypes(
+    optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], info: OptimizerInfo | None = None
+) -> dict[str, torch.dtype]:
+    """The dtype of each moment the optimizer really keeps for the first of ``params`` it has state for.
+
+    ``info`` is the optimizer's classification when the caller already has it (it is looked up otherwise).
+    """
+    keys = (info or classify_optimizer(optimizer)).moments or ("exp_avg", "exp_avg_sq")
     for p in params:
         state = optimizer.state.get(p) or {}
         found = {k: t.dtype for k in keys if (t := state_tensor(state.get(k))) is not None}
@@ -41,8 +46,8 @@ def observed_moment_dtypes(optimizer: torch.optim.Optimizer, params: Iterable[to
 
 
 def observed_second_moment_dtype(
-    optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]
+    optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], info: OptimizerInfo | None = None
 ) -> torch.dtype | None:
     """The second-moment dtype kept for ``params`` once stepped (single-moment optimizers: the moment they keep)."""
-    found = observed_moment_dtypes(optimizer, params)
+    found = observed_moment_dtypes(optimizer, params, info)
     return found.get("exp_avg_sq", next(iter(found.values()), None))
