@@ -9,13 +9,13 @@ activations, allocator overhead and per-tensor scalars such as ``step``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lightning_precision.catalogue import OptimizerInfo, classify_optimizer, state_storage_tensors
+from lightning_precision.pairing import trainable_params
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def measure_bytes_per_param(optimizer: torch.optim.Optimizer) -> MemoryEstimate:
     Returns:
         The measurement (``measured=True``); all zeros if it updates no trainable parameter.
     """
-    params = _unique_trainable(optimizer.param_groups)
+    params = trainable_params(optimizer)
     numel = sum(p.numel() for p in params)
     if not numel:
         return MemoryEstimate(0.0, 0.0, 0.0, measured=True)
@@ -143,17 +143,6 @@ def measure_bytes_per_param(optimizer: torch.optim.Optimizer) -> MemoryEstimate:
         measured=True,
         step_transient=transient,
     )
-
-
-def _unique_trainable(groups: Iterable[Mapping[str, Any]]) -> list[torch.Tensor]:
-    seen: set[int] = set()
-    out = []
-    for group in groups:
-        for p in group["params"]:
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

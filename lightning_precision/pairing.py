@@ -206,16 +206,19 @@ def _unsafe_verdict(
     return Verdict(Status.UNSAFE, message, cause=f"unsafe:{optimizer.name}:{half}", fixes=fixes, **common)
 
 
+def trainable_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The distinct parameters of ``optimizer`` that train (DTensor shards included), in group order."""
+    return list({id(p): p for group in optimizer.param_groups for p in group["params"] if p.requires_grad}.values())
+
+
 def trainable_half_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Parameters of ``optimizer`` that train and are stored in a half dtype (DTensor shards included)."""
-    seen: set[int] = set()
-    out = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.requires_grad and p.dtype in HALF_DTYPES and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
+    return [p for p in trainable_params(optimizer) if p.dtype in HALF_DTYPES]
+
+
+def judged_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters the rule looks at: the trainable half-precision ones if any, else every trainable one."""
+    return trainable_half_params(optimizer) or trainable_params(optimizer)
 
 
 def check_optimizer(
@@ -246,7 +249,7 @@ def check_optimizer(
         storage = half[0].dtype
         judged = [p for p in half if p.dtype == storage]
     else:
-        trainable = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        trainable = trainable_params(optimizer)
         storage = trainable[0].dtype if trainable else None
         judged = []
     return judge(

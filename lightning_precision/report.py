@@ -16,7 +16,7 @@ import torch
 from lightning_precision._logging import info_once, info_rank_zero, warn_once
 from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, observed_moment_dtypes
 from lightning_precision.dtypes import dtype_name
-from lightning_precision.pairing import Status, Verdict, trainable_half_params
+from lightning_precision.pairing import Status, Verdict, judged_params
 
 CHECKPOINT_KEY = "precision_contract"  # where the runtime guard stores the contract in a checkpoint
 
@@ -160,9 +160,7 @@ def build_contract(
     """
     rows = []
     for optimizer, verdict in zip(optimizers, verdicts):
-        params = trainable_half_params(optimizer) or [
-            p for g in optimizer.param_groups for p in g["params"] if p.requires_grad
-        ]
+        params = judged_params(optimizer)
         observed = observed_state_dtypes(optimizer, params, verdict.optimizer) if observe_state else None
         rows.append(optimizer_contract(verdict, observed))
     return PrecisionContract(

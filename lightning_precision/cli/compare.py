@@ -318,12 +318,11 @@ def run_recipe(recipe: Recipe, steps: int, seed: int) -> RecipeResult:
 
 def _result_from_run(recipe: Recipe, run: Any, timer: _StepTimer) -> RecipeResult:
     from lightning_precision.memory import measure_bytes_per_param
-    from lightning_precision.pairing import trainable_half_params
+    from lightning_precision.pairing import judged_params
     from lightning_precision.report import observed_state_dtypes
 
     optimizer = run.trainer.optimizers[0]
-    trainable = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-    judged = trainable_half_params(optimizer) or trainable
+    judged = judged_params(optimizer)
     losses = list(run.module.step_losses)
     memory = measure_bytes_per_param(optimizer)
     # The task's window, shrunk for short runs so the mean is over their end and not over the whole run.
@@ -370,7 +369,7 @@ class _StepTimer(Callback):
         return (self.end - self.start) / (self.steps - 1)
 
 
-class quiet_lightning:  # noqa: N801 - used like a function: `with quiet_lightning():`
+class quiet_lightning:
     """Silence Lightning's per-trainer banners and known CPU-only warnings while recipes run; keeps our warning.
 
     A context manager: inside ``with quiet_lightning():`` the Lightning and library loggers show warnings and errors
