@@ -7,7 +7,6 @@ Each rank writes ``OUT_DIR/<scenario>.rank<r>.json`` with what it observed; the 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import warnings
@@ -26,6 +25,7 @@ from lightning_precision import PrecisionPairingError, PrecisionWarning
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.fabric import HalfPrecisionForAudio, check, fsdp2_parallelize
 from lightning_precision.optim import CompensatedAdamW
+from tests._worker_exit import finish
 
 DIM, BLOCKS, STEPS = 16, 3, 3
 
@@ -196,7 +196,7 @@ def main() -> None:
         result = globals()[f"scenario_{scenario}"](out)
     rank = torch.distributed.get_rank()
     result["precision_warnings"] = [str(w.message) for w in caught if issubclass(w.category, PrecisionWarning)]
-    (out / f"{scenario}.rank{rank}.json").write_text(json.dumps(result))
+    finish(out, scenario, rank, result)
 
 
 if __name__ == "__main__":

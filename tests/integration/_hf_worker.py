@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the worktree's package, not an installed one
 
-from lightning_precision import FSDP2Strategy  # noqa: E402
-from lightning_precision.dtypes import dtype_name  # noqa: E402
+from lightning_precision import FSDP2Strategy
+from lightning_precision.dtypes import dtype_name
+from tests._worker_exit import finish
 
 
 class TinyLlama(pl.LightningModule):
@@ -125,7 +126,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     result = globals()[f"scenario_{scenario}"](out)
-    (out / f"{scenario}.rank{int(os.environ.get('RANK', '0'))}.json").write_text(json.dumps(result, indent=1))
+    finish(out, scenario, int(os.environ.get("RANK", "0")), result)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the worktree's p
 
 from lightning_precision import FSDP2Strategy, PrecisionPairingError, PrecisionWarning
 from lightning_precision.dtypes import dtype_name
+from tests._worker_exit import finish
 
 DIM, BLOCKS, STEPS = 16, 3, 4
 
@@ -397,7 +398,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     result = globals()[f"scenario_{scenario}"](out)
     rank = int(os.environ.get("RANK", "0"))
-    (out / f"{scenario}.rank{rank}.json").write_text(json.dumps(result, indent=1))
+    finish(out, scenario, rank, result)
 
 
 if __name__ == "__main__":

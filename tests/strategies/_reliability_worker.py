@@ -7,7 +7,6 @@ save, and the test inspects what is left on disk. Not a test module (Lightning's
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the worktree's p
 from _fsdp2_worker import Blocks, MultiBlock, trainer
 
 from lightning_precision import FSDP2Strategy, PrecisionGuard, PrecisionPairingError, PrecisionWarning
+from tests._worker_exit import finish
 
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -179,7 +179,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     result = globals()[f"scenario_{scenario}"](out)
-    (out / f"{scenario}.rank{RANK}.json").write_text(json.dumps(result, indent=1))
+    finish(out, scenario, RANK, result)
 
 
 if __name__ == "__main__":
