@@ -21,6 +21,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lightning_precision.optim._stochastic_rounding import TEMP_BYTES_PER_ELEMENT as ROUNDING_TEMP_BYTES
+from lightning_precision.optim._stochastic_rounding import RoundingStream, memory_order, round_into_
+
 Piece = tuple[int, int, int]  # (tensor index, start, stop) of a slice of a flat tensor
 F32 = torch.float32
 
@@ -36,7 +39,12 @@ AUTO_CHUNK_CAP_ACCELERATOR = 2**22
 
 
 def temp_bytes_per_element(
-    param_dtype: torch.dtype, exp_avg_dtype: torch.dtype, exp_avg_sq_dtype: torch.dtype, *, compensated: bool
+    param_dtype: torch.dtype,
+    exp_avg_dtype: torch.dtype,
+    exp_avg_sq_dtype: torch.dtype,
+    *,
+    compensated: bool,
+    stochastic: bool = False,
 ) -> int:
     """Bytes of temporaries per chunk element that :func:`compensated_step` or :func:`plain_step` allocate.
 
@@ -45,16 +53,18 @@ def temp_bytes_per_element(
         exp_avg_dtype: First-moment dtype.
         exp_avg_sq_dtype: Second-moment dtype.
         compensated: Whether the compensated step (half-precision parameters) runs.
+        stochastic: Whether a moment is written with stochastic rounding.
 
     Returns:
         Compensated: fp32 gradient (then parameter), compensation, and the denominator or (later) the decay
         term, plus an fp32 copy of each moment not stored in fp32, plus the update when the first moment is fp32
-        (it cannot be divided in place). Plain: negated gradient, denominator
-        and update in the parameter dtype.
+        (it cannot be divided in place), plus the integer temporaries of a stochastic write. Plain: negated
+        gradient, denominator and update in the parameter dtype.
     """
     if not compensated:
         return 3 * param_dtype.itemsize
-    return 4 * (3 + (exp_avg_dtype != F32) + (exp_avg_sq_dtype != F32) + (exp_avg_dtype == F32))
+    fp32 = 4 * (3 + (exp_avg_dtype != F32) + (exp_avg_sq_dtype != F32) + (exp_avg_dtype == F32))
+    return fp32 + (ROUNDING_TEMP_BYTES if stochastic else 0)
 
 
 def auto_chunk_size(total_numel: int, device: torch.device, temp_bytes: int) -> int:
@@ -186,6 +196,24 @@ class StepOptions:
     chunk_size: int
 
 
+class StateRounding(NamedTuple):
+    """Per-tensor random-bit streams of the moments written with stochastic rounding (``None``: to nearest)."""
+
+    exp_avg: Sequence[RoundingStream] | None = None
+    exp_avg_sq: Sequence[RoundingStream] | None = None
+
+
+def _write_state(chunk: _Chunk, slices: Any, work: Any, streams: Sequence[RoundingStream] | None, scratch: Any) -> None:
+    """Store a chunk's fp32 moment into its (non-fp32) slices: rounded to nearest, or stochastically by ``streams``."""
+    if streams is None:
+        chunk.ops.copy_(slices, work)
+        return
+    if chunk.single:
+        slices, work = [slices], [work]
+    for (index, start, _), dst, src in zip(chunk.pieces, slices, work):
+        round_into_(dst, src, streams[index], start, scratch)
+
+
 class Bucket(NamedTuple):
     """Tensors of one step call, index-aligned; all flat (1-D) and local (not DTensors)."""
 
@@ -200,6 +228,7 @@ def compensated_step(
     bucket: Bucket,
     scalars: tuple[Sequence[torch.Tensor | float], Sequence[torch.Tensor | float]],
     options: StepOptions,
+    rounding: StateRounding | None = None,
 ) -> None:
     """AdamW with a Kahan-compensated write into half-precision parameters, chunk by chunk.
 
@@ -209,6 +238,7 @@ def compensated_step(
         scalars: ``-lr / (1 - beta1**step)`` and ``sqrt(1 - beta2**step)`` per tensor: the reference step's 0-dim
             fp32 tensors, or their values as Python floats.
         options: The group's hyperparameters and the chunk size.
+        rounding: Streams for the bf16 moments written with stochastic rounding; the others round to nearest.
     """
     params, grads, exp_avgs, exp_avg_sqs, comps = bucket
     lr, beta1, beta2, eps = options.lr, options.beta1, options.beta2, options.eps
@@ -228,6 +258,9 @@ def compensated_step(
     g_buf, c_buf = buffer(), buffer()
     m_buf = None if all(m.dtype == F32 for m in exp_avgs) else buffer()
     v_buf = None if all(v.dtype == F32 for v in exp_avg_sqs) else buffer()
+    rounding = rounding or StateRounding()
+    stochastic = rounding.exp_avg is not None or rounding.exp_avg_sq is not None
+    scratch = torch.empty(size, dtype=torch.int32, device=device) if stochastic else None
     decay_factor = -lr * weight_decay
     for pieces in plan_chunks(numels, chunk_size):
         chunk = _Chunk(pieces)
@@ -242,9 +275,9 @@ def compensated_step(
         ops.mul_(v32, beta2)
         ops.addcmul_(v32, g32, g32, 1.0 - beta2)
         if m_buf is not None:
-            ops.copy_(m_slices, m32)
+            _write_state(chunk, m_slices, m32, rounding.exp_avg, scratch)
         if v_buf is not None:
-            ops.copy_(v_slices, v32)
+            _write_state(chunk, v_slices, v32, rounding.exp_avg_sq, scratch)
 
         denom = ops.sqrt(v32)
         ops.div_(denom, chunk.scalars(bc2_sqrt))
@@ -341,7 +374,7 @@ def flat_local_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | No
     shape, strides = tensors[0].shape, tensors[0].stride()
     if any(t.shape != shape or t.stride() != strides for t in tensors):
         return None
-    order = sorted(range(len(shape)), key=lambda d: (-strides[d], -shape[d]))
+    order = memory_order(shape, strides)
     permuted = [t.permute(order) for t in tensors]
     if not all(t.is_contiguous() for t in permuted):
         return None

@@ -23,7 +23,9 @@ from lightning_precision.optim._compensated_options import (
     _STATE_DTYPES,
     _normalise_group_options,
     _state_dtype_name,
+    check_rounding_dtypes,
 )
+from lightning_precision.optim._stochastic_rounding import element_layout, round_into_, stream_for
 
 __all__ = ["CompensatedAdamW"]
 
@@ -90,8 +92,21 @@ class CompensatedAdamW(Optimizer):
             or their names such as ``"bf16"``). Default: ``torch.bfloat16``
             (within run-to-run noise of fp32 in benchmarks/compensated_adamw.py).
         exp_avg_sq_dtype: Storage dtype of the second moment of bf16/fp16
-            parameters. Default: ``torch.float32`` (a bf16 second moment cannot
-            follow ``beta2=0.999``).
+            parameters. Default: ``torch.float32`` (a bf16 second moment
+            rounded to nearest cannot follow ``beta2=0.999``).
+        exp_avg_rounding: How the fp32 first moment is written into a
+            bfloat16 ``exp_avg``: ``"nearest"`` (default) or ``"stochastic"``
+            (up or down with probability given by the distance to each
+            neighbour, so every write is unbiased).
+        exp_avg_sq_rounding: The same for the second moment. With
+            ``exp_avg_sq_dtype=torch.bfloat16, exp_avg_sq_rounding="stochastic"``
+            the second moment decays at ``beta2=0.999`` in expectation, for
+            10 instead of 12 bytes per parameter.
+        rounding_seed: Seed of the stochastic rounding. The random bits are a
+            hash of the seed, the step, the parameter's index in this optimizer
+            and the element's index in the full (unsharded) tensor, so they do
+            not depend on rank count, sharding or chunking, and a resumed run
+            draws the same bits as an uninterrupted one. Default: 0.
         implementation: ``"chunked"`` (default): the update runs over chunks of
             at most ``chunk_size`` elements, as ``torch._foreach_*`` ops over
             slices of the parameters, so temporary memory is bounded.
@@ -105,8 +120,10 @@ class CompensatedAdamW(Optimizer):
 
     Raises:
         ValueError: If a hyperparameter is out of range.
-        PrecisionConfigError: If a state dtype, ``implementation`` or
-            ``chunk_size`` is not one of the valid choices (a ValueError).
+        PrecisionConfigError: If a state dtype, a rounding, ``rounding_seed``,
+            ``implementation`` or ``chunk_size`` is not one of the valid
+            choices, or stochastic rounding is asked of a moment not stored in
+            bfloat16 (a ValueError).
     """
 
     keeps_master_weights: bool = False
@@ -133,6 +150,9 @@ class CompensatedAdamW(Optimizer):
         maximize: bool = False,
         exp_avg_dtype: torch.dtype | str = torch.bfloat16,
         exp_avg_sq_dtype: torch.dtype | str = torch.float32,
+        exp_avg_rounding: str = "nearest",
+        exp_avg_sq_rounding: str = "nearest",
+        rounding_seed: int = 0,
         implementation: str = "chunked",
         chunk_size: int | None = None,
     ) -> None:
@@ -158,6 +178,9 @@ class CompensatedAdamW(Optimizer):
             "maximize": maximize,
             "exp_avg_dtype": exp_avg_dtype,
             "exp_avg_sq_dtype": exp_avg_sq_dtype,
+            "exp_avg_rounding": exp_avg_rounding,
+            "exp_avg_sq_rounding": exp_avg_sq_rounding,
+            "rounding_seed": rounding_seed,
             "implementation": implementation,
             "chunk_size": chunk_size,
         }
@@ -165,7 +188,8 @@ class CompensatedAdamW(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group; its per-group dtype, ``implementation`` and ``chunk_size`` options are validated.
+        """Add a parameter group; its per-group dtype, rounding, ``implementation`` and ``chunk_size`` options are
+        validated.
 
         Args:
             param_group: Dict with ``params`` and optional per-group options.
@@ -175,6 +199,7 @@ class CompensatedAdamW(Optimizer):
         """
         _normalise_group_options(param_group)
         super().add_param_group(param_group)
+        check_rounding_dtypes(self.param_groups[-1])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Also runs in load_state_dict: state dicts saved before these options existed, or holding torch.dtype
@@ -183,7 +208,11 @@ class CompensatedAdamW(Optimizer):
         for group in self.param_groups:
             group.setdefault("implementation", "chunked")
             group.setdefault("chunk_size", None)
+            group.setdefault("exp_avg_rounding", "nearest")
+            group.setdefault("exp_avg_sq_rounding", "nearest")
+            group.setdefault("rounding_seed", 0)
             _normalise_group_options(group)
+            check_rounding_dtypes(group)
 
     @staticmethod
     def _state_dtypes_for(param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.dtype]:
@@ -265,22 +294,25 @@ class CompensatedAdamW(Optimizer):
                     tensors = flat
                     stepped_numel += flat[0].numel()
                 key = (p.device, p.dtype, state["exp_avg"].dtype, state["exp_avg_sq"].dtype, half, flat is not None)
-                bucket = buckets.setdefault(key, [[], [], [], [], [], []])
+                bucket = buckets.setdefault(key, [[], [], [], [], [], [], []])
                 for lst, t in zip(bucket, tensors[:4]):
                     lst.append(t)
                 bucket[4].append(state["step"])
                 bucket[5].append(tensors[4] if half else None)
+                bucket[6].append(p)
             work.extend((group, key, bucket) for key, bucket in buckets.items())
 
         for group, (device, _, _, _, half, chunked), bucket in work:
+            owners = bucket.pop()
             if not chunked:
                 if half:
-                    self._step_compensated(group, *bucket)
+                    self._step_compensated(group, *bucket, owners=owners)
                 else:
                     self._step_plain(group, *bucket[:5])
                 continue
             params, grads, exp_avgs, exp_avg_sqs, steps, comps = bucket
             neg_step_size, bc2_sqrt = self._step_scalars(group, steps, device)
+            rounding = self._state_rounding(group, owners, steps) if half else None
             if device.type == "cpu":
                 # Python floats take torch's scalar fast path, with the same fp32 result as the 0-dim tensors. On
                 # other devices the device tensors stay: a host scalar divisor becomes a reciprocal multiply there.
@@ -289,7 +321,11 @@ class CompensatedAdamW(Optimizer):
             chunk_size = group["chunk_size"]
             if chunk_size is None:
                 temp_bytes = _compensated_step.temp_bytes_per_element(
-                    params[0].dtype, exp_avgs[0].dtype, exp_avg_sqs[0].dtype, compensated=half
+                    params[0].dtype,
+                    exp_avgs[0].dtype,
+                    exp_avg_sqs[0].dtype,
+                    compensated=half,
+                    stochastic=rounding is not None and any(rounding),
                 )
                 chunk_size = _compensated_step.auto_chunk_size(stepped_numel, device, temp_bytes)
             options = _compensated_step.StepOptions(
@@ -303,9 +339,32 @@ class CompensatedAdamW(Optimizer):
             )
             scalars = (neg_step_size, bc2_sqrt)
             tensors = _compensated_step.Bucket(params, grads, exp_avgs, exp_avg_sqs, comps)
-            step_fn = _compensated_step.compensated_step if half else _compensated_step.plain_step
-            step_fn(tensors, scalars, options)
+            if half:
+                _compensated_step.compensated_step(tensors, scalars, options, rounding)
+            else:
+                _compensated_step.plain_step(tensors, scalars, options)
         return loss
+
+    def _state_rounding(
+        self, group: dict[str, Any], owners: list[torch.Tensor], steps: list[torch.Tensor]
+    ) -> _compensated_step.StateRounding:
+        """Random-bit streams for the group's moments set to stochastic rounding, after ``steps`` advanced.
+
+        The parameter's index counts over all groups in order: the same on every rank and for every world size.
+        """
+        moments = [m for m in ("exp_avg", "exp_avg_sq") if group[f"{m}_rounding"] == "stochastic"]
+        if not moments:
+            return _compensated_step.StateRounding()
+        index_of = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        layouts = [element_layout(p) for p in owners]
+        streams = {
+            m: [
+                stream_for(layout, group["rounding_seed"], int(step.item()), index_of[id(p)], m)
+                for p, layout, step in zip(owners, layouts, steps)
+            ]
+            for m in moments
+        }
+        return _compensated_step.StateRounding(**streams)
 
     @staticmethod
     def _step_scalars(group, steps, device):
@@ -341,7 +400,7 @@ class CompensatedAdamW(Optimizer):
         torch._foreach_mul_(update, neg_step_size)
         torch._foreach_add_(params, update)
 
-    def _step_compensated(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, comps):
+    def _step_compensated(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, comps, *, owners):
         """AdamW in fp32 arithmetic with a Kahan-compensated write into half-precision params."""
         beta1, beta2 = group["betas"]
         f32 = torch.float32
@@ -349,6 +408,7 @@ class CompensatedAdamW(Optimizer):
         if group["maximize"]:
             torch._foreach_neg_(g32)
         neg_step_size, bc2_sqrt = self._step_scalars(group, steps, params[0].device)
+        rounding = self._state_rounding(group, owners, steps)
 
         # .to(f32) returns the state tensor itself when it is already fp32, so it updates in place.
         m32 = [m.to(f32) for m in exp_avgs]
@@ -358,12 +418,14 @@ class CompensatedAdamW(Optimizer):
         torch._foreach_addcmul_(v32, g32, g32, 1.0 - beta2)
         del g32
         # copy_ per tensor: DTensor has no sharding rule for _foreach_copy_.
-        for dst, src in zip(exp_avgs, m32):
-            if dst is not src:
-                dst.copy_(src)
-        for dst, src in zip(exp_avg_sqs, v32):
-            if dst is not src:
-                dst.copy_(src)
+        for stored, fp32, streams in ((exp_avgs, m32, rounding.exp_avg), (exp_avg_sqs, v32, rounding.exp_avg_sq)):
+            for i, (dst, src) in enumerate(zip(stored, fp32)):
+                if dst is src:
+                    continue
+                if streams is None:
+                    dst.copy_(src)
+                else:
+                    _write_stochastically(dst, src, streams[i])
 
         denom = torch._foreach_sqrt(v32)
         del v32
@@ -446,3 +508,16 @@ class CompensatedAdamW(Optimizer):
         finally:
             pre.remove()
             post.remove()
+
+
+def _write_stochastically(dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
+    """The reference step's stochastic write of a whole (possibly DTensor) moment, through its local data."""
+    flat = _compensated_step.flat_local_views([dst, src])
+    if flat is None:
+        raise RuntimeError(
+            "CompensatedAdamW: stochastic rounding needs a moment whose local data lines up with its fp32 value; got "
+            f"tensors of shapes {tuple(dst.shape)} and {tuple(src.shape)} with different layouts or placements"
+        )
+    local_dst, local_src = flat
+    scratch = torch.empty(local_src.numel(), dtype=torch.int32, device=local_src.device)
+    round_into_(local_dst, local_src, stream, 0, scratch)
