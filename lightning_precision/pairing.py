@@ -150,7 +150,10 @@ def judge(
 
 
 def _second_moment_is_weak(optimizer: OptimizerInfo, sq: torch.dtype | None) -> bool:
-    """A half-precision EMA second moment with ``beta2`` above the threshold cannot decay."""
+    """A half-precision EMA second moment with ``beta2`` above the threshold cannot decay (unless each write is
+    rounded stochastically, which is unbiased)."""
+    if "exp_avg_sq" in optimizer.stochastic_moments:
+        return False
     keeps_one = "exp_avg_sq" in optimizer.moments or not optimizer.moments
     return optimizer.is_adam and keeps_one and sq in HALF_DTYPES and (optimizer.beta2 or 0.0) > WEAK_SECOND_MOMENT_BETA2
 

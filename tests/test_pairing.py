@@ -31,6 +31,26 @@ def test_judge_other_pairings(storage, spec, status):
     assert judge(storage, classify_optimizer(spec)).status is status
 
 
+@pytest.mark.parametrize(("rounding", "status"), [("nearest", Status.WEAK_STATE), ("stochastic", Status.SAFE)])
+def test_compensated_bf16_second_moment_is_weak_unless_stochastically_rounded(rounding, status):
+    from lightning_precision.optim import CompensatedAdamW
+
+    model = _bf16_model()
+    opt = CompensatedAdamW(model.parameters(), exp_avg_sq_dtype=torch.bfloat16, exp_avg_sq_rounding=rounding)
+    config = {"_target_": "lightning_precision.optim.CompensatedAdamW", "exp_avg_sq_dtype": "bf16",
+              "exp_avg_sq_rounding": rounding}
+    assert check_optimizer(opt).status is status
+    assert judge(torch.bfloat16, classify_optimizer(config)).status is status  # config and live optimizer agree
+
+
+def test_stochastic_second_moment_shows_in_the_state_text():
+    config = {"_target_": "lightning_precision.optim.CompensatedAdamW", "exp_avg_sq_dtype": "bf16",
+              "exp_avg_sq_rounding": "stochastic"}
+    info = classify_optimizer(config)
+    assert info.state_text(torch.bfloat16) == "bfloat16 / bfloat16 (stochastic rounding)"
+    assert sum(b for _, b in info.state_parts(torch.bfloat16)) == 2 + 2 + 2  # exp_avg, exp_avg_sq, compensation
+
+
 def test_judge_peft_and_auto_fp32_with_master():
     adamw = classify_optimizer("torch.optim.AdamW")
     assert judge(torch.bfloat16, adamw, peft=True).status is Status.NOT_JUDGED

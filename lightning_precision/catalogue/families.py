@@ -57,6 +57,7 @@ class _Spec:
             "beta2": _beta2(self.settings),
             "moments": moments,
             "moment_dtypes": _moment_dtypes(self.name, self.settings, moments),
+            "stochastic_moments": tuple(m for m in moments if self.settings.get(f"{m}_rounding") == "stochastic"),
             "update_formula": formula,
             "decoupled_weight_decay": short.endswith("adamw") or bool(self.settings.get("decoupled_weight_decay")),
         }

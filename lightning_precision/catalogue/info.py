@@ -51,6 +51,8 @@ class OptimizerInfo:
             ``CompensatedAdamW(exp_avg_dtype=...)``); the others follow the parameter dtype.
         moment_dtypes_for_all: Whether ``moment_dtypes`` hold for full-precision parameters too (AnyPrecisionAdamW's
             ``variance_dtype`` applies to every parameter).
+        stochastic_moments: Moments whose half-precision storage is written with stochastic rounding (unbiased, so a
+            bf16 second moment still decays at ``beta2=0.999``), e.g. ``CompensatedAdamW(exp_avg_sq_rounding=...)``.
         quantized_moments: Whether its moments are stored quantized (flashoptim's int8 plus scales, CUDA).
         update_formula: The update the underflow monitor reconstructs (``None``: it cannot).
         decoupled_weight_decay: Whether weight decay is applied to the parameter rather than the gradient.
@@ -73,6 +75,7 @@ class OptimizerInfo:
     moments: tuple[str, ...] = ()
     moment_dtypes: tuple[tuple[str, torch.dtype], ...] = ()
     moment_dtypes_for_all: bool = False
+    stochastic_moments: tuple[str, ...] = ()
     quantized_moments: bool = False
     update_formula: UpdateFormula | None = None
     decoupled_weight_decay: bool = False
@@ -108,7 +111,12 @@ class OptimizerInfo:
             return "unknown" if self.kind is OptimizerKind.UNKNOWN else "-"
         if not self.moments:
             return "none"
-        return " / ".join(dict.fromkeys(dtype_name(self.state_dtype(m, storage_dtype)) for m in self.moments))
+        return " / ".join(dict.fromkeys(self._moment_text(m, storage_dtype) for m in self.moments))
+
+    def _moment_text(self, moment: str, storage_dtype: torch.dtype) -> str:
+        dtype = self.state_dtype(moment, storage_dtype)
+        stochastic = moment in self.stochastic_moments and dtype in HALF_DTYPES
+        return f"{dtype_name(dtype)} (stochastic rounding)" if stochastic else dtype_name(dtype)
 
     def state_parts(self, storage_dtype: torch.dtype) -> list[tuple[str, float]]:
         """Bytes per parameter of each part of its state, e.g. ``[("exp_avg bfloat16", 2.0), ...]``."""
@@ -121,7 +129,7 @@ class OptimizerInfo:
                 parts.append((f"{moment} int8+scales (CUDA)", FLASH_QUANTIZED_MOMENT_BYTES))
                 continue
             dtype = self.state_dtype(moment, storage_dtype)
-            parts.append((f"{moment} {dtype_name(dtype)}", float(dtype.itemsize)))
+            parts.append((f"{moment} {self._moment_text(moment, storage_dtype)}", float(dtype.itemsize)))
         if half and self.master_bytes:
             label = "error-correction bits" if self.name.startswith("flashoptim.") else "master weights"
             parts.append((label, float(self.master_bytes)))
