@@ -16,6 +16,9 @@ Usage:
     python benchmarks/compensated_adamw.py --threads 1 --tasks memorize --recipes \
         "fp32 torch + bf16 autocast" "bf16 torch, fp32 compute" "bf16 Compensated m=bf16 v=fp32, fp32 compute" \
         "bf16 Compensated m=fp32 v=fp32, fp32 compute"
+    # the second-moment comparison (bf16 nearest vs bf16 stochastic rounding vs fp32):
+    python benchmarks/compensated_adamw.py --threads 1 --recipes "bf16 Compensated m=bf16 v=bf16" \
+        "bf16 Compensated m=bf16 v=bf16 stochastic" "bf16 Compensated m=bf16 v=fp32"
 """
 
 from __future__ import annotations
@@ -67,12 +70,15 @@ def make_optimizer(recipe: str, params, lr: float):
         import optimi
 
         return optimi.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
-    m, v = {
-        "bf16 Compensated m=bf16 v=bf16": (torch.bfloat16, torch.bfloat16),
-        "bf16 Compensated m=bf16 v=fp32": (torch.bfloat16, torch.float32),
-        "bf16 Compensated m=fp32 v=fp32": (torch.float32, torch.float32),
+    m, v, v_rounding = {
+        "bf16 Compensated m=bf16 v=bf16": (torch.bfloat16, torch.bfloat16, "nearest"),
+        "bf16 Compensated m=bf16 v=bf16 stochastic": (torch.bfloat16, torch.bfloat16, "stochastic"),
+        "bf16 Compensated m=bf16 v=fp32": (torch.bfloat16, torch.float32, "nearest"),
+        "bf16 Compensated m=fp32 v=fp32": (torch.float32, torch.float32, "nearest"),
     }[recipe]
-    return CompensatedAdamW(params, lr=lr, weight_decay=wd, exp_avg_dtype=m, exp_avg_sq_dtype=v)
+    return CompensatedAdamW(
+        params, lr=lr, weight_decay=wd, exp_avg_dtype=m, exp_avg_sq_dtype=v, exp_avg_sq_rounding=v_rounding
+    )
 
 
 RECIPES = [
@@ -82,6 +88,7 @@ RECIPES = [
     "bf16 optimi (defaults)",
     "bf16 optimi (torch betas)",
     "bf16 Compensated m=bf16 v=bf16",
+    "bf16 Compensated m=bf16 v=bf16 stochastic",
     "bf16 Compensated m=bf16 v=fp32",
     "bf16 Compensated m=fp32 v=fp32",
 ]

@@ -20,6 +20,9 @@ gives its mean over seeds and the ratio of that mean to the reference's mean (an
 Usage (from the repository root)::
 
     python benchmarks/convergence.py --steps 3000 --seeds 3 --threads 1
+    # the second-moment comparison (fp32 vs bf16 nearest vs bf16 stochastic rounding), no FSDP2, no plot:
+    python benchmarks/convergence.py --no-fsdp2 --plot none --recipes 32-true bf16-true+compensated \
+        "compensated v=bf16 nearest" "compensated v=bf16 stochastic"
 """
 
 from __future__ import annotations
@@ -37,11 +40,33 @@ import harness
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_precision.cli.compare import RECIPES, quiet_lightning, recipe_config, run_recipe
+from lightning_precision.cli.compare import COMPENSATED_OPTIMIZER, RECIPES, Recipe, quiet_lightning, recipe_config, run_recipe
 from lightning_precision.cli.plot import moving_average
 from lightning_precision.demos import TensorDictDataset, make_dataloader, make_teacher_data
 
 SINGLE = ("32-true", "bf16-mixed", "bf16-true+adamw", "bf16-true+compensated")
+# CompensatedAdamW with a bf16 second moment, rounded to nearest or stochastically: against "bf16-true+compensated"
+# (fp32 second moment), the three-way comparison behind the exp_avg_sq_rounding default. Select with --recipes.
+SECOND_MOMENT = {
+    r.name: r
+    for r in (
+        Recipe(
+            "compensated v=bf16 nearest",
+            "bf16-true",
+            {"_target_": COMPENSATED_OPTIMIZER, "weight_decay": 0.0, "exp_avg_sq_dtype": "bfloat16"},
+        ),
+        Recipe(
+            "compensated v=bf16 stochastic",
+            "bf16-true",
+            {
+                "_target_": COMPENSATED_OPTIMIZER,
+                "weight_decay": 0.0,
+                "exp_avg_sq_dtype": "bfloat16",
+                "exp_avg_sq_rounding": "stochastic",
+            },
+        ),
+    )
+}
 FSDP2 = "fsdp2-bf16-mixed x2"
 FSDP2_WORKER = "fsdp2"  # first argument of this script when torch.distributed.run starts it as a rank
 TRAP = "bf16-true+adamw"
@@ -179,7 +204,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process")
     parser.add_argument("--last-k", type=int, default=100, help="final loss = mean of the last K step losses")
     parser.add_argument("--no-fsdp2", action="store_true", help="skip the 2-process FSDP2 run")
-    parser.add_argument("--plot", type=Path, default=harness.ROOT / "docs/img/convergence.png")
+    parser.add_argument(
+        "--recipes",
+        nargs="*",
+        default=list(SINGLE),
+        choices=list(SINGLE) + list(SECOND_MOMENT),
+        help="single-process recipes (32-true, the reference, always runs)",
+    )
+    parser.add_argument(
+        "--plot", type=str, default=str(harness.ROOT / "docs/img/convergence.png"), help="PNG path, or 'none'"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write every loss curve to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,14 +223,16 @@ def main() -> None:
     for line in default_distributed_order():
         print("  " + line)
 
-    names = list(SINGLE) + ([] if args.no_fsdp2 else [FSDP2])
+    single = ["32-true"] + [n for n in args.recipes if n != "32-true"]
+    recipes = {**RECIPES, **SECOND_MOMENT}
+    names = single + ([] if args.no_fsdp2 else [FSDP2])
     runs: dict[str, list[list[float]]] = {n: [] for n in names}
     info: dict[str, dict[str, Any]] = {n: {"seconds": 0.0} for n in names}
     for seed in range(args.seeds):
         with quiet_lightning():
-            for name in SINGLE:
+            for name in single:
                 t0 = time.perf_counter()
-                result = run_recipe(RECIPES[name], args.steps, seed)
+                result = run_recipe(recipes[name], args.steps, seed)
                 if result.status != "ok":
                     raise SystemExit(f"{name} seed {seed}: {result.status}: {result.reason}")
                 runs[name].append(result.losses)
@@ -218,7 +254,8 @@ def main() -> None:
         f"\nbuilt-in teacher task, {args.steps} steps, seeds 0..{args.seeds - 1}, {args.threads} thread(s)/process; "
         f"final loss = mean of the last {args.last_k} steps"
     )
-    head = f"{'recipe':<24} {'storage':<9} {'optimizer':<36} {'state':<17} {'final (mean)':>12} {'ratio':>7} {'per-seed ratio':>15} {'s/seed':>7}"
+    width = max(24, *(len(n) for n in names))
+    head = f"{'recipe':<{width}} {'storage':<9} {'optimizer':<36} {'state':<17} {'final (mean)':>12} {'ratio':>7} {'per-seed ratio':>15} {'s/seed':>7}"
     print(head)
     print("-" * len(head))
     table = []
@@ -239,28 +276,33 @@ def main() -> None:
         }
         table.append(row)
         print(
-            f"{name:<24} {row['storage']:<9} {row['optimizer']:<36} {row['state']:<17} {mean:>12.4e} "
+            f"{name:<{width}} {row['storage']:<9} {row['optimizer']:<36} {row['state']:<17} {mean:>12.4e} "
             f"{row['ratio']:>6.3f}x {min(per_seed):>7.3f}-{max(per_seed):<7.3f} {row['seconds_per_seed']:>7.1f}"
         )
-    seps = [separation_step(t, r) for t, r in zip(runs[TRAP], runs["32-true"])]
-    print(
-        f"\n{TRAP} separates from 32-true (moving average, window {max(1, args.steps // 50)}, stays > "
-        f"{SEPARATION:.2f}x until the end) at step: " + ", ".join(f"seed {s}: {v}" for s, v in enumerate(seps))
-    )
-    trap, ref = mean_smoothed(runs[TRAP]), mean_smoothed(runs["32-true"])
-    marks = sorted({min(args.steps, m) for m in (250, 500, 1000, 1500, 2000, 3000, args.steps)})
-    print(
-        f"{TRAP} / 32-true moving-average loss (mean of seeds) at step: "
-        + ", ".join(f"{m}: {trap[m - 1] / ref[m - 1]:.2f}x" for m in marks)
-    )
-    plot(runs, names, seps, args)
+    seps: list[int | None] = []
+    if TRAP in names:
+        seps = [separation_step(t, r) for t, r in zip(runs[TRAP], runs["32-true"])]
+        print(
+            f"\n{TRAP} separates from 32-true (moving average, window {max(1, args.steps // 50)}, stays > "
+            f"{SEPARATION:.2f}x until the end) at step: " + ", ".join(f"seed {s}: {v}" for s, v in enumerate(seps))
+        )
+        trap, ref = mean_smoothed(runs[TRAP]), mean_smoothed(runs["32-true"])
+        marks = sorted({min(args.steps, m) for m in (250, 500, 1000, 1500, 2000, 3000, args.steps)})
+        print(
+            f"{TRAP} / 32-true moving-average loss (mean of seeds) at step: "
+            + ", ".join(f"{m}: {trap[m - 1] / ref[m - 1]:.2f}x" for m in marks)
+        )
+    if args.plot != "none":
+        args.plot = Path(args.plot)
+        plot(runs, names, seps, args)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
             json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "table": table, "runs": runs}, indent=1)
         )
     root = harness.ROOT
-    print(f"plot: {args.plot.relative_to(root) if args.plot.is_relative_to(root) else args.plot}")
+    if args.plot != "none":
+        print(f"plot: {args.plot.relative_to(root) if args.plot.is_relative_to(root) else args.plot}")
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
@@ -286,6 +328,8 @@ def plot(
         "bf16-true+adamw": ("tab:red", "-"),
         "bf16-true+compensated": ("tab:green", "-."),
         FSDP2: ("tab:purple", ":"),
+        "compensated v=bf16 nearest": ("tab:orange", "-"),
+        "compensated v=bf16 stochastic": ("tab:olive", "--"),
     }
     curves = {n: mean_smoothed(runs[n]) for n in names}
     ref = curves["32-true"]

@@ -95,6 +95,8 @@ class Recipe:
         optimizer: ``(param_groups, lr) -> optimizer``; the groups carry their weight decay.
         optimizer_name: How the table names the optimizer.
         world: Processes; more than 1 launches ``torch.distributed.run`` on that many CPU ranks (gloo).
+        in_default: Whether the default run (``--recipes default``) includes it; the others are studies selected
+            by name or with ``all``.
     """
 
     name: str
@@ -103,6 +105,7 @@ class Recipe:
     optimizer: OptimizerFactory
     optimizer_name: str
     world: int = 1
+    in_default: bool = True
 
 
 RECIPES: dict[str, Recipe] = {}
@@ -122,6 +125,15 @@ def _torch_adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimiz
 
 def _compensated(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
     return CompensatedAdamW(groups, lr=lr, betas=BETAS, eps=EPS)
+
+
+def _compensated_bf16_second_moment(rounding: str) -> OptimizerFactory:
+    def make(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+        return CompensatedAdamW(
+            groups, lr=lr, betas=BETAS, eps=EPS, exp_avg_sq_dtype=torch.bfloat16, exp_avg_sq_rounding=rounding
+        )
+
+    return make
 
 
 def _optimi_kahan(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
@@ -150,18 +162,31 @@ register(Recipe("fsdp2-auto x2", "FSDP2Strategy(storage_dtype='auto') + bf16-mix
                          "strategy": FSDP2Strategy(storage_dtype="auto", optimizer="torch.optim.AdamW",
                                                    on_unsafe="error")},
                 _torch_adamw, "torch.AdamW", world=2))  # fmt: skip
+# The second-moment study (exp_avg_sq_rounding): against "bf16-true+compensated", whose second moment is fp32.
+for _rounding in ("nearest", "stochastic"):
+    register(Recipe(f"compensated v=bf16 {_rounding}",
+                    f"bf16 storage, CompensatedAdamW(exp_avg_sq_dtype=bfloat16, exp_avg_sq_rounding={_rounding!r})",
+                    lambda: {"plugins": [HalfPrecisionForAudio("bf16-true", on_unsafe="warn")]},
+                    _compensated_bf16_second_moment(_rounding), f"Compensated v={_rounding[:4]}",
+                    in_default=False))  # fmt: skip
 
 
 def parse_recipes(text: str) -> list[str]:
-    """``"a,b"`` -> ``["a", "b"]``; ``"all"`` -> every registered recipe.
+    """``"a,b"`` -> ``["a", "b"]``; ``"default"`` -> the default run's recipes; ``"all"`` -> every registered one.
 
     Raises:
         SystemExit: On an unknown name, naming it and the valid choices.
     """
-    names = list(RECIPES) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    if text == "all":
+        return list(RECIPES)
+    if text == "default":
+        return [name for name, recipe in RECIPES.items() if recipe.in_default]
+    names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in RECIPES]
     if unknown or not names:
-        raise SystemExit(f"--recipes: unknown {unknown or text!r}; choose from {', '.join(RECIPES)} (or 'all')")
+        raise SystemExit(
+            f"--recipes: unknown {unknown or text!r}; choose from {', '.join(RECIPES)} (or 'default', 'all')"
+        )
     return names
 
 
@@ -447,8 +472,9 @@ def report(names: list[str], results: dict[str, dict[str, Any]], args: argparse.
         ),
         "",
     ]
+    width = max(24, *(len(n) for n in names))
     head = (
-        f"{'recipe':<24} {'storage':<9} {'optimizer':<18} {'state':<17} {'held-out':>9} {'ratio':>7} "
+        f"{'recipe':<{width}} {'storage':<9} {'optimizer':<18} {'state':<17} {'held-out':>9} {'ratio':>7} "
         f"{'train(last50)':>13} {'peak RSS':>9} {'over base':>9} {'B/p steady':>10} {'B/p peak':>8} {'s':>5}"
     )
     lines += [head, "-" * len(head)]
@@ -460,7 +486,7 @@ def report(names: list[str], results: dict[str, dict[str, Any]], args: argparse.
         peak_bpp = "-" if bpp["peak"] is None else f"{bpp['peak']:.2f}"
         tail = r["train_losses"][-50:]
         lines.append(
-            f"{name:<24} {r['storage']:<9} {RECIPES[name].optimizer_name:<18} {r['state']:<17} {final:>9.4f} "
+            f"{name:<{width}} {r['storage']:<9} {RECIPES[name].optimizer_name:<18} {r['state']:<17} {final:>9.4f} "
             f"{ratio:>7} {sum(tail) / len(tail):>13.4f} {r['peak_rss_mib']:>8.0f}M {r['peak_over_baseline_mib']:>8.0f}M "
             f"{bpp['total']:>10.2f} {peak_bpp:>8} {r['wall']:>5.0f}"
         )
@@ -527,7 +553,9 @@ def plot(names: list[str], results: dict[str, dict[str, Any]], args: argparse.Na
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", default="all", help=f"comma-separated, or 'all' ({', '.join(RECIPES)})")
+    parser.add_argument(
+        "--recipes", default="default", help=f"comma-separated, 'default' or 'all' ({', '.join(RECIPES)})"
+    )
     parser.add_argument("--list", action="store_true", help="print the recipes and exit")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
     parser.add_argument("--seed", type=int, default=0, help="model init and training-window seed")
@@ -565,7 +593,7 @@ def main() -> None:
         return
     if args.list:
         for recipe in RECIPES.values():
-            print(f"{recipe.name:<24} {recipe.summary}")
+            print(f"{recipe.name:<30} {recipe.summary}{'' if recipe.in_default else ' [not in the default run]'}")
         return
     names = parse_recipes(args.recipes)
     for name in names:

@@ -22,6 +22,7 @@ from lightning_precision._logging import info_rank_zero
 from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, PreserveKey, cast_batch, normalize_preserve_keys
 from lightning_precision.dtypes import HALF_DTYPES, dtype_name, parse_bool
 from lightning_precision.errors import PrecisionConfigError
+from lightning_precision.grad_accumulation import Fp32GradAccumulator, parse_accumulate_grad_dtype
 from lightning_precision.fp32_modules import (
     Fp32ModuleSelector,
     add_fp32_boundaries,
@@ -147,10 +148,16 @@ class HalfInputsMixin(PairingCheckMixin):
         on_unsafe: OnUnsafe | None,
         peft: bool,
         fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
+        accumulate_grad_dtype: str | torch.dtype | None = None,
     ) -> None:
+        name = type(self).__name__
         self.preserve_keys = normalize_preserve_keys(preserve_keys)
-        self.fp32_modules = normalize_fp32_modules(fp32_modules, what=f"{type(self).__name__}(fp32_modules=...)")
+        self.fp32_modules = normalize_fp32_modules(fp32_modules, what=f"{name}(fp32_modules=...)")
         self.fp32_module_names: tuple[str, ...] = ()  # what convert_module kept in fp32, for the contract
+        self.accumulate_grad_dtype = parse_accumulate_grad_dtype(
+            accumulate_grad_dtype, what=f"{name}(accumulate_grad_dtype=...)"
+        )
+        self.grad_accumulator = Fp32GradAccumulator(self.accumulate_grad_dtype) if self.accumulate_grad_dtype else None
         self._init_pairing_check(on_unsafe, peft)
 
     def _convert_keeping_fp32(self, module: Module, cast: Callable[[Module], Any]) -> Module:
@@ -176,10 +183,11 @@ class TrueHalfMixin(HalfInputsMixin):
         on_unsafe: OnUnsafe | None = None,
         peft: bool = False,
         fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
+        accumulate_grad_dtype: str | torch.dtype | None = None,
     ) -> None:
         # Lightning's canonical "bf16-true" / "16-true", for its HalfPrecision (Trainer or Fabric) next in the MRO.
         super().__init__(true_mode(precision, type(self).__name__).name)  # type: ignore[call-arg]
-        self._init_checks(preserve_keys, on_unsafe, peft, fp32_modules)
+        self._init_checks(preserve_keys, on_unsafe, peft, fp32_modules, accumulate_grad_dtype=accumulate_grad_dtype)
 
     @override
     def convert_module(self, module: Module) -> Module:
@@ -201,12 +209,13 @@ class FlashMixin(HalfInputsMixin):
         peft: bool = False,
         cast_model_kwargs: dict | None = None,
         fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
+        accumulate_grad_dtype: str | torch.dtype | None = None,
     ) -> None:
         mode = flash_mode(precision, type(self).__name__)
         self.precision = mode.name
         self._desired_input_dtype = mode.compute_dtype
         self.cast_model_kwargs = dict(cast_model_kwargs or {})
-        self._init_checks(preserve_keys, on_unsafe, peft, fp32_modules)
+        self._init_checks(preserve_keys, on_unsafe, peft, fp32_modules, accumulate_grad_dtype=accumulate_grad_dtype)
 
     @override
     def convert_module(self, module: Module) -> Module:

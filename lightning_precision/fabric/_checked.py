@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_precision._plugin_common import HalfInputsMixin, PairingCheckMixin
+from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import known_mode
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe
@@ -67,6 +68,19 @@ class _FabricPairingCheck(PairingCheckMixin, Precision):
 
 class _FabricHalfInputs(HalfInputsMixin, _FabricPairingCheck):
     """Base for the half Fabric plugins: casts the arguments of the wrapped module's forward call."""
+
+    @override
+    def _init_checks(self, *args: Any, accumulate_grad_dtype: Any = None, **kwargs: Any) -> None:
+        if accumulate_grad_dtype is not None:
+            # A Fabric loop reads param.grad wherever it likes between backward and step (its own clipping, logging),
+            # so gradients parked in fp32 buffers would vanish from under it: refused rather than half-done.
+            raise PrecisionConfigError(
+                f"`{type(self).__name__}(accumulate_grad_dtype={accumulate_grad_dtype!r})` is not supported under "
+                "Fabric. Valid choices: None. A Fabric loop decides where gradients are read: use "
+                "lightning_precision.grad_accumulation.Fp32GradAccumulator in it (attach(model.named_parameters()) "
+                "once, hand_over() before clipping and the step)."
+            )
+        super()._init_checks(*args, **kwargs)
 
     @override
     def convert_input(self, data: Any) -> Any:

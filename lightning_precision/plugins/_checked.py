@@ -3,14 +3,18 @@ of the batch. What the Fabric plugins share with them lives in :mod:`lightning_p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch.plugins.precision import Precision
+from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_precision._plugin_common import HalfInputsMixin, PairingCheckMixin
+from lightning_precision.errors import PrecisionConfigError
+from lightning_precision.grad_accumulation import trainer_accumulates
 from lightning_precision.policy import trainer_components
 
 
@@ -33,8 +37,76 @@ class _PairingCheck(PairingCheckMixin, Precision):
 
 
 class _CheckedHalfInputs(HalfInputsMixin, _PairingCheck):
-    """Base for the half Trainer plugins: Lightning hands ``convert_input`` the batch of ``training_step``."""
+    """Base for the half Trainer plugins: Lightning hands ``convert_input`` the batch of ``training_step``; with
+    ``accumulate_grad_dtype``, micro-batch gradients are summed in fp32 buffers and handed back before
+    ``on_before_optimizer_step`` and gradient clipping."""
+
+    _pending_accumulation: dict[str, Any] | None = None
 
     @override
     def convert_input(self, data: Any) -> Any:
         return self.cast_inputs(data)
+
+    @override
+    def connect(
+        self, model: Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
+    ) -> tuple[Module, list[Optimizer], list[Any]]:
+        connected = super().connect(model, optimizers, lr_schedulers)
+        if self.grad_accumulator is not None:
+            trainer = getattr(model, "_trainer", None)
+            # Only while Lightning accumulates: with one micro-batch per step there is no sum, and under manual
+            # optimization the user's code owns the gradients between backward and step.
+            self.grad_accumulator.attach(model.named_parameters(), active=lambda: trainer_accumulates(trainer))
+            self._accumulating_module = model
+            if self._pending_accumulation is not None:
+                self.grad_accumulator.load_state_dict(self._pending_accumulation, model.named_parameters())
+                self._pending_accumulation = None
+        return connected
+
+    @override
+    def post_backward(self, tensor: Tensor, module: Module) -> Tensor:  # type: ignore[override]
+        if self.grad_accumulator is not None:
+            self.grad_accumulator.collect(module.named_parameters())  # sharded (FSDP2) gradients; hooks took the rest
+            self.grad_accumulator.end_micro_batch()
+        return super().post_backward(tensor, module)  # type: ignore[arg-type]
+
+    @override
+    def optimizer_step(  # type: ignore[override]
+        self, optimizer: Any, model: Module, closure: Callable[[], Any], **kwargs: Any
+    ) -> Any:
+        accumulator = self.grad_accumulator
+        if accumulator is None:
+            return super().optimizer_step(optimizer, model, closure, **kwargs)
+
+        def closure_then_hand_over() -> Any:
+            result = closure()  # the last micro-batch's backward
+            accumulator.hand_over()  # before on_before_optimizer_step and clipping, which read param.grad
+            return result
+
+        return super().optimizer_step(optimizer, model, closure_then_hand_over, **kwargs)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.grad_accumulator is not None and self.grad_accumulator.pending:  # saved mid-accumulation
+            state = {**state, "grad_accumulation": self.grad_accumulator.state_dict()}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        saved = state.pop("grad_accumulation", None)
+        super().load_state_dict(state)
+        if saved is None:
+            return
+        if self.grad_accumulator is None:
+            raise PrecisionConfigError(
+                f"The checkpoint was saved while {type(self).__name__}(accumulate_grad_dtype='float32') was summing "
+                "micro-batch gradients; this run has accumulate_grad_dtype=None and cannot continue that sum. Resume "
+                "with accumulate_grad_dtype='float32'."
+            )
+        module = getattr(self, "_accumulating_module", None)
+        if module is None:
+            self._pending_accumulation = saved  # restored when Lightning connects the module
+        else:
+            self.grad_accumulator.load_state_dict(saved, module.named_parameters())

@@ -25,8 +25,12 @@ class HalfPrecisionForAudio(TrueHalfMixin, _CheckedHalfInputs, HalfPrecision):
         fp32_modules: Submodules kept in fp32 (parameters, buffers, inputs, math), handing their outputs on in the
             half dtype: module-name patterns (``"frontend"``, ``"*.norm"``), class names or ``nn.Module`` types. See
             :mod:`lightning_precision.fp32_modules`.
+        accumulate_grad_dtype: ``"float32"`` sums the micro-batch gradients of ``accumulate_grad_batches > 1`` in
+            fp32 buffers (4 B per half parameter while a step accumulates) and hands the sum to clipping and the
+            optimizer, rounded once; ``None`` (default): autograd sums them in the half dtype, as Lightning does.
+            Applies under automatic optimization only. See :mod:`lightning_precision.grad_accumulation`.
 
     Raises:
-        PrecisionConfigError: If ``precision`` is not a true half-precision string.
+        PrecisionConfigError: If ``accumulate_grad_dtype`` is neither ``None`` nor float32, or ``precision`` is not a true half-precision string.
     """
 

@@ -28,6 +28,7 @@ from lightning_precision.catalogue import classify_optimizer
 from lightning_precision.dtypes import parse_bool, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.fp32_modules import Fp32ModuleSelector, normalize_fp32_modules
+from lightning_precision.grad_accumulation import Fp32GradAccumulator, parse_accumulate_grad_dtype, trainer_accumulates
 from lightning_precision.modes import MODES, PrecisionMode, choices_text, get_mode
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, agreed_policy, check_and_enforce, trainer_components
@@ -106,10 +107,15 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
         save_distributed_checkpoint: Save a sharded checkpoint directory (``True``) or one full file (``False``).
         process_group_backend: As in ``ModelParallelStrategy``.
         timeout: As in ``ModelParallelStrategy``.
+        accumulate_grad_dtype: ``"float32"``: with half storage and ``accumulate_grad_batches > 1``, each
+            micro-batch's reduce-scattered gradient shard is moved into an fp32 buffer (4 B per half parameter /
+            world size) and the sum is handed to clipping and the optimizer, rounded once. ``None`` (default): FSDP2
+            adds each shard into the half gradient, rounding the running sum every micro-batch. See
+            :mod:`lightning_precision.grad_accumulation`.
 
     Raises:
-        PrecisionConfigError: On an invalid ``storage_dtype``, ``mp_policy``, ``optimizer``, ``blocks`` or
-            ``on_unsafe`` (conflicts between options are found in ``setup``, once the precision plugin is known).
+        PrecisionConfigError: On an invalid ``storage_dtype``, ``mp_policy``, ``optimizer``, ``blocks``,
+            ``accumulate_grad_dtype`` or ``on_unsafe`` (conflicts between options are found in ``setup``, once the precision plugin is known).
     """
 
     strategy_name = "fsdp2"
@@ -130,6 +136,7 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        accumulate_grad_dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__(
             data_parallel_size=data_parallel_size,
@@ -160,6 +167,10 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
         self.fp32_module_names: tuple[str, ...] = ()  # what setup kept in fp32, for the contract
         self.resolved: FSDP2Precision | None = None
         self.sharded_by_strategy = False
+        self.accumulate_grad_dtype = parse_accumulate_grad_dtype(
+            accumulate_grad_dtype, what="FSDP2Strategy(accumulate_grad_dtype=...)"
+        )
+        self.grad_accumulator = Fp32GradAccumulator(self.accumulate_grad_dtype) if self.accumulate_grad_dtype else None
 
     @classmethod
     @override
@@ -313,6 +324,37 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+        if self.grad_accumulator is not None:
+            if getattr(self.precision_plugin, "grad_accumulator", None) is not None:
+                raise PrecisionConfigError(
+                    "accumulate_grad_dtype is set on both FSDP2Strategy and the precision plugin "
+                    f"{type(self.precision_plugin).__name__}: set it on one of them."
+                )
+            self.grad_accumulator.attach(self.model.named_parameters(), active=lambda: trainer_accumulates(trainer))
+
+    @override
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        super().post_backward(closure_loss)
+        if self.grad_accumulator is not None and self.model is not None:
+            # FSDP2 has reduce-scattered this micro-batch (fp32 under the default reduce dtype) and cast the shard to
+            # the storage dtype; moving it out now keeps FSDP2 from adding the next one into it in half precision.
+            self.grad_accumulator.collect(self.model.named_parameters())
+            self.grad_accumulator.end_micro_batch()
+
+    @override
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer, closure: Any, model: Any = None, **kwargs: Any
+    ) -> Any:
+        accumulator = self.grad_accumulator
+        if accumulator is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+        def closure_then_hand_over() -> Any:
+            result = closure()  # the last micro-batch's backward
+            accumulator.hand_over()  # before on_before_optimizer_step and clipping, which read param.grad
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_hand_over, model, **kwargs)
 
     def _resolve_precision(self) -> FSDP2Precision:
         name = getattr(self.precision_plugin, "precision", None)

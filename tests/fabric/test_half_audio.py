@@ -111,3 +111,8 @@ def test_bad_precision_names_the_value_and_choices():
         HalfPrecisionForAudio("bf16-mixed")
     with pytest.raises(PrecisionConfigError, match="on_unsafe='loud'"):
         HalfPrecisionForAudio(on_unsafe="loud")
+
+
+def test_accumulate_grad_dtype_is_refused_under_fabric_naming_the_accumulator():
+    with pytest.raises(PrecisionConfigError, match=r"accumulate_grad_dtype='float32'\)` is not supported under Fabric.*Fp32GradAccumulator"):
+        HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="float32")

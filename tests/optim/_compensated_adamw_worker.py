@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ SPECS = [
     ((3,), torch.bfloat16, Replicate()),
 ]
 OPTIONS = {"lr": 1e-2, "weight_decay": 0.1, "chunk_size": 100}
+# Both moments in bf16, rounded stochastically: the noise must follow the global element, not the shard.
+STOCHASTIC = {**OPTIONS, "exp_avg_sq_dtype": torch.bfloat16, "exp_avg_rounding": "stochastic",
+              "exp_avg_sq_rounding": "stochastic", "rounding_seed": 7}  # fmt: skip
 
 
 def _tensors(seed: int) -> list[torch.Tensor]:
@@ -39,10 +43,10 @@ def _tensors(seed: int) -> list[torch.Tensor]:
     return [torch.randn(shape, generator=g).to(dtype) for shape, dtype, _ in SPECS]
 
 
-def _train_plain() -> tuple[list[torch.Tensor], CompensatedAdamW]:
+def _train_plain(options: dict[str, Any]) -> tuple[list[torch.Tensor], CompensatedAdamW]:
     """The single-process result every rank compares against."""
     params = [torch.nn.Parameter(t) for t in _tensors(0)]
-    opt = CompensatedAdamW(params, **OPTIONS)
+    opt = CompensatedAdamW(params, **options)
     for step in range(STEPS):
         for p, g in zip(params, _tensors(step + 1)):
             p.grad = g
@@ -50,12 +54,14 @@ def _train_plain() -> tuple[list[torch.Tensor], CompensatedAdamW]:
     return params, opt
 
 
-def _train_dtensor(mesh, implementation: str) -> tuple[list[torch.Tensor], CompensatedAdamW, int]:
+def _train_dtensor(
+    mesh, implementation: str, options: dict[str, Any]
+) -> tuple[list[torch.Tensor], CompensatedAdamW, int]:
     params = [
         torch.nn.Parameter(distribute_tensor(t, mesh, [placement]))
         for t, (_, _, placement) in zip(_tensors(0), SPECS)
     ]
-    opt = CompensatedAdamW(params, implementation=implementation, **OPTIONS)
+    opt = CompensatedAdamW(params, implementation=implementation, **options)
     collectives = 0
     for step in range(STEPS):
         for p, g, (_, _, placement) in zip(params, _tensors(step + 1), SPECS):
@@ -70,12 +76,12 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def dtensor(out: Path, rank: int) -> dict[str, Any]:
+def dtensor(out: Path, rank: int, options: dict[str, Any] = OPTIONS) -> dict[str, Any]:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    plain, plain_opt = _train_plain()
+    plain, plain_opt = _train_plain(options)
     result: dict[str, Any] = {}
     for implementation in ("chunked", "reference"):
-        params, opt, collectives = _train_dtensor(mesh, implementation)
+        params, opt, collectives = _train_dtensor(mesh, implementation, options)
         mismatches = []
         for i, (p, q) in enumerate(zip(params, plain)):
             if not torch.equal(_full(p.detach()), q.detach()):
@@ -155,7 +161,7 @@ def fsdp2(out: Path, rank: int) -> dict[str, Any]:
     return {"chunked_equals_reference": equal, "dcp": saved, "sharded": all(isinstance(p, DTensor) for p in params[0])}
 
 
-SCENARIOS = {"dtensor": dtensor, "fsdp2": fsdp2}
+SCENARIOS = {"dtensor": dtensor, "dtensor_stochastic": partial(dtensor, options=STOCHASTIC), "fsdp2": fsdp2}
 
 
 def main() -> None:

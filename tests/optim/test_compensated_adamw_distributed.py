@@ -32,6 +32,16 @@ def test_dtensor_step_matches_single_process_bitwise(run_scenario, implementatio
     assert ranks[0]["chunked"]["local_numels"][0] + ranks[1]["chunked"]["local_numels"][0] == 35
 
 
+@pytest.mark.parametrize("implementation", ["chunked", "reference"])
+def test_stochastic_rounding_on_2_ranks_matches_1_process_bitwise(run_scenario, implementation):
+    """Stochastically rounded bf16 moments: the same global model gives the same bits on 1 process and on 2 ranks
+    (uneven Shard(0), Shard(1) and Replicate placements), because the noise hashes the global element index."""
+    ranks = run_scenario("dtensor_stochastic")
+    for rank, result in enumerate(ranks):
+        assert result[implementation]["mismatches"] == [], f"rank {rank}"
+    assert ranks[0]["chunked"]["local_numels"][0] + ranks[1]["chunked"]["local_numels"][0] == 35
+
+
 def test_chunked_step_updates_local_shards_without_collectives(run_scenario):
     for result in run_scenario("dtensor"):
         assert result["chunked"]["collectives_in_step"] == 0

@@ -1,10 +1,13 @@
 """HalfPrecisionForAudio."""
 
+import copy
+
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import HalfPrecision
 
 from lightning_precision import HalfPrecisionForAudio, PrecisionConfigError
+from tests.helpers import RecordingModule, fit, loader
 
 HALF = {"bf16-true": torch.bfloat16, "fp16-true": torch.float16, "16-true": torch.float16}
 
@@ -52,3 +55,66 @@ def test_peft_spellings_are_read_as_booleans(spelling, expected):
 def test_peft_that_is_not_a_boolean_is_refused():
     with pytest.raises(PrecisionConfigError, match=r"HalfPrecisionForAudio\(peft=...\)='maybe'"):
         HalfPrecisionForAudio("bf16-true", peft="maybe")
+
+
+class _GradsBeforeStep(RecordingModule):
+    """Records the gradients clipping and the optimizer would see at each step."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.0))
+        self.step_grads: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.step_grads.append({n: p.grad.clone() for n, p in self.named_parameters()})
+
+
+def _fp32_sum_of_micro_batches(module, dtype, batches, n):
+    """Each micro-batch's half gradient (of loss / n, as Lightning scales it) alone, summed in fp32."""
+    twin = copy.deepcopy(module).to(dtype)
+    total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in twin.named_parameters()}
+    for batch in batches:
+        twin.zero_grad(set_to_none=True)
+        cast = HalfPrecisionForAudio("bf16-true" if dtype == torch.bfloat16 else "fp16-true").convert_input(batch)
+        with torch.autocast("cpu", enabled=False):
+            (twin.training_step(cast, 0) / n).backward()
+        for name, p in twin.named_parameters():
+            total[name] += p.grad.float()
+    return total
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.bfloat16), ("fp16-true", torch.float16)])
+def test_accumulate_grad_dtype_hands_the_fp32_sum_to_the_step(precision, dtype):
+    module = _GradsBeforeStep()
+    initial = copy.deepcopy(module)
+    plugin = HalfPrecisionForAudio(precision, accumulate_grad_dtype="float32", on_unsafe="ignore")
+    fit(module, steps=1, plugins=[plugin], accumulate_grad_batches=4)
+    reference = _fp32_sum_of_micro_batches(initial, dtype, list(loader())[:4], 4)
+    (seen,) = module.step_grads
+    for name, grad in seen.items():
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad, reference[name].to(dtype), rtol=0, atol=0)
+    assert not plugin.grad_accumulator.pending
+
+
+def test_accumulate_grad_dtype_leaves_single_micro_batch_steps_to_autograd():
+    module = _GradsBeforeStep()
+    plugin = HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="float32", on_unsafe="ignore")
+    fit(module, steps=2, plugins=[plugin], accumulate_grad_batches=1)
+    assert len(module.step_grads) == 2 and plugin.grad_accumulator.micro_batches == 0
+
+
+def test_accumulate_grad_dtype_is_refused_unless_float32():
+    with pytest.raises(PrecisionConfigError, match=r"HalfPrecisionForAudio\(accumulate_grad_dtype=...\)` got 'bf16'"):
+        HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="bf16")
+
+
+def test_state_dict_holds_the_buffers_only_mid_accumulation():
+    module = _GradsBeforeStep()
+    plugin = HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="float32", on_unsafe="ignore")
+    fit(module, steps=1, plugins=[plugin], accumulate_grad_batches=2)
+    assert plugin.state_dict() == {}
+    plugin.grad_accumulator.buffers[module.net[0].weight] = torch.ones_like(module.net[0].weight, dtype=torch.float32)
+    saved = plugin.state_dict()["grad_accumulation"]
+    assert set(saved["buffers"]) == {"net.0.weight"}
+    with pytest.raises(PrecisionConfigError, match="accumulate_grad_dtype='float32'"):
+        HalfPrecisionForAudio("bf16-true").load_state_dict({"grad_accumulation": saved})

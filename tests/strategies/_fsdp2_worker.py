@@ -392,6 +392,38 @@ def scenario_compensated_resume(out: Path) -> dict[str, Any]:
     }
 
 
+def scenario_accumulate_fp32(out: Path) -> dict[str, Any]:
+    """bf16 storage ("auto" for CompensatedAdamW), 4 micro-batches per step summed in fp32 buffers by the strategy."""
+    micro: list[dict[str, torch.Tensor]] = []
+    handed: list[dict[str, torch.Tensor]] = []
+
+    def local(module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        return {n: p.grad.to_local().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    class Record(pl.Callback):
+        def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            micro.append(local(pl_module))  # this micro-batch's reduce-scattered shard, before the strategy takes it
+
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+            handed.append(local(pl_module))
+
+    module = CompensatedBlocks()
+    strategy = FSDP2Strategy(optimizer="lightning_precision.optim.CompensatedAdamW", accumulate_grad_dtype="float32")
+    t = trainer(strategy, out, steps=1, accumulate_grad_batches=4, callbacks=[Record()])
+    t.fit(module, loader())
+    names = sorted(handed[0])
+    fp32_sum = {n: sum(m[n].float() for m in micro) for n in names}
+    return {
+        "storage": sorted({dtype_name(p.dtype) for p in module.parameters()}),
+        "micro_batches": len(micro),
+        "steps": len(handed),
+        "handed_dtype": sorted({dtype_name(g.dtype) for g in handed[0].values()}),
+        "micro_fresh": all(set(m) == set(names) for m in micro),
+        "equals_fp32_sum": all(torch.equal(handed[0][n], fp32_sum[n].to(handed[0][n].dtype)) for n in names),
+        "pending_after_step": t.strategy.grad_accumulator.pending,
+    }
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)

@@ -164,3 +164,16 @@ def test_compensated_adamw_checkpoint_resumes_across_world_sizes(tmp_path, saved
         assert rank["restored_exactly"] is True
         assert {k.split("/")[0] for k in rank["keys"]} == {"param", "exp_avg", "exp_avg_sq", "compensation"}
         assert rank["storage"] == ["bfloat16"] and rank["state"] == expected_state
+
+
+# -- accumulate_grad_dtype="float32" ---------------------------------------------------------------------------------
+
+
+def test_fp32_accumulation_hands_the_step_the_fp32_sum_of_the_micro_batch_shards(run_scenario):
+    for rank in run_scenario("accumulate_fp32"):
+        assert rank["storage"] == ["bfloat16"]
+        assert (rank["micro_batches"], rank["steps"]) == (4, 1)
+        assert rank["micro_fresh"] is True  # every micro-batch's shard arrived on its own, not added to a bf16 sum
+        assert rank["handed_dtype"] == ["bfloat16"]
+        assert rank["equals_fp32_sum"] is True
+        assert rank["pending_after_step"] is False

@@ -1,0 +1,209 @@
+"""Summing micro-batch gradients in fp32 for half-precision parameters (``accumulate_grad_dtype="float32"``).
+
+With ``accumulate_grad_batches=N`` autograd adds every micro-batch's gradient into ``param.grad``, which has the
+parameter's dtype: under ``bf16-true`` (or FSDP2 with bf16 storage) the running sum is rounded to bf16 after every
+addition, so late micro-batches lose their low bits against a grown sum. An :class:`Fp32GradAccumulator` keeps one
+fp32 buffer per half parameter instead, as Megatron's ``main_grad`` does: each micro-batch's gradient is added into
+the buffer and ``param.grad`` is released, so autograd never sums in half precision. Before the optimizer step (and
+before gradient clipping) the buffer is handed back as ``param.grad``, rounded once to the parameter's dtype because
+autograd requires a gradient of the parameter's dtype.
+
+Memory: 4 bytes per half parameter while a step accumulates, instead of the 2-byte half gradient (the half gradient of
+the micro-batch being added is released at once on plain tensors; FSDP2's sharded gradients are swept after each
+backward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+from torch.utils.hooks import RemovableHandle
+
+from lightning_precision.dtypes import HALF_DTYPES, dtype_name, parse_dtype
+from lightning_precision.errors import PrecisionConfigError
+
+ACCUMULATE_GRAD_DTYPES = ("float32",)  # what ``accumulate_grad_dtype`` accepts besides ``None``
+
+
+def parse_accumulate_grad_dtype(value: Any, *, what: str) -> torch.dtype | None:
+    """Validate an ``accumulate_grad_dtype`` argument: ``None`` (sum in the parameter's dtype) or float32.
+
+    Args:
+        value: ``None``, ``"float32"`` (``"fp32"``, ``"32"``, ``torch.float32``).
+        what: The call, for the message (``"HalfPrecisionForAudio(accumulate_grad_dtype=...)"``).
+
+    Raises:
+        PrecisionConfigError: For any other value, naming it and the valid choices.
+    """
+    if value is None:
+        return None
+    try:
+        dtype = parse_dtype(value, what=what)
+    except PrecisionConfigError:
+        dtype = None
+    if dtype != torch.float32:
+        raise PrecisionConfigError(
+            f"`{what}` got {value!r}. Valid choices: None (sum micro-batch gradients in the parameter's dtype) or "
+            f"{', '.join(repr(c) for c in ACCUMULATE_GRAD_DTYPES)}."
+        )
+    return dtype
+
+
+def accumulation_dtype(storage_dtype: torch.dtype | None, accumulate_grad_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype in which micro-batch gradients of parameters stored in ``storage_dtype`` are summed.
+
+    Autograd (and FSDP2's sharded gradient) sums in the parameter's dtype; fp32 buffers take over for half storage.
+    """
+    if accumulate_grad_dtype is not None and storage_dtype in HALF_DTYPES:
+        return accumulate_grad_dtype
+    return storage_dtype
+
+
+def describe_accumulation(micro_batches: int, dtype: torch.dtype | None) -> str:
+    """``"16 micro-batches summed in bfloat16"``, or ``"1 micro-batch (no accumulation)"``."""
+    if micro_batches <= 1:
+        return "1 micro-batch (no accumulation)"
+    return f"{micro_batches} micro-batches summed in {dtype_name(dtype)}"
+
+
+def trainer_accumulates(trainer: Any) -> bool:
+    """Whether a Lightning Trainer sums several micro-batches into each optimizer step (automatic optimization with
+    ``accumulate_grad_batches > 1``, read live: a ``GradientAccumulationScheduler`` changes it between epochs)."""
+    if trainer is None:
+        return False
+    module = getattr(trainer, "lightning_module", None)
+    return bool(getattr(module, "automatic_optimization", True)) and int(trainer.accumulate_grad_batches) > 1
+
+
+class Fp32GradAccumulator:
+    """fp32 buffers that take each micro-batch's gradient of half parameters, handed back before the step.
+
+    Args:
+        dtype: The buffers' dtype (float32).
+
+    Two ways to feed it: :meth:`attach` registers post-accumulate-grad hooks on plain tensors (the half gradient is
+    moved into the buffer as soon as autograd has written it), and :meth:`collect` sweeps gradients that something
+    else wrote (FSDP2's sharded DTensor gradients, after each backward). :meth:`hand_over` puts the sums back as
+    ``param.grad``.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
+        self.buffers: dict[Tensor, Tensor] = {}
+        self._names: dict[Tensor, str] = {}
+        self._handles: list[RemovableHandle] = []
+        self._active: Callable[[], bool] = lambda: True
+        self.micro_batches = 0  # micro-batches summed into the buffers since the last hand-over
+
+    def tracked(self, named_params: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
+        """The trainable half parameters among ``named_params``: the only ones whose sum changes in fp32."""
+        for name, param in named_params:
+            if param.requires_grad and param.dtype in HALF_DTYPES:
+                yield name, param
+
+    def attach(self, named_params: Iterable[tuple[str, Tensor]], active: Callable[[], bool] = lambda: True) -> int:
+        """Hook the trainable half parameters so each micro-batch's gradient goes into its buffer.
+
+        Args:
+            named_params: ``module.named_parameters()``.
+            active: Asked on every gradient; ``False`` leaves autograd's gradient alone (one micro-batch per step, or
+                manual optimization, where the user's code owns the gradients).
+
+        Returns:
+            How many parameters were hooked.
+        """
+        self.detach()
+        self._active = active
+        for name, param in self.tracked(named_params):
+            self._names[param] = name
+            if not isinstance(param, DTensor):  # FSDP2 writes sharded gradients itself: collect() sweeps those
+                self._handles.append(param.register_post_accumulate_grad_hook(self._take))
+        return len(self._handles)
+
+    def detach(self) -> None:
+        """Remove the hooks (the buffers stay until :meth:`hand_over`)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _take(self, param: Tensor) -> None:
+        if param.grad is None or not self._active():
+            return
+        self._add(param, param.grad)
+        param.grad = None  # autograd writes the next micro-batch's gradient fresh: never a half-precision sum
+
+    def _add(self, param: Tensor, grad: Tensor) -> None:
+        buffer = self.buffers.get(param)
+        if buffer is None:
+            self.buffers[param] = grad.to(self.dtype, copy=True)
+        else:
+            buffer.add_(grad)  # the half gradient is upcast exactly inside the add
+
+    def collect(self, named_params: Iterable[tuple[str, Tensor]]) -> None:
+        """Move the current gradients of the trainable half parameters into the buffers and release them; call after
+        each backward, for what the hooks of :meth:`attach` cannot see (FSDP2's sharded parameters). Does nothing
+        while inactive."""
+        if not self._active():
+            return
+        for name, param in self.tracked(named_params):
+            if param.grad is not None:
+                self._names.setdefault(param, name)
+                self._add(param, param.grad)
+                param.grad = None
+
+    def end_micro_batch(self) -> None:
+        """Count one micro-batch (for the contract and the tests); the buffers do not depend on it."""
+        if self.buffers:
+            self.micro_batches += 1
+
+    def hand_over(self) -> int:
+        """Give each parameter its summed gradient as ``param.grad`` (rounded once to the parameter's dtype) and free
+        the buffers. A gradient autograd wrote meanwhile (hooks inactive) is added first, so nothing is dropped.
+
+        Returns:
+            How many parameters got a gradient.
+        """
+        handed = 0
+        while self.buffers:
+            param, buffer = self.buffers.popitem()  # one buffer at a time: the peak is one parameter's extra copy
+            if param.grad is not None:
+                buffer.add_(param.grad)
+            param.grad = buffer.to(param.dtype)
+            handed += 1
+        self.micro_batches = 0
+        return handed
+
+    @property
+    def pending(self) -> bool:
+        """Whether a sum is waiting for the optimizer step."""
+        return bool(self.buffers)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The buffers by parameter name (empty between steps, when checkpoints are usually written)."""
+        return {
+            "dtype": dtype_name(self.dtype),
+            "micro_batches": self.micro_batches,
+            "buffers": {self._names[p]: b for p, b in self.buffers.items() if p in self._names},
+        }
+
+    def load_state_dict(self, state: dict[str, Any], named_params: Iterable[tuple[str, Tensor]]) -> None:
+        """Restore :meth:`state_dict` onto the parameters of the same names.
+
+        Raises:
+            PrecisionConfigError: If a saved buffer names a parameter that is not a trainable half parameter here.
+        """
+        params = dict(self.tracked(named_params))
+        saved = state.get("buffers", {})
+        missing = sorted(set(saved) - set(params))
+        if missing:
+            raise PrecisionConfigError(
+                f"The checkpoint holds fp32 gradient-accumulation buffers for {len(missing)} parameters that are not "
+                f"trainable half-precision parameters of this model (e.g. {missing[0]!r})."
+            )
+        self.buffers = {params[n]: b.to(device=params[n].device, dtype=self.dtype) for n, b in saved.items()}
+        self._names.update({p: n for n, p in params.items()})
+        self.micro_batches = int(state.get("micro_batches", 0))
