@@ -162,6 +162,13 @@ register(Recipe("fsdp2-auto x2", "FSDP2Strategy(storage_dtype='auto') + bf16-mix
                          "strategy": FSDP2Strategy(storage_dtype="auto", optimizer="torch.optim.AdamW",
                                                    on_unsafe="error")},
                 _torch_adamw, "torch.AdamW", world=2))  # fmt: skip
+# The accumulation study (accumulate_grad_dtype): against "bf16-true+compensated", whose micro-batch gradients autograd
+# sums in bf16; run both with --accumulate-grad-batches N.
+register(Recipe("bf16-true+compensated fp32-accum",
+                "bf16 storage, CompensatedAdamW, HalfPrecisionForAudio(accumulate_grad_dtype='float32')",
+                lambda: {"plugins": [HalfPrecisionForAudio("bf16-true", on_unsafe="error",
+                                                           accumulate_grad_dtype="float32")]},
+                _compensated, "CompensatedAdamW", in_default=False))  # fmt: skip
 # The second-moment study (exp_avg_sq_rounding): against "bf16-true+compensated", whose second moment is fp32.
 for _rounding in ("nearest", "stochastic"):
     register(Recipe(f"compensated v=bf16 {_rounding}",

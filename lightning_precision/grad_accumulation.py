@@ -63,11 +63,24 @@ def accumulation_dtype(storage_dtype: torch.dtype | None, accumulate_grad_dtype:
     return storage_dtype
 
 
-def describe_accumulation(micro_batches: int, dtype: torch.dtype | None) -> str:
-    """``"16 micro-batches summed in bfloat16"``, or ``"1 micro-batch (no accumulation)"``."""
+def describe_accumulation(micro_batches: int | None, dtype: torch.dtype | str | None) -> str:
+    """``"16 micro-batches summed in bfloat16"``, ``"1 micro-batch (no accumulation)"``, or for ``None`` (a Fabric
+    loop, which decides itself) the dtype its sums would have."""
+    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    if micro_batches is None:
+        return f"decided by the training loop (a sum of param.grad is kept in {name})"
     if micro_batches <= 1:
         return "1 micro-batch (no accumulation)"
-    return f"{micro_batches} micro-batches summed in {dtype_name(dtype)}"
+    return f"{micro_batches} micro-batches summed in {name}"
+
+
+def accumulate_grad_dtype_of(*components: Any) -> torch.dtype | None:
+    """The ``accumulate_grad_dtype`` set on any of a run's components (precision plugin, strategy), else ``None``."""
+    for component in components:
+        dtype = getattr(component, "accumulate_grad_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return None
 
 
 def trainer_accumulates(trainer: Any) -> bool:

@@ -24,7 +24,7 @@ class MemoryEstimate:
 
     Attributes:
         params: Parameter storage.
-        grads: Gradient (same dtype as the parameter).
+        grads: Gradient (the parameter's dtype, or the fp32 accumulation buffer's while a step accumulates).
         optimizer_state: Moments plus master/error-correction/compensation bytes.
         state_parts: ``(name, bytes)`` for each part of the optimizer state, e.g. ``("exp_avg bfloat16", 2.0)``.
         measured: Whether the numbers were read from live tensors rather than predicted from dtypes.
@@ -79,13 +79,16 @@ def _num(value: float) -> str:
     return f"{value:.4g}"
 
 
-def estimate_bytes_per_param(storage_dtype: torch.dtype | None, info: OptimizerInfo | None) -> MemoryEstimate | None:
+def estimate_bytes_per_param(
+    storage_dtype: torch.dtype | None, info: OptimizerInfo | None, *, grad_dtype: torch.dtype | None = None
+) -> MemoryEstimate | None:
     """Predict bytes per trainable parameter from the storage dtype and what the optimizer keeps.
 
     Args:
         storage_dtype: Dtype of the trainable parameters (``None``: unknown, no estimate).
         info: The classified optimizer (``None``: no optimizer given, params and grads only); its settings
             (``momentum``, ``quantize``, ``exp_avg_dtype``) are part of the classification.
+        grad_dtype: Dtype the gradient is held in, when not the storage dtype (fp32 accumulation buffers).
 
     Returns:
         The estimate, or ``None`` when the storage dtype is not known.
@@ -96,7 +99,7 @@ def estimate_bytes_per_param(storage_dtype: torch.dtype | None, info: OptimizerI
     parts = [] if info is None else info.state_parts(storage_dtype)
     return MemoryEstimate(
         params=float(size),
-        grads=float(size),
+        grads=float((grad_dtype or storage_dtype).itemsize),
         optimizer_state=float(sum(b for _, b in parts)),
         state_parts=tuple(parts),
         step_transient=info.step_transient(storage_dtype) if info is not None else 0.0,

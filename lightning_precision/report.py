@@ -16,6 +16,7 @@ import torch
 from lightning_precision._logging import info_once, info_rank_zero, warn_once
 from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, observed_moment_dtypes
 from lightning_precision.dtypes import dtype_name
+from lightning_precision.grad_accumulation import accumulation_dtype, describe_accumulation
 from lightning_precision.pairing import Status, Verdict, judged_params
 
 CHECKPOINT_KEY = "precision_contract"  # where the runtime guard stores the contract in a checkpoint
@@ -56,6 +57,11 @@ class PrecisionContract:
         measured: The latest stale-update fractions of an ``UpdateUnderflowMonitor`` running alongside the guard,
             by metric name (empty without one, or before its first measurement).
         fp32_modules: Submodules the precision plugin or strategy keeps in fp32 (``fp32_modules=...``).
+        accumulate_grad_batches: Micro-batches whose gradients are summed into each optimizer step (``None``: a
+            Fabric loop, which decides that itself).
+        grad_accumulation_dtype: Dtype of that sum for the judged parameters: the storage dtype (autograd's
+            ``param.grad``, FSDP2's sharded gradient), or float32 with ``accumulate_grad_dtype="float32"``; ``"-"``
+            when not known. Contracts written before these fields existed read back as 1 micro-batch, ``"-"``.
     """
 
     precision: str
@@ -64,6 +70,13 @@ class PrecisionContract:
     optimizers: list[OptimizerContract] = field(default_factory=list)
     measured: dict[str, float] = field(default_factory=dict)
     fp32_modules: list[str] = field(default_factory=list)
+    accumulate_grad_batches: int | None = 1
+    grad_accumulation_dtype: str = "-"
+
+    @property
+    def accumulation_text(self) -> str:
+        """``"16 micro-batches summed in bfloat16"`` (``"1 micro-batch (no accumulation)"``)."""
+        return describe_accumulation(self.accumulate_grad_batches, self.grad_accumulation_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON, hyperparameters and checkpoints."""
@@ -94,7 +107,11 @@ class PrecisionContract:
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
         title = f"Precision contract (precision={self.precision})"
         kept = [f"kept in fp32: {', '.join(self.fp32_modules)}"] if self.fp32_modules else []
-        return "\n".join([title, line(head), line(["-" * w for w in widths]), *map(line, rows), *kept])
+        accumulates = self.accumulate_grad_batches is not None and self.accumulate_grad_batches > 1
+        accumulation = [f"gradient accumulation: {self.accumulation_text}"] if accumulates else []
+        return "\n".join(
+            [title, line(head), line(["-" * w for w in widths]), *map(line, rows), *kept, *accumulation]
+        )
 
 
 def describe_protection(info: OptimizerInfo, storage_dtype: torch.dtype | None) -> str:
@@ -102,6 +119,8 @@ def describe_protection(info: OptimizerInfo, storage_dtype: torch.dtype | None) 
     if storage_dtype is not None and not (storage_dtype.is_floating_point and storage_dtype.itemsize < 4):
         return f"not needed ({dtype_name(storage_dtype)} storage is the master copy)"
     if info.kind is OptimizerKind.KEEPS_MASTER:
+        if info.master_label:
+            return f"yes ({info.master_label})"
         return f"yes ({16 + 8 * info.master_bytes}-bit master)" if info.master_bytes else "yes"
     if info.kind is OptimizerKind.COMPENSATED:
         return "compensated (Kahan)" if info.compensation_buffer else "compensated (stochastic rounding)"
@@ -145,6 +164,8 @@ def build_contract(
     reduce_dtype: torch.dtype | None = None,
     fp32_modules: Iterable[str] = (),
     observe_state: bool = False,
+    accumulate_grad_batches: int | None = 1,
+    accumulate_grad_dtype: torch.dtype | None = None,
 ) -> PrecisionContract:
     """The contract of a run from its live optimizers and their verdicts (the Trainer guard and Fabric's ``check``).
 
@@ -157,18 +178,23 @@ def build_contract(
         fp32_modules: Submodules kept in fp32 (duplicates are dropped).
         observe_state: Read the optimizer-state dtypes from the state tensors (after a step) instead of predicting
             them.
+        accumulate_grad_batches: Micro-batches summed into each step (``None``: decided by a Fabric loop).
+        accumulate_grad_dtype: The plugin's or strategy's ``accumulate_grad_dtype`` (``None``: the storage dtype).
     """
     rows = []
     for optimizer, verdict in zip(optimizers, verdicts):
         params = judged_params(optimizer)
         observed = observed_state_dtypes(optimizer, params, verdict.optimizer) if observe_state else None
         rows.append(optimizer_contract(verdict, observed))
+    storage = verdicts[0].storage_dtype if verdicts else None
     return PrecisionContract(
         precision=precision,
         compute_dtype=dtype_name(compute_dtype),
         reduce_dtype=dtype_name(reduce_dtype),
         optimizers=rows,
         fp32_modules=list(dict.fromkeys(fp32_modules)),
+        accumulate_grad_batches=None if accumulate_grad_batches is None else int(accumulate_grad_batches),
+        grad_accumulation_dtype=dtype_name(accumulation_dtype(storage, accumulate_grad_dtype)),
     )
 
 

@@ -142,3 +142,35 @@ def test_apex_fused_adam_on_bf16_parameters_is_unsafe_although_its_moments_are_f
     assert verdict.status is Status.UNSAFE
     assert "writes each update into the bfloat16 parameter in place" in verdict.message
     assert info.state_text(torch.bfloat16) == "float32"
+
+
+TE_FUSED_ADAM = "transformer_engine.pytorch.optimizers.FusedAdam"
+
+
+def test_te_fused_adam_with_param_remainders_keeps_a_32_bit_master_in_2_bytes():
+    info = classify_optimizer({"_target_": TE_FUSED_ADAM, "master_weights": True, "store_param_remainders": True})
+    assert judge(torch.bfloat16, info).status is Status.SAFE
+    parts = dict(info.state_parts(torch.bfloat16))
+    assert parts == {"exp_avg float32": 4.0, "exp_avg_sq float32": 4.0, "fp32 master remainders (16 low bits)": 2.0}
+
+
+def test_te_fused_adam_full_master_costs_4_bytes():
+    info = classify_optimizer({"_target_": TE_FUSED_ADAM, "master_weights": True})
+    assert judge(torch.bfloat16, info).status is Status.SAFE
+    assert dict(info.state_parts(torch.bfloat16))["float32 master copy"] == 4.0
+
+
+def test_te_param_remainders_without_master_weights_is_unsafe_and_says_why():
+    info = classify_optimizer({"_target_": TE_FUSED_ADAM, "store_param_remainders": True})
+    assert judge(torch.bfloat16, info).status is Status.UNSAFE
+    assert "store_param_remainders needs master_weights=True" in info.reason
+    assert info.state_text(torch.bfloat16) == "float32"  # its documented moment default, though it writes bf16 params
+
+
+def test_te_half_master_weight_dtype_does_not_protect_bf16_parameters():
+    info = classify_optimizer(
+        {"_target_": TE_FUSED_ADAM, "master_weights": True, "store_param_remainders": True,
+         "master_weight_dtype": "bfloat16"}
+    )  # fmt: skip
+    assert judge(torch.bfloat16, info).status is Status.UNSAFE
+    assert "master_weight_dtype=bfloat16" in info.reason

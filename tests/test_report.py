@@ -1,11 +1,12 @@
 """Reading a run's precision contract back from its checkpoint."""
 
+import pytest
 import torch
 
 from lightning_precision import PrecisionGuard
 from lightning_precision.callbacks import UpdateUnderflowMonitor
 from lightning_precision.callbacks.underflow import METRIC_UPDATE
-from lightning_precision.report import read_precision_contract
+from lightning_precision.report import PrecisionContract, read_precision_contract
 from tests.helpers import RecordingModule, adamw, fit
 
 
@@ -40,3 +41,21 @@ def test_contract_records_monitor_fractions(tmp_path):
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     contract = read_precision_contract(torch.load(tmp_path / "run.ckpt", weights_only=True))  # a loaded dict
     assert contract.measured[METRIC_UPDATE] == monitor.latest.stale_update_fraction
+
+
+def test_contract_written_before_the_accumulation_fields_reads_back():
+    old = {"precision": "bf16-true", "compute_dtype": "bfloat16", "reduce_dtype": "-", "optimizers": []}
+    contract = PrecisionContract.from_dict(old)
+    assert (contract.accumulate_grad_batches, contract.grad_accumulation_dtype) == (1, "-")
+    assert PrecisionContract.from_dict(contract.to_dict()) == contract
+
+
+@pytest.mark.parametrize(
+    ("micro_batches", "line"),
+    [(16, "gradient accumulation: 16 micro-batches summed in bfloat16"), (1, None), (None, None)],
+)
+def test_table_names_the_accumulation_only_when_micro_batches_are_summed(micro_batches, line):
+    contract = PrecisionContract("bf16-true", "bfloat16", accumulate_grad_batches=micro_batches,
+                                 grad_accumulation_dtype="bfloat16")  # fmt: skip
+    lines = contract.format_table().splitlines()
+    assert (lines[-1] == line) if line else not any("accumulation" in l for l in lines)

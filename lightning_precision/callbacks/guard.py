@@ -10,6 +10,7 @@ from typing_extensions import override
 
 from lightning_precision.callbacks.underflow import UpdateUnderflowMonitor
 from lightning_precision.dtypes import parse_bool, parse_dtype
+from lightning_precision.grad_accumulation import accumulate_grad_dtype_of
 from lightning_precision.modes import known_mode
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce, trainer_components
 from lightning_precision.report import (
@@ -107,6 +108,8 @@ class PrecisionGuard(PolicyHolder, Callback):
                 *getattr(strategy, "fp32_module_names", ()),
             ],
             observe_state=observe_state,
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            accumulate_grad_dtype=accumulate_grad_dtype_of(trainer.precision_plugin, strategy),
         )
         if self.log_table:
             log_contract(contract, verdicts, on_unsafe=self.on_unsafe, where=where)

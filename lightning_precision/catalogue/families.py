@@ -15,7 +15,7 @@ import torch
 
 from lightning_precision._imports import import_object
 from lightning_precision.catalogue.info import OptimizerInfo, OptimizerKind, UpdateFormula
-from lightning_precision.dtypes import parse_dtype
+from lightning_precision.dtypes import dtype_name, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 
 _CONFIG_TARGET_KEYS = ("_target_", "class_path")
@@ -230,18 +230,54 @@ def _flashoptim(spec: _Spec) -> OptimizerInfo:
     )
 
 
+# Transformer Engine FusedAdam's documented defaults that decide what it keeps, for configs naming it on machines
+# where it does not install (its signature cannot be read there).
+_TE_DOCUMENTED_DEFAULTS: dict[str, Any] = {
+    "exp_avg_dtype": torch.float32,
+    "exp_avg_sq_dtype": torch.float32,
+    "master_weight_dtype": torch.float32,
+    "master_weights": False,
+    "store_param_remainders": False,
+}
+
+
 def _transformer_engine(spec: _Spec) -> OptimizerInfo:
-    if spec.settings.get("master_weights"):
+    """Transformer Engine ``FusedAdam``, from its documented signature (it does not install without CUDA).
+
+    ``master_weights=True`` keeps a master copy in ``master_weight_dtype`` (fp32 by default); with
+    ``store_param_remainders=True`` and bf16 parameters it keeps only the 16 low bits that, appended to the bf16
+    parameter, rebuild the fp32 master (2 bytes instead of 4). Without ``master_weights`` the remainder option has no
+    effect and updates are written in the parameter dtype. Its moments default to fp32 either way.
+    """
+    spec = replace(spec, settings={**_TE_DOCUMENTED_DEFAULTS, **spec.settings})
+    s = spec.settings
+    if not s.get("master_weights"):
         return OptimizerInfo(
-            kind=OptimizerKind.KEEPS_MASTER,
-            reason="Transformer Engine FusedAdam with master_weights=True keeps fp32 master weights",
-            master_bytes=4,
-            exp_avg_sq_dtype=parse_dtype(spec.settings.get("exp_avg_sq_dtype") or torch.float32),
+            kind=OptimizerKind.STATE_FOLLOWS_PARAM,
+            reason="Transformer Engine FusedAdam without master_weights writes updates in the parameter dtype"
+            + (" (store_param_remainders needs master_weights=True)" if s.get("store_param_remainders") else ""),
             **spec.common(),
         )
+    master = parse_dtype(s.get("master_weight_dtype"), what=f"{spec.name} master_weight_dtype") or torch.float32
+    if master.itemsize < 4:  # a half master rounds the update as the half parameter would
+        return OptimizerInfo(
+            kind=OptimizerKind.STATE_FOLLOWS_PARAM,
+            reason=f"Transformer Engine FusedAdam with master_weight_dtype={dtype_name(master)} keeps a half-precision "
+            "master, which rounds small updates away as a half parameter does",
+            **spec.common(),
+        )
+    remainders = bool(s.get("store_param_remainders")) and master == torch.float32
     return OptimizerInfo(
-        kind=OptimizerKind.STATE_FOLLOWS_PARAM,
-        reason="Transformer Engine FusedAdam without master_weights writes updates in the parameter dtype",
+        kind=OptimizerKind.KEEPS_MASTER,
+        reason=(
+            "Transformer Engine FusedAdam with master_weights=True and store_param_remainders=True keeps the 16 low "
+            "bits of an fp32 master next to each bf16 parameter"
+            if remainders
+            else f"Transformer Engine FusedAdam with master_weights=True keeps {dtype_name(master)} master weights"
+        ),
+        master_bytes=2 if remainders else master.itemsize,
+        master_label="fp32 master remainders (16 low bits)" if remainders else f"{dtype_name(master)} master copy",
+        exp_avg_sq_dtype=parse_dtype(s.get("exp_avg_sq_dtype") or torch.float32),
         **spec.common(),
     )
 

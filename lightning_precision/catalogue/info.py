@@ -44,6 +44,8 @@ class OptimizerInfo:
         exp_avg_sq_dtype: Dtype of the second moment if fixed by the optimizer, ``None`` if it follows the
             parameter dtype.
         master_bytes: Extra bytes per half-precision parameter it keeps for master weights or error correction.
+        master_label: What those bytes are, in words (``"fp32 master remainders (16 low bits)"``); empty: the
+            family's default wording.
         compensation_buffer: Whether it keeps a compensation buffer in the parameter dtype (Kahan summation).
         moments: The state tensors it keeps per parameter, by state key (``("exp_avg", "exp_avg_sq")`` for Adam,
             ``("momentum_buffer",)`` for SGD with momentum); empty when none or not known.
@@ -71,6 +73,7 @@ class OptimizerInfo:
     beta2: float | None = None
     exp_avg_sq_dtype: torch.dtype | None = None
     master_bytes: int = 0
+    master_label: str = ""
     compensation_buffer: bool = False
     moments: tuple[str, ...] = ()
     moment_dtypes: tuple[tuple[str, torch.dtype], ...] = ()
@@ -131,7 +134,9 @@ class OptimizerInfo:
             dtype = self.state_dtype(moment, storage_dtype)
             parts.append((f"{moment} {self._moment_text(moment, storage_dtype)}", float(dtype.itemsize)))
         if half and self.master_bytes:
-            label = "error-correction bits" if self.name.startswith("flashoptim.") else "master weights"
+            label = self.master_label or (
+                "error-correction bits" if self.name.startswith("flashoptim.") else "master weights"
+            )
             parts.append((label, float(self.master_bytes)))
         if half and self.compensation_buffer:
             parts.append((f"compensation {dtype_name(storage_dtype)}", float(storage_dtype.itemsize)))

@@ -17,6 +17,7 @@ from lightning_precision.memory import MemoryEstimate, estimate_bytes_per_param
 from lightning_precision.modes import MODES
 from lightning_precision.pairing import Status, Verdict
 from lightning_precision.policy import pairing_error
+from lightning_precision.grad_accumulation import accumulate_grad_dtype_of, accumulation_dtype
 from lightning_precision.report import PrecisionContract, optimizer_contract
 
 LIGHTNING_DEFAULT_PRECISION = "32-true"
@@ -71,6 +72,7 @@ class Explanation:
             ("parameter storage", self.storage_dtype),
             ("compute", self.contract.compute_dtype),
             ("gradient reduce (FSDP2)", self.contract.reduce_dtype),
+            ("gradient accumulation", self.contract.accumulation_text),
             ("optimizer", row.optimizer if row else "- (no optimizer section)"),
             ("optimizer state", self.optimizer_state),
             ("master weights / error correction", row.master_weights if row else "-"),
@@ -115,6 +117,8 @@ class Explanation:
             "storage_dtype": self.storage_dtype,
             "compute_dtype": self.contract.compute_dtype,
             "reduce_dtype": self.contract.reduce_dtype,
+            "accumulate_grad_batches": self.contract.accumulate_grad_batches,
+            "grad_accumulation_dtype": self.contract.grad_accumulation_dtype,
             "optimizer_state": self.optimizer_state,
             "bytes_per_param": self.memory.to_dict() if self.memory else None,
             "verdict": {
@@ -176,14 +180,19 @@ def _build(kwargs: TrainerKwargs, source: str, error: str | None, notes: list[st
     mode = kwargs.precision_mode or MODES[LIGHTNING_DEFAULT_PRECISION]
     storage = kwargs.storage_dtype if kwargs.storage_dtype is not None else mode.storage_dtype
     verdict = kwargs.verdict
+    micro_batches = int(kwargs.get("accumulate_grad_batches", 1))
+    summed_in = accumulation_dtype(storage, accumulate_grad_dtype_of(*kwargs.get("plugins", []), kwargs.get("strategy")))
     contract = PrecisionContract(
         precision=mode.name if kwargs.precision_mode else f"{mode.name} (Lightning's default)",
         compute_dtype=dtype_name(kwargs.sharded.compute_dtype if kwargs.sharded else mode.compute_dtype),
         reduce_dtype=dtype_name(kwargs.sharded.reduce_dtype if kwargs.sharded else None),
         optimizers=[optimizer_contract(verdict)] if verdict is not None else [],
+        accumulate_grad_batches=micro_batches,
+        grad_accumulation_dtype=dtype_name(summed_in),
     )
     info = verdict.optimizer if verdict is not None else None
-    memory = estimate_bytes_per_param(storage, info)
+    # While a step accumulates, the fp32 buffers replace the half gradient.
+    memory = estimate_bytes_per_param(storage, info, grad_dtype=summed_in if micro_batches > 1 else None)
     return Explanation(
         source=source,
         contract=contract,

@@ -61,6 +61,7 @@ class _FabricPairingCheck(PairingCheckMixin, Precision):
             verdicts,
             compute_dtype=mode.compute_dtype if mode else None,
             fp32_modules=getattr(self, "fp32_module_names", ()),
+            accumulate_grad_batches=None,  # the loop decides when to step
         )
         log_contract(contract, verdicts, on_unsafe=self.on_unsafe, where=where)
         return verdicts

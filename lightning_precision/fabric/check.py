@@ -75,6 +75,7 @@ def check(
         compute_dtype=plan.compute_dtype if plan is not None else (mode.compute_dtype if mode else None),
         reduce_dtype=plan.reduce_dtype if plan is not None else None,
         fp32_modules=[*getattr(plugin, "fp32_module_names", ()), *(sharding.fp32_module_names if plan else ())],
+        accumulate_grad_batches=None,  # the loop decides when to step
     )
     log_contract(contract, verdicts, on_unsafe=policy, where=where)
     return verdicts

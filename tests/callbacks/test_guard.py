@@ -102,3 +102,13 @@ def test_table_points_at_a_warning_only_when_one_is_printed(policy, says_see_war
         warnings.simplefilter("ignore", PrecisionWarning)
         fit(RecordingModule(adamw), steps=1, plugins=[HalfPrecision("bf16-true")], callbacks=[PrecisionGuard(policy)])
     assert ("see warning" in caplog.text) is says_see_warning
+
+
+@pytest.mark.parametrize(("accumulate_grad_dtype", "summed_in"), [(None, "bfloat16"), ("float32", "float32")])
+def test_contract_records_micro_batches_and_their_sum_dtype(accumulate_grad_dtype, summed_in):
+    from lightning_precision import HalfPrecisionForAudio
+
+    guard = PrecisionGuard(on_unsafe="ignore")
+    plugin = HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype=accumulate_grad_dtype)
+    fit(RecordingModule(adamw), steps=1, callbacks=[guard], plugins=[plugin], accumulate_grad_batches=4)
+    assert (guard.contract.accumulate_grad_batches, guard.contract.grad_accumulation_dtype) == (4, summed_in)

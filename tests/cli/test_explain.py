@@ -34,7 +34,7 @@ def test_explain_prints_the_rules_dtypes(capsys, path):
 def test_explain_table_shows_the_trap_and_both_fixes(capsys):
     code, out, _ = run(capsys, "explain", TRAP)
     assert code == 0
-    rows = dict(line.strip().split("  ", 1) for line in out.splitlines()[1:11])
+    rows = dict(line.strip().split("  ", 1) for line in out.splitlines()[1:12])
     assert rows["parameter storage"].strip() == "bfloat16"
     assert rows["optimizer state"].strip() == "exp_avg bfloat16, exp_avg_sq bfloat16 (predicted)"
     assert rows["verdict"].strip() == "UNSAFE (on_unsafe=warn)"
@@ -95,3 +95,44 @@ def test_fsdp2_dtypes_are_the_strategys_own_decision(capsys, tmp_path, strategy,
     assert data["strategy"] == "FSDP2Strategy"
     assert data["storage_dtype"] == storage and data["compute_dtype"] == "bfloat16"
     assert data["verdict"]["status"] == ("unsafe" if storage == "bfloat16" else "safe")
+
+
+@pytest.mark.parametrize(
+    ("trainer", "micro_batches", "summed_in", "grads"),
+    [
+        ("  precision: bf16-true\n", 1, "bfloat16", 2),
+        ("  precision: bf16-true\n  accumulate_grad_batches: 16\n", 16, "bfloat16", 2),
+        (
+            "  accumulate_grad_batches: 16\n  plugins:\n    - class_path: lightning_precision.HalfPrecisionForAudio\n"
+            "      init_args: {precision: bf16-true, accumulate_grad_dtype: float32}\n",
+            16,
+            "float32",
+            4,
+        ),
+        ("  precision: bf16-mixed\n  accumulate_grad_batches: 4\n", 4, "bfloat16", 2),  # auto: bf16 for Compensated
+        ("  precision: bf16-mixed\n  accumulate_grad_batches: 4\nmodel:\n  torch_dtype: float32\n", 4, "float32", 4),
+        (
+            "  precision: bf16-mixed\n  accumulate_grad_batches: 8\n"
+            "  strategy: {name: fsdp2, storage_dtype: bf16, accumulate_grad_dtype: float32}\n",
+            8,
+            "float32",
+            4,
+        ),
+    ],
+)
+def test_explain_names_the_gradient_accumulation_dtype(capsys, tmp_path, trainer, micro_batches, summed_in, grads):
+    path = tmp_path / "accumulate.yaml"
+    path.write_text(f"trainer:\n{trainer}optimizer:\n  _target_: lightning_precision.optim.CompensatedAdamW\n")
+    code, data, _ = explain_json(capsys, path)
+    assert code == 0
+    assert (data["accumulate_grad_batches"], data["grad_accumulation_dtype"]) == (micro_batches, summed_in)
+    assert data["bytes_per_param"]["grads"] == grads
+
+
+def test_explain_table_has_the_accumulation_row(capsys, tmp_path):
+    path = tmp_path / "accumulate.yaml"
+    path.write_text("trainer:\n  precision: bf16-true\n  accumulate_grad_batches: 16\n"
+                    "optimizer:\n  _target_: lightning_precision.optim.CompensatedAdamW\n")  # fmt: skip
+    code, out, _ = run(capsys, "explain", path)
+    assert code == 0
+    assert "gradient accumulation              16 micro-batches summed in bfloat16" in out
