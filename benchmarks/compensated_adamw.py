@@ -75,6 +75,8 @@ def make_optimizer(recipe: str, params, lr: float):
         "bf16 Compensated m=bf16 v=bf16 stochastic": (torch.bfloat16, torch.bfloat16, "stochastic"),
         "bf16 Compensated m=bf16 v=fp32": (torch.bfloat16, torch.float32, "nearest"),
         "bf16 Compensated m=fp32 v=fp32": (torch.float32, torch.float32, "nearest"),
+        "bf16 Compensated m=fp32 v=bf16": (torch.float32, torch.bfloat16, "nearest"),
+        "bf16 Compensated m=fp32 v=bf16 stochastic": (torch.float32, torch.bfloat16, "stochastic"),
     }[recipe]
     return CompensatedAdamW(
         params, lr=lr, weight_decay=wd, exp_avg_dtype=m, exp_avg_sq_dtype=v, exp_avg_sq_rounding=v_rounding
@@ -92,6 +94,8 @@ RECIPES = [
     "bf16 Compensated m=bf16 v=fp32",
     "bf16 Compensated m=fp32 v=fp32",
 ]
+# The second moment with an fp32 first moment (the three-way study's other half). Select with --recipes.
+EXTRA_RECIPES_M_FP32 = ["bf16 Compensated m=fp32 v=bf16", "bf16 Compensated m=fp32 v=bf16 stochastic"]
 # bf16 storage and bf16 gradients, but the forward/backward in fp32 (parameters upcast on the fly): separates the
 # error of bf16 compute from that of the optimizer. Not run by default; select with --recipes.
 EXTRA_RECIPES = [
@@ -156,7 +160,7 @@ def main() -> None:
         "--recipes",
         nargs="*",
         default=RECIPES,
-        choices=RECIPES + EXTRA_RECIPES,
+        choices=RECIPES + EXTRA_RECIPES + EXTRA_RECIPES_M_FP32,
         help="subset of recipes (fp32 torch is always run)",
     )
     args = parser.parse_args()

@@ -40,7 +40,14 @@ import harness
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_precision.cli.compare import COMPENSATED_OPTIMIZER, RECIPES, Recipe, quiet_lightning, recipe_config, run_recipe
+from lightning_precision.cli.compare import (
+    COMPENSATED_OPTIMIZER,
+    RECIPES,
+    Recipe,
+    quiet_lightning,
+    recipe_config,
+    run_recipe,
+)
 from lightning_precision.cli.plot import moving_average
 from lightning_precision.demos import TensorDictDataset, make_dataloader, make_teacher_data
 

@@ -96,6 +96,12 @@ ROWS = [
         lambda ps: CompensatedAdamW(ps, lr=1e-3, implementation="reference"),
         "implementation='reference': the previous whole-tensor step",
     ),
+    Row(
+        "CompensatedAdamW v=bf16 stochastic",
+        torch.bfloat16,
+        lambda ps: CompensatedAdamW(ps, lr=1e-3, exp_avg_sq_dtype=torch.bfloat16, exp_avg_sq_rounding="stochastic"),
+        "exp_avg_sq in bf16, rounded stochastically: 10 B/param",
+    ),
 ]
 ROW_BY_NAME = {row.name: row for row in ROWS}
 
@@ -151,11 +157,11 @@ def _run_probe(name: str, numel: int, threads: int) -> dict:
     return json.loads(lines[-1])
 
 
-def time_steps(numel: int, threads: list[int], rounds: int) -> dict[tuple[str, int], float | str]:
+def time_steps(numel: int, threads: list[int], rounds: int, rows: list[Row]) -> dict[tuple[str, int], float | str]:
     """Median step seconds per (row, threads), optimizers interleaved round by round; a str is why a row failed."""
     opts: dict[str, torch.optim.Optimizer] = {}
     result: dict[tuple[str, int], float | str] = {}
-    for row in ROWS:
+    for row in rows:
         try:
             opt = row.build(_model(numel, row.dtype, seed=0))
             opt.step()  # state creation and any compilation stay out of the timing
@@ -189,6 +195,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2M parameters, 1 thread, 3 rounds")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per thread count (default 7; quick 3)")
     parser.add_argument("--out", type=Path, default=None, help=f"also write the output here (default {RESULTS})")
+    parser.add_argument(
+        "--rows", nargs="*", default=None, choices=[row.name for row in ROWS], help="only these optimizers (and the base)"
+    )
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--numel", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
@@ -197,6 +206,7 @@ def main() -> None:
         print(json.dumps(probe(args.probe, args.numel, args.threads)))
         return
 
+    rows = [row for row in ROWS if args.rows is None or row.name in args.rows or row.name == BASE_ROW]
     sizes = [2_000_000] if args.quick else [8_000_000, 64_000_000]
     threads = [1] if args.quick else [1, 2]
     rounds = args.rounds or (3 if args.quick else 7)
@@ -204,6 +214,9 @@ def main() -> None:
     command = "python benchmarks/optimizer_step.py" + (" --quick" if args.quick else "")
     if args.rounds:
         command += f" --rounds {args.rounds}"
+    if args.rows:
+        command += " --rows " + " ".join(f'"{name}"' for name in args.rows)
+        out_path = args.out  # a subset never overwrites the full table
     lines = [
         f"# Output of: {command}",
         f"# {datetime.date.today()}, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
@@ -222,13 +235,13 @@ def main() -> None:
         # Two probes at a time (one per core): each measures only its own resident set. The timing runs after them,
         # with no probe competing for the cores.
         with ThreadPoolExecutor(max_workers=2) as pool:
-            probes = {(row.name, t): pool.submit(_run_probe, row.name, numel, t) for t in threads for row in ROWS}
+            probes = {(row.name, t): pool.submit(_run_probe, row.name, numel, t) for t in threads for row in rows}
             memory = {key: future.result() for key, future in probes.items()}
-        timing = time_steps(numel, threads, rounds)
+        timing = time_steps(numel, threads, rounds, rows)
         for t in threads:
             block = [header, "-" * len(header)]
             base = timing.get((BASE_ROW, t))
-            for row in ROWS:
+            for row in rows:
                 mem = memory[(row.name, t)]
                 secs = timing[(row.name, t)]
                 label = f"{numel // 1_000_000:>5}M {t:>3}  {row.name:<34}"

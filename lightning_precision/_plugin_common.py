@@ -165,7 +165,11 @@ class HalfInputsMixin(PairingCheckMixin):
         cast_keeping_fp32(module, kept, cast)
         add_fp32_boundaries(kept, self._desired_input_dtype)
         self.fp32_module_names = tuple(name for name, _ in kept)
+        self._after_convert(module)
         return module
+
+    def _after_convert(self, module: Module) -> None:
+        """Called with the converted module (the Fabric plugins hook the fp32 accumulation buffers here)."""
 
     def cast_inputs(self, batch: Any) -> Any:
         """Cast the floating-point tensors of ``batch`` to the half dtype, except under the preserved keys."""

@@ -53,7 +53,9 @@ def parse_accumulate_grad_dtype(value: Any, *, what: str) -> torch.dtype | None:
     return dtype
 
 
-def accumulation_dtype(storage_dtype: torch.dtype | None, accumulate_grad_dtype: torch.dtype | None) -> torch.dtype | None:
+def accumulation_dtype(
+    storage_dtype: torch.dtype | None, accumulate_grad_dtype: torch.dtype | None
+) -> torch.dtype | None:
     """The dtype in which micro-batch gradients of parameters stored in ``storage_dtype`` are summed.
 
     Autograd (and FSDP2's sharded gradient) sums in the parameter's dtype; fp32 buffers take over for half storage.
@@ -131,11 +133,22 @@ class Fp32GradAccumulator:
         """
         self.detach()
         self._active = active
+        self._attached_ids: frozenset[int] = frozenset()
+        ids = []
         for name, param in self.tracked(named_params):
+            ids.append(id(param))
             self._names[param] = name
             if not isinstance(param, DTensor):  # FSDP2 writes sharded gradients itself: collect() sweeps those
                 self._handles.append(param.register_post_accumulate_grad_hook(self._take))
+        self._attached_ids = frozenset(ids)
         return len(self._handles)
+
+    def ensure_attached(self, named_params: Iterable[tuple[str, Tensor]]) -> None:
+        """Attach again if the module's parameters were replaced since :meth:`attach` (Fabric shards a module after
+        its precision plugin converted it, and ``fully_shard`` swaps in new DTensor parameters)."""
+        named = list(named_params)
+        if frozenset(id(p) for _, p in self.tracked(named)) != getattr(self, "_attached_ids", None):
+            self.attach(named, self._active)
 
     def detach(self) -> None:
         """Remove the hooks (the buffers stay until :meth:`hand_over`)."""

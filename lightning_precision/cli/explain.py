@@ -181,7 +181,8 @@ def _build(kwargs: TrainerKwargs, source: str, error: str | None, notes: list[st
     storage = kwargs.storage_dtype if kwargs.storage_dtype is not None else mode.storage_dtype
     verdict = kwargs.verdict
     micro_batches = int(kwargs.get("accumulate_grad_batches", 1))
-    summed_in = accumulation_dtype(storage, accumulate_grad_dtype_of(*kwargs.get("plugins", []), kwargs.get("strategy")))
+    buffers = accumulate_grad_dtype_of(*kwargs.get("plugins", []), kwargs.get("strategy"))
+    summed_in = accumulation_dtype(storage, buffers)
     contract = PrecisionContract(
         precision=mode.name if kwargs.precision_mode else f"{mode.name} (Lightning's default)",
         compute_dtype=dtype_name(kwargs.sharded.compute_dtype if kwargs.sharded else mode.compute_dtype),

@@ -9,11 +9,12 @@ from typing import Any
 
 from lightning.fabric.plugins.precision import Precision
 from lightning.fabric.utilities.types import Optimizable
+from torch import Tensor
+from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_precision._plugin_common import HalfInputsMixin, PairingCheckMixin
-from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import known_mode
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe
@@ -70,18 +71,40 @@ class _FabricPairingCheck(PairingCheckMixin, Precision):
 class _FabricHalfInputs(HalfInputsMixin, _FabricPairingCheck):
     """Base for the half Fabric plugins: casts the arguments of the wrapped module's forward call."""
 
+    _accumulating_module: Module | None = None
+
     @override
-    def _init_checks(self, *args: Any, accumulate_grad_dtype: Any = None, **kwargs: Any) -> None:
-        if accumulate_grad_dtype is not None:
-            # A Fabric loop reads param.grad wherever it likes between backward and step (its own clipping, logging),
-            # so gradients parked in fp32 buffers would vanish from under it: refused rather than half-done.
-            raise PrecisionConfigError(
-                f"`{type(self).__name__}(accumulate_grad_dtype={accumulate_grad_dtype!r})` is not supported under "
-                "Fabric. Valid choices: None. A Fabric loop decides where gradients are read: use "
-                "lightning_precision.grad_accumulation.Fp32GradAccumulator in it (attach(model.named_parameters()) "
-                "once, hand_over() before clipping and the step)."
-            )
-        super()._init_checks(*args, **kwargs)
+    def _after_convert(self, module: Module) -> None:
+        if self.grad_accumulator is not None:
+            # A Fabric loop steps when it likes: every backward between two steps is summed in the buffers.
+            self._accumulating_module = module
+            self.grad_accumulator.attach(module.named_parameters())
+
+    @override
+    def backward(self, tensor: Tensor, model: Module | None, *args: Any, **kwargs: Any) -> None:
+        module = self._accumulating_module
+        if self.grad_accumulator is None or module is None:
+            return super().backward(tensor, model, *args, **kwargs)
+        self.grad_accumulator.ensure_attached(module.named_parameters())  # sharded after convert_module?
+        super().backward(tensor, model, *args, **kwargs)
+        self.grad_accumulator.collect(module.named_parameters())  # FSDP2's sharded gradients
+        self.grad_accumulator.end_micro_batch()
+
+    def hand_over_gradients(self) -> None:
+        """Put the fp32 sums back as ``param.grad`` (rounded once); Fabric's clipping and the optimizer step do this
+        themselves, so call it only to read gradients in the loop between ``fabric.backward`` and the step."""
+        if self.grad_accumulator is not None:
+            self.grad_accumulator.hand_over()
+
+    @override
+    def unscale_gradients(self, optimizer: Optimizer) -> None:
+        self.hand_over_gradients()  # fabric.clip_gradients reads param.grad right after this
+        super().unscale_gradients(optimizer)
+
+    @override
+    def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
+        self.hand_over_gradients()
+        return super().optimizer_step(optimizer, **kwargs)
 
     @override
     def convert_input(self, data: Any) -> Any:

@@ -24,7 +24,13 @@ class HalfPrecisionForAudio(TrueHalfMixin, _FabricHalfInputs, HalfPrecision):
             policy given to ``check``, else ``"warn"``.
         peft: Only adapters train: the pairing is not judged.
         fp32_modules: Submodules kept in fp32 (see :mod:`lightning_precision.fp32_modules`).
+        accumulate_grad_dtype: ``"float32"`` sums the gradients of every ``fabric.backward`` between two optimizer
+            steps in fp32 buffers (4 B per half parameter; ``param.grad`` stays ``None`` meanwhile) and hands the sum
+            over, rounded once, in ``fabric.clip_gradients`` and the optimizer step; call
+            :meth:`hand_over_gradients` to read ``param.grad`` before then. ``None`` (default): autograd sums in the
+            half dtype. See :mod:`lightning_precision.grad_accumulation`.
 
     Raises:
-        PrecisionConfigError: If ``precision`` is not a true half-precision string, or ``on_unsafe`` is not a policy.
+        PrecisionConfigError: If ``precision`` is not a true half-precision string, ``on_unsafe`` is not a policy, or
+            ``accumulate_grad_dtype`` is neither ``None`` nor float32.
     """

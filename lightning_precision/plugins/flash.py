@@ -34,6 +34,7 @@ class FlashPrecision(FlashMixin, _CheckedHalfInputs):
             Applies under automatic optimization only. See :mod:`lightning_precision.grad_accumulation`.
 
     Raises:
-        PrecisionConfigError: If ``accumulate_grad_dtype`` is neither ``None`` nor float32, or ``precision`` is not a flash precision string.
+        PrecisionConfigError: If ``precision`` is not a flash precision string, or ``accumulate_grad_dtype`` is
+            neither ``None`` nor float32.
     """
 

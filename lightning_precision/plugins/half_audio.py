@@ -31,6 +31,7 @@ class HalfPrecisionForAudio(TrueHalfMixin, _CheckedHalfInputs, HalfPrecision):
             Applies under automatic optimization only. See :mod:`lightning_precision.grad_accumulation`.
 
     Raises:
-        PrecisionConfigError: If ``accumulate_grad_dtype`` is neither ``None`` nor float32, or ``precision`` is not a true half-precision string.
+        PrecisionConfigError: If ``precision`` is not a true half-precision string, or ``accumulate_grad_dtype`` is
+            neither ``None`` nor float32.
     """
 

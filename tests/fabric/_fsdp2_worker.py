@@ -154,6 +154,33 @@ def scenario_true_fp32_head(out: Path) -> dict[str, Any]:
     }
 
 
+def scenario_accumulate_fp32(out: Path) -> dict[str, Any]:
+    """bf16-true through the plugin with accumulate_grad_dtype="float32": the plugin converted the module before Fabric
+    sharded it, so it must find the new DTensor parameters and sum their reduce-scattered shards in fp32."""
+    plugin = HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="float32", on_unsafe="error")
+    fabric = make_fabric(fsdp2_parallelize("bf16-true", optimizer=CompensatedAdamW), plugins=[plugin])
+    net = Model()
+    model = fabric.setup_module(net)
+    optimizer = fabric.setup_optimizers(CompensatedAdamW(model.parameters(), lr=1e-2))
+    released = []
+    for batch in batches(fabric.global_rank):
+        fabric.backward(model(batch) / STEPS)
+        released.append(all(p.grad is None for p in net.parameters()))
+    buffers = dict(plugin.grad_accumulator.buffers)
+    expected = {id(p): b.clone() for p, b in buffers.items()}
+    fabric.clip_gradients(model, optimizer, max_norm=1e9)
+    handed = all(torch.equal(p.grad.to_local(), expected[id(p)].to_local().bfloat16()) for p in buffers)
+    optimizer.step()
+    return {
+        "released_each_micro_batch": all(released),
+        "buffers_are_fp32_shards": sorted({f"{type(b).__name__} {dtype_name(b.dtype)}" for b in buffers.values()}),
+        "buffered": len(buffers),
+        "params": len(list(net.parameters())),
+        "handed_equals_sum": handed,
+        "pending_after_step": plugin.grad_accumulator.pending,
+    }
+
+
 def scenario_unsafe_error(out: Path) -> dict[str, Any]:
     """bf16-true with torch AdamW under on_unsafe="error", no check() call: refused at the first step, every rank."""
     plugin = HalfPrecisionForAudio("bf16-true", on_unsafe="error")

@@ -56,3 +56,12 @@ def test_bf16_true_with_torch_adamw_is_refused_on_every_rank_before_the_first_up
         assert rank["raised"] == "PrecisionPairingError"
         assert "first optimizer step" in rank["message"] and "torch.optim.adamw.AdamW" in rank["message"]
         assert rank["unchanged"] is True and rank["state_empty"] is True
+
+
+def test_fp32_accumulation_follows_the_parameters_fabric_sharded_after_convert(run_scenario):
+    for rank in run_scenario("accumulate_fp32"):
+        assert rank["released_each_micro_batch"] is True
+        assert rank["buffers_are_fp32_shards"] == ["DTensor float32"]
+        assert rank["buffered"] == rank["params"]
+        assert rank["handed_equals_sum"] is True
+        assert rank["pending_after_step"] is False

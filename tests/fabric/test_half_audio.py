@@ -3,6 +3,7 @@ check before the first step."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import namedtuple
 
@@ -14,6 +15,7 @@ from lightning_precision import PrecisionConfigError, PrecisionPairingError, Pre
 from lightning_precision.fabric import HalfPrecisionForAudio
 from lightning_precision.optim import CompensatedAdamW
 from tests.fabric.helpers import Net, fabric_with, state_dtypes, train
+from tests.helpers import loader
 
 
 def test_bf16_true_with_compensated_adamw_trains_in_bf16_and_keeps_audio():
@@ -113,6 +115,42 @@ def test_bad_precision_names_the_value_and_choices():
         HalfPrecisionForAudio(on_unsafe="loud")
 
 
-def test_accumulate_grad_dtype_is_refused_under_fabric_naming_the_accumulator():
-    with pytest.raises(PrecisionConfigError, match=r"accumulate_grad_dtype='float32'\)` is not supported under Fabric.*Fp32GradAccumulator"):
-        HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="float32")
+def _micro_batch_grads(net: Net, batches: list, micro: int) -> dict[str, torch.Tensor]:
+    """Each micro-batch's bf16 gradient (of loss / micro) alone, summed in fp32."""
+    twin = copy.deepcopy(net).to(torch.bfloat16)
+    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in twin.named_parameters()}
+    for batch in batches:
+        twin.zero_grad(set_to_none=True)
+        cast = HalfPrecisionForAudio("bf16-true").convert_input(batch)
+        (twin(cast) / micro).backward()
+        for n, p in twin.named_parameters():
+            total[n] += p.grad.float()
+    return total
+
+
+def test_accumulate_grad_dtype_sums_a_fabric_loops_micro_batches_in_fp32():
+    net = Net()
+    reference = _micro_batch_grads(net, list(loader())[:4], 4)
+    plugin = HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="float32", on_unsafe="ignore")
+    fabric = fabric_with(plugin)
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.0))
+    for batch in list(fabric.setup_dataloaders(loader()))[:4]:
+        fabric.backward(model(batch) / 4)
+        assert all(p.grad is None for p in model.parameters())  # parked in the fp32 buffers
+    fabric.clip_gradients(model, optimizer, max_norm=1e9)  # hands the sum over before reading it
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, reference[n.removeprefix("_forward_module.")].bfloat16(), rtol=0, atol=0)
+    optimizer.step()
+    assert not plugin.grad_accumulator.pending
+
+
+def test_fabric_step_hands_over_without_clipping():
+    net = Net()
+    plugin = HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="float32", on_unsafe="ignore")
+    fabric = fabric_with(plugin)
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=1.0))
+    before = [p.detach().clone() for p in model.parameters()]
+    for batch in list(fabric.setup_dataloaders(loader()))[:2]:
+        fabric.backward(model(batch))
+    optimizer.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))  # the step saw the gradients
