@@ -203,6 +203,18 @@ class Fp32GradAccumulator:
         self.micro_batches = 0
         return handed
 
+    def handing_over_after(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """``closure`` (Lightning's training-step-and-backward closure), then :meth:`hand_over`: what a plugin or
+        strategy passes on to the optimizer step, so the last micro-batch is summed before
+        ``on_before_optimizer_step`` and clipping read ``param.grad``."""
+
+        def closure_then_hand_over() -> Any:
+            result = closure()
+            self.hand_over()
+            return result
+
+        return closure_then_hand_over
+
     @property
     def pending(self) -> bool:
         """Whether a sum is waiting for the optimizer step."""

@@ -74,16 +74,9 @@ class _CheckedHalfInputs(HalfInputsMixin, _PairingCheck):
     def optimizer_step(  # type: ignore[override]
         self, optimizer: Any, model: Module, closure: Callable[[], Any], **kwargs: Any
     ) -> Any:
-        accumulator = self.grad_accumulator
-        if accumulator is None:
-            return super().optimizer_step(optimizer, model, closure, **kwargs)
-
-        def closure_then_hand_over() -> Any:
-            result = closure()  # the last micro-batch's backward
-            accumulator.hand_over()  # before on_before_optimizer_step and clipping, which read param.grad
-            return result
-
-        return super().optimizer_step(optimizer, model, closure_then_hand_over, **kwargs)
+        if self.grad_accumulator is not None:
+            closure = self.grad_accumulator.handing_over_after(closure)
+        return super().optimizer_step(optimizer, model, closure, **kwargs)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -345,16 +345,9 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
     def optimizer_step(
         self, optimizer: torch.optim.Optimizer, closure: Any, model: Any = None, **kwargs: Any
     ) -> Any:
-        accumulator = self.grad_accumulator
-        if accumulator is None:
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
-
-        def closure_then_hand_over() -> Any:
-            result = closure()  # the last micro-batch's backward
-            accumulator.hand_over()  # before on_before_optimizer_step and clipping, which read param.grad
-            return result
-
-        return super().optimizer_step(optimizer, closure_then_hand_over, model, **kwargs)
+        if self.grad_accumulator is not None:
+            closure = self.grad_accumulator.handing_over_after(closure)
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
 
     def _resolve_precision(self) -> FSDP2Precision:
         name = getattr(self.precision_plugin, "precision", None)
