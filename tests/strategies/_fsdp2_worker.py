@@ -424,6 +424,40 @@ def scenario_accumulate_fp32(out: Path) -> dict[str, Any]:
     }
 
 
+def scenario_accumulate_fp32_plugin(out: Path) -> dict[str, Any]:
+    """The same with the buffers on the Trainer plugin (HalfPrecisionForAudio) instead of the strategy: the plugin sweeps
+    the sharded gradients after each backward, before on_after_backward."""
+    from lightning_precision import HalfPrecisionForAudio
+
+    released: list[bool] = []
+    summed: dict[int, torch.Tensor] = {}
+    handed: dict[int, torch.Tensor] = {}
+
+    class Record(pl.Callback):
+        def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            released.append(all(p.grad is None for p in pl_module.parameters()))
+            buffers = trainer.precision_plugin.grad_accumulator.buffers
+            summed.update({id(p): b.to_local().clone() for p, b in buffers.items()})
+
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+            handed.update({id(p): p.grad.to_local().clone() for p in pl_module.parameters()})
+
+    module = CompensatedBlocks()
+    plugin = HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="float32", on_unsafe="error")
+    strategy = FSDP2Strategy(optimizer="lightning_precision.optim.CompensatedAdamW")
+    t = trainer(strategy, out, steps=1, precision=None, plugins=[plugin], accumulate_grad_batches=4,
+                callbacks=[Record()])  # fmt: skip
+    t.fit(module, loader())
+    return {
+        "storage": sorted({dtype_name(p.dtype) for p in module.parameters()}),
+        "released": released,
+        "summed_dtypes": sorted({dtype_name(b.dtype) for b in summed.values()}),
+        "equals_fp32_sum": set(summed) == set(handed)
+        and all(torch.equal(handed[k], summed[k].to(handed[k].dtype)) for k in summed),
+        "pending_after_step": plugin.grad_accumulator.pending,
+    }
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)

@@ -177,3 +177,12 @@ def test_fp32_accumulation_hands_the_step_the_fp32_sum_of_the_micro_batch_shards
         assert rank["handed_dtype"] == ["bfloat16"]
         assert rank["equals_fp32_sum"] is True
         assert rank["pending_after_step"] is False
+
+
+def test_fp32_accumulation_on_the_plugin_sweeps_the_sharded_gradients(run_scenario):
+    for rank in run_scenario("accumulate_fp32_plugin"):
+        assert rank["storage"] == ["bfloat16"]
+        assert rank["released"] == [True] * 4
+        assert rank["summed_dtypes"] == ["float32"]
+        assert rank["equals_fp32_sum"] is True
+        assert rank["pending_after_step"] is False
