@@ -101,7 +101,10 @@ class CompensatedAdamW(Optimizer):
         exp_avg_sq_rounding: The same for the second moment. With
             ``exp_avg_sq_dtype=torch.bfloat16, exp_avg_sq_rounding="stochastic"``
             the second moment decays at ``beta2=0.999`` in expectation, for
-            10 instead of 12 bytes per parameter.
+            10 instead of 12 bytes per parameter; measured within run-to-run
+            noise of the fp32 second moment, but the step takes about twice as
+            long on CPU (it hashes every element), so it is not the default
+            (docs/precision-guide.md).
         rounding_seed: Seed of the stochastic rounding. The random bits are a
             hash of the seed, the step, the parameter's index in this optimizer
             and the element's index in the full (unsharded) tensor, so they do
