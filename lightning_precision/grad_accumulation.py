@@ -112,6 +112,7 @@ class Fp32GradAccumulator:
         self._names: dict[Tensor, str] = {}
         self._handles: list[RemovableHandle] = []
         self._active: Callable[[], bool] = lambda: True
+        self._attached_ids: frozenset[int] = frozenset()  # the parameters the hooks were registered for
         self.micro_batches = 0  # micro-batches summed into the buffers since the last hand-over
 
     def tracked(self, named_params: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
@@ -133,7 +134,6 @@ class Fp32GradAccumulator:
         """
         self.detach()
         self._active = active
-        self._attached_ids: frozenset[int] = frozenset()
         ids = []
         for name, param in self.tracked(named_params):
             ids.append(id(param))
@@ -147,7 +147,7 @@ class Fp32GradAccumulator:
         """Attach again if the module's parameters were replaced since :meth:`attach` (Fabric shards a module after
         its precision plugin converted it, and ``fully_shard`` swaps in new DTensor parameters)."""
         named = list(named_params)
-        if frozenset(id(p) for _, p in self.tracked(named)) != getattr(self, "_attached_ids", None):
+        if frozenset(id(p) for _, p in self.tracked(named)) != self._attached_ids:
             self.attach(named, self._active)
 
     def detach(self) -> None:

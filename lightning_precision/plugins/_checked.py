@@ -41,7 +41,8 @@ class _CheckedHalfInputs(HalfInputsMixin, _PairingCheck):
     ``accumulate_grad_dtype``, micro-batch gradients are summed in fp32 buffers and handed back before
     ``on_before_optimizer_step`` and gradient clipping."""
 
-    _pending_accumulation: dict[str, Any] | None = None
+    _accumulating_module: Module | None = None  # the module the buffers' hooks are on, once connected
+    _pending_accumulation: dict[str, Any] | None = None  # buffers loaded from a checkpoint before connect
 
     @override
     def convert_input(self, data: Any) -> Any:
@@ -98,7 +99,7 @@ class _CheckedHalfInputs(HalfInputsMixin, _PairingCheck):
                 "micro-batch gradients; this run has accumulate_grad_dtype=None and cannot continue that sum. Resume "
                 "with accumulate_grad_dtype='float32'."
             )
-        module = getattr(self, "_accumulating_module", None)
+        module = self._accumulating_module
         if module is None:
             self._pending_accumulation = saved  # restored when Lightning connects the module
         else:
