@@ -107,8 +107,12 @@ class PrecisionContract:
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
         title = f"Precision contract (precision={self.precision})"
         kept = [f"kept in fp32: {', '.join(self.fp32_modules)}"] if self.fp32_modules else []
-        accumulates = self.accumulate_grad_batches is not None and self.accumulate_grad_batches > 1
-        accumulation = [f"gradient accumulation: {self.accumulation_text}"] if accumulates else []
+        micro = self.accumulate_grad_batches
+        storage = self.optimizers[0].storage_dtype if self.optimizers else None
+        buffered = storage is not None and self.grad_accumulation_dtype not in ("-", storage)  # fp32 buffers
+        # Named when micro-batches are summed, or when a Fabric loop (which decides that itself) has fp32 buffers.
+        shown = (micro is not None and micro > 1) or (micro is None and buffered)
+        accumulation = [f"gradient accumulation: {self.accumulation_text}"] if shown else []
         return "\n".join(
             [title, line(head), line(["-" * w for w in widths]), *map(line, rows), *kept, *accumulation]
         )

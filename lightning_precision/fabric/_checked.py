@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_precision._plugin_common import HalfInputsMixin, PairingCheckMixin
+from lightning_precision.grad_accumulation import accumulate_grad_dtype_of
 from lightning_precision.modes import known_mode
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe
@@ -63,6 +64,7 @@ class _FabricPairingCheck(PairingCheckMixin, Precision):
             compute_dtype=mode.compute_dtype if mode else None,
             fp32_modules=getattr(self, "fp32_module_names", ()),
             accumulate_grad_batches=None,  # the loop decides when to step
+            accumulate_grad_dtype=accumulate_grad_dtype_of(self),
         )
         log_contract(contract, verdicts, on_unsafe=self.on_unsafe, where=where)
         return verdicts

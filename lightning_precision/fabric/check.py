@@ -10,6 +10,7 @@ from torch.optim import Optimizer
 from lightning_precision.dtypes import parse_bool
 from lightning_precision.fabric._checked import _FabricPairingCheck
 from lightning_precision.fabric.fsdp2 import FSDP2Parallelize
+from lightning_precision.grad_accumulation import accumulate_grad_dtype_of
 from lightning_precision.modes import known_mode
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce, optional_on_unsafe
@@ -76,6 +77,7 @@ def check(
         reduce_dtype=plan.reduce_dtype if plan is not None else None,
         fp32_modules=[*getattr(plugin, "fp32_module_names", ()), *(sharding.fp32_module_names if plan else ())],
         accumulate_grad_batches=None,  # the loop decides when to step
+        accumulate_grad_dtype=accumulate_grad_dtype_of(plugin),
     )
     log_contract(contract, verdicts, on_unsafe=policy, where=where)
     return verdicts

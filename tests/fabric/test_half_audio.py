@@ -4,6 +4,7 @@ check before the first step."""
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections import namedtuple
 
@@ -154,3 +155,14 @@ def test_fabric_step_hands_over_without_clipping():
         fabric.backward(model(batch))
     optimizer.step()
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))  # the step saw the gradients
+
+
+def test_fabric_contract_names_the_fp32_buffers(caplog):
+    plugin = HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="float32", on_unsafe="ignore")
+    fabric = fabric_with(plugin)
+    net = Net()
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.0))
+    with caplog.at_level(logging.INFO, logger="lightning_precision"):
+        fabric.backward(model(next(iter(fabric.setup_dataloaders(loader())))))
+        optimizer.step()
+    assert "gradient accumulation: decided by the training loop (a sum of param.grad is kept in float32)" in caplog.text
