@@ -32,6 +32,9 @@ Usage (from the repository root)::
 
     python benchmarks/lm_convergence.py                          # every recipe, the documented default run
     python benchmarks/lm_convergence.py --recipes 32-true,bf16-true+adamw --steps 200 --out /tmp/lm
+    # on a CUDA machine, with flashoptim's bf16-flash recipe (benchmarks/gpu/check.sh runs this):
+    python benchmarks/lm_convergence.py --accelerator cuda \
+        --recipes 32-true,bf16-mixed,bf16-true+adamw,bf16-true+compensated,bf16-true+optimi-kahan,bf16-flash
 """
 
 from __future__ import annotations
@@ -58,7 +61,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
-from lightning_precision import CheckedMixedPrecision, FSDP2Strategy, HalfPrecisionForAudio, PrecisionGuard
+from lightning_precision import (
+    CheckedMixedPrecision,
+    FlashPrecision,
+    FSDP2Strategy,
+    HalfPrecisionForAudio,
+    PrecisionGuard,
+)
 from lightning_precision.demos import StdlibTextDataModule, cosine_lr_lambda
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.memory import measure_bytes_per_param
@@ -102,6 +111,9 @@ class Recipe:
         world: Processes; more than 1 launches ``torch.distributed.run`` on that many CPU ranks (gloo).
         in_default: Whether the default run (``--recipes default``) includes it; the others are studies selected
             by name or with ``all``.
+        needs_cuda: Whether it runs only with ``--accelerator cuda``; without it the run lists it as skipped, with
+            ``why_cuda``.
+        why_cuda: Why, for that line.
     """
 
     name: str
@@ -111,6 +123,8 @@ class Recipe:
     optimizer_name: str
     world: int = 1
     in_default: bool = True
+    needs_cuda: bool = False
+    why_cuda: str = ""
 
 
 RECIPES: dict[str, Recipe] = {}
@@ -141,6 +155,13 @@ def _compensated_bf16_second_moment(rounding: str) -> OptimizerFactory:
     return make
 
 
+def _flash_adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    from flashoptim import FlashAdamW
+
+    # 24-bit masters through error-correction bits, quantized moments, the fused step: all CUDA-only in flashoptim.
+    return FlashAdamW(groups, lr=lr, betas=BETAS, eps=EPS, master_weight_bits=24)
+
+
 def _optimi_kahan(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
     import optimi
 
@@ -167,6 +188,11 @@ register(Recipe("fsdp2-auto x2", "FSDP2Strategy(storage_dtype='auto') + bf16-mix
                          "strategy": FSDP2Strategy(storage_dtype="auto", optimizer="torch.optim.AdamW",
                                                    on_unsafe="error")},
                 _torch_adamw, "torch.AdamW", world=2))  # fmt: skip
+register(Recipe("bf16-flash", "bf16 storage (flashoptim.cast_model), flashoptim.FlashAdamW(master_weight_bits=24); CUDA",
+                lambda: {"plugins": [FlashPrecision("bf16-flash", on_unsafe="error")]},
+                _flash_adamw, "FlashAdamW mwb=24", needs_cuda=True,
+                why_cuda="flashoptim's error-correction bits, quantized moments and fused step run only on CUDA",
+                in_default=False))  # fmt: skip
 # The accumulation study (accumulate_grad_dtype): against "bf16-true+compensated", whose micro-batch gradients autograd
 # sums in bf16; run both with --accumulate-grad-batches N.
 register(Recipe("bf16-true+compensated fp32-accum",
@@ -269,15 +295,17 @@ class HeldOutEval(pl.Callback):
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: LlamaLM) -> None:
         start = time.perf_counter()
+        device = trainer.strategy.root_device
+        self.twin.to(device)
         live = dict(pl_module.model.named_parameters())
         for name, p in self.twin.named_parameters():
             value = live[name]
             value = value.full_tensor() if hasattr(value, "full_tensor") else value  # an FSDP2 shard: gather
             p.copy_(value.detach().float())
         rank, world = trainer.global_rank, trainer.world_size
-        inputs, labels = self.heldout[0][rank::world], self.heldout[1][rank::world]
+        inputs, labels = self.heldout[0][rank::world].to(device), self.heldout[1][rank::world].to(device)
         total = torch.zeros(2, dtype=torch.float64)
-        with torch.autocast("cpu", enabled=False):
+        with torch.autocast(device.type, enabled=False):
             for i in range(0, len(inputs), 16):
                 logits = self.twin(input_ids=inputs[i : i + 16], use_cache=False).logits
                 loss = F.cross_entropy(logits.float().flatten(0, 1), labels[i : i + 16].flatten(), reduction="sum")
@@ -302,6 +330,7 @@ class PeakMemory(pl.Callback):
 
     def __init__(self) -> None:
         self.peak_kib = 0
+        self.peak_cuda_bytes = 0
         self.baseline_kib = _status_kib("VmRSS")
         self._libc = ctypes.CDLL("libc.so.6")
 
@@ -309,9 +338,13 @@ class PeakMemory(pl.Callback):
         self._libc.malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
+        if torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
 
     def on_train_batch_end(self, *args: Any) -> None:
         self.peak_kib = max(self.peak_kib, _status_kib("VmHWM"))
+        if torch.cuda.is_initialized():  # on a GPU the peak that matters is the device's
+            self.peak_cuda_bytes = max(self.peak_cuda_bytes, torch.cuda.max_memory_allocated())
 
 
 class RankRows(Sampler[list[int]]):
@@ -353,6 +386,7 @@ def worker(args: argparse.Namespace) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = harness.trainer(
+            accelerator=args.accelerator,
             max_steps=args.steps,
             accumulate_grad_batches=args.accumulate_grad_batches,
             callbacks=[memory, evaluator, PrecisionGuard(log_table=False)],
@@ -375,6 +409,7 @@ def worker(args: argparse.Namespace) -> None:
         "seconds": seconds,
         "eval_seconds": evaluator.seconds,
         "peak_rss_mib": memory.peak_kib / 1024,
+        "peak_cuda_mib": memory.peak_cuda_bytes / 2**20 if memory.peak_cuda_bytes else None,
         "baseline_rss_mib": memory.baseline_kib / 1024,
         "bytes_per_param": measure_bytes_per_param(optimizer).to_dict(),
         "params": sum(p.numel() for p in evaluator.twin.parameters()),
@@ -401,7 +436,7 @@ def _worker_command(name: str, args: argparse.Namespace, out: Path) -> list[str]
     passed = [
         f"--{key.replace('_', '-')}={getattr(args, key)}"
         for key in ("steps", "seed", "accumulate_grad_batches", "batch_size", "seq_len", "lr", "warmup",
-                    "eval_every", "heldout_windows", "hidden", "layers")
+                    "eval_every", "heldout_windows", "hidden", "layers", "accelerator")
     ]  # fmt: skip
     tail = [script, WORKER_FLAG, name, "--worker-out", str(out), *passed]
     world = RECIPES[name].world
@@ -463,7 +498,25 @@ def separation_step(trap: list[tuple[int, float]], ref: list[tuple[int, float]])
     return step
 
 
-def report(names: list[str], results: dict[str, dict[str, Any]], args: argparse.Namespace, corpus: str) -> str:
+def skipped_recipes(names: list[str], accelerator: str) -> dict[str, str]:
+    """The recipes among ``names`` that cannot run on ``accelerator``, with the reason."""
+    skipped = {}
+    for name in names:
+        recipe = RECIPES[name]
+        if recipe.needs_cuda and accelerator != "cuda":
+            skipped[name] = f"needs --accelerator cuda ({recipe.why_cuda})"
+        elif accelerator == "cuda" and recipe.world > torch.cuda.device_count():
+            skipped[name] = f"needs {recipe.world} CUDA devices, {torch.cuda.device_count()} here"
+    return skipped
+
+
+def report(
+    names: list[str],
+    results: dict[str, dict[str, Any]],
+    args: argparse.Namespace,
+    corpus: str,
+    skipped: dict[str, str] | None = None,
+) -> str:
     ref = results.get(REFERENCE)
     first = results[names[0]]
     lines = [
@@ -524,6 +577,14 @@ def report(names: list[str], results: dict[str, dict[str, Any]], args: argparse.
     for name in names:
         if results[name]["warnings"]:
             lines.append(f"{name} warned: {results[name]['warnings'][0]}...")
+    cuda = [(n, results[n]["peak_cuda_mib"]) for n in names if results[n].get("peak_cuda_mib")]
+    if cuda:
+        lines.append(
+            f"peak CUDA memory allocated per training batch ({torch.cuda.get_device_name(0)}): "
+            + ", ".join(f"{n} {mib:.0f} MiB" for n, mib in cuda)
+        )
+    for name, why in (skipped or {}).items():
+        lines.append(f"{name}: skipped, {why}")
     return "\n".join(lines)
 
 
@@ -582,6 +643,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, default=MODEL["num_hidden_layers"])
     parser.add_argument("--cores", type=int, default=2, help="processes at a time (FSDP2 takes one per rank)")
     parser.add_argument(
+        "--accelerator", choices=("cpu", "cuda"), default="cpu",
+        help="where every recipe trains; recipes that need CUDA are listed as skipped on cpu",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, default=harness.ROOT / "benchmarks/results/lm_convergence.txt",
         help="table file; the curves go to the same name with .json",
     )  # fmt: skip
@@ -608,6 +673,10 @@ def main() -> None:
             print(f"{recipe.name:<30} {recipe.summary}{'' if recipe.in_default else ' [not in the default run]'}")
         return
     names = parse_recipes(args.recipes)
+    skipped = skipped_recipes(names, args.accelerator)
+    names = [name for name in names if name not in skipped]
+    if not names:
+        raise SystemExit("nothing to run here: " + "; ".join(f"{n}: {why}" for n, why in skipped.items()))
     for name in names:
         world = RECIPES[name].world
         if world > 1 and (args.batch_size // args.accumulate_grad_batches) % world:
@@ -618,7 +687,7 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         results = run_all(names, args, Path(tmp))
-    table = report(names, results, args, corpus) + f"\ntotal wall time {time.perf_counter() - start:.0f} s"
+    table = report(names, results, args, corpus, skipped) + f"\ntotal wall time {time.perf_counter() - start:.0f} s"
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")
