@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
@@ -120,6 +121,29 @@ class Fp32GradAccumulator:
         for name, param in named_params:
             if param.requires_grad and param.dtype in HALF_DTYPES:
                 yield name, param
+
+    def check_parallelism(self, named_params: Iterable[tuple[str, Tensor]], *, where: str) -> None:
+        """Refuse replicated data parallelism (DDP), where the buffers would be wrong rather than just slow.
+
+        DDP averages ``param.grad`` across processes inside the backward of the last micro-batch; the micro-batches
+        before it sit in this rank's buffers, so they would never be averaged and every rank would step with a
+        different gradient. Sharded (DTensor) parameters are fine: FSDP2 reduce-scatters each micro-batch before the
+        buffers take it.
+
+        Raises:
+            PrecisionConfigError: If several processes train plain (non-DTensor) half parameters.
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        plain = [name for name, param in self.tracked(named_params) if not isinstance(param, DTensor)]
+        if plain:
+            raise PrecisionConfigError(
+                f"{where}: accumulate_grad_dtype='float32' cannot be used with {len(plain)} half-precision parameters "
+                f"replicated over {dist.get_world_size()} processes (e.g. {plain[0]!r}): DDP averages param.grad "
+                "inside the last micro-batch's backward, so the micro-batches summed in fp32 buffers before it would "
+                "never be averaged across ranks. Valid choices here: accumulate_grad_dtype=None, or shard with "
+                "FSDP2Strategy (strategy='fsdp2'), which reduce-scatters every micro-batch."
+            )
 
     def attach(self, named_params: Iterable[tuple[str, Tensor]], active: Callable[[], bool] = lambda: True) -> int:
         """Hook the trainable half parameters so each micro-batch's gradient goes into its buffer.

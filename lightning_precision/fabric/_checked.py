@@ -74,6 +74,7 @@ class _FabricHalfInputs(HalfInputsMixin, _FabricPairingCheck):
     """Base for the half Fabric plugins: casts the arguments of the wrapped module's forward call."""
 
     _accumulating_module: Module | None = None
+    _parallelism_checked = False
 
     @override
     def _after_convert(self, module: Module) -> None:
@@ -88,6 +89,9 @@ class _FabricHalfInputs(HalfInputsMixin, _FabricPairingCheck):
         if self.grad_accumulator is None or module is None:
             return super().backward(tensor, model, *args, **kwargs)
         self.grad_accumulator.ensure_attached(module.named_parameters())  # sharded after convert_module?
+        if not self._parallelism_checked:  # at the first backward: Fabric wraps or shards after convert_module
+            self.grad_accumulator.check_parallelism(module.named_parameters(), where=type(self).__name__)
+            self._parallelism_checked = True
         super().backward(tensor, model, *args, **kwargs)
         self.grad_accumulator.collect(module.named_parameters())  # FSDP2's sharded gradients
         self.grad_accumulator.end_micro_batch()

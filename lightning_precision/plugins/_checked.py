@@ -57,6 +57,7 @@ class _CheckedHalfInputs(HalfInputsMixin, _PairingCheck):
             trainer = getattr(model, "_trainer", None)
             # Only while Lightning accumulates: with one micro-batch per step there is no sum, and under manual
             # optimization the user's code owns the gradients between backward and step.
+            self.grad_accumulator.check_parallelism(model.named_parameters(), where=type(self).__name__)
             self.grad_accumulator.attach(model.named_parameters(), active=lambda: trainer_accumulates(trainer))
             self._accumulating_module = model
             if self._pending_accumulation is not None:

@@ -22,7 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the worktree's p
 
 from _fsdp2_worker import Blocks, MultiBlock, trainer
 
-from lightning_precision import FSDP2Strategy, PrecisionGuard, PrecisionPairingError, PrecisionWarning
+from lightning_precision import (
+    FSDP2Strategy,
+    PrecisionConfigError,
+    PrecisionGuard,
+    PrecisionPairingError,
+    PrecisionWarning,
+)
 from tests._worker_exit import finish
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -172,6 +178,20 @@ def scenario_die_full_file(out: Path) -> dict[str, Any]:
         _die_in_file_write(on_call=3)  # step 2: step=2 (1), last (2); step 4: step=4 (3) <- dies mid-write
     _checkpointing_run(out, distributed=False)
     return {}
+
+
+def scenario_accumulate_fp32_ddp(out: Path) -> dict[str, Any]:
+    """fp32 accumulation buffers under DDP would leave the buffered micro-batches unreduced: refused on every rank."""
+    from lightning_precision import HalfPrecisionForAudio
+
+    module = MultiBlock()
+    plugin = HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="float32", on_unsafe="ignore")
+    t = trainer("ddp", out, steps=2, precision=None, plugins=[plugin], accumulate_grad_batches=2)
+    try:
+        t.fit(module, rank_loader(0)[0])
+    except PrecisionConfigError as err:
+        return {"raised": type(err).__name__, "message": str(err), "global_step": t.global_step}
+    return {"raised": None, "global_step": t.global_step}
 
 
 def main() -> None:

@@ -82,6 +82,14 @@ def test_unsafe_pairing_under_error_stops_every_ddp_rank_before_the_first_step_w
     assert job.seconds < WELL_WITHIN_S, job.describe()
 
 
+def test_fp32_accumulation_under_ddp_is_refused_on_every_rank_before_the_first_step(run):
+    job = run("accumulate_fp32_ddp")
+    for rank in rank_results(job, "accumulate_fp32_ddp"):
+        assert rank["raised"] == "PrecisionConfigError" and rank["global_step"] == 0
+        assert "replicated over 2 processes" in rank["message"] and "strategy='fsdp2'" in rank["message"]
+    assert job.seconds < WELL_WITHIN_S, job.describe()
+
+
 # -- a rank dies during a checkpoint save -----------------------------------------------------------------------------
 
 
