@@ -99,3 +99,32 @@ def test_wav2vec2_trains_with_its_feature_extractor_in_fp32():
     assert {p.dtype for p in module.model.lm_head.parameters()} == {torch.bfloat16}
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
     assert trainer.callbacks[0].contract.fp32_modules == ["model.wav2vec2.feature_extractor"]
+
+
+def test_wav2vec2_with_an_fp32_front_end_sums_its_micro_batches_in_fp32():
+    """A speech model with dict batches, an fp32 feature extractor and bf16 elsewhere, 2 micro-batches per step: the
+    bf16 parameters go through the fp32 buffers, the fp32 ones stay with autograd, and every gradient reaches the step."""
+    seen: list[dict[str, torch.dtype | None]] = []
+
+    class GradDtypes(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            seen.append({n: None if p.grad is None else p.grad.dtype for n, p in pl_module.named_parameters()})
+
+    data = [{"input_values": torch.randn(800), "labels": torch.randint(1, 16, (4,))} for _ in range(8)]
+    plugin = HalfPrecisionForAudio(
+        "bf16-true", preserve_keys=["input_values"], fp32_modules=["model.wav2vec2.feature_extractor"],
+        accumulate_grad_dtype="float32", on_unsafe="ignore",
+    )  # fmt: skip
+    guard = PrecisionGuard(on_unsafe="ignore")
+    trainer = pl.Trainer(**QUIET_TRAINER, max_steps=2, plugins=[plugin], callbacks=[guard, GradDtypes()],
+                         accumulate_grad_batches=2)  # fmt: skip
+    module = Wav2Vec2Module()
+    trainer.fit(module, DataLoader(data, batch_size=2))
+    assert len(seen) == 2 and torch.isfinite(trainer.callback_metrics["train_loss"])
+    params = dict(module.named_parameters())
+    trained = {n for n, p in params.items() if p.requires_grad}
+    for step in seen:
+        assert {n for n, d in step.items() if d is not None} == trained
+        assert all(d == params[n].dtype for n, d in step.items() if d is not None)
+    assert guard.contract.accumulation_text == "2 micro-batches summed in float32"
+    assert not plugin.grad_accumulator.pending
