@@ -158,6 +158,9 @@ class Fp32GradAccumulator:
         """
         self.detach()
         self._active = active
+        # Forget parameters that were replaced (Fabric shards after convert_module): holding them would keep a full,
+        # unsharded copy of the model alive on every rank. A pending sum keeps its name.
+        self._names = {p: n for p, n in self._names.items() if p in self.buffers}
         ids = []
         for name, param in self.tracked(named_params):
             ids.append(id(param))

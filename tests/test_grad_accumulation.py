@@ -172,3 +172,20 @@ def test_accumulation_dtype_follows_storage_unless_half_with_buffers(storage, op
 def test_describe_accumulation():
     assert describe_accumulation(16, torch.bfloat16) == "16 micro-batches summed in bfloat16"
     assert describe_accumulation(1, torch.bfloat16) == "1 micro-batch (no accumulation)"
+
+
+def test_attaching_to_replaced_parameters_lets_the_old_ones_go():
+    import gc
+    import weakref
+
+    old = _model(torch.bfloat16)
+    accumulator = Fp32GradAccumulator()
+    accumulator.attach(old.named_parameters())
+    gone = weakref.ref(old[0].weight)
+    new = _model(torch.bfloat16)  # what fully_shard does: the module gets new parameter objects
+    accumulator.ensure_attached(new.named_parameters())
+    del old
+    gc.collect()
+    assert gone() is None
+    _backward(new, _batches()[0])
+    assert accumulator.pending and all(p.grad is None for p in new.parameters())
