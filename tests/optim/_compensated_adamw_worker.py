@@ -7,7 +7,6 @@ Each rank writes ``OUT_DIR/<scenario>.rank<r>.json`` with what it observed; the 
 
 from __future__ import annotations
 
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the worktree's package, not an installed one
 
 from lightning_precision.optim import CompensatedAdamW
+from tests._worker_exit import finish
 
 STEPS = 4
 # (shape, dtype, placement): uneven shards (7 rows on 2 ranks), an fp32 parameter, a replicated one.
@@ -168,11 +168,7 @@ def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    try:
-        result = SCENARIOS[scenario](out, rank)
-        (out / f"{scenario}.rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+    finish(out, scenario, rank, SCENARIOS[scenario](out, rank))
 
 
 if __name__ == "__main__":
