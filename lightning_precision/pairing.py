@@ -118,6 +118,15 @@ def judge(
         return Verdict(Status.NOT_JUDGED, why, cause=f"not-judged:{opt_name}", **common)
     half = storage_dtype in HALF_DTYPES
     kind = optimizer.kind
+    if kind is OptimizerKind.UNKNOWN and not half:
+        # Whatever it keeps, an optimizer writes its update into an fp32 parameter at fp32: nothing rounds away.
+        return Verdict(
+            Status.SAFE,
+            f"{dtype_name(storage_dtype)} parameters take every update of {opt_name}; the dtypes of its state are not "
+            "known to this library.",
+            cause=f"safe:{opt_name}",
+            **common,
+        )
     if kind is OptimizerKind.UNKNOWN:
         return Verdict(
             Status.UNKNOWN,

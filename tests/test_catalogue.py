@@ -136,3 +136,48 @@ def test_sgd_keeps_a_momentum_buffer_only_with_momentum():
     assert classify_optimizer("torch.optim.SGD", {"momentum": 0.9}).moments == ("momentum_buffer",)
     assert classify_optimizer("torch.optim.SGD").moments == ()
     assert classify_optimizer("torch.optim.AdamW").moments == ("exp_avg", "exp_avg_sq")
+
+
+class _LabAdamW(torch.optim.AdamW):
+    """A user's subclass that changes nothing about what AdamW keeps."""
+
+
+class _LabCompensatedAdamW(torch.optim.AdamW):
+    compensated_update = True
+
+
+class _LabFromScratch(torch.optim.Optimizer):
+    """Subclasses only the base class: nothing is known about what it keeps."""
+
+    def __init__(self, params, lr=1e-3):
+        super().__init__(params, {"lr": lr})
+
+
+@pytest.mark.parametrize("spec", [_LabAdamW, "tests.test_catalogue._LabAdamW", {"_target_": "tests.test_catalogue._LabAdamW"}])
+def test_subclass_of_a_torch_optimizer_is_judged_as_its_base_and_says_so(spec):
+    info = classify_optimizer(spec)
+    assert info.kind is FOLLOWS and info.name == "tests.test_catalogue._LabAdamW"
+    assert "subclasses torch.optim.adamw.AdamW" in info.reason
+    assert info.moments == ("exp_avg", "exp_avg_sq")
+
+
+def test_subclass_instance_is_judged_as_its_base():
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    assert classify_optimizer(_LabAdamW([p])).kind is FOLLOWS
+
+
+def test_subclass_that_declares_compensation_keeps_its_declaration():
+    assert classify_optimizer(_LabCompensatedAdamW).kind is COMP
+
+
+def test_direct_subclass_of_optimizer_stays_unknown():
+    assert classify_optimizer(_LabFromScratch).kind is UNKNOWN
+
+
+def test_optimizer_whose_import_raises_is_classified_by_its_path(tmp_path, monkeypatch):
+    package = tmp_path / "broken_lab_optim"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise RuntimeError('CUDA driver not found')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    info = classify_optimizer({"_target_": "broken_lab_optim.Shampoo"})
+    assert info.kind is UNKNOWN and info.name == "broken_lab_optim.Shampoo"

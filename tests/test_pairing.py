@@ -174,3 +174,23 @@ def test_te_half_master_weight_dtype_does_not_protect_bf16_parameters():
     )  # fmt: skip
     assert judge(torch.bfloat16, info).status is Status.UNSAFE
     assert "master_weight_dtype=bfloat16" in info.reason
+
+
+@pytest.mark.parametrize("spec", ["my_lab.Novograd", "transformers.optimization.Adafactor"])
+def test_fp32_storage_is_safe_with_any_optimizer_even_an_unknown_one(spec):
+    verdict = judge(torch.float32, classify_optimizer(spec))
+    assert verdict.status is Status.SAFE
+    assert "not known" in verdict.message  # says what was not checked
+
+
+def test_subclass_of_torch_adamw_on_bf16_is_refused_under_error():
+    from lightning_precision.errors import PrecisionPairingError
+    from lightning_precision.policy import enforce
+
+    class LabAdamW(torch.optim.AdamW):
+        pass
+
+    verdict = check_optimizer(LabAdamW(_bf16_model().parameters()))
+    assert verdict.status is Status.UNSAFE
+    with pytest.raises(PrecisionPairingError, match="subclasses torch.optim.adamw.AdamW"):
+        enforce(verdict, "error")

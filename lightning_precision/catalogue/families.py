@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lightning_precision._imports import import_object
+from lightning_precision._logging import info_rank_zero
 from lightning_precision.catalogue.info import OptimizerInfo, OptimizerKind, UpdateFormula
 from lightning_precision.dtypes import dtype_name, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
@@ -139,7 +140,15 @@ def _locate(path: str) -> type | None:
         installed = False
     if not installed:
         return None
-    obj = import_object(path, where="optimizer")
+    try:
+        obj = import_object(path, where="optimizer")
+    except PrecisionConfigError:
+        raise
+    except Exception as err:  # the package's own import code failed here (a CUDA-only package on a CPU machine)
+        info_rank_zero(
+            f"optimizer {path!r}: importing it raised {type(err).__name__}: {err}; it is judged by its path alone."
+        )
+        return None
     return obj if isinstance(obj, type) else None
 
 
@@ -383,6 +392,27 @@ def _state_follows_param(spec: _Spec) -> OptimizerInfo:
     )
 
 
+def _torch_base(cls: type | None) -> type | None:
+    """The nearest ``torch.optim`` optimizer class that ``cls`` subclasses (not ``Optimizer`` itself), if any."""
+    for base in inspect.getmro(cls)[1:] if cls is not None else ():
+        if base.__module__.startswith("torch.optim.") and base is not torch.optim.Optimizer:
+            return base
+    return None
+
+
+def _torch_subclass(spec: _Spec) -> OptimizerInfo:
+    """A subclass of a torch optimizer that declares nothing keeps what its base keeps, as far as anyone can tell:
+    judging it as unknown would let the trap through unwarned."""
+    base = _qualname(_torch_base(spec.cls))  # type: ignore[arg-type]  # matched only when there is one
+    info = _state_follows_param(replace(spec, name=base))
+    return replace(
+        info,
+        name=spec.name,
+        reason=f"it subclasses {base} and declares neither keeps_master_weights nor compensated_update, so it is "
+        f"judged as its torch base: {info.reason}",
+    )
+
+
 def _prefix(*prefixes: str) -> Callable[[_Spec], bool]:
     return lambda spec: spec.name.lower().startswith(prefixes)
 
@@ -398,4 +428,5 @@ _FAMILIES: tuple[tuple[Callable[[_Spec], bool], Callable[[_Spec], OptimizerInfo]
     (_prefix("bitsandbytes."), _bitsandbytes),
     (lambda spec: _prefix("apex.")(spec) and spec.short == "fusedadam", _apex_fused_adam),
     (_prefix("torch.optim.", "torchao."), _state_follows_param),
+    (lambda spec: _torch_base(spec.cls) is not None, _torch_subclass),
 )
