@@ -110,6 +110,26 @@ def top_level_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return units
 
 
+def tied_groups(units: Sequence[tuple[str, nn.Module]]) -> list[list[tuple[str, nn.Module]]]:
+    """``units`` grouped so that modules sharing a parameter (tied weights) are in one group, in first-seen order."""
+    groups: list[list[tuple[str, nn.Module]]] = []
+    owner: dict[int, int] = {}  # id(parameter) -> index of the group holding it
+    for unit in units:
+        hits = sorted({owner[id(p)] for p in _unsharded_params(unit[1]) if id(p) in owner})
+        if hits:
+            target = hits[0]
+            for other in reversed(hits[1:]):  # a module tied to two earlier groups joins them
+                groups[target] += groups[other]
+                groups[other] = []
+            groups[target].append(unit)
+        else:
+            target = len(groups)
+            groups.append([unit])
+        for _, module in groups[target]:
+            owner.update((id(p), target) for p in _unsharded_params(module))
+    return [g for g in groups if g]
+
+
 def _unsharded_params(module: nn.Module) -> list[nn.Parameter]:
     owned: set[int] = set()
     for sub in module.modules():
@@ -169,9 +189,17 @@ def parallelize(
             continue
         fully_shard(block, mesh=mesh, mp_policy=block_policy or mp_policy, reshard_after_forward=reshard_after_forward)
         sharded.append(name)
-    for name, unit in top_level_units(model):
-        fully_shard(unit, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
-        sharded.append(name)
+    for group in tied_groups(top_level_units(model)):
+        # Tied weights (an embedding shared with the output head) must live in one FSDP group: torch refuses a
+        # parameter managed by two (torch 2.13 raises ValueError), so modules sharing one are sharded together.
+        modules = [unit for _, unit in group]
+        fully_shard(
+            modules if len(modules) > 1 else modules[0],
+            mesh=mesh,
+            mp_policy=mp_policy,
+            reshard_after_forward=reshard_after_forward,
+        )
+        sharded.extend(name for name, _ in group)
     # The root is gathered again right at the start of backward, so it is not resharded after forward.
     fully_shard(model, mesh=mesh, mp_policy=root_policy(mp_policy), reshard_after_forward=False)
     sharded.append("")
