@@ -7,11 +7,14 @@ receive their floating-point inputs in fp32, compute in fp32 (torch's default dt
 their floating-point outputs on in the compute dtype, so the next half-precision layer gets what it expects.
 
 A selector is a module type, or a string matched (shell-style, :mod:`fnmatch`) against the qualified module name
-(``"frontend"``, ``"*.norm"``, ``"model.layers.*.mlp.gate"``) or the class name (``"LayerNorm"``).
+(``"frontend"``, ``"*.norm"``, ``"model.layers.*.mlp.gate"``) or the class name (``"LayerNorm"``). Names are relative
+to the model given (the LightningModule); a name that matches nothing there is also tried relative to its submodules,
+so the names of a Hugging Face model held as ``self.model`` work as written for that model (``"model.layers.0.mlp"``).
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -45,6 +48,12 @@ def normalize_fp32_modules(
             f"{what}={entries!r} has {bad!r}: give module-name patterns (e.g. 'frontend', '*.norm'), class names "
             "(e.g. 'LayerNorm') or nn.Module subclasses."
         )
+    blank = [e for e in entries if isinstance(e, str) and not e.strip()]
+    if blank:
+        raise PrecisionConfigError(
+            f"{what}={entries!r} has the empty name {blank[0]!r}, which would name the whole model: give submodule "
+            "names (e.g. 'frontend', '*.norm'); to keep everything in fp32 use precision='32-true'."
+        )
     return entries
 
 
@@ -57,28 +66,59 @@ def select_fp32_modules(model: nn.Module, selectors: Iterable[Fp32ModuleSelector
     selectors = tuple(selectors)
     if not selectors:
         return []
-    hits: dict[Fp32ModuleSelector, int] = dict.fromkeys(selectors, 0)
+    submodules = list(model.named_modules())[1:]  # the root is never kept by name: that is precision='32-true'
+    # A name that matches nothing from the root is tried relative to every submodule (an HF model's own names).
+    relative = {s for s in selectors if not any(_matches(s, n, m) for n, m in submodules)}
     selected: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        matched = [s for s in selectors if _matches(s, name, module)]
-        for s in matched:
-            hits[s] += 1
+    missing = set(selectors)
+    for name, module in submodules:
+        matched = [s for s in selectors if _matches(s, name, module, anywhere=s in relative)]
+        missing.difference_update(matched)
         inside = any(name.startswith(f"{outer}.") for outer, _ in selected)
-        if matched and name and not inside:
+        if matched and not inside:
             selected.append((name, module))
-    missing = [s for s, n in hits.items() if n == 0]
     if missing:
-        raise PrecisionConfigError(
-            f"fp32_modules entries {missing!r} match no submodule of {type(model).__name__}. Module names look like: "
-            f"{', '.join(repr(n) for n, _ in list(model.named_modules())[1:6])}."
-        )
+        raise PrecisionConfigError(_no_match_message([s for s in selectors if s in missing], model, submodules))
+    _refuse_ties_across(model, selected)
     return selected
 
 
-def _matches(selector: Fp32ModuleSelector, name: str, module: nn.Module) -> bool:
+def _no_match_message(
+    missing: list[Fp32ModuleSelector], model: nn.Module, submodules: list[tuple[str, nn.Module]]
+) -> str:
+    names = [n for n, _ in submodules] + sorted({type(m).__name__ for _, m in submodules})
+    hints = []
+    for selector in missing:
+        close = difflib.get_close_matches(str(getattr(selector, "__name__", selector)), names, n=3, cutoff=0.5)
+        hints.append(f"{selector!r}: closest {', '.join(map(repr, close))}" if close else f"{selector!r}: none close")
+    return (
+        f"fp32_modules entries {missing!r} match no submodule of {type(model).__name__} (nothing would stay fp32). "
+        f"{'; '.join(hints)}. Module names look like: {', '.join(repr(n) for n, _ in submodules[:5])}."
+    )
+
+
+def _refuse_ties_across(model: nn.Module, selected: Sequence[tuple[str, nn.Module]]) -> None:
+    """A parameter shared by a kept module and one outside it cannot be fp32 and half at once."""
+    kept = {id(p): name for name, m in selected for p in m.parameters()}
+    inside = {id(m) for _, outer in selected for m in outer.modules()}
+    for name, module in model.named_modules():
+        if id(module) in inside:
+            continue
+        for key, param in module.named_parameters(recurse=False):
+            if id(param) in kept:
+                raise PrecisionConfigError(
+                    f"fp32_modules keeps {kept[id(param)]!r} in fp32, but its parameter is tied to "
+                    f"{f'{name}.{key}' if name else key!r}, outside it, which stays in half precision: one tensor cannot "
+                    "be both. Keep both modules in fp32 (add the other one to fp32_modules) or neither."
+                )
+
+
+def _matches(selector: Fp32ModuleSelector, name: str, module: nn.Module, *, anywhere: bool = False) -> bool:
     if isinstance(selector, type):
         return isinstance(module, selector)
-    return fnmatch.fnmatchcase(name, selector) or type(module).__name__ == selector
+    if type(module).__name__ == selector or fnmatch.fnmatchcase(name, selector):
+        return True
+    return anywhere and fnmatch.fnmatchcase(name, f"*.{selector}")
 
 
 def cast_keeping_fp32(

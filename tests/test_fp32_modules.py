@@ -111,3 +111,57 @@ def test_flash_precision_keeps_fp32_modules_too():
     assert model.frontend.scale.dtype == FP32 and model.frontend.filterbank.dtype == FP32
     assert model.encoder[0].weight.dtype == BF16
     assert model.frontend(torch.randn(2, 32)).dtype == BF16
+
+
+# -- selecting what stays fp32: names, the root, ties ---------------------------------------------------------------
+
+
+class WrappedHF(pl.LightningModule):
+    """A Hugging Face-style model held as ``self.model``: users write that model's own module names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.ModuleDict({"frontend": MelFrontEnd(), "layers": nn.ModuleList([nn.Linear(8, 8)])})
+
+
+def test_selector_in_the_inner_models_names_is_accepted():
+    from lightning_precision.fp32_modules import select_fp32_modules
+
+    assert [n for n, _ in select_fp32_modules(WrappedHF(), ["frontend", "layers.0"])] == [
+        "model.frontend",
+        "model.layers.0",
+    ]
+
+
+def test_selector_matching_from_the_root_is_not_widened_to_submodules():
+    from lightning_precision.fp32_modules import select_fp32_modules
+
+    model = WrappedHF()
+    model.frontend = MelFrontEnd()  # a root-level 'frontend' too: the name means that one
+    assert [n for n, _ in select_fp32_modules(model, ["frontend"])] == ["frontend"]
+
+
+def test_selector_that_matches_nothing_names_the_closest_modules():
+    with pytest.raises(PrecisionConfigError, match=r"'frontnd': closest 'frontend'"):
+        HalfPrecisionForAudio("bf16-true", fp32_modules=["frontnd"]).convert_module(SpeechModel())
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_empty_name_is_refused_as_naming_the_whole_model(blank):
+    with pytest.raises(PrecisionConfigError, match="whole model"):
+        HalfPrecisionForAudio("bf16-true", fp32_modules=[blank])
+
+
+def test_pattern_that_matches_only_the_root_keeps_nothing_and_is_an_error():
+    from lightning_precision.fp32_modules import select_fp32_modules
+
+    with pytest.raises(PrecisionConfigError, match="match no submodule"):
+        select_fp32_modules(SpeechModel(), ["SpeechModel"])
+
+
+def test_tied_weight_across_the_fp32_boundary_is_refused_at_setup_naming_both():
+    model = SpeechModel()
+    model.head = nn.Linear(16, 8, bias=False)
+    model.encoder[0].weight = model.head.weight  # (16, 8) both ways: a tie between a kept and a half module
+    with pytest.raises(PrecisionConfigError, match=r"'encoder'.*head\.weight"):
+        HalfPrecisionForAudio("bf16-true", fp32_modules=["encoder"]).convert_module(model)
