@@ -1,15 +1,13 @@
 """The library's logger and its once-per-cause reporting: info lines and warnings go out on rank zero only."""
 
+import importlib.util
 import logging
 import os
 import sys
 import warnings
 
-import lightning
-import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-import lightning_precision
 from lightning_precision.errors import PrecisionWarning
 
 log = logging.getLogger("lightning_precision")
@@ -39,16 +37,30 @@ def first_report(cause: str) -> bool:
 
 
 # Frames in these packages are not the user's: a warning points at the first frame outside them (the user's
-# ``trainer.fit(...)``, ``resolve_trainer_cfg(...)`` or plugin construction), not at this module.
-_LIBRARY_DIRS = tuple(
-    os.path.dirname(module.__file__) + os.sep for module in (lightning_precision, lightning, torch) if module.__file__
-)
+# ``trainer.fit(...)``, ``resolve_trainer_cfg(...)``, plugin construction or ``LightningCLI(...)`` call), not at this
+# library, the frameworks or the config tools that instantiate its classes from a YAML.
+_NOT_USER_PACKAGES = (
+    "lightning_precision", "lightning", "pytorch_lightning", "lightning_fabric", "torch", "jsonargparse", "hydra",
+    "omegaconf",
+)  # fmt: skip
+
+
+def _package_dir(name: str) -> str | None:
+    try:
+        spec = importlib.util.find_spec(name)  # finds the package without importing it
+    except (ImportError, ValueError):
+        return None
+    return os.path.dirname(spec.origin) + os.sep if spec is not None and spec.origin else None
+
+
+_LIBRARY_DIRS = tuple(d for d in map(_package_dir, _NOT_USER_PACKAGES) if d)
 
 
 def _user_stacklevel() -> int:
-    """The ``stacklevel`` of the first caller outside this library, Lightning and torch, seen from ``warn_once``."""
+    """The ``stacklevel`` of the first caller outside the packages above (and importlib's frozen frames), seen from
+    ``warn_once``."""
     frame, level = sys._getframe(2), 2  # the caller of warn_once is level 2 for warnings.warn inside it
-    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+    while frame is not None and frame.f_code.co_filename.startswith((*_LIBRARY_DIRS, "<frozen ")):
         frame, level = frame.f_back, level + 1
     return level if frame is not None else 2
 

@@ -52,3 +52,22 @@ def test_a_fit_time_warning_points_at_the_users_fit_call():
         fit(RecordingModule(), plugins=[HalfPrecisionForAudio("bf16-true")])
     ours = [w for w in caught if issubclass(w.category, PrecisionWarning)]
     assert ours and {w.filename for w in ours} <= {__file__, str(Path(__file__).parent / "helpers.py")}
+
+
+def test_a_warning_raised_while_a_config_tool_instantiates_points_past_the_tool():
+    """LightningCLI (jsonargparse) and Hydra build the library's classes from YAML: the warning must not point at
+    their files but at the user's code that called them."""
+    import functools
+    import os
+
+    import jsonargparse
+
+    from lightning_precision._logging import warn_once
+
+    tool_file = os.path.join(os.path.dirname(jsonargparse.__file__), "_instantiate_for_test.py")
+    namespace: dict = {}
+    exec(compile("def instantiate(build):\n    build()\n", tool_file, "exec"), namespace)  # a frame in the tool
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        namespace["instantiate"](functools.partial(warn_once, "test-config-tool-frame", "built from YAML"))
+    assert [w.filename for w in caught] == [__file__]
