@@ -11,7 +11,13 @@ from lightning_precision.casting import cast_batch
 from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, classify_optimizer
 from lightning_precision.config import TrainerKwargs, plan_trainer_cfg, resolve_trainer_cfg
 from lightning_precision.dtypes import parse_dtype
-from lightning_precision.errors import PrecisionConfigError, PrecisionPairingError, PrecisionWarning
+from lightning_precision.errors import (
+    CheckpointExportError,
+    PrecisionConfigError,
+    PrecisionPairingError,
+    PrecisionWarning,
+)
+from lightning_precision.export import ExportResult, export_weights
 from lightning_precision.modes import PrecisionMode, get_mode
 from lightning_precision.optim import CompensatedAdamW
 from lightning_precision.pairing import Status, Verdict, check_optimizer, judge
@@ -24,7 +30,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckedMixedPrecision",
+    "CheckpointExportError",
     "CompensatedAdamW",
+    "ExportResult",
     "FSDP2Strategy",
     "FlashPrecision",
     "HalfPrecisionForAudio",
@@ -45,6 +53,7 @@ __all__ = [
     "check_optimizer",
     "classify_optimizer",
     "decide_storage",
+    "export_weights",
     "get_mode",
     "judge",
     "parse_dtype",

@@ -14,3 +14,7 @@ class PrecisionPairingError(RuntimeError):
 
 class PrecisionConfigError(ValueError):
     """A configuration value that the library cannot act on (names the value and the valid choices)."""
+
+
+class CheckpointExportError(PrecisionConfigError):
+    """A checkpoint that ``export`` cannot read, or an output directory it cannot write (names the path and why)."""

@@ -1,4 +1,4 @@
-"""The ``lightning-precision`` command: ``explain``, ``train`` and ``compare``.
+"""The ``lightning-precision`` command: ``explain``, ``train``, ``compare`` and ``export``.
 
 Each subcommand lives in its own module of this package (:mod:`~lightning_precision.cli.explain`,
 :mod:`~lightning_precision.cli.train`, :mod:`~lightning_precision.cli.compare`), imported when that subcommand runs.
@@ -23,12 +23,12 @@ EXIT_OK, EXIT_UNSAFE, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with its three subcommands."""
+    """The argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
         prog="lightning-precision",
         description="What your precision config does to parameters and optimizer state, and whether it matters.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,train,compare}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,train,compare,export}")
 
     explain = sub.add_parser("explain", help="print the precision contract of a config, without training")
     _add_config_args(explain)
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: 1, fastest for the tiny task)"
     )
+    from lightning_precision.cli.export import add_parser as add_export  # cheap: no checkpoint reading at import
+
+    add_export(sub)
     return parser
 
 
@@ -86,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _explain(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "export":
+            from lightning_precision.cli.export import run as export
+
+            return export(args)
         return _compare(args)
     except PrecisionPairingError as err:
         _error(str(err))

@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from lightning_precision._plugin_common import HalfInputsMixin, PairingCheckMixin
 from lightning_precision.errors import PrecisionConfigError
+from lightning_precision.export_record import record_for_export
 from lightning_precision.grad_accumulation import trainer_accumulates
 from lightning_precision.policy import trainer_components
 
@@ -31,9 +32,17 @@ class _PairingCheck(PairingCheckMixin, Precision):
         # Lightning connects the plugin after the optimizers exist and before the first step: the earliest point at
         # which the real pairing can be judged, on every rank alike. Under a Trainer, a policy set on the guard or
         # the strategy applies here too.
-        self.adopt_on_unsafe(trainer_components(getattr(model, "_trainer", None)))
+        self._trainer = getattr(model, "_trainer", None)
+        self.adopt_on_unsafe(trainer_components(self._trainer))
         self.judge_optimizers(optimizers)
         return model, optimizers, lr_schedulers
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # Parameter names and the contract, so `lightning-precision export` needs no guessing (runs before callbacks:
+        # a PrecisionGuard's contract replaces this one).
+        record_for_export(checkpoint, getattr(self, "_trainer", None))
 
 
 class _CheckedHalfInputs(HalfInputsMixin, _PairingCheck):

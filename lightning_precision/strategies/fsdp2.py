@@ -27,6 +27,7 @@ from lightning_precision._logging import info_rank_zero
 from lightning_precision.catalogue import classify_optimizer
 from lightning_precision.dtypes import parse_bool, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
+from lightning_precision.export_record import record_for_export
 from lightning_precision.fp32_modules import Fp32ModuleSelector, normalize_fp32_modules
 from lightning_precision.grad_accumulation import Fp32GradAccumulator, parse_accumulate_grad_dtype, trainer_accumulates
 from lightning_precision.modes import MODES, PrecisionMode, choices_text, get_mode
@@ -434,6 +435,8 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
         once every rank has written (see :mod:`~lightning_precision.strategies.checkpoint_staging` for why)."""
         if self.resolved is not None:
             checkpoint[CHECKPOINT_KEY] = self.resolved.to_dict()
+        # Parameter names and the precision contract, for `lightning-precision export` (see export_record).
+        record_for_export(checkpoint, getattr(self.lightning_module, "_trainer", None))
         if storage_options is not None:
             return super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # raises TypeError
         path = Path(self.broadcast(filepath))
