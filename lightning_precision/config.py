@@ -26,12 +26,21 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_precision._imports import import_object
 from lightning_precision.callbacks.guard import PrecisionGuard
 from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, normalize_preserve_keys
 from lightning_precision.catalogue import classify_optimizer
+from lightning_precision.config_classes import (
+    ClassSpec,
+    check_arguments,
+    check_nested_targets,
+    check_optimizer_target,
+    class_of,
+    is_a,
+    option_of,
+    read_entry,
+)
 from lightning_precision.config_layouts import find_optimizer, find_torch_dtype
-from lightning_precision.dtypes import parse_bool
+from lightning_precision.dtypes import parse_bool, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import PrecisionMode, get_mode, is_lightning_only
 from lightning_precision.pairing import Verdict, judge
@@ -40,6 +49,7 @@ from lightning_precision.plugins.half_audio import HalfPrecisionForAudio
 from lightning_precision.policy import (
     DEFAULT_ON_UNSAFE,
     OnUnsafe,
+    PolicyHolder,
     agreed_policy,
     enforce,
     explicit_policies,
@@ -47,6 +57,7 @@ from lightning_precision.policy import (
 )
 from lightning_precision.storage import StorageDecision, decide_storage
 from lightning_precision.strategies.fsdp2 import FSDP2Strategy
+from lightning_precision.strategies.fsdp2_plan import FSDP2Precision, resolve_fsdp2_precision
 
 OPTIONS_KEY = "lightning_precision"
 _OPTIONS = {"on_unsafe": None, "peft": False, "preserve_keys": list(DEFAULT_PRESERVE_KEYS)}
@@ -97,7 +108,8 @@ def resolve_trainer_cfg(
     * ``precision``: true and flash strings are replaced by :class:`HalfPrecisionForAudio` /
       :class:`FlashPrecision`, *added* to ``plugins``; Lightning's own strings pass through.
     * ``_target_`` (Hydra) and ``class_path`` (LightningCLI) entries in ``plugins``, ``callbacks`` and ``strategy``
-      are instantiated; ``strategy: {name: <registered name>, ...options}`` builds a registered strategy.
+      are instantiated (each must name a class: ``os.system`` or a module is refused before anything is called);
+      ``strategy: {name: <registered name>, ...options}`` builds a registered strategy.
     * The optimizer is found wherever NeMo, LightningCLI or this library's layout puts it (``optimizer``,
       ``model.optim``, ``model.optimizer``, ``model.init_args.optimizer``; see
       :mod:`~lightning_precision.config_layouts`), and the storage dtype in ``model.torch_dtype`` or
@@ -140,9 +152,14 @@ def plan_trainer_cfg(
     optimizer: Any = None,
     peft: bool | None = None,
     on_unsafe: OnUnsafe | None = None,
+    build: bool = True,
 ) -> TrainerKwargs:
     """What :func:`resolve_trainer_cfg` resolves, judged but not acted on: nothing is warned or raised for the
-    pairing (``kwargs.verdict`` says what it is). Takes the same arguments and raises the same config errors."""
+    pairing (``kwargs.verdict`` says what it is). Takes the same arguments and raises the same config errors.
+
+    With ``build=False`` nothing the config names is built or called (``explain`` reads untrusted files): plugins,
+    callbacks and the strategy are :class:`~lightning_precision.config_classes.ClassSpec` objects (the class and its
+    arguments), the plan is read from those, and the kwargs are a description, not ``pl.Trainer`` arguments."""
     cfg = _to_plain(trainer_cfg, what="trainer")
     options = _pop_options(cfg)
     policy_where = "resolve_trainer_cfg(on_unsafe=...)" if on_unsafe is not None else f"trainer.{OPTIONS_KEY}.on_unsafe"
@@ -152,23 +169,32 @@ def plan_trainer_cfg(
     peft = parse_bool(peft if peft is not None else options["peft"], what=f"trainer.{OPTIONS_KEY}.peft")
     preserve_keys = normalize_preserve_keys(options["preserve_keys"])
 
-    plugins = [_instantiate(p, f"trainer.plugins[{i}]") for i, p in enumerate(_as_list(cfg.pop("plugins", None)))]
-    callbacks = [_instantiate(c, f"trainer.callbacks[{i}]") for i, c in enumerate(_as_list(cfg.pop("callbacks", None)))]
+    entry = _instantiate if build else read_entry
+    plugins = [entry(p, f"trainer.plugins[{i}]", "plugins") for i, p in enumerate(_as_list(cfg.pop("plugins", None)))]
+    callbacks = [
+        entry(c, f"trainer.callbacks[{i}]", "callbacks") for i, c in enumerate(_as_list(cfg.pop("callbacks", None)))
+    ]
     if "strategy" in cfg:
-        cfg["strategy"] = _build_strategy(cfg["strategy"])
+        cfg["strategy"] = _build_strategy(cfg["strategy"], build)
     strategy = cfg.get("strategy")
 
     # One policy for the run: the config's, or one given explicitly to a plugin, callback or strategy.
     explicit = [(policy_where, config_policy)] if config_policy is not None else []
-    policy = agreed_policy(explicit + explicit_policies([*plugins, *callbacks, strategy])) or DEFAULT_ON_UNSAFE
+    policy = agreed_policy(explicit + _explicit_policies([*plugins, *callbacks, strategy])) or DEFAULT_ON_UNSAFE
 
     mode = _precision_mode(cfg, plugins)
     if mode is not None and "precision" in cfg and mode.family in _PLUGIN_FOR_FAMILY:
         del cfg["precision"]
         plugin_cls = _PLUGIN_FOR_FAMILY[mode.family]
-        plugins.append(plugin_cls(mode.name, preserve_keys=preserve_keys, on_unsafe=config_policy, peft=peft))
-    if not any(isinstance(c, PrecisionGuard) for c in callbacks):
-        callbacks.append(PrecisionGuard(on_unsafe=config_policy, peft=peft))
+        plugin_args = {"preserve_keys": preserve_keys, "on_unsafe": config_policy, "peft": peft}
+        plugins.append(
+            plugin_cls(mode.name, **plugin_args)
+            if build
+            else ClassSpec(plugin_cls, {"precision": mode.name, **plugin_args}, "trainer.precision")
+        )
+    if not any(is_a(c, PrecisionGuard) for c in callbacks):
+        guard_args = {"on_unsafe": config_policy, "peft": peft}
+        callbacks.append(PrecisionGuard(**guard_args) if build else ClassSpec(PrecisionGuard, guard_args, "guard"))
 
     kwargs = TrainerKwargs(cfg)
     if plugins:
@@ -182,12 +208,18 @@ def plan_trainer_cfg(
     )
     optimizer_cfg = found.value if found is not None else None
     if found is not None:
+        check_optimizer_target(optimizer_cfg, found.path)
         kwargs.optimizer, kwargs.optimizer_path = optimizer_cfg, found.path
         kwargs.layout_notes = (found.note,) if found.note else ()
     info = classify_optimizer(optimizer_cfg) if optimizer_cfg is not None else None
     dtype_found = find_torch_dtype(model_cfg)
     torch_dtype = dtype_found.value if dtype_found is not None else None
-    if isinstance(strategy, FSDP2Strategy):
+    if isinstance(strategy, ClassSpec) and issubclass(strategy.cls, FSDP2Strategy):
+        kwargs.sharded = _plan_fsdp2_spec(
+            strategy, mode or get_mode("32-true"), optimizer=optimizer_cfg, model_torch_dtype=torch_dtype, peft=peft
+        )
+        kwargs.storage = kwargs.sharded.storage
+    elif isinstance(strategy, FSDP2Strategy):
         # The strategy decides the resident dtype; it learns what only the config knows before the optimizer exists
         # (a conflict with its own options is an error), and its plan is the decision judged here.
         strategy.learn_config(
@@ -213,11 +245,11 @@ def plan_trainer_cfg(
 
 def _precision_mode(cfg: dict[str, Any], plugins: list[Any]) -> PrecisionMode | None:
     """The precision the config sets, by string or by its one precision plugin; ``None`` if neither."""
-    precision_plugins = [p for p in plugins if isinstance(p, Precision)]
+    precision_plugins = [p for p in plugins if is_a(p, Precision)]
     if len(precision_plugins) > 1:
         raise PrecisionConfigError(
             f"trainer.plugins has {len(precision_plugins)} precision plugins "
-            f"({', '.join(type(p).__name__ for p in precision_plugins)}); give exactly one."
+            f"({', '.join(class_of(p).__name__ for p in precision_plugins)}); give exactly one."
         )
     if is_lightning_only(cfg.get("precision")):
         return None  # e.g. "transformer-engine": Lightning builds its own plugin; the guard judges the live optimizers
@@ -226,12 +258,17 @@ def _precision_mode(cfg: dict[str, Any], plugins: list[Any]) -> PrecisionMode | 
         if precision_plugins:
             raise PrecisionConfigError(
                 f"trainer.precision={cfg['precision']!r} and the precision plugin "
-                f"{type(precision_plugins[0]).__name__} in trainer.plugins both set the precision; give one of them."
+                f"{class_of(precision_plugins[0]).__name__} in trainer.plugins both set the precision; "
+                "give one of them."
             )
         return mode
-    if precision_plugins and getattr(precision_plugins[0], "precision", None):
+    # A plugin class's precision: its argument, its default, or a class attribute (DoublePrecision's "64-true").
+    precision = precision_plugins and option_of(
+        precision_plugins[0], "precision", getattr(class_of(precision_plugins[0]), "precision", None)
+    )
+    if precision and isinstance(precision, str):
         try:
-            return get_mode(precision_plugins[0].precision)
+            return get_mode(precision)
         except PrecisionConfigError:  # a plugin for a precision this library does not model
             return None
     return None
@@ -269,27 +306,31 @@ def _as_list(value: Any) -> list[Any]:
     return [value]  # a single plugin or callback, as Lightning also accepts
 
 
-def _instantiate(entry: Any, where: str) -> Any:
-    """Build a ``_target_`` or ``class_path`` mapping; anything else is returned as is."""
+def _instantiate(entry: Any, where: str, kind: str) -> Any:
+    """Build a ``_target_`` or ``class_path`` mapping; anything else is returned as is.
+
+    Everything it would build is checked first: a name that is not a class (``os.system``, ``print``, a module) is
+    refused before anything is called.
+    """
     if not isinstance(entry, Mapping):
         return entry
     if "_target_" in entry:
-        import_object(str(entry["_target_"]), where=where)  # a clear error names the entry before Hydra's own message
+        check_nested_targets(dict(entry), where, kind)
         from hydra.utils import instantiate
 
         return instantiate(dict(entry), _convert_="all")
-    if "class_path" in entry:
-        cls = import_object(str(entry["class_path"]), where=where)
-        return cls(**dict(entry.get("init_args") or {}))
-    raise PrecisionConfigError(f"{where}: a mapping needs '_target_' or 'class_path' to be built, got {dict(entry)!r}.")
+    spec = read_entry(entry, where, kind)
+    return spec.cls(**spec.init_args)
 
 
-def _build_strategy(entry: Any) -> Any:
+def _build_strategy(entry: Any, build: bool) -> Any:
+    """The strategy as the trainer gets it (``build``), or as a :class:`ClassSpec` that is never built."""
     if isinstance(entry, str) and entry in StrategyRegistry:
         data = StrategyRegistry[entry]
         if issubclass(data["strategy"], FSDP2Strategy):
             # Built here rather than by Lightning so it can learn the optimizer section (e.g. "fsdp2").
-            return data["strategy"](**data["init_params"])
+            spec = ClassSpec(data["strategy"], dict(data["init_params"]), "trainer.strategy")
+            return spec.cls(**spec.init_args) if build else spec
     if isinstance(entry, Mapping) and "name" in entry and "_target_" not in entry and "class_path" not in entry:
         options = {k: v for k, v in entry.items() if k != "name"}
         name = entry["name"]
@@ -299,5 +340,47 @@ def _build_strategy(entry: Any) -> Any:
                 f"{', '.join(sorted(StrategyRegistry))}."
             )
         data = StrategyRegistry[name]
-        return data["strategy"](**{**data["init_params"], **options})
-    return _instantiate(entry, "trainer.strategy")
+        spec = ClassSpec(data["strategy"], {**data["init_params"], **options}, "trainer.strategy")
+        check_arguments(spec.cls, options, "trainer.strategy")
+        return spec.cls(**spec.init_args) if build else spec
+    return (_instantiate if build else read_entry)(entry, "trainer.strategy", "strategy")
+
+
+def _explicit_policies(components: list[Any]) -> list[tuple[str, OnUnsafe]]:
+    """``(where, policy)`` for each component given an explicit ``on_unsafe``: built ones say it themselves, a
+    :class:`ClassSpec` of a policy-holding class by its ``on_unsafe`` argument."""
+    found = explicit_policies([c for c in components if not isinstance(c, ClassSpec)])
+    for spec in components:
+        if isinstance(spec, ClassSpec) and issubclass(spec.cls, PolicyHolder):
+            given = optional_on_unsafe(spec.init_args.get("on_unsafe"), what=f"{spec.where}.on_unsafe")
+            if given is not None:
+                found.append((f"{spec.cls.__name__}(on_unsafe=...)", given))
+    return found
+
+
+def _plan_fsdp2_spec(
+    spec: ClassSpec, mode: PrecisionMode, *, optimizer: Any, model_torch_dtype: Any, peft: bool
+) -> FSDP2Precision:
+    """What an :class:`FSDP2Strategy` built from ``spec`` would plan after ``learn_config``, read from its arguments.
+
+    Mirrors ``FSDP2Strategy.learn_config`` and ``plan``: the strategy's own storage dtype wins over the model's
+    ``torch_dtype``, its optimizer must agree with the config's, and ``peft`` on either side counts.
+    """
+    name = spec.cls.__name__
+    storage = spec.arg("storage_dtype", "auto")
+    if parse_dtype(storage, what=f"{name}(storage_dtype=...)") is None and model_torch_dtype is not None:
+        storage = parse_dtype(model_torch_dtype, what="model.torch_dtype") or storage
+    hint = spec.arg("optimizer")
+    check_optimizer_target(hint, f"{spec.where}.optimizer")
+    if optimizer is not None:
+        if hint is None:
+            hint = optimizer
+        elif classify_optimizer(hint).name != classify_optimizer(optimizer).name:
+            raise PrecisionConfigError(
+                f"{name}(optimizer={hint!r}) and the config's optimizer {classify_optimizer(optimizer).name!r} "
+                "disagree; give the optimizer in one place."
+            )
+    own_peft = parse_bool(spec.arg("peft", False), what=f"{name}(peft=...)")
+    return resolve_fsdp2_precision(
+        mode, storage_dtype=storage, mp_policy=spec.arg("mp_policy"), optimizer=hint, peft=own_peft or peft
+    )

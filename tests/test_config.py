@@ -18,6 +18,7 @@ from lightning_precision import (
     PrecisionPairingError,
     PrecisionWarning,
     Status,
+    plan_trainer_cfg,
     resolve_trainer_cfg,
 )
 from tests.helpers import RecordingModule, loader
@@ -305,3 +306,36 @@ def test_lightning_precision_the_library_does_not_model_passes_through(precision
 def test_unknown_precision_error_lists_the_pass_through_precisions():
     with pytest.raises(PrecisionConfigError, match="transformer-engine"):
         resolve_trainer_cfg({"precision": "bf16-fast"})
+
+
+def test_a_nested_hydra_target_that_is_not_a_class_is_refused_before_anything_is_built(tmp_path):
+    marker = tmp_path / "marker"
+    cfg = {
+        "callbacks": [
+            {
+                "_target_": "tests.cli.untrusted_helpers.WritesOnInit",
+                "path": {"_target_": "os.system", "command": f"touch {marker}"},
+            }
+        ]
+    }
+    with pytest.raises(PrecisionConfigError, match=r"trainer.callbacks\[0\].path._target_='os.system'.*not a class"):
+        resolve_trainer_cfg(cfg)
+    assert not marker.exists()
+
+
+def test_a_class_path_argument_the_class_does_not_take_is_a_config_error():
+    cfg = {"callbacks": [{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"nope": 1}}]}
+    with pytest.raises(PrecisionConfigError, match=r"trainer.callbacks\[0\]: LearningRateMonitor .*nope"):
+        resolve_trainer_cfg(cfg)
+
+
+def test_plan_without_building_reads_entries_as_class_specs(tmp_path):
+    from lightning_precision.config_classes import ClassSpec
+    from tests.cli.untrusted_helpers import WritesOnInit
+
+    marker = tmp_path / "marker"
+    entry = {"class_path": "tests.cli.untrusted_helpers.WritesOnInit", "init_args": {"path": str(marker)}}
+    cfg = {"callbacks": [entry]}
+    kwargs = plan_trainer_cfg(cfg, build=False)
+    assert kwargs["callbacks"][0] == ClassSpec(WritesOnInit, {"path": str(marker)}, "trainer.callbacks[0]")
+    assert not marker.exists()

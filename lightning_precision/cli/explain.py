@@ -1,8 +1,9 @@
 """``lightning-precision explain``: what a config will do to parameters and optimizer state, without training.
 
 Everything here asks :func:`~lightning_precision.config.plan_trainer_cfg` and the pairing rule; nothing decides
-a dtype on its own. An FSDP2 strategy in the config is built (no process group needed) and its own decision on
-storage, compute and reduce dtypes is what is shown.
+a dtype on its own. The config may come from anyone, so nothing it names is built or called (``build=False``): each
+plugin, callback and strategy is imported, checked to be a class, and read from its arguments and signature
+defaults. An FSDP2 strategy's decision on storage, compute and reduce dtypes is planned from its arguments.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_precision.config import TrainerKwargs, plan_trainer_cfg
+from lightning_precision.config_classes import ClassSpec, class_of
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.memory import MemoryEstimate, estimate_bytes_per_param
 from lightning_precision.modes import MODES
 from lightning_precision.pairing import Status, Verdict
 from lightning_precision.policy import pairing_error
-from lightning_precision.grad_accumulation import accumulate_grad_dtype_of, accumulation_dtype
+from lightning_precision.grad_accumulation import (
+    accumulate_grad_dtype_of,
+    accumulation_dtype,
+    parse_accumulate_grad_dtype,
+)
 from lightning_precision.report import PrecisionContract, optimizer_contract
 
 LIGHTNING_DEFAULT_PRECISION = "32-true"
@@ -142,7 +148,8 @@ def explain(
     source: str = "",
     notes: Sequence[str] = (),
 ) -> Explanation:
-    """Resolve a config through :func:`plan_trainer_cfg` and the pairing rule, without building a model.
+    """Resolve a config through :func:`plan_trainer_cfg` and the pairing rule, without building a model, and without
+    building or calling anything the config names.
 
     An unsafe pairing under ``on_unsafe="error"`` does not raise here: the explanation is built anyway and carries
     the error message in :attr:`Explanation.error`, so the caller can show the table and then fail.
@@ -159,9 +166,11 @@ def explain(
         The explanation.
 
     Raises:
-        PrecisionConfigError: If the config is not valid (unknown precision, bad dtype, import failure, ...).
+        PrecisionConfigError: If the config is not valid (unknown precision, bad dtype, import failure, a
+            ``class_path``/``_target_`` that names a function or module rather than a class, ...).
     """
-    kwargs = plan_trainer_cfg(trainer_cfg, model=model_cfg, optimizer=optimizer_cfg)  # judged once, not acted on
+    # Judged once, not acted on; build=False: read the classes the file names, never run them.
+    kwargs = plan_trainer_cfg(trainer_cfg, model=model_cfg, optimizer=optimizer_cfg, build=False)
     failure = pairing_error(kwargs.verdict, kwargs.on_unsafe, where="config") if kwargs.verdict is not None else None
     error = str(failure) if failure is not None else None
     return _build(kwargs, source, error, [*notes, *_optimizer_notes(kwargs)])
@@ -181,7 +190,7 @@ def _build(kwargs: TrainerKwargs, source: str, error: str | None, notes: list[st
     storage = kwargs.storage_dtype if kwargs.storage_dtype is not None else mode.storage_dtype
     verdict = kwargs.verdict
     micro_batches = int(kwargs.get("accumulate_grad_batches", 1))
-    buffers = accumulate_grad_dtype_of(*kwargs.get("plugins", []), kwargs.get("strategy"))
+    buffers = _accumulate_grad_dtype(*kwargs.get("plugins", []), kwargs.get("strategy"))
     summed_in = accumulation_dtype(storage, buffers)
     contract = PrecisionContract(
         precision=mode.name if kwargs.precision_mode else f"{mode.name} (Lightning's default)",
@@ -220,10 +229,21 @@ def _state_text(memory: MemoryEstimate | None, contract: PrecisionContract) -> s
     return f"{contract.optimizers[0].state_dtype} (predicted)"
 
 
+def _accumulate_grad_dtype(*components: Any) -> Any:
+    """``accumulate_grad_dtype`` of a plugin or strategy: a spec's argument (or default), a built one's attribute."""
+    for component in components:
+        if isinstance(component, ClassSpec):
+            what = f"{component.where}.accumulate_grad_dtype"
+            dtype = parse_accumulate_grad_dtype(component.arg("accumulate_grad_dtype"), what=what)
+            if dtype is not None:
+                return dtype
+    return accumulate_grad_dtype_of(*(c for c in components if not isinstance(c, ClassSpec)))
+
+
 def _plugin_name(kwargs: TrainerKwargs, precision: str) -> str:
     for plugin in kwargs.get("plugins", []):
-        if hasattr(plugin, "convert_module"):  # a precision plugin
-            return type(plugin).__name__
+        if hasattr(class_of(plugin), "convert_module"):  # a precision plugin
+            return class_of(plugin).__name__
     lightning = _LIGHTNING_PLUGINS.get(precision)
     return f"{lightning} (Lightning)" if lightning else "-"
 
@@ -231,4 +251,4 @@ def _plugin_name(kwargs: TrainerKwargs, precision: str) -> str:
 def _strategy_name(strategy: Any) -> str:
     if strategy is None:
         return "auto"
-    return strategy if isinstance(strategy, str) else type(strategy).__name__
+    return strategy if isinstance(strategy, str) else class_of(strategy).__name__

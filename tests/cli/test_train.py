@@ -90,3 +90,34 @@ def test_train_builds_the_optimizer_it_judged_from_a_nemo_model_section(tmp_path
     assert type(optimizer) is torch.optim.SGD
     assert optimizer.defaults["lr"] == 0.05 and optimizer.defaults["momentum"] == 0.9
     assert run_.kwargs.optimizer_path == "model.optim"
+
+
+@pytest.mark.parametrize("section", ["strategy", "plugins", "callbacks"])
+def test_train_refuses_os_system_where_a_class_is_expected_and_never_runs_it(capsys, tmp_path, section):
+    marker = tmp_path / "marker"
+    entry = f'{{class_path: os.system, init_args: {{command: "touch {marker}"}}}}'
+    path = tmp_path / "untrusted.yaml"
+    path.write_text(f"trainer:\n  max_steps: 1\n  {section}: {f'[{entry}]' if section != 'strategy' else entry}\n")
+    code, _, err = run(capsys, "train", path, "--output-dir", tmp_path / "runs")
+    assert not marker.exists()
+    assert code == 2
+    assert_one_line_error(err)
+    assert "'os.system'" in err and "not a class" in err
+
+
+def test_train_refuses_print_as_a_hydra_callback(capsys, tmp_path):
+    path = tmp_path / "print.yaml"
+    path.write_text("trainer:\n  max_steps: 1\n  callbacks: [{_target_: builtins.print}]\n")
+    code, _, err = run(capsys, "train", path, "--output-dir", tmp_path / "runs")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "trainer.callbacks[0]._target_" in err and "'builtins.print'" in err
+
+
+def test_train_refuses_a_module_as_the_optimizer(capsys, tmp_path):
+    path = tmp_path / "module.yaml"
+    path.write_text("trainer:\n  max_steps: 1\noptimizer:\n  _target_: torch.optim\n")
+    code, _, err = run(capsys, "train", path, "--output-dir", tmp_path / "runs")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "optimizer._target_" in err and "'torch.optim'" in err and "module" in err
