@@ -57,7 +57,12 @@ from lightning_precision.policy import (
 )
 from lightning_precision.storage import StorageDecision, decide_storage
 from lightning_precision.strategies.fsdp2 import FSDP2Strategy
-from lightning_precision.strategies.fsdp2_plan import FSDP2Precision, resolve_fsdp2_precision
+from lightning_precision.strategies.fsdp2_plan import (
+    FSDP2Precision,
+    agreed_optimizer,
+    resolve_fsdp2_precision,
+    storage_option,
+)
 
 OPTIONS_KEY = "lightning_precision"
 _OPTIONS = {"on_unsafe": None, "peft": False, "preserve_keys": list(DEFAULT_PRESERVE_KEYS)}
@@ -363,24 +368,17 @@ def _plan_fsdp2_spec(
 ) -> FSDP2Precision:
     """What an :class:`FSDP2Strategy` built from ``spec`` would plan after ``learn_config``, read from its arguments.
 
-    Mirrors ``FSDP2Strategy.learn_config`` and ``plan``: the strategy's own storage dtype wins over the model's
-    ``torch_dtype``, its optimizer must agree with the config's, and ``peft`` on either side counts.
+    The same rules as ``FSDP2Strategy.learn_config`` and ``plan`` (:func:`storage_option`,
+    :func:`agreed_optimizer`), with ``peft`` on either side counting.
     """
-    name = spec.cls.__name__
-    storage = spec.arg("storage_dtype", "auto")
-    if parse_dtype(storage, what=f"{name}(storage_dtype=...)") is None and model_torch_dtype is not None:
-        storage = parse_dtype(model_torch_dtype, what="model.torch_dtype") or storage
     hint = spec.arg("optimizer")
     check_optimizer_target(hint, f"{spec.where}.optimizer")
-    if optimizer is not None:
-        if hint is None:
-            hint = optimizer
-        elif classify_optimizer(hint).name != classify_optimizer(optimizer).name:
-            raise PrecisionConfigError(
-                f"{name}(optimizer={hint!r}) and the config's optimizer {classify_optimizer(optimizer).name!r} "
-                "disagree; give the optimizer in one place."
-            )
-    own_peft = parse_bool(spec.arg("peft", False), what=f"{name}(peft=...)")
+    storage = storage_option(spec.arg("storage_dtype", "auto"), parse_dtype(model_torch_dtype, what="model.torch_dtype"))
+    own_peft = parse_bool(spec.arg("peft", False), what=f"{spec.cls.__name__}(peft=...)")
     return resolve_fsdp2_precision(
-        mode, storage_dtype=storage, mp_policy=spec.arg("mp_policy"), optimizer=hint, peft=own_peft or peft
+        mode,
+        storage_dtype=storage,
+        mp_policy=spec.arg("mp_policy"),
+        optimizer=agreed_optimizer(hint, optimizer),
+        peft=own_peft or peft,
     )

@@ -35,7 +35,13 @@ from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, agreed_policy, check_and_enforce, trainer_components
 from lightning_precision.report import report_storage_change
 from lightning_precision.strategies.checkpoint_staging import save_staged
-from lightning_precision.strategies.fsdp2_plan import FSDP2Precision, parse_mp_policy, resolve_fsdp2_precision
+from lightning_precision.strategies.fsdp2_plan import (
+    FSDP2Precision,
+    agreed_optimizer,
+    parse_mp_policy,
+    resolve_fsdp2_precision,
+    storage_option,
+)
 from lightning_precision.strategies.parallelize import (
     BlockSelector,
     block_selector,
@@ -208,9 +214,7 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
     def storage_dtype_option(self) -> Any:
         """The explicit storage dtype the plan uses: the strategy's own, else a config's ``model.torch_dtype``, else
         ``"auto"``."""
-        if parse_dtype(self._storage_dtype_given) is None and self._model_torch_dtype is not None:
-            return self._model_torch_dtype
-        return self._storage_dtype_given
+        return storage_option(self._storage_dtype_given, self._model_torch_dtype)
 
     def learn_config(
         self,
@@ -238,15 +242,7 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
                 or ``model_torch_dtype`` is not a dtype.
         """
         self._model_torch_dtype = parse_dtype(model_torch_dtype, what="model.torch_dtype")
-        if optimizer is not None:
-            config_name = classify_optimizer(optimizer).name
-            if self.optimizer_hint is None:
-                self.optimizer_hint = optimizer
-            elif classify_optimizer(self.optimizer_hint).name != config_name:
-                raise PrecisionConfigError(
-                    f"FSDP2Strategy(optimizer={self.optimizer_hint!r}) and the config's optimizer {config_name!r} "
-                    "disagree; give the optimizer in one place."
-                )
+        self.optimizer_hint = agreed_optimizer(self.optimizer_hint, optimizer)
         self.peft = self.peft or peft
         if on_unsafe is not None:
             agreed_policy(

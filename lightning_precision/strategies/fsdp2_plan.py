@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
+from lightning_precision.catalogue import classify_optimizer
 from lightning_precision.dtypes import HALF_DTYPES, dtype_name, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import PrecisionMode, get_mode
@@ -110,6 +111,33 @@ def parse_mp_policy(mp_policy: MixedPrecisionPolicy | Mapping[str, Any] | None) 
         raise PrecisionConfigError(f"mp_policy.cast_forward_inputs={cast!r} is not valid: give true or false.")
     out["cast_forward_inputs"] = cast
     return out
+
+
+def storage_option(own: Any, model_torch_dtype: torch.dtype | None) -> Any:
+    """The storage dtype a plan uses: the strategy's own, else (when it is ``"auto"``) a config's
+    ``model.torch_dtype``, else ``"auto"``; the strategy's explicit choice wins over how the model is loaded."""
+    if parse_dtype(own, what="FSDP2Strategy(storage_dtype=...)") is None and model_torch_dtype is not None:
+        return model_torch_dtype
+    return own
+
+
+def agreed_optimizer(own: Any, config_optimizer: Any) -> Any:
+    """The optimizer a plan judges: the strategy's own, or a config's optimizer section when it has none.
+
+    Raises:
+        PrecisionConfigError: If both are given and name different optimizers.
+    """
+    if config_optimizer is None:
+        return own
+    config_name = classify_optimizer(config_optimizer).name
+    if own is None:
+        return config_optimizer
+    if classify_optimizer(own).name != config_name:
+        raise PrecisionConfigError(
+            f"FSDP2Strategy(optimizer={own!r}) and the config's optimizer {config_name!r} disagree; give the optimizer "
+            "in one place."
+        )
+    return own
 
 
 def resolve_fsdp2_precision(
