@@ -42,6 +42,7 @@ from lightning_precision.modes import (
 )
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce
+from lightning_precision.upstream import FLASHOPTIM_DCP_CORRUPTION, require_unaffected
 
 _TRUE_PRECISIONS = spellings("true")
 _FLASH_PRECISIONS = spellings("flash")
@@ -216,6 +217,7 @@ class FlashMixin(HalfInputsMixin):
         accumulate_grad_dtype: str | torch.dtype | None = None,
     ) -> None:
         mode = flash_mode(precision, type(self).__name__)
+        require_unaffected(FLASHOPTIM_DCP_CORRUPTION)  # its checkpoints would be corrupt: refuse before training
         self.precision = mode.name
         self._desired_input_dtype = mode.compute_dtype
         self.cast_model_kwargs = dict(cast_model_kwargs or {})

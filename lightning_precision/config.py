@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
 from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_precision._logging import warn_once
 from lightning_precision.callbacks.guard import PrecisionGuard
 from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, normalize_preserve_keys
 from lightning_precision.catalogue import classify_optimizer
@@ -57,6 +59,7 @@ from lightning_precision.policy import (
 )
 from lightning_precision.storage import StorageDecision, decide_storage
 from lightning_precision.strategies.fsdp2 import FSDP2Strategy
+from lightning_precision.upstream import LIGHTNING_FSDP_MIXED_INIT, affected
 from lightning_precision.strategies.fsdp2_plan import (
     FSDP2Precision,
     agreed_optimizer,
@@ -93,6 +96,7 @@ class TrainerKwargs(dict):
     precision_mode: PrecisionMode | None = None
     verdict: Verdict | None = None
     on_unsafe: OnUnsafe = "warn"
+    upstream_faults: tuple[str, ...] = ()
     sharded: Any = None
     optimizer: Any = None
     optimizer_path: str | None = None
@@ -145,6 +149,8 @@ def resolve_trainer_cfg(
         PrecisionPairingError: If the config is an unsafe pairing under ``on_unsafe="error"``.
     """
     kwargs = plan_trainer_cfg(trainer_cfg, model=model, optimizer=optimizer, peft=peft, on_unsafe=on_unsafe)
+    for fault in kwargs.upstream_faults:
+        warn_once(f"upstream:{fault}", f"[config] {fault}")
     if kwargs.verdict is not None:
         enforce(kwargs.verdict, kwargs.on_unsafe, where="config")
     return kwargs
@@ -245,7 +251,20 @@ def plan_trainer_cfg(
     if info is not None:
         was_auto = kwargs.storage.was_auto if kwargs.storage is not None else True
         kwargs.verdict = judge(kwargs.storage_dtype, info, peft=peft, storage_was_auto=was_auto, precision=mode)
+    kwargs.upstream_faults = _upstream_faults(strategy, mode)
     return kwargs
+
+
+def _upstream_faults(strategy: Any, mode: PrecisionMode | None) -> tuple[str, ...]:
+    """Known faults of the installed Lightning that this config would meet (see :mod:`lightning_precision.upstream`)."""
+    if isinstance(strategy, str):
+        strategy = StrategyRegistry[strategy]["strategy"] if strategy in StrategyRegistry else None
+    cls = class_of(strategy) if strategy is not None and not isinstance(strategy, type) else strategy
+    lightning_fsdp = isinstance(cls, type) and issubclass(cls, LightningFSDPStrategy)
+    if lightning_fsdp and mode is not None and mode.autocast and mode.half_dtype is not None:
+        found = affected(LIGHTNING_FSDP_MIXED_INIT)
+        return (found,) if found else ()
+    return ()
 
 
 def _precision_mode(cfg: dict[str, Any], plugins: list[Any]) -> PrecisionMode | None:

@@ -339,3 +339,30 @@ def test_plan_without_building_reads_entries_as_class_specs(tmp_path):
     kwargs = plan_trainer_cfg(cfg, build=False)
     assert kwargs["callbacks"][0] == ClassSpec(WritesOnInit, {"path": str(marker)}, "trainer.callbacks[0]")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("version", "strategy", "precision", "warned"),
+    [
+        ("2.6.1", "fsdp", "bf16-mixed", True),
+        ("2.6.0", {"class_path": "lightning.pytorch.strategies.FSDPStrategy"}, "16-mixed", True),
+        ("2.6.2", "fsdp", "bf16-mixed", False),  # fixed release
+        ("2.6.1", "ddp", "bf16-mixed", False),  # not FSDP
+        ("2.6.1", "fsdp", "bf16-true", False),  # no fp32 storage promised
+    ],
+)
+def test_lightning_fsdp_mixed_init_fault_is_warned_naming_the_version(monkeypatch, version, strategy, precision, warned):
+    import warnings
+
+    from packaging.version import Version
+
+    from lightning_precision import PrecisionWarning, upstream
+
+    monkeypatch.setattr(upstream, "installed_version", lambda package: Version(version))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kwargs = resolve_trainer_cfg({"strategy": strategy, "precision": precision})
+    faults = [str(w.message) for w in caught if issubclass(w.category, PrecisionWarning) and "known fault" in str(w.message)]
+    assert bool(faults) is warned and bool(kwargs.upstream_faults) is warned
+    if warned:
+        assert f"lightning {version}" in faults[0] and "lightning>=2.6.2" in faults[0]
