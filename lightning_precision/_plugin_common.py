@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from lightning_precision._logging import info_rank_zero
 from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, PreserveKey, cast_batch, normalize_preserve_keys
-from lightning_precision.dtypes import HALF_DTYPES, dtype_name, parse_bool
+from lightning_precision.dtypes import HALF_DTYPES, dtype_name
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.grad_accumulation import Fp32GradAccumulator, parse_accumulate_grad_dtype
 from lightning_precision.fp32_modules import (
@@ -43,6 +43,7 @@ from lightning_precision.modes import (
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce
 from lightning_precision.upstream import FLASHOPTIM_DCP_CORRUPTION, require_unaffected
+from lightning_precision.values import parse_bool
 
 _TRUE_PRECISIONS = spellings("true")
 _FLASH_PRECISIONS = spellings("flash")
@@ -102,7 +103,7 @@ class PairingCheckMixin(PolicyHolder):
 
     def _init_pairing_check(self, on_unsafe: OnUnsafe | None, peft: bool) -> None:
         self._init_policy(on_unsafe)
-        self.peft = parse_bool(peft, what=f"{type(self).__name__}(peft=...)")
+        self.peft = parse_bool(peft, what=f"{type(self).__name__}(peft=...)", spellings=True)
 
     def judge_optimizers(self, optimizers: Iterable[Optimizer], *, where: str = "") -> list[Verdict]:
         """Judge ``optimizers`` with the pairing rule under this plugin's policy, PEFT flag and precision.

@@ -42,7 +42,7 @@ from lightning_precision.config_classes import (
     read_entry,
 )
 from lightning_precision.config_layouts import find_optimizer, find_torch_dtype
-from lightning_precision.dtypes import parse_bool, parse_dtype
+from lightning_precision.dtypes import parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import PrecisionMode, get_mode, is_lightning_only
 from lightning_precision.pairing import Verdict, judge
@@ -66,6 +66,7 @@ from lightning_precision.strategies.fsdp2_plan import (
     resolve_fsdp2_precision,
     storage_option,
 )
+from lightning_precision.values import parse_bool
 
 OPTIONS_KEY = "lightning_precision"
 _OPTIONS = {"on_unsafe": None, "peft": False, "preserve_keys": list(DEFAULT_PRESERVE_KEYS)}
@@ -177,7 +178,9 @@ def plan_trainer_cfg(
     config_policy = optional_on_unsafe(
         on_unsafe if on_unsafe is not None else options["on_unsafe"], what=f"trainer.{OPTIONS_KEY}.on_unsafe"
     )
-    peft = parse_bool(peft if peft is not None else options["peft"], what=f"trainer.{OPTIONS_KEY}.peft")
+    peft = parse_bool(
+        peft if peft is not None else options["peft"], what=f"trainer.{OPTIONS_KEY}.peft", spellings=True
+    )
     preserve_keys = normalize_preserve_keys(options["preserve_keys"])
 
     entry = _instantiate if build else read_entry
@@ -392,8 +395,9 @@ def _plan_fsdp2_spec(
     """
     hint = spec.arg("optimizer")
     check_optimizer_target(hint, f"{spec.where}.optimizer")
-    storage = storage_option(spec.arg("storage_dtype", "auto"), parse_dtype(model_torch_dtype, what="model.torch_dtype"))
-    own_peft = parse_bool(spec.arg("peft", False), what=f"{spec.cls.__name__}(peft=...)")
+    model_dtype = parse_dtype(model_torch_dtype, what="model.torch_dtype")
+    storage = storage_option(spec.arg("storage_dtype", "auto"), model_dtype)
+    own_peft = parse_bool(spec.arg("peft", False), what=f"{spec.cls.__name__}(peft=...)", spellings=True)
     return resolve_fsdp2_precision(
         mode,
         storage_dtype=storage,

@@ -63,29 +63,3 @@ def parse_dtype(value: Any, *, what: str = "dtype") -> torch.dtype | None:
 def dtype_name(dtype: torch.dtype | None) -> str:
     """Short display name: ``torch.bfloat16`` -> ``"bfloat16"``; ``None`` -> ``"-"``."""
     return "-" if dtype is None else str(dtype).removeprefix("torch.")
-
-
-# YAML 1.1 and environment-variable spellings of booleans (``${oc.env:PEFT,false}`` arrives as the string "false").
-_TRUE_SPELLINGS = ("true", "yes", "on", "1")
-_FALSE_SPELLINGS = ("false", "no", "off", "0")
-
-
-def parse_bool(value: Any, *, what: str = "value") -> bool:
-    """Read a boolean option: a real ``bool``, ``0``/``1``, or a usual spelling (``"true"``, ``"False"``, ``"yes"``).
-
-    Raises:
-        PrecisionConfigError: On anything else (``bool("False")`` would be ``True``, so strings are never truth-tested).
-    """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        key = value.strip().lower()
-        if key in _TRUE_SPELLINGS:
-            return True
-        if key in _FALSE_SPELLINGS:
-            return False
-    raise PrecisionConfigError(
-        f"{what}={value!r} is not a boolean. Valid: true/false, or one of {', '.join(_TRUE_SPELLINGS + _FALSE_SPELLINGS)}."
-    )

@@ -18,3 +18,9 @@ class PrecisionConfigError(ValueError):
 
 class CheckpointExportError(PrecisionConfigError):
     """A checkpoint that ``export`` cannot read, or an output directory it cannot write (names the path and why)."""
+
+
+class OptimizerStateError(ValueError):
+    """A loaded optimizer state that cannot be used: corrupt (nan, negative second moment, wrong shape) or saved by an
+    optimizer whose state cannot be converted. The message names the tensor (parameter index, group, key) or the
+    missing keys, and the fix."""

@@ -181,3 +181,20 @@ def test_optimizer_whose_import_raises_is_classified_by_its_path(tmp_path, monke
     monkeypatch.syspath_prepend(str(tmp_path))
     info = classify_optimizer({"_target_": "broken_lab_optim.Shampoo"})
     assert info.kind is UNKNOWN and info.name == "broken_lab_optim.Shampoo"
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind"),
+    [
+        ({"_target_": "optimi.AdamW", "kahan_sum": "false"}, FOLLOWS),  # a YAML/env string, never truth-tested
+        ({"_target_": "transformer_engine.pytorch.optimizers.FusedAdam", "master_weights": "false"}, FOLLOWS),
+        ({"_target_": "torchao.optim._AdamW", "bf16_stochastic_round": "False"}, FOLLOWS),
+    ],
+)
+def test_boolean_settings_written_as_strings_are_read_not_truth_tested(spec, kind):
+    assert classify_optimizer(spec).kind is kind
+
+
+def test_boolean_setting_that_is_not_a_boolean_is_refused():
+    with pytest.raises(PrecisionConfigError, match="kahan_sum: 'sometimes'"):
+        classify_optimizer({"_target_": "optimi.AdamW", "kahan_sum": "sometimes"})

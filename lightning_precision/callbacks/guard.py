@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_precision.callbacks.underflow import UpdateUnderflowMonitor
-from lightning_precision.dtypes import parse_bool, parse_dtype
+from lightning_precision.dtypes import parse_dtype
 from lightning_precision.grad_accumulation import accumulate_grad_dtype_of
 from lightning_precision.modes import known_mode
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce, trainer_components
@@ -21,6 +21,7 @@ from lightning_precision.report import (
     report_storage_change,
     storage_changes,
 )
+from lightning_precision.values import parse_bool
 
 
 class PrecisionGuard(PolicyHolder, Callback):
@@ -46,7 +47,7 @@ class PrecisionGuard(PolicyHolder, Callback):
 
     def __init__(self, on_unsafe: OnUnsafe | None = None, peft: bool = False, log_table: bool = True) -> None:
         self._init_policy(on_unsafe)
-        self.peft = parse_bool(peft, what="PrecisionGuard(peft=...)")
+        self.peft = parse_bool(peft, what="PrecisionGuard(peft=...)", spellings=True)
         self.log_table = log_table
         self.contract: PrecisionContract | None = None
         self._state_observed = False

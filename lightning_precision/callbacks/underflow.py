@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.catalogue import classify_optimizer
-from lightning_precision.dtypes import HALF_DTYPES, dtype_name, parse_bool
+from lightning_precision.dtypes import HALF_DTYPES, dtype_name
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.pairing import Verdict, check_optimizer, judge
 from lightning_precision.underflow import (
@@ -27,6 +27,7 @@ from lightning_precision.underflow import (
     UnderflowReport,
     sample_indices,
 )
+from lightning_precision.values import parse_bool
 
 __all__ = ["METRIC_EXP_AVG_SQ", "METRIC_UPDATE", "UnderflowReport", "UpdateUnderflowMonitor", "sample_indices"]
 
@@ -78,7 +79,7 @@ class UpdateUnderflowMonitor(Callback):
             raise PrecisionConfigError(f"UpdateUnderflowMonitor(top_k={top_k!r}) is not valid: use an int >= 0.")
         self.top_k = top_k
         self.seed = int(seed)
-        self.prog_bar = parse_bool(prog_bar, what="UpdateUnderflowMonitor(prog_bar=...)")
+        self.prog_bar = parse_bool(prog_bar, what="UpdateUnderflowMonitor(prog_bar=...)", spellings=True)
         self.meter = UnderflowMeter(every_n_steps, max_elements_per_tensor, top_k, seed)
         self._consecutive = {"update": 0, "exp_avg_sq": 0}
 

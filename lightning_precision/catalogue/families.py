@@ -18,6 +18,7 @@ from lightning_precision._logging import info_rank_zero
 from lightning_precision.catalogue.info import OptimizerInfo, OptimizerKind, UpdateFormula
 from lightning_precision.dtypes import dtype_name, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
+from lightning_precision.values import parse_bool
 
 _CONFIG_TARGET_KEYS = ("_target_", "class_path")
 _ADAM_NAMES = ("adam", "lamb", "adan", "lion")  # optimizers with an EMA state; lion has only one moment
@@ -38,6 +39,12 @@ class _Spec:
 
     def declares(self, attr: str) -> bool:
         return bool(getattr(self.instance, attr, False) or getattr(self.cls, attr, False))
+
+    def flag(self, key: str, *, default: bool = False) -> bool:
+        """A boolean setting as a config writes it (``"false"`` is False, never truth-tested); ``None`` or absent:
+        ``default``."""
+        value = self.settings.get(key)
+        return default if value is None else parse_bool(value, what=f"{self.name} {key}", spellings=True)
 
     def common(self) -> dict[str, Any]:
         """The fields every family fills the same way."""
@@ -60,7 +67,7 @@ class _Spec:
             "moment_dtypes": _moment_dtypes(self.name, self.settings, moments),
             "stochastic_moments": tuple(m for m in moments if self.settings.get(f"{m}_rounding") == "stochastic"),
             "update_formula": formula,
-            "decoupled_weight_decay": short.endswith("adamw") or bool(self.settings.get("decoupled_weight_decay")),
+            "decoupled_weight_decay": short.endswith("adamw") or self.flag("decoupled_weight_decay"),
         }
 
 
@@ -223,7 +230,7 @@ def _declared_compensated(spec: _Spec) -> OptimizerInfo:
 def _flashoptim(spec: _Spec) -> OptimizerInfo:
     s = spec.settings
     bits = 8 * int(s["master_bytewidth"] or 0) if "master_bytewidth" in s else int(s.get("master_weight_bits") or 0)
-    common = {**spec.common(), "quantized_moments": bool(s.get("quantize", True))}
+    common = {**spec.common(), "quantized_moments": spec.flag("quantize", default=True)}
     if bits:
         return OptimizerInfo(
             kind=OptimizerKind.KEEPS_MASTER,
@@ -260,11 +267,11 @@ def _transformer_engine(spec: _Spec) -> OptimizerInfo:
     """
     spec = replace(spec, settings={**_TE_DOCUMENTED_DEFAULTS, **spec.settings})
     s = spec.settings
-    if not s.get("master_weights"):
+    if not spec.flag("master_weights"):
         return OptimizerInfo(
             kind=OptimizerKind.STATE_FOLLOWS_PARAM,
             reason="Transformer Engine FusedAdam without master_weights writes updates in the parameter dtype"
-            + (" (store_param_remainders needs master_weights=True)" if s.get("store_param_remainders") else ""),
+            + (" (store_param_remainders needs master_weights=True)" if spec.flag("store_param_remainders") else ""),
             **spec.common(),
         )
     master = parse_dtype(s.get("master_weight_dtype"), what=f"{spec.name} master_weight_dtype") or torch.float32
@@ -275,7 +282,7 @@ def _transformer_engine(spec: _Spec) -> OptimizerInfo:
             "master, which rounds small updates away as a half parameter does",
             **spec.common(),
         )
-    remainders = bool(s.get("store_param_remainders")) and master == torch.float32
+    remainders = spec.flag("store_param_remainders") and master == torch.float32
     return OptimizerInfo(
         kind=OptimizerKind.KEEPS_MASTER,
         reason=(
@@ -296,9 +303,9 @@ def _optimi(spec: _Spec) -> OptimizerInfo:
     if common["update_formula"] == "adam":
         common["update_formula"] = "adam-debiased"  # optimi keeps debiased moments
     common["decoupled_keys"] = ("decouple_wd", "decouple_lr")
-    common["decoupled_weight_decay"] = any(bool(spec.settings.get(k)) for k in common["decoupled_keys"])
+    common["decoupled_weight_decay"] = any(spec.flag(k) for k in common["decoupled_keys"])
     common["step_temporaries"] = (0.0, 0.0)  # optimi's foreach step reuses the gradient buffers for temporaries
-    if spec.settings.get("kahan_sum", None) is not False:  # None means automatic: on for half parameters
+    if spec.settings.get("kahan_sum") is None or spec.flag("kahan_sum"):  # None means automatic: on for half params
         return OptimizerInfo(
             kind=OptimizerKind.COMPENSATED,
             reason="optimi applies Kahan summation to half-precision parameters",
@@ -334,7 +341,7 @@ def _any_precision_adamw(spec: _Spec) -> OptimizerInfo:
         if value is not None:
             fixed.append((moment, value))
     common = {**spec.common(), "moment_dtypes": tuple(fixed), "moment_dtypes_for_all": True}
-    if s.get("use_kahan_summation"):
+    if spec.flag("use_kahan_summation"):
         return OptimizerInfo(
             kind=OptimizerKind.COMPENSATED,
             reason="AnyPrecisionAdamW with use_kahan_summation=True compensates the parameter write",
@@ -377,7 +384,10 @@ def _apex_fused_adam(spec: _Spec) -> OptimizerInfo:
 def _torch_step_temporaries(s: dict[str, Any]) -> tuple[float, float]:
     """torch's multi-tensor (foreach) step, its default on accelerators, allocates one copy of the parameters; the
     fused step and the per-tensor loop (``foreach=False``) allocate about nothing per parameter of the model."""
-    return (0.0, 0.0) if s.get("fused") or s.get("foreach") is False else (1.0, 0.0)
+    fused, foreach = s.get("fused"), s.get("foreach")
+    fused = fused is not None and parse_bool(fused, what="optimizer fused", spellings=True)
+    foreach_off = foreach is not None and not parse_bool(foreach, what="optimizer foreach", spellings=True)
+    return (0.0, 0.0) if fused or foreach_off else (1.0, 0.0)
 
 
 def _state_follows_param(spec: _Spec) -> OptimizerInfo:
@@ -423,7 +433,7 @@ _FAMILIES: tuple[tuple[Callable[[_Spec], bool], Callable[[_Spec], OptimizerInfo]
     (_prefix("flashoptim."), _flashoptim),
     (lambda spec: _prefix("transformer_engine.")(spec) and "fusedadam" in spec.short, _transformer_engine),
     (_prefix("optimi."), _optimi),
-    (lambda spec: _prefix("torchao.")(spec) and bool(spec.settings.get("bf16_stochastic_round")), _torchao_stochastic),
+    (lambda spec: _prefix("torchao.")(spec) and spec.flag("bf16_stochastic_round"), _torchao_stochastic),
     (lambda spec: spec.short == "anyprecisionadamw", _any_precision_adamw),
     (_prefix("bitsandbytes."), _bitsandbytes),
     (lambda spec: _prefix("apex.")(spec) and spec.short == "fusedadam", _apex_fused_adam),

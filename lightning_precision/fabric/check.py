@@ -7,7 +7,6 @@ from typing import Any
 from lightning.fabric import Fabric
 from torch.optim import Optimizer
 
-from lightning_precision.dtypes import parse_bool
 from lightning_precision.fabric._checked import _FabricPairingCheck
 from lightning_precision.fabric.fsdp2 import FSDP2Parallelize
 from lightning_precision.grad_accumulation import accumulate_grad_dtype_of
@@ -15,6 +14,7 @@ from lightning_precision.modes import known_mode
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce, optional_on_unsafe
 from lightning_precision.report import build_contract, log_contract
+from lightning_precision.values import parse_bool
 
 
 def check(
@@ -55,7 +55,7 @@ def check(
         plugin.adopt_on_unsafe([call])  # optimizers this call does not see follow it at their first step too
     if peft is None:
         peft = bool(getattr(plugin, "peft", False))
-    peft = parse_bool(peft, what="lightning_precision.fabric.check: peft")
+    peft = parse_bool(peft, what="lightning_precision.fabric.check: peft", spellings=True)
     raw = [_unwrap(o) for o in optimizers]
     mode = plan.mode if plan is not None else known_mode(getattr(plugin, "precision", None))
     where = "lightning_precision.fabric.check"

@@ -20,6 +20,7 @@ from lightning_precision.strategies.parallelize import (
     cast_parameters,
     shard_in_storage_dtype,
 )
+from lightning_precision.values import parse_bool
 
 
 class FSDP2Parallelize:
@@ -136,4 +137,5 @@ def fsdp2_parallelize(
     )
     block_selector(blocks)  # fails now, not on every rank at setup
     selectors = normalize_fp32_modules(fp32_modules, what="fsdp2_parallelize(fp32_modules=...)")
-    return FSDP2Parallelize(plan, blocks, selectors, bool(reshard_after_forward))
+    reshard = parse_bool(reshard_after_forward, what="fsdp2_parallelize(reshard_after_forward=...)", spellings=True)
+    return FSDP2Parallelize(plan, blocks, selectors, reshard)

@@ -1,4 +1,6 @@
-"""Validation of ``CompensatedAdamW``'s per-group options: state dtypes and rounding, step implementation, chunk size.
+"""Validation of ``CompensatedAdamW``'s per-group options: hyperparameters and flags, state dtypes and rounding,
+step implementation, chunk size. Every group (constructor defaults, a group dict, ``add_param_group``, a loaded state
+dict) passes the same checks.
 
 param_groups hold the canonical dtype names, not ``torch.dtype`` objects: distributed checkpoint (DCP) only saves
 tensors, numbers, strings, None and containers of them.
@@ -10,9 +12,10 @@ from typing import Any
 
 import torch
 
-from lightning_precision.dtypes import dtype_name, parse_dtype
+from lightning_precision.dtypes import dtype_name
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.optim._stochastic_rounding import ROUNDINGS
+from lightning_precision.values import parse_bool, parse_dtype_choice, parse_number
 
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_OPTIONS = ("exp_avg_dtype", "exp_avg_sq_dtype")
@@ -22,16 +25,7 @@ _IMPLEMENTATIONS = ("chunked", "reference")
 
 def _state_dtype_name(name: str, value: torch.dtype | str) -> str:
     """The canonical name (``"bfloat16"``...) of a state dtype given as a torch.dtype or a spelling of one."""
-    try:
-        dtype = parse_dtype(value, what=name) if value != "auto" else None
-    except PrecisionConfigError:
-        dtype = None
-    if dtype is None or dtype_name(dtype) not in _STATE_DTYPES:
-        raise PrecisionConfigError(
-            f"Invalid {name}: {value!r}; expected torch.float32, torch.bfloat16, torch.float16 or a spelling of one "
-            "(e.g. 'fp32', 'bf16', 'float16')"
-        )
-    return dtype_name(dtype)
+    return dtype_name(parse_dtype_choice(value, what=name, choices=_STATE_DTYPES.values()))
 
 
 def _check_implementation(value: Any) -> str:
@@ -75,7 +69,38 @@ def check_rounding_dtypes(group: dict[str, Any]) -> None:
             )
 
 
-def _normalise_group_options(group: dict[str, Any]) -> None:
+def check_hyperparameters(group: dict[str, Any], where: str = "") -> None:
+    """Check (and normalise to Python floats/bools) the AdamW hyperparameters present in ``group``.
+
+    Args:
+        group: A parameter group or the constructor defaults; only the keys present are checked.
+        where: Suffix naming the group in messages, e.g. ``" (param group 1)"``.
+
+    Raises:
+        PrecisionConfigError: Naming the value and its valid range if ``lr`` is not a finite number >= 0, ``eps``
+            not a finite number > 0 (0 divides 0 by 0 where a gradient has been zero), a beta not in [0, 1),
+            ``weight_decay`` not a finite number >= 0, or ``maximize`` not a bool.
+    """
+    if "lr" in group:
+        group["lr"] = parse_number(group["lr"], what=f"lr{where}", low=0.0)
+    if "eps" in group:
+        group["eps"] = parse_number(group["eps"], what=f"eps{where}", low=0.0, low_open=True)
+    if "weight_decay" in group:
+        group["weight_decay"] = parse_number(group["weight_decay"], what=f"weight_decay{where}", low=0.0)
+    if "betas" in group:
+        betas = group["betas"]
+        if isinstance(betas, (str, bytes, torch.Tensor)) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise PrecisionConfigError(f"Invalid betas{where}: {betas!r}; expected two values, e.g. (0.9, 0.999)")
+        group["betas"] = tuple(
+            parse_number(b, what=f"beta parameter at index {i}{where}", low=0.0, high=1.0, high_open=True)
+            for i, b in enumerate(betas)
+        )
+    if "maximize" in group:
+        group["maximize"] = parse_bool(group["maximize"], what=f"maximize{where}")
+
+
+def _normalise_group_options(group: dict[str, Any], where: str = "") -> None:
+    check_hyperparameters(group, where)
     for key in _DTYPE_OPTIONS:
         if key in group:
             group[key] = _state_dtype_name(key, group[key])

@@ -45,6 +45,7 @@ def temp_bytes_per_element(
     *,
     compensated: bool,
     stochastic: bool = False,
+    masked: bool = False,
 ) -> int:
     """Bytes of temporaries per chunk element that :func:`compensated_step` or :func:`plain_step` allocate.
 
@@ -54,6 +55,7 @@ def temp_bytes_per_element(
         exp_avg_sq_dtype: Second-moment dtype.
         compensated: Whether the compensated step (half-precision parameters) runs.
         stochastic: Whether a moment is written with stochastic rounding.
+        masked: Whether the chunk's parameter and state are saved to be restored where a gradient is not finite.
 
     Returns:
         Compensated: fp32 gradient (then parameter), compensation, and the denominator or (later) the decay
@@ -61,10 +63,13 @@ def temp_bytes_per_element(
         (it cannot be divided in place), plus the integer temporaries of a stochastic write. Plain: negated
         gradient, denominator and update in the parameter dtype.
     """
+    saved = 0
+    if masked:
+        saved = param_dtype.itemsize * (2 if compensated else 1) + exp_avg_dtype.itemsize + exp_avg_sq_dtype.itemsize
     if not compensated:
-        return 3 * param_dtype.itemsize
+        return 3 * param_dtype.itemsize + saved
     fp32 = 4 * (3 + (exp_avg_dtype != F32) + (exp_avg_sq_dtype != F32) + (exp_avg_dtype == F32))
-    return fp32 + (ROUNDING_TEMP_BYTES if stochastic else 0)
+    return fp32 + (ROUNDING_TEMP_BYTES if stochastic else 0) + saved
 
 
 def auto_chunk_size(total_numel: int, device: torch.device, temp_bytes: int) -> int:
@@ -183,6 +188,24 @@ class _Chunk:
         return slices, work
 
 
+class _Guard:
+    """Keeps a chunk's parameter and state as they were where the tensor's gradient is not finite (``finite[i]``
+    False), with ``torch.where`` on the device flag: the step then needs no host read of the flag."""
+
+    def __init__(self, chunk: _Chunk, finite: torch.Tensor, tensors: Sequence[Sequence[torch.Tensor]]) -> None:
+        self.chunk, self.finite = chunk, finite
+        self.slices = [chunk.slices(t) for t in tensors]
+        self.saved = [[s.clone() for s in self._list(sl)] for sl in self.slices]
+
+    def _list(self, slices: Any) -> list[torch.Tensor]:
+        return [slices] if self.chunk.single else slices
+
+    def restore(self) -> None:
+        for slices, saved in zip(self.slices, self.saved):
+            for (index, _, _), now, before in zip(self.chunk.pieces, self._list(slices), saved):
+                now.copy_(torch.where(self.finite[index], now, before))
+
+
 @dataclass(frozen=True)
 class StepOptions:
     """The hyperparameters of one parameter group that the step functions read, and the chunk size."""
@@ -229,6 +252,7 @@ def compensated_step(
     scalars: tuple[Sequence[torch.Tensor | float], Sequence[torch.Tensor | float]],
     options: StepOptions,
     rounding: StateRounding | None = None,
+    finite: torch.Tensor | None = None,
 ) -> None:
     """AdamW with a Kahan-compensated write into half-precision parameters, chunk by chunk.
 
@@ -239,6 +263,8 @@ def compensated_step(
             fp32 tensors, or their values as Python floats.
         options: The group's hyperparameters and the chunk size.
         rounding: Streams for the bf16 moments written with stochastic rounding; the others round to nearest.
+        finite: Optional 1-D bool tensor on the device, one flag per tensor: where False, the tensor's parameter,
+            moments and compensation are left as they were (no host read of the flags).
     """
     params, grads, exp_avgs, exp_avg_sqs, comps = bucket
     lr, beta1, beta2, eps = options.lr, options.beta1, options.beta2, options.eps
@@ -265,6 +291,7 @@ def compensated_step(
     for pieces in plan_chunks(numels, chunk_size):
         chunk = _Chunk(pieces)
         ops = chunk.ops
+        guard = None if finite is None else _Guard(chunk, finite, (params, exp_avgs, exp_avg_sqs, comps))
         g32 = chunk.views(g_buf)
         ops.copy_(g32, chunk.slices(grads))
         if options.maximize:
@@ -305,12 +332,15 @@ def compensated_step(
         ops.copy_(p_slices, p32)  # round to nearest
         ops.sub_(p32, p_slices)  # low bits lost by the write
         ops.copy_(c_slices, p32)
+        if guard is not None:
+            guard.restore()
 
 
 def plain_step(
     bucket: Bucket,
     scalars: tuple[Sequence[torch.Tensor | float], Sequence[torch.Tensor | float]],
     options: StepOptions,
+    finite: torch.Tensor | None = None,
 ) -> None:
     """torch.optim.AdamW for fp32/fp64 parameters (state in the parameter dtype), chunk by chunk.
 
@@ -318,6 +348,7 @@ def plain_step(
         bucket: Parameters, their gradients and moments, all in the parameter dtype (``comps`` is not read).
         scalars: Per-tensor step scalars, as for :func:`compensated_step`.
         options: The group's hyperparameters and the chunk size.
+        finite: Per-tensor finite-gradient flags, as for :func:`compensated_step`.
     """
     params, grads, exp_avgs, exp_avg_sqs, _ = bucket
     lr, beta1, beta2, eps, weight_decay = options.lr, options.beta1, options.beta2, options.eps, options.weight_decay
@@ -326,6 +357,7 @@ def plain_step(
     for pieces in plan_chunks(numels, options.chunk_size):
         chunk = _Chunk(pieces)
         ops = chunk.ops
+        guard = None if finite is None else _Guard(chunk, finite, (params, exp_avgs, exp_avg_sqs))
         g = chunk.slices(grads)
         if options.maximize:
             g = ops.neg(g)
@@ -342,6 +374,8 @@ def plain_step(
         del denom
         ops.mul_(update, chunk.scalars(neg_step_size))
         ops.add_(p, update)
+        if guard is not None:
+            guard.restore()
 
 
 def flat_local_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:

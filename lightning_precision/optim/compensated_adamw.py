@@ -18,21 +18,20 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lightning_precision.optim import _compensated_step
+from lightning_precision.optim import _compensated_state, _compensated_step, _nonfinite
 from lightning_precision.optim._compensated_options import (
     _STATE_DTYPES,
     _normalise_group_options,
     _state_dtype_name,
     check_rounding_dtypes,
 )
-from lightning_precision.optim._stochastic_rounding import element_layout, round_into_, stream_for
+from lightning_precision.optim._reference_step import state_rounding, step_compensated, step_plain, step_scalars
 
 __all__ = ["CompensatedAdamW"]
 
-_HALF_DTYPES = (torch.bfloat16, torch.float16)
-# State whose dtype/device is chosen by this optimizer, not by the parameter. torch's
-# load_state_dict would cast these to the param dtype, and alias (not copy) "step".
-_DTYPED_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "compensation")
+_HALF_DTYPES = _compensated_state.HALF_DTYPES
+# Group keys of torch.optim.AdamW that mean nothing here; dropped from a converted state dict's groups.
+_TORCH_ADAMW_KEYS = ("amsgrad", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 
 
 class CompensatedAdamW(Optimizer):
@@ -58,8 +57,7 @@ class CompensatedAdamW(Optimizer):
     with ``torch.distributed.checkpoint``.
 
     Works with DTensor parameters (FSDP2 shards): the step updates each rank's
-    local shard in place, with elementwise ops only and no host read of a
-    device tensor.
+    local shard in place, elementwise, with no host read of a device tensor.
 
     Memory per element of a bf16 parameter with the defaults, steady state:
     2 (param) + 2 (gradient) + 2 (compensation) + 2 (bf16 exp_avg) + 4 (fp32
@@ -121,12 +119,28 @@ class CompensatedAdamW(Optimizer):
             parameter, at least 4096 and at most 2**17 elements on CPU (a chunk
             stays near the caches) or 2**22 on accelerators.
 
+    Non-finite gradients: a tensor whose gradient holds nan or inf is not
+    updated at that step (parameter, moments and compensation unchanged; the
+    step count advances) and the first such step is reported once with a
+    :class:`~lightning_precision.errors.PrecisionWarning` naming the step. The
+    check has no host read on accelerators: per-tensor flags from one
+    ``torch._foreach_norm(grads, inf)`` mask the writes with ``torch.where``.
+    GradScaler's ``grad_scale``/``found_inf`` are honoured when set; set
+    ``optimizer._step_supports_amp_scaling = True`` to have ``GradScaler.step``
+    pass them (no host read for the inf check). It is off by default because
+    Lightning refuses gradient clipping for such optimizers.
+
+    :meth:`load_state_dict` converts state across storage dtypes and from
+    torch.optim.AdamW and checks every tensor.
+
     Raises:
-        ValueError: If a hyperparameter is out of range.
-        PrecisionConfigError: If a state dtype, a rounding, ``rounding_seed``,
-            ``implementation`` or ``chunk_size`` is not one of the valid
-            choices, or stochastic rounding is asked of a moment not stored in
-            bfloat16 (a ValueError).
+        PrecisionConfigError: (a ValueError) naming the value and the valid
+            choices, for the constructor and for every parameter group: ``lr``
+            or ``weight_decay`` not a finite number >= 0, ``eps`` not a finite
+            number > 0, a beta outside [0, 1), ``maximize`` not a bool, a state
+            dtype, rounding, ``rounding_seed``, ``implementation`` or
+            ``chunk_size`` not one of the valid choices, or stochastic rounding
+            asked of a moment not stored in bfloat16.
     """
 
     keeps_master_weights: bool = False
@@ -159,63 +173,49 @@ class CompensatedAdamW(Optimizer):
         implementation: str = "chunked",
         chunk_size: int | None = None,
     ) -> None:
-        if isinstance(lr, torch.Tensor):
-            raise TypeError(f"Invalid learning rate: {lr}; CompensatedAdamW takes a Python float")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas}; expected two values")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        defaults = {
-            "lr": lr,
-            "betas": tuple(betas),
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "maximize": maximize,
-            "exp_avg_dtype": exp_avg_dtype,
-            "exp_avg_sq_dtype": exp_avg_sq_dtype,
-            "exp_avg_rounding": exp_avg_rounding,
-            "exp_avg_sq_rounding": exp_avg_sq_rounding,
-            "rounding_seed": rounding_seed,
-            "implementation": implementation,
-            "chunk_size": chunk_size,
-        }
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, exp_avg_dtype=exp_avg_dtype,
+            exp_avg_sq_dtype=exp_avg_sq_dtype, exp_avg_rounding=exp_avg_rounding,
+            exp_avg_sq_rounding=exp_avg_sq_rounding, rounding_seed=rounding_seed, implementation=implementation,
+            chunk_size=chunk_size,
+        )  # fmt: skip
         _normalise_group_options(defaults)
+        self._nonfinite = _nonfinite.Reporter()
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group; its per-group dtype, rounding, ``implementation`` and ``chunk_size`` options are
-        validated.
+        """Add a parameter group; its options are checked with the constructor's rules.
 
         Args:
             param_group: Dict with ``params`` and optional per-group options.
 
         Raises:
-            PrecisionConfigError: If a per-group option is not one of the valid choices.
+            PrecisionConfigError: If a per-group option is not one of the valid choices (the message names the
+                group, e.g. ``lr (param group 1)``).
         """
-        _normalise_group_options(param_group)
+        _normalise_group_options(param_group, f" (param group {len(self.param_groups)})")
         super().add_param_group(param_group)
         check_rounding_dtypes(self.param_groups[-1])
 
+    def group_after_load(self, saved: dict[str, Any], index: int) -> dict[str, Any]:
+        """The options a saved param group will have once loaded: checked, missing ones from this optimizer."""
+        group = {k: v for k, v in saved.items() if k not in ("params", *_TORCH_ADAMW_KEYS)}
+        for key, value in getattr(self, "defaults", {}).items():
+            group.setdefault(key, value)
+        _normalise_group_options(group, f" (loaded param group {index})")
+        check_rounding_dtypes(group)
+        return group
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Also runs in load_state_dict: state dicts saved before these options existed, or holding torch.dtype
-        # values, get the defaults and the dtype names.
+        # Also runs in load_state_dict: groups saved before an option existed, or by torch.optim.AdamW, get this
+        # optimizer's values for the missing options; every group is checked as in the constructor.
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("implementation", "chunked")
-            group.setdefault("chunk_size", None)
-            group.setdefault("exp_avg_rounding", "nearest")
-            group.setdefault("exp_avg_sq_rounding", "nearest")
-            group.setdefault("rounding_seed", 0)
-            _normalise_group_options(group)
-            check_rounding_dtypes(group)
+        self.__dict__.setdefault("_nonfinite", _nonfinite.Reporter())
+        for i, group in enumerate(self.param_groups):
+            checked = self.group_after_load(group, i)
+            params = group["params"]
+            group.clear()
+            group.update(checked, params=params)
 
     @staticmethod
     def _state_dtypes_for(param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.dtype]:
@@ -250,11 +250,53 @@ class CompensatedAdamW(Optimizer):
         if torch.is_complex(param):
             raise RuntimeError("CompensatedAdamW does not support complex parameters")
         state = self.state[param]
+        dtypes = self._state_dtypes_for(param, group)
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            for key, dtype in self._state_dtypes_for(param, group).items():
+            for key, dtype in dtypes.items():
                 state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        elif ("compensation" in state) != ("compensation" in dtypes) or any(
+            state[k].dtype != dtypes[k] for k in ("exp_avg", "exp_avg_sq")
+        ):
+            _compensated_state.adapt_state(state, param, dtypes)  # the parameter changed dtype since
         return state
+
+    def _buckets(self) -> tuple[list, int]:
+        """The tensors to step, by group and bucket, and the number of elements the chunked step takes."""
+        # Tensors are bucketed by dtypes (each foreach call sees one dtype per list) and by whether the chunked step
+        # can take them: it needs flat local views, which a DTensor with mismatched placements does not have.
+        work = []
+        stepped_numel = 0
+        index = 0
+        for group in self.param_groups:
+            buckets: dict[tuple, list[list]] = {}
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("CompensatedAdamW does not support sparse gradients")
+                state = self._init_state(p, group)
+                half = "compensation" in state
+                tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"]]
+                if half:
+                    tensors.append(state["compensation"])
+                flat = None
+                if group["implementation"] == "chunked":
+                    flat = _compensated_step.flat_local_views(tensors)
+                if flat is not None:
+                    tensors = flat
+                    stepped_numel += flat[0].numel()
+                key = (p.device, p.dtype, state["exp_avg"].dtype, state["exp_avg_sq"].dtype, half, flat is not None)
+                bucket = buckets.setdefault(key, [[], [], [], [], [], [], [], []])
+                for lst, t in zip(bucket, tensors[:4]):
+                    lst.append(t)
+                bucket[4].append(state["step"])
+                bucket[5].append(tensors[4] if half else None)
+                bucket[6].append(p)
+                bucket[7].append(index - 1)
+            work.extend((group, key, bucket) for key, bucket in buckets.items())
+        return work, stepped_numel
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -273,254 +315,128 @@ class CompensatedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        # Tensors are bucketed by dtypes (each foreach call sees one dtype per list) and by whether the chunked step
-        # can take them: it needs flat local views, which a DTensor with mismatched placements does not have.
-        work = []
-        stepped_numel = 0
-        for group in self.param_groups:
-            buckets: dict[tuple, list[list]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("CompensatedAdamW does not support sparse gradients")
-                state = self._init_state(p, group)
-                half = "compensation" in state
-                tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"]]
-                if half:
-                    tensors.append(state["compensation"])
-                flat = None
-                if group["implementation"] == "chunked":
-                    flat = _compensated_step.flat_local_views(tensors)
-                if flat is not None:
-                    tensors = flat
-                    stepped_numel += flat[0].numel()
-                key = (p.device, p.dtype, state["exp_avg"].dtype, state["exp_avg_sq"].dtype, half, flat is not None)
-                bucket = buckets.setdefault(key, [[], [], [], [], [], [], []])
-                for lst, t in zip(bucket, tensors[:4]):
-                    lst.append(t)
-                bucket[4].append(state["step"])
-                bucket[5].append(tensors[4] if half else None)
-                bucket[6].append(p)
-            work.extend((group, key, bucket) for key, bucket in buckets.items())
-
+        self._nonfinite.poll()
+        # Set by torch.amp.GradScaler.step for optimizers with _step_supports_amp_scaling.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        work, stepped_numel = self._buckets()
         for group, (device, _, _, _, half, chunked), bucket in work:
-            owners = bucket.pop()
-            if not chunked:
-                if half:
-                    self._step_compensated(group, *bucket, owners=owners)
-                else:
-                    self._step_plain(group, *bucket[:5])
-                continue
-            params, grads, exp_avgs, exp_avg_sqs, steps, comps = bucket
-            neg_step_size, bc2_sqrt = self._step_scalars(group, steps, device)
-            rounding = self._state_rounding(group, owners, steps) if half else None
+            indices, owners = bucket.pop(), bucket.pop()
+            if grad_scale is not None:
+                _nonfinite.unscale_(bucket[1], grad_scale)
+            finite = _nonfinite.finite_flags(bucket[1], found_inf)
             if device.type == "cpu":
-                # Python floats take torch's scalar fast path, with the same fp32 result as the 0-dim tensors. On
-                # other devices the device tensors stay: a host scalar divisor becomes a reciprocal multiply there.
-                neg_step_size, bc2_sqrt = [t.item() for t in neg_step_size], [t.item() for t in bc2_sqrt]
-            beta1, beta2 = group["betas"]
-            chunk_size = group["chunk_size"]
-            if chunk_size is None:
-                temp_bytes = _compensated_step.temp_bytes_per_element(
-                    params[0].dtype,
-                    exp_avgs[0].dtype,
-                    exp_avg_sqs[0].dtype,
-                    compensated=half,
-                    stochastic=rounding is not None and any(rounding),
-                )
-                chunk_size = _compensated_step.auto_chunk_size(stepped_numel, device, temp_bytes)
-            options = _compensated_step.StepOptions(
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-                chunk_size=chunk_size,
-            )
-            scalars = (neg_step_size, bc2_sqrt)
-            tensors = _compensated_step.Bucket(params, grads, exp_avgs, exp_avg_sqs, comps)
-            if half:
-                _compensated_step.compensated_step(tensors, scalars, options, rounding)
+                # A CPU flag is read for free: skipped tensors leave the step untouched, their steps still advance.
+                keep = finite.tolist()
+                if not all(keep):
+                    self._nonfinite.record(finite, [s + 1 for s in bucket[4]], indices, found_inf is not None)
+                    torch._foreach_add_([s for s, k in zip(bucket[4], keep) if not k], 1.0)
+                    bucket = [[t for t, k in zip(lst, keep) if k] for lst in bucket]
+                    owners = [t for t, k in zip(owners, keep) if k]
+                    if not owners:
+                        continue
+                finite = None
+            if chunked:
+                self._step_chunked(group, device, half, bucket, owners, stepped_numel, finite)
             else:
-                _compensated_step.plain_step(tensors, scalars, options)
+                self._step_reference(group, device, half, bucket, owners, finite)
+            if finite is not None:
+                self._nonfinite.record(finite, bucket[4], indices, found_inf is not None)
         return loss
 
-    def _state_rounding(
-        self, group: dict[str, Any], owners: list[torch.Tensor], steps: list[torch.Tensor]
-    ) -> _compensated_step.StateRounding:
-        """Random-bit streams for the group's moments set to stochastic rounding, after ``steps`` advanced.
+    def _step_reference(self, group, device, half, bucket, owners, finite) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps, comps = bucket
+        guarded = [params, exp_avgs, exp_avg_sqs] + ([comps] if half else [])
+        saved = None if finite is None else _nonfinite.snapshot(guarded)
+        scalars = step_scalars(group, steps, device)
+        if half:
+            rounding = self._state_rounding(group, owners, steps)
+            step_compensated(group, params, grads, exp_avgs, exp_avg_sqs, comps, scalars, rounding)
+        else:
+            step_plain(group, params, grads, exp_avgs, exp_avg_sqs, scalars)
+        if saved is not None:  # accelerators: put back the tensors whose gradient was not finite
+            _nonfinite.restore(guarded, saved, finite)
 
-        The parameter's index counts over all groups in order: the same on every rank and for every world size.
-        """
-        moments = [m for m in ("exp_avg", "exp_avg_sq") if group[f"{m}_rounding"] == "stochastic"]
-        if not moments:
-            return _compensated_step.StateRounding()
-        index_of = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        layouts = [element_layout(p) for p in owners]
-        streams = {
-            m: [
-                stream_for(layout, group["rounding_seed"], int(step.item()), index_of[id(p)], m)
-                for p, layout, step in zip(owners, layouts, steps)
-            ]
-            for m in moments
-        }
-        return _compensated_step.StateRounding(**streams)
-
-    @staticmethod
-    def _step_scalars(group, steps, device):
-        """Advance ``steps``; return per-tensor ``-lr / bc1`` and ``sqrt(bc2)`` as 0-dim fp32 tensors on ``device``.
-
-        Tensor arithmetic instead of ``.item()`` keeps the step free of host reads.
-        """
+    def _step_chunked(self, group, device, half, bucket, owners, stepped_numel, finite) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps, comps = bucket
+        neg_step_size, bc2_sqrt = step_scalars(group, steps, device)
+        rounding = self._state_rounding(group, owners, steps) if half else None
+        if device.type == "cpu":
+            # Python floats take torch's scalar fast path, with the same fp32 result as the 0-dim tensors. On
+            # other devices the device tensors stay: a host scalar divisor becomes a reciprocal multiply there.
+            neg_step_size, bc2_sqrt = [t.item() for t in neg_step_size], [t.item() for t in bc2_sqrt]
+        chunk_size = group["chunk_size"]
+        if chunk_size is None:
+            temp_bytes = _compensated_step.temp_bytes_per_element(
+                params[0].dtype,
+                exp_avgs[0].dtype,
+                exp_avg_sqs[0].dtype,
+                compensated=half,
+                stochastic=rounding is not None and any(rounding),
+                masked=finite is not None,
+            )
+            chunk_size = _compensated_step.auto_chunk_size(stepped_numel, device, temp_bytes)
         beta1, beta2 = group["betas"]
-        torch._foreach_add_(steps, 1.0)
-        t = torch.stack(steps).to(torch.float64)
-        neg_step_size = (-group["lr"] / (1.0 - torch.pow(beta1, t))).to(torch.float32)
-        bc2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt().to(torch.float32)
-        if device.type != "cpu":
-            both = torch.stack([neg_step_size, bc2_sqrt]).to(device, non_blocking=True)
-            neg_step_size, bc2_sqrt = both[0], both[1]
-        return neg_step_size.unbind(), bc2_sqrt.unbind()
+        options = _compensated_step.StepOptions(
+            group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["maximize"], chunk_size
+        )
+        scalars = (neg_step_size, bc2_sqrt)
+        tensors = _compensated_step.Bucket(params, grads, exp_avgs, exp_avg_sqs, comps)
+        if half:
+            _compensated_step.compensated_step(tensors, scalars, options, rounding, finite)
+        else:
+            _compensated_step.plain_step(tensors, scalars, options, finite)
 
-    def _step_plain(self, group, params, grads, exp_avgs, exp_avg_sqs, steps):
-        """torch.optim.AdamW for fp32/fp64 parameters (state in the parameter dtype)."""
-        beta1, beta2 = group["betas"]
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        neg_step_size, bc2_sqrt = self._step_scalars(group, steps, params[0].device)
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, group["eps"])
-        update = torch._foreach_div(exp_avgs, denom)
-        torch._foreach_mul_(update, neg_step_size)
-        torch._foreach_add_(params, update)
+    def _state_rounding(self, group, owners, steps) -> _compensated_step.StateRounding:
+        return state_rounding(self.param_groups, group, owners, steps)
 
-    def _step_compensated(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, comps, *, owners):
-        """AdamW in fp32 arithmetic with a Kahan-compensated write into half-precision params."""
-        beta1, beta2 = group["betas"]
-        f32 = torch.float32
-        g32 = [g.to(f32) for g in grads]
-        if group["maximize"]:
-            torch._foreach_neg_(g32)
-        neg_step_size, bc2_sqrt = self._step_scalars(group, steps, params[0].device)
-        rounding = self._state_rounding(group, owners, steps)
+    def seed_compensation_from(self, full_precision_params: Any) -> int:
+        """Set the compensation of bf16/fp16 parameters from the full-precision weights they were rounded from.
 
-        # .to(f32) returns the state tensor itself when it is already fp32, so it updates in place.
-        m32 = [m.to(f32) for m in exp_avgs]
-        v32 = [v.to(f32) for v in exp_avg_sqs]
-        torch._foreach_lerp_(m32, g32, 1.0 - beta1)
-        torch._foreach_mul_(v32, beta2)
-        torch._foreach_addcmul_(v32, g32, g32, 1.0 - beta2)
-        del g32
-        # copy_ per tensor: DTensor has no sharding rule for _foreach_copy_.
-        for stored, fp32, streams in ((exp_avgs, m32, rounding.exp_avg), (exp_avg_sqs, v32, rounding.exp_avg_sq)):
-            for i, (dst, src) in enumerate(zip(stored, fp32)):
-                if dst is src:
-                    continue
-                if streams is None:
-                    dst.copy_(src)
-                else:
-                    _write_stochastically(dst, src, streams[i])
-
-        denom = torch._foreach_sqrt(v32)
-        del v32
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, group["eps"])
-        update = torch._foreach_div(m32, denom)
-        del m32, denom
-        torch._foreach_mul_(update, neg_step_size)
-
-        p32 = [p.to(f32) for p in params]
-        c32 = [c.to(f32) for c in comps]
-        if group["weight_decay"] != 0:
-            # Decay the compensated value p + c, not just the rounded p.
-            decay = torch._foreach_add(p32, c32)
-            torch._foreach_mul_(decay, -group["lr"] * group["weight_decay"])
-            torch._foreach_add_(update, decay)
-            del decay
-        torch._foreach_add_(update, c32)  # y = c + update
-        del c32
-        torch._foreach_add_(p32, update)  # t = p + y, exact enough in fp32
-        del update
-        for p, t in zip(params, p32):
-            p.copy_(t)  # round to nearest
-        torch._foreach_sub_(p32, params)  # low bits lost by the write
-        for c, r in zip(comps, p32):
-            c.copy_(r)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load optimizer state, keeping the dtypes of ``exp_avg``, ``exp_avg_sq`` and ``compensation``.
-
-        torch's default casts every floating state tensor to its parameter's
-        dtype, which would round an fp32 ``exp_avg_sq`` of a bf16 parameter to
-        bf16, and would share ``step`` with the loaded dict. Here the moments
-        and compensation are copied to the parameter's device in the dtype this
-        optimizer is configured for (for a round trip, the saved dtype), and
-        ``step`` is copied as a CPU fp32 tensor; user load hooks still see the
-        full state dict.
+        A strategy or script that loads an fp32 checkpoint into a bf16 model calls this after loading the weights
+        (and, when resuming, after :meth:`load_state_dict`): each compensation becomes the residual
+        ``w - bf16(w)`` rounded to the compensation's dtype, so ``p + c`` keeps about 16 of fp32's 24 mantissa
+        bits (22 for fp16) instead of the 8 (11) of the parameter alone. A parameter without state gets a fresh
+        one (step 0, zero moments).
 
         Args:
-            state_dict: Optimizer state, as returned by :meth:`state_dict`.
+            full_precision_params: A dict ``{parameter: full-precision tensor}``, or one tensor (or None to skip)
+                per parameter in optimizer order (all groups). Entries for fp32/fp64 parameters are ignored.
+
+        Returns:
+            The number of parameters seeded.
+
+        Raises:
+            OptimizerStateError: If a value's shape differs from its parameter's, a dict key is not a parameter of
+                this optimizer, a list has the wrong length, or a parameter does not hold its value rounded to the
+                parameter dtype (load the weights into the model first).
+        """
+        return _compensated_state.seed_compensation(self, full_precision_params)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load optimizer state: converted to this optimizer's dtypes, storage and format, and checked first.
+
+        torch's default would cast an fp32 ``exp_avg_sq`` of a bf16 parameter to bf16 and share ``step`` with the
+        dict; here moments and compensation are copied in the dtypes this optimizer chooses, ``step`` as a CPU fp32
+        tensor, and user load hooks see the full dict. A state of other storage dtypes or of torch.optim.AdamW is
+        converted: a bf16/fp16 parameter saved without compensation gets a zero one (logged;
+        :meth:`seed_compensation_from` restores the bits), a saved compensation of a now fp32 parameter is folded
+        into it if the parameter still holds the rounded weight (``optim/_compensated_state.py``). Nothing is
+        installed unless all of it is valid.
+
+        Args:
+            state_dict: Optimizer state, as returned by :meth:`state_dict` (of this or torch.optim.AdamW).
 
         Raises:
             ValueError: If the state dict does not match the parameter groups.
+            OptimizerStateError: If a state tensor is nan/inf, a second moment or step negative, a shape differs
+                from the parameter's, or the state lacks AdamW's keys (another optimizer) or is an AMSGrad state.
+            PrecisionConfigError: If a saved group option is invalid.
         """
-        stash: dict[Any, dict[str, torch.Tensor]] = {}
-        saved_groups: list[dict[str, Any]] = []
-
-        def strip(optimizer, sd):
-            # Runs after all user pre-hooks; hides dtype-sensitive tensors from torch's cast.
-            saved_groups.extend(sd["param_groups"])
-            new_state = {}
-            for k, s in sd["state"].items():
-                if isinstance(s, dict):
-                    stash[k] = {n: v for n, v in s.items() if n in _DTYPED_STATE_KEYS}
-                    s = {n: v for n, v in s.items() if n not in _DTYPED_STATE_KEYS}
-                new_state[k] = s
-            return {**sd, "state": new_state}
-
-        def restore(optimizer):
-            saved_ids = [i for g in saved_groups for i in g["params"]]
-            params = [p for g in self.param_groups for p in g["params"]]
-            id_map = dict(zip(saved_ids, params))
-            groups_of = {id(p): g for g in self.param_groups for p in g["params"]}
-            for k, tensors in stash.items():
-                if k not in id_map:
-                    self.state[k].update(tensors)
-                    continue
-                param = id_map[k]
-                dtypes = self._state_dtypes_for(param, groups_of[id(param)])
-                for name, value in tensors.items():
-                    if name == "step":
-                        self.state[param][name] = value.to(device="cpu", dtype=torch.float32, copy=True)
-                    else:
-                        self.state[param][name] = value.to(device=param.device, dtype=dtypes[name], copy=True)
-
-        pre = self.register_load_state_dict_pre_hook(strip)
-        post = self.register_load_state_dict_post_hook(restore, prepend=True)
+        loader = _compensated_state.StateLoader(self)
+        pre = self.register_load_state_dict_pre_hook(loader.pre_hook)
+        post = self.register_load_state_dict_post_hook(loader.post_hook, prepend=True)
         try:
             super().load_state_dict(state_dict)
         finally:
             pre.remove()
             post.remove()
-
-
-def _write_stochastically(dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
-    """The reference step's stochastic write of a whole (possibly DTensor) moment, through its local data."""
-    flat = _compensated_step.flat_local_views([dst, src])
-    if flat is None:
-        raise RuntimeError(
-            "CompensatedAdamW: stochastic rounding needs a moment whose local data lines up with its fp32 value; got "
-            f"tensors of shapes {tuple(dst.shape)} and {tuple(src.shape)} with different layouts or placements"
-        )
-    local_dst, local_src = flat
-    scratch = torch.empty(local_src.numel(), dtype=torch.int32, device=local_src.device)
-    round_into_(local_dst, local_src, stream, 0, scratch)

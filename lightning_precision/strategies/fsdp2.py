@@ -25,7 +25,7 @@ from typing_extensions import override
 
 from lightning_precision._logging import info_rank_zero
 from lightning_precision.catalogue import classify_optimizer
-from lightning_precision.dtypes import parse_bool, parse_dtype
+from lightning_precision.dtypes import parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.export_record import record_for_export
 from lightning_precision.fp32_modules import Fp32ModuleSelector, normalize_fp32_modules
@@ -49,6 +49,7 @@ from lightning_precision.strategies.parallelize import (
     is_sharded,
     shard_in_storage_dtype,
 )
+from lightning_precision.values import parse_bool
 
 CHECKPOINT_KEY = "lightning_precision_fsdp2"
 
@@ -148,7 +149,9 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
         super().__init__(
             data_parallel_size=data_parallel_size,
             tensor_parallel_size=tensor_parallel_size,
-            save_distributed_checkpoint=save_distributed_checkpoint,
+            save_distributed_checkpoint=parse_bool(
+                save_distributed_checkpoint, what="FSDP2Strategy(save_distributed_checkpoint=...)", spellings=True
+            ),
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
@@ -166,10 +169,12 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
         self.mp_policy_option = mp_policy
         self.optimizer_hint = optimizer
         self.blocks = blocks
-        self.reshard_after_forward = bool(reshard_after_forward)
-        self.autocast = bool(autocast)
+        self.reshard_after_forward = parse_bool(
+            reshard_after_forward, what="FSDP2Strategy(reshard_after_forward=...)", spellings=True
+        )
+        self.autocast = parse_bool(autocast, what="FSDP2Strategy(autocast=...)", spellings=True)
         self._init_policy(on_unsafe)
-        self.peft = parse_bool(peft, what="FSDP2Strategy(peft=...)")
+        self.peft = parse_bool(peft, what="FSDP2Strategy(peft=...)", spellings=True)
         self.fp32_modules = normalize_fp32_modules(fp32_modules, what="FSDP2Strategy(fp32_modules=...)")
         self.fp32_module_names: tuple[str, ...] = ()  # what setup kept in fp32, for the contract
         self.resolved: FSDP2Precision | None = None
@@ -328,6 +333,13 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
                     f"{type(self.precision_plugin).__name__}: set it on one of them."
                 )
             self.grad_accumulator.attach(self.model.named_parameters(), active=lambda: trainer_accumulates(trainer))
+
+    @override
+    def teardown(self) -> None:
+        # The fp32 buffers (keyed by the parameters) and the predicate reading this Trainer must not outlive the fit.
+        if self.grad_accumulator is not None:
+            self.grad_accumulator.release()
+        super().teardown()
 
     @override
     def post_backward(self, closure_loss: torch.Tensor) -> None:

@@ -1,9 +1,14 @@
 import copy
+import math
+import re
 import socket
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from lightning_precision.errors import PrecisionConfigError, PrecisionWarning
 from lightning_precision.optim import CompensatedAdamW
 
 
@@ -223,3 +228,130 @@ def test_dtensor_parameter_matches_plain_tensor():
         assert torch.equal(dp.detach().full_tensor(), plain.detach())
     finally:
         dist.destroy_process_group()
+
+
+# Every invalid hyperparameter, with the text its message must name.
+_INVALID = st.one_of(
+    st.sampled_from([math.inf, -math.inf, math.nan, True, False, "0.1", None]).map(lambda v: ("lr", v)),
+    st.floats(max_value=-1e-300, allow_nan=False).map(lambda v: ("lr", v)),
+    st.sampled_from([0.0, -1e-8, math.nan, math.inf, True]).map(lambda v: ("eps", v)),
+    st.floats(max_value=-1e-300, allow_nan=False).map(lambda v: ("weight_decay", v)),
+    st.sampled_from([math.nan, math.inf, True]).map(lambda v: ("weight_decay", v)),
+    st.one_of(st.floats(min_value=1.0), st.floats(max_value=-1e-300), st.just(math.nan)).map(
+        lambda b: ("betas", (0.9, b))
+    ),
+    st.sampled_from(["false", "true", 0, 1, None]).map(lambda v: ("maximize", v)),
+)
+
+
+def _named(key, value):
+    shown = value[1] if key == "betas" else value
+    return re.escape(f"{key if key != 'betas' else 'beta parameter at index 1'}") + r".*" + re.escape(repr(shown))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_INVALID)
+def test_constructor_refuses_invalid_value(case):
+    key, value = case
+    with pytest.raises(PrecisionConfigError, match=_named(key, value)):
+        CompensatedAdamW([torch.zeros(2, requires_grad=True)], **{key: value})
+
+
+@settings(max_examples=60, deadline=None)
+@given(_INVALID)
+def test_add_param_group_refuses_invalid_value(case):
+    key, value = case
+    opt = CompensatedAdamW([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(PrecisionConfigError, match=_named(key, value)) as excinfo:
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], key: value})
+    assert "(param group 1)" in str(excinfo.value)
+    assert len(opt.param_groups) == 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(_INVALID)
+def test_group_dict_in_constructor_refuses_invalid_value(case):
+    key, value = case
+    with pytest.raises(PrecisionConfigError, match=_named(key, value)):
+        CompensatedAdamW([{"params": [torch.zeros(2, requires_grad=True)], key: value}])
+
+
+def test_maximize_string_false_does_not_ascend():
+    with pytest.raises(PrecisionConfigError, match="maximize.*'false'.*True or False"):
+        CompensatedAdamW([torch.zeros(2, requires_grad=True)], maximize="false")
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "reference"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nonfinite_gradient_leaves_tensor_state_unchanged(implementation, dtype):
+    bad, good = torch.randn(5).to(dtype).requires_grad_(), torch.randn(4).to(dtype).requires_grad_()
+    opt = CompensatedAdamW([bad, good], lr=1e-2, implementation=implementation)
+    bad.grad, good.grad = torch.randn(5).to(dtype), torch.randn(4).to(dtype)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[bad].items() if k != "step"}
+    param_before, good_before = bad.detach().clone(), good.detach().clone()
+    bad.grad = torch.tensor([1.0, float("nan"), 0.0, float("inf"), 2.0]).to(dtype)
+    good.grad = torch.randn(4).to(dtype)
+    with pytest.warns(PrecisionWarning, match="step 2.*nan or inf.*parameter 0"):
+        opt.step()
+    assert torch.equal(bad.detach(), param_before)
+    for key, value in before.items():
+        assert torch.equal(opt.state[bad][key], value), key
+    assert not torch.equal(good.detach(), good_before)
+
+
+def test_nonfinite_gradient_still_advances_step_count():
+    p = torch.randn(3).requires_grad_()
+    opt = CompensatedAdamW([p])
+    p.grad = torch.full((3,), float("nan"))
+    with pytest.warns(PrecisionWarning):
+        opt.step()
+    assert opt.state[p]["step"].item() == 1.0
+
+
+def test_nonfinite_warning_is_given_once():
+    p = torch.randn(3).requires_grad_()
+    opt = CompensatedAdamW([p])
+    with pytest.warns(PrecisionWarning) as record:
+        for _ in range(3):
+            p.grad = torch.full((3,), float("inf"))
+            opt.step()
+    assert len([w for w in record if issubclass(w.category, PrecisionWarning)]) == 1
+
+
+def test_found_inf_skips_every_tensor():
+    p, q = torch.randn(6).to(torch.bfloat16).requires_grad_(), torch.randn(3).requires_grad_()
+    opt = CompensatedAdamW([p, q], lr=1e-2)
+    before = p.detach().clone(), q.detach().clone()
+    p.grad, q.grad = torch.randn(6).to(torch.bfloat16), torch.randn(3)
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    assert torch.equal(p.detach(), before[0]) and torch.equal(q.detach(), before[1])
+    assert not opt.state[p]["exp_avg_sq"].any()
+
+
+def test_grad_scale_unscales_gradients():
+    param = torch.randn(6).to(torch.bfloat16)
+    grads = _grads(6, 3, torch.bfloat16)
+    # eps of the order of the gradient: a step on still-scaled gradients would differ.
+    ref, _ = _run(CompensatedAdamW, param, grads, lr=1e-2, eps=0.5)
+    p = param.clone().requires_grad_()
+    opt = CompensatedAdamW([p], lr=1e-2, eps=0.5)
+    for g in grads:
+        opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+        p.grad = g * 1024  # a power of two: unscaling is exact
+        opt.step()
+    assert torch.equal(p.detach(), ref.detach())
+
+
+def test_grad_scaler_drives_the_optimizer_without_unscale_step():
+    p = torch.randn(4, requires_grad=True)
+    opt = CompensatedAdamW([p], lr=1e-1)
+    opt._step_supports_amp_scaling = True
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = p.detach().clone()
+    scaler.scale((p * torch.tensor([1.0, 2.0, 3.0, float("inf")])).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(p.detach(), before)
+    assert scaler.get_scale() < 2.0**10

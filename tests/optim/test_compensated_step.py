@@ -348,3 +348,36 @@ def test_step_transient_memory_is_bounded():
     # The measurement sees whole-tensor copies: the reference step holds several fp32 copies at once.
     assert peaks["reference"] > 8.0, peaks
     assert peaks["chunked"] < 0.5, f"chunked step grew resident memory by {peaks['chunked']:.3f} B/param ({peaks})"
+
+
+@pytest.mark.parametrize("compensated", [True, False])
+@pytest.mark.parametrize("chunk_size", [7, 1000])
+def test_masked_step_leaves_flagged_tensors_and_matches_elsewhere(compensated, chunk_size):
+    # The accelerator path: flags stay a device tensor and the writes are masked (run here on CPU).
+    from lightning_precision.optim._compensated_step import Bucket, StepOptions, compensated_step, plain_step
+
+    dtype = torch.bfloat16 if compensated else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    shapes = [5, 12, 3]
+
+    def tensors():
+        params = [torch.randn(n, generator=gen).to(dtype) for n in shapes]
+        grads = [torch.randn(n, generator=gen).to(dtype) for n in shapes]
+        m = [torch.randn(n, generator=gen).to(dtype) for n in shapes]
+        v = [torch.rand(n, generator=gen) if compensated else torch.rand(n, generator=gen).to(dtype) for n in shapes]
+        c = [(torch.randn(n, generator=gen) * 1e-3).to(dtype) if compensated else None for n in shapes]
+        return Bucket(params, grads, m, v, c)
+
+    plain = tensors()
+    masked = Bucket(*[[t.clone() if t is not None else None for t in ts] for ts in plain])
+    masked.grads[1][4] = float("nan")
+    before = Bucket(*[[t.clone() if t is not None else None for t in ts] for ts in masked])
+    scalars = ([-1e-2] * 3, [0.5] * 3)
+    options = StepOptions(1e-2, 0.9, 0.999, 1e-8, 0.1, False, chunk_size)
+    step = compensated_step if compensated else plain_step
+    step(plain, scalars, options)
+    step(masked, scalars, options, finite=torch.tensor([True, False, True]))
+    for field in ("params", "exp_avgs", "exp_avg_sqs") + (("comps",) if compensated else ()):
+        got, ref, old = getattr(masked, field), getattr(plain, field), getattr(before, field)
+        assert torch.equal(got[1], old[1]), field
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2]), field

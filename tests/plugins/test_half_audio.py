@@ -53,7 +53,7 @@ def test_peft_spellings_are_read_as_booleans(spelling, expected):
 
 
 def test_peft_that_is_not_a_boolean_is_refused():
-    with pytest.raises(PrecisionConfigError, match=r"HalfPrecisionForAudio\(peft=...\)='maybe'"):
+    with pytest.raises(PrecisionConfigError, match=r"HalfPrecisionForAudio\(peft=...\): 'maybe'.*expected True or False"):
         HalfPrecisionForAudio("bf16-true", peft="maybe")
 
 

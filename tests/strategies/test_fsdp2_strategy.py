@@ -153,3 +153,33 @@ def test_checkpoint_record_names_storage_and_policy():
         "cast_forward_inputs": True,
     }
     assert CHECKPOINT_KEY == "lightning_precision_fsdp2"
+
+
+@pytest.mark.parametrize("option", ["reshard_after_forward", "autocast", "save_distributed_checkpoint", "peft"])
+@pytest.mark.parametrize(("text", "value"), [("false", False), ("True", True), ("no", False)])
+def test_boolean_flags_given_as_strings_are_read_not_truth_tested(option, text, value):
+    strategy = FSDP2Strategy(**{option: text})
+    attribute = "_save_distributed_checkpoint" if option == "save_distributed_checkpoint" else option
+    assert getattr(strategy, attribute) is value
+
+
+def test_boolean_flag_that_is_not_a_boolean_is_refused_naming_it():
+    with pytest.raises(PrecisionConfigError, match=r"reshard_after_forward=...\): 'sometimes'"):
+        FSDP2Strategy(reshard_after_forward="sometimes")
+
+
+# -- teardown (no process group needed) -------------------------------------------------------------------------------
+
+
+def test_teardown_releases_the_fp32_accumulation_buffers_and_hooks():
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    strategy = FSDP2Strategy(accumulate_grad_dtype="float32")
+    strategy.accelerator, strategy.cluster_environment = CPUAccelerator(), LightningEnvironment()
+    module = nn.Linear(4, 4).bfloat16()  # plain parameters, as a model the strategy did not shard carries
+    strategy.grad_accumulator.attach(module.named_parameters())
+    module(torch.randn(2, 4, dtype=torch.bfloat16)).sum().backward()  # a sum left pending, as an interrupted fit
+    strategy.teardown()
+    assert not strategy.grad_accumulator.pending
+    assert [len(p._post_accumulate_grad_hooks or {}) for p in module.parameters()] == [0, 0]
