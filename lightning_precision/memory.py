@@ -5,6 +5,11 @@ The estimate is arithmetic on what the optimizer catalogue says an optimizer kee
 dtype, the optimizer's moments, and whatever protects a half-precision update (master/error-correction bytes, a Kahan
 compensation buffer). It ignores
 activations, allocator overhead and per-tensor scalars such as ``step``.
+
+One definition of "peak" for every caller (``explain``, ``compare``, the docs): :data:`PEAK_DEFINITION`, computed by
+:func:`step_temporaries`. What the step allocates depends on where the parameters live (torch's default step is the
+multi-tensor one on accelerators, the per-tensor loop on the CPU), so that device is an input, never a guess made
+differently in two places.
 """
 
 from __future__ import annotations
@@ -16,6 +21,26 @@ import torch
 
 from lightning_precision.catalogue import OptimizerInfo, classify_optimizer, state_storage_tensors
 from lightning_precision.pairing import trainable_params
+
+GIB = 2**30
+PEAK_DEFINITION = (
+    "peak = steady state (params + grads + optimizer state) + what the optimizer step allocates on top, per the "
+    "optimizer catalogue, for the device the parameters live on; activations and allocator overhead excluded"
+)
+
+
+def step_temporaries(info: OptimizerInfo | None, storage_dtype: torch.dtype, *, on_cpu: bool) -> float | None:
+    """Bytes per parameter the optimizer step allocates on top of the steady state: the one function every peak uses.
+
+    Args:
+        info: The classified optimizer (``None``: no optimizer, no step, 0).
+        storage_dtype: Dtype of the parameters.
+        on_cpu: Whether the parameters live on the CPU (torch's default step there allocates no copy).
+
+    Returns:
+        The bytes, or ``None`` when the catalogue cannot size the step.
+    """
+    return 0.0 if info is None else info.step_transient(storage_dtype, on_cpu=on_cpu)
 
 
 @dataclass(frozen=True)
@@ -80,7 +105,11 @@ def _num(value: float) -> str:
 
 
 def estimate_bytes_per_param(
-    storage_dtype: torch.dtype | None, info: OptimizerInfo | None, *, grad_dtype: torch.dtype | None = None
+    storage_dtype: torch.dtype | None,
+    info: OptimizerInfo | None,
+    *,
+    grad_dtype: torch.dtype | None = None,
+    on_cpu: bool = False,
 ) -> MemoryEstimate | None:
     """Predict bytes per trainable parameter from the storage dtype and what the optimizer keeps.
 
@@ -89,6 +118,7 @@ def estimate_bytes_per_param(
         info: The classified optimizer (``None``: no optimizer given, params and grads only); its settings
             (``momentum``, ``quantize``, ``exp_avg_dtype``) are part of the classification.
         grad_dtype: Dtype the gradient is held in, when not the storage dtype (fp32 accumulation buffers).
+        on_cpu: Whether the parameters will live on the CPU (default: an accelerator), for the peak.
 
     Returns:
         The estimate, or ``None`` when the storage dtype is not known.
@@ -102,7 +132,7 @@ def estimate_bytes_per_param(
         grads=float((grad_dtype or storage_dtype).itemsize),
         optimizer_state=float(sum(b for _, b in parts)),
         state_parts=tuple(parts),
-        step_transient=info.step_transient(storage_dtype) if info is not None else 0.0,
+        step_transient=step_temporaries(info, storage_dtype, on_cpu=on_cpu),
     )
 
 
@@ -137,7 +167,7 @@ def measure_bytes_per_param(optimizer: torch.optim.Optimizer) -> MemoryEstimate:
     parts = tuple((key, b / numel) for key, b in by_key.items() if b)
     # The steady state is read from the tensors; what the step allocates on top is the catalogue's estimate.
     first = params[0]
-    transient = classify_optimizer(optimizer).step_transient(first.dtype, on_cpu=first.device.type == "cpu")
+    transient = step_temporaries(classify_optimizer(optimizer), first.dtype, on_cpu=first.device.type == "cpu")
     return MemoryEstimate(
         params=param_bytes / numel,
         grads=grad_bytes / numel,
@@ -145,6 +175,57 @@ def measure_bytes_per_param(optimizer: torch.optim.Optimizer) -> MemoryEstimate:
         state_parts=parts,
         measured=True,
         step_transient=transient,
+    )
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """GiB one device holds for a model of ``params`` trainable parameters.
+
+    Attributes:
+        weights: Parameter storage.
+        grads: Gradients.
+        optimizer_state: Moments plus master/error-correction/compensation bytes.
+        steady: Their sum, held between steps.
+        peak: ``steady`` plus the step's temporaries (``None`` when the catalogue cannot size them); see
+            :data:`PEAK_DEFINITION`.
+    """
+
+    weights: float
+    grads: float
+    optimizer_state: float
+    steady: float
+    peak: float | None
+
+    def to_dict(self) -> dict[str, float | None]:
+        """Plain data for JSON (GiB)."""
+        return {k: getattr(self, k) for k in ("weights", "grads", "optimizer_state", "steady", "peak")}
+
+
+def gib_per_device(estimate: MemoryEstimate, params: int, *, devices: int = 1, sharded: bool = False) -> DeviceMemory:
+    """GiB per device for ``params`` trainable parameters.
+
+    Args:
+        estimate: Bytes per parameter.
+        params: Trainable parameters of the whole model.
+        devices: Devices the run uses.
+        sharded: Whether parameters, gradients and optimizer state are sharded over the devices (FSDP2); otherwise
+            every device holds a replica (DDP, one device). FSDP2's gathered copies of the blocks being computed are
+            activations-like temporaries and not counted.
+
+    Raises:
+        ValueError: If ``params`` is negative or ``devices`` below 1.
+    """
+    if params < 0 or devices < 1:
+        raise ValueError(f"params must be >= 0 and devices >= 1, got params={params}, devices={devices}")
+    scale = params / (devices if sharded else 1) / GIB
+    peak = estimate.peak
+    return DeviceMemory(
+        weights=estimate.params * scale,
+        grads=estimate.grads * scale,
+        optimizer_state=estimate.optimizer_state * scale,
+        steady=estimate.total * scale,
+        peak=None if peak is None else peak * scale,
     )
 
 

@@ -25,9 +25,10 @@ from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, classify
 from lightning_precision.dtypes import HALF_DTYPES, dtype_name
 from lightning_precision.modes import PrecisionMode
 
-# Where the rule's reasoning is written down for users: messages cite these stable doc sections, not scripts.
-GUIDE_TRAP = "docs/precision-guide.md#why-torch-adamw-on-bf16-parameters-plateaus"
-GUIDE_RECIPES = "docs/precision-guide.md#safe-recipes-and-their-memory"
+# Where the rule's reasoning is written down for users: a command that prints the guide's section from the installed
+# package (a docs/ path is not there after `pip install`); topics in lightning_precision.cli.docs.TOPICS.
+GUIDE_TRAP = "see: lightning-precision docs trap"
+GUIDE_RECIPES = "see: lightning-precision docs recipes"
 
 # A second-moment EMA that changes by (1 - beta2) per step cannot move in bf16 once that is below half an ulp.
 WEAK_SECOND_MOMENT_BETA2 = 0.99

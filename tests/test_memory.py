@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from lightning_precision.catalogue import FLASH_QUANTIZED_MOMENT_BYTES, classify_optimizer
-from lightning_precision.memory import estimate_bytes_per_param, measure_bytes_per_param
+from lightning_precision.memory import (
+    GIB,
+    estimate_bytes_per_param,
+    gib_per_device,
+    measure_bytes_per_param,
+    step_temporaries,
+)
 
 BF16, FP32 = torch.bfloat16, torch.float32
 
@@ -118,3 +124,52 @@ def test_measured_steady_state_carries_the_steps_temporaries_for_cpu_parameters(
     optimizer.step()
     measured = measure_bytes_per_param(optimizer)
     assert measured.peak == pytest.approx(measured.total + extra)
+
+
+# One definition of peak: steady state + the step's temporaries for the device the parameters live on. explain (an
+# estimate) and compare (a measurement) both take the step's part from memory.step_temporaries.
+
+
+@pytest.mark.parametrize(("on_cpu", "copy"), [(False, 4), (True, 0)])
+def test_the_peak_of_torch_adamw_depends_on_where_the_parameters_live(on_cpu, copy):
+    est = estimate_bytes_per_param(FP32, classify_optimizer({"_target_": "torch.optim.AdamW"}), on_cpu=on_cpu)
+    assert est.total == 4 + 4 + 8  # fp32 weights, grads, exp_avg + exp_avg_sq
+    assert est.peak == est.total + copy  # foreach on an accelerator copies the fp32 parameters; CPU's loop does not
+
+
+def test_measured_cpu_peak_agrees_with_the_cpu_estimate():
+    layer = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    layer(torch.randn(8, 64)).sum().backward()
+    opt.step()
+    measured = measure_bytes_per_param(opt)
+    estimate = estimate_bytes_per_param(FP32, classify_optimizer(opt), on_cpu=True)
+    assert measured.peak - measured.total == estimate.peak - estimate.total == step_temporaries(
+        classify_optimizer(opt), FP32, on_cpu=True
+    )
+
+
+def test_step_temporaries_of_no_optimizer_are_zero():
+    assert step_temporaries(None, BF16, on_cpu=False) == 0.0
+
+
+def test_gib_per_device_shards_everything_over_the_devices():
+    est = _estimate(FP32, {"_target_": "torch.optim.AdamW"})
+    sharded = gib_per_device(est, 7 * 10**9, devices=8, sharded=True)
+    assert sharded.steady == pytest.approx(7e9 * (4 + 4 + 8) / 8 / GIB)
+    assert sharded.weights == pytest.approx(7e9 * 4 / 8 / GIB)
+    assert sharded.peak == pytest.approx(7e9 * est.peak / 8 / GIB)
+
+
+def test_gib_per_device_replicates_without_sharding():
+    est = _estimate(BF16, {"_target_": "torch.optim.AdamW"})
+    assert gib_per_device(est, 10**9, devices=8).steady == pytest.approx(1e9 * (2 + 2 + 4) / GIB)
+
+
+def test_gib_per_device_peak_is_unknown_when_the_step_is():
+    assert gib_per_device(_estimate(BF16, {"_target_": "my_lab.Optim"}), 10**9).peak is None
+
+
+def test_gib_per_device_refuses_zero_devices():
+    with pytest.raises(ValueError, match="devices=0"):
+        gib_per_device(_estimate(BF16, {"_target_": "torch.optim.AdamW"}), 10**9, devices=0)

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_precision.cli.plot import PlotUnavailableError, plot_losses
 from lightning_precision.demos import DEFAULT_LAST_K, DEFAULT_MAX_STEPS
 from lightning_precision.dtypes import dtype_name
+from lightning_precision.memory import PEAK_DEFINITION
 
 REFERENCE = "32-true"
 COMPENSATED_OPTIMIZER = "lightning_precision.optim.CompensatedAdamW"
@@ -187,9 +188,11 @@ class CompareReport:
             *(line([row[h] for h in head]) for row in rows),
         ]
         out += [f"{r.recipe.name}: {r.status}: {r.reason}" for r in self.results if r.status != "ok"]
+        # The same definition as `explain` prints (memory.PEAK_DEFINITION); the device is where the recipe ran.
         out.append(
-            "bytes/param: params + grads + every optimizer-state tensor, measured after training; peak: that plus what "
-            "the optimizer step allocates on top (the catalogue's estimate; benchmarks/optimizer_step.py measures it)."
+            "bytes/param: params + grads + every optimizer-state tensor, measured after training, on the device each "
+            f"recipe ran on (CPU, CUDA for bf16-flash). {PEAK_DEFINITION} (the step's part is the catalogue's "
+            "estimate; benchmarks/optimizer_step.py measures it)."
         )
         if self.plot_path is not None:
             out.append(f"Loss curves: {self.plot_path}")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning_precision.config import TrainerKwargs, plan_trainer_cfg
 from lightning_precision.config_classes import ClassSpec, class_of
 from lightning_precision.dtypes import dtype_name
-from lightning_precision.memory import MemoryEstimate, estimate_bytes_per_param
+from lightning_precision.memory import PEAK_DEFINITION, MemoryEstimate, estimate_bytes_per_param
 from lightning_precision.modes import MODES
 from lightning_precision.pairing import Status, Verdict
 from lightning_precision.policy import pairing_error
@@ -25,6 +25,9 @@ from lightning_precision.grad_accumulation import (
     parse_accumulate_grad_dtype,
 )
 from lightning_precision.report import PrecisionContract, optimizer_contract
+
+if TYPE_CHECKING:
+    from lightning_precision.cli.explain_memory import MemoryTable
 
 LIGHTNING_DEFAULT_PRECISION = "32-true"
 _LIGHTNING_PLUGINS = {
@@ -50,6 +53,8 @@ class Explanation:
         verdict: The pairing rule's verdict (``None`` without an optimizer section).
         on_unsafe: The policy in effect.
         error: The :class:`PrecisionPairingError` message when the config is unsafe under ``on_unsafe="error"``.
+        memory_table: GiB per device (bytes per parameter without a parameter count) for this recipe and the safe
+            alternatives.
     """
 
     source: str
@@ -63,6 +68,12 @@ class Explanation:
     on_unsafe: str
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    memory_table: MemoryTable | None = None
+
+    @property
+    def fails(self) -> bool:
+        """Whether a linter would fail it: an unsafe verdict, unless ``on_unsafe="ignore"`` accepts the risk."""
+        return bool(self.verdict and self.verdict.is_unsafe) and self.on_unsafe != "ignore"
 
     @property
     def status(self) -> str:
@@ -111,6 +122,8 @@ class Explanation:
         elif self.verdict is not None and self.verdict.message:
             lines.append(f"  Note: {self.verdict.message}")
         lines += [f"  Note: {note}" for note in self.notes]
+        if self.memory_table is not None:
+            lines += self.memory_table.format_lines()
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +140,8 @@ class Explanation:
             "grad_accumulation_dtype": self.contract.grad_accumulation_dtype,
             "optimizer_state": self.optimizer_state,
             "bytes_per_param": self.memory.to_dict() if self.memory else None,
+            "peak_definition": PEAK_DEFINITION,
+            "memory": self.memory_table.to_dict() if self.memory_table else None,
             "verdict": {
                 "status": self.status,
                 "unsafe": bool(self.verdict and self.verdict.is_unsafe),
@@ -147,6 +162,8 @@ def explain(
     *,
     source: str = "",
     notes: Sequence[str] = (),
+    params: int | None = None,
+    devices: int = 1,
 ) -> Explanation:
     """Resolve a config through :func:`plan_trainer_cfg` and the pairing rule, without building a model, and without
     building or calling anything the config names.
@@ -161,6 +178,9 @@ def explain(
         optimizer_cfg: The top-level optimizer section (``_target_`` or ``class_path``), if any.
         source: Where the config came from, for the title.
         notes: Notes on reading the config (sections ignored), shown after the table.
+        params: Trainable parameters of the model (``None``: bytes per parameter only; the model is never built to
+            count them).
+        devices: Devices the run uses; with an FSDP2 strategy everything is sharded over them.
 
     Returns:
         The explanation.
@@ -173,7 +193,32 @@ def explain(
     kwargs = plan_trainer_cfg(trainer_cfg, model=model_cfg, optimizer=optimizer_cfg, build=False)
     failure = pairing_error(kwargs.verdict, kwargs.on_unsafe, where="config") if kwargs.verdict is not None else None
     error = str(failure) if failure is not None else None
-    return _build(kwargs, source, error, [*notes, *_optimizer_notes(kwargs)])
+    result = _build(kwargs, source, error, [*notes, *_optimizer_notes(kwargs)])
+    result.memory_table = _memory_table(kwargs, result, params, devices)
+    return result
+
+
+def _memory_table(kwargs: TrainerKwargs, result: Explanation, params: int | None, devices: int) -> MemoryTable:
+    from lightning_precision.cli.explain_memory import memory_table
+
+    mode = kwargs.precision_mode or MODES[LIGHTNING_DEFAULT_PRECISION]
+    return memory_table(
+        precision=mode.name,
+        storage_dtype=kwargs.storage_dtype if kwargs.storage_dtype is not None else mode.storage_dtype,
+        own_estimate=result.memory,
+        own_info=kwargs.verdict.optimizer if kwargs.verdict is not None else None,
+        own_status=result.status,
+        params=params,
+        devices=devices,
+        sharded=kwargs.sharded is not None,
+        on_cpu=_on_cpu(kwargs),
+    )
+
+
+def _on_cpu(kwargs: TrainerKwargs) -> bool:
+    """Whether the parameters will live on the CPU: only ``accelerator: cpu`` says so; ``auto`` finds an accelerator
+    where the run is meant to go."""
+    return str(kwargs.get("accelerator", "auto")).lower() == "cpu"
 
 
 def _optimizer_notes(kwargs: TrainerKwargs) -> list[str]:
@@ -202,7 +247,9 @@ def _build(kwargs: TrainerKwargs, source: str, error: str | None, notes: list[st
     )
     info = verdict.optimizer if verdict is not None else None
     # While a step accumulates, the fp32 buffers replace the half gradient.
-    memory = estimate_bytes_per_param(storage, info, grad_dtype=summed_in if micro_batches > 1 else None)
+    memory = estimate_bytes_per_param(
+        storage, info, grad_dtype=summed_in if micro_batches > 1 else None, on_cpu=_on_cpu(kwargs)
+    )
     return Explanation(
         source=source,
         contract=contract,

@@ -19,7 +19,7 @@ def test_explain_prints_the_rules_dtypes(capsys, path):
     mode = get_mode(section(cfg, "trainer")["precision"])
     storage = resolve_storage_dtype(model, optimizer, precision=mode)
     verdict = judge(storage, classify_optimizer(optimizer))
-    assert code == 0  # every shipped config is safe, or (the trap) only warns
+    assert code == (1 if verdict.is_unsafe else 0)  # like a linter: the trap fails even though it only warns
     assert data["storage_dtype"] == dtype_name(storage)
     assert data["compute_dtype"] == dtype_name(mode.compute_dtype)
     assert data["precision"] == mode.name
@@ -33,7 +33,7 @@ def test_explain_prints_the_rules_dtypes(capsys, path):
 
 def test_explain_table_shows_the_trap_and_both_fixes(capsys):
     code, out, _ = run(capsys, "explain", TRAP)
-    assert code == 0
+    assert code == 1  # on_unsafe=warn: the run would proceed, but a linter's verdict is still "unsafe"
     rows = dict(line.strip().split("  ", 1) for line in out.splitlines()[1:12])
     assert rows["parameter storage"].strip() == "bfloat16"
     assert rows["optimizer state"].strip() == "exp_avg bfloat16, exp_avg_sq bfloat16 (predicted)"
@@ -90,7 +90,7 @@ def test_fsdp2_dtypes_are_the_strategys_own_decision(capsys, tmp_path, strategy,
         "optimizer:\n  _target_: torch.optim.AdamW\nmodel:\n  torch_dtype: auto\n"
     )
     code, data, _ = explain_json(capsys, path)
-    assert code == 0
+    assert code == (1 if storage == "bfloat16" else 0)  # bf16 storage with torch AdamW: unsafe, the linter fails
     assert data["reduce_dtype"] == reduce
     assert data["strategy"] == "FSDP2Strategy"
     assert data["storage_dtype"] == storage and data["compute_dtype"] == "bfloat16"

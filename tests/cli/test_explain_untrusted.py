@@ -86,7 +86,7 @@ def test_the_fsdp2_strategy_is_planned_from_its_class_without_being_built(capsys
     path = _config(tmp_path, "strategy", "{class_path: lightning_precision.strategies.FSDP2Strategy, "
                                          "init_args: {storage_dtype: bf16}}")  # fmt: skip
     code, data, _ = explain_json(capsys, path)
-    assert code == 0
+    assert code == (1 if data["verdict"]["unsafe"] else 0)  # planned, not built: the verdict decides the exit
     assert data["strategy"] == "FSDP2Strategy" and data["storage_dtype"] == "bfloat16"
 
 
@@ -119,4 +119,4 @@ def test_an_argument_the_class_does_not_take_is_named(capsys, tmp_path):
 
 def test_the_shipped_trap_is_still_explained(capsys):
     code, data, _ = explain_json(capsys, TRAP)
-    assert code == 0 and data["verdict"]["status"] == "unsafe"
+    assert code == 1 and data["verdict"]["status"] == "unsafe"  # explained in full, and failed like a linter
