@@ -193,7 +193,7 @@ def explain(
     kwargs = plan_trainer_cfg(trainer_cfg, model=model_cfg, optimizer=optimizer_cfg, build=False)
     failure = pairing_error(kwargs.verdict, kwargs.on_unsafe, where="config") if kwargs.verdict is not None else None
     error = str(failure) if failure is not None else None
-    result = _build(kwargs, source, error, [*notes, *_optimizer_notes(kwargs)])
+    result = _build(kwargs, source, error, [*notes, *_optimizer_notes(kwargs), *kwargs.upstream_faults])
     result.memory_table = _memory_table(kwargs, result, params, devices)
     return result
 

@@ -136,3 +136,16 @@ def test_explain_table_has_the_accumulation_row(capsys, tmp_path):
     code, out, _ = run(capsys, "explain", path)
     assert code == 0
     assert "gradient accumulation              16 micro-batches summed in bfloat16" in out
+
+
+def test_explain_notes_a_known_fault_of_the_installed_lightning(monkeypatch, tmp_path, capsys):
+    from packaging.version import Version
+
+    from lightning_precision import upstream
+    from lightning_precision.cli import main
+
+    monkeypatch.setattr(upstream, "installed_version", lambda package: Version("2.6.1"))
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("trainer:\n  strategy: fsdp\n  precision: bf16-mixed\n")
+    main(["explain", str(config)])
+    assert "lightning 2.6.1 is affected by a known fault" in capsys.readouterr().out
