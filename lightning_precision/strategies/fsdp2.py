@@ -374,6 +374,12 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
             return
         replacement = _PolicyMixedPrecision(plugin.precision, plugin.device, plugin.scaler)
         self.precision_plugin = replacement
+        # Lightning printed "Using bfloat16 Automatic Mixed Precision (AMP)" when it built the plugin: say what runs.
+        info_rank_zero(
+            f"{type(self).__name__}: Lightning's 'Automatic Mixed Precision (AMP)' line names the plugin it built for "
+            f"precision={plugin.precision!r}; under FSDP2 its torch.autocast is off (autocast=False): the "
+            "MixedPrecisionPolicy computes in the half dtype from the stored shards (the contract shows the dtypes)."
+        )
 
     def _cast_storage(self, model: nn.Module) -> None:
         assert self.resolved is not None

@@ -183,3 +183,16 @@ def test_teardown_releases_the_fp32_accumulation_buffers_and_hooks():
     strategy.teardown()
     assert not strategy.grad_accumulator.pending
     assert [len(p._post_accumulate_grad_hooks or {}) for p in module.parameters()] == [0, 0]
+
+
+def test_replacing_lightnings_amp_plugin_says_what_really_casts(caplog):
+    """Lightning prints "Using bfloat16 Automatic Mixed Precision (AMP)" before the strategy turns autocast off; the
+    strategy's own line says the policy does the casting, so the two do not contradict each other unexplained."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    strategy = FSDP2Strategy()
+    strategy.precision_plugin = MixedPrecision("bf16-mixed", "cpu")
+    with caplog.at_level(logging.INFO, logger="lightning_precision"):
+        strategy._disable_autocast_unless_asked()
+    assert type(strategy.precision_plugin).__name__ == "_PolicyMixedPrecision"
+    assert any("autocast is off" in r.getMessage() and "MixedPrecisionPolicy" in r.getMessage() for r in caplog.records)
