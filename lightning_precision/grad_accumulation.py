@@ -23,11 +23,21 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_precision.dtypes import HALF_DTYPES, dtype_name, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 
 ACCUMULATE_GRAD_DTYPES = ("float32",)  # what ``accumulate_grad_dtype`` accepts besides ``None``
+
+# The one accumulator hook each parameter may carry, across all accumulators: a second plugin attached to the same
+# module (a Fabric set up again, a fit whose teardown never ran) replaces it. Two stacked hooks would let the older
+# one take every gradient, so the newer run would step with none, and keep the older run alive through its closure.
+_HOOK_OF: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _always() -> bool:
+    return True
 
 
 def parse_accumulate_grad_dtype(value: Any, *, what: str) -> torch.dtype | None:
@@ -104,7 +114,8 @@ class Fp32GradAccumulator:
     Two ways to feed it: :meth:`attach` registers post-accumulate-grad hooks on plain tensors (the half gradient is
     moved into the buffer as soon as autograd has written it), and :meth:`collect` sweeps gradients that something
     else wrote (FSDP2's sharded DTensor gradients, after each backward). :meth:`hand_over` puts the sums back as
-    ``param.grad``.
+    ``param.grad``. A parameter carries at most one accumulator's hook (attaching again replaces it), and
+    :meth:`release` removes everything at the end of a run (the Trainer plugins' and the strategy's ``teardown``).
     """
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
@@ -112,7 +123,7 @@ class Fp32GradAccumulator:
         self.buffers: dict[Tensor, Tensor] = {}
         self._names: dict[Tensor, str] = {}
         self._handles: list[RemovableHandle] = []
-        self._active: Callable[[], bool] = lambda: True
+        self._active: Callable[[], bool] = _always
         self._attached_ids: frozenset[int] = frozenset()  # the parameters the hooks were registered for
         self.micro_batches = 0  # micro-batches summed into the buffers since the last hand-over
 
@@ -145,8 +156,10 @@ class Fp32GradAccumulator:
                 "FSDP2Strategy (strategy='fsdp2'), which reduce-scatters every micro-batch."
             )
 
-    def attach(self, named_params: Iterable[tuple[str, Tensor]], active: Callable[[], bool] = lambda: True) -> int:
+    def attach(self, named_params: Iterable[tuple[str, Tensor]], active: Callable[[], bool] = _always) -> int:
         """Hook the trainable half parameters so each micro-batch's gradient goes into its buffer.
+
+        Attaching again replaces the hooks, this accumulator's or another's: a parameter carries at most one.
 
         Args:
             named_params: ``module.named_parameters()``.
@@ -166,7 +179,12 @@ class Fp32GradAccumulator:
             ids.append(id(param))
             self._names[param] = name
             if not isinstance(param, DTensor):  # FSDP2 writes sharded gradients itself: collect() sweeps those
-                self._handles.append(param.register_post_accumulate_grad_hook(self._take))
+                previous = _HOOK_OF.get(param)
+                if previous is not None:
+                    previous.remove()
+                handle = param.register_post_accumulate_grad_hook(self._take)
+                _HOOK_OF[param] = handle
+                self._handles.append(handle)
         self._attached_ids = frozenset(ids)
         return len(self._handles)
 
@@ -182,6 +200,17 @@ class Fp32GradAccumulator:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def release(self) -> None:
+        """Remove the hooks and forget the parameters, the buffers and the ``active`` predicate: what a teardown
+        calls, so that nothing of the finished run keeps taking the module's gradients or keeps the run (the
+        Trainer the predicate reads, the parameters of a replaced model) alive. A sum still pending is dropped."""
+        self.detach()
+        self.buffers.clear()
+        self._names.clear()
+        self._active = _always
+        self._attached_ids = frozenset()
+        self.micro_batches = 0
 
     def _take(self, param: Tensor) -> None:
         if param.grad is None or not self._active():

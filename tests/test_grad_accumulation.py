@@ -189,3 +189,52 @@ def test_attaching_to_replaced_parameters_lets_the_old_ones_go():
     assert gone() is None
     _backward(new, _batches()[0])
     assert accumulator.pending and all(p.grad is None for p in new.parameters())
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+
+
+def test_release_removes_the_hooks_and_leaves_gradients_to_autograd():
+    model = _model(torch.bfloat16)
+    accumulator = Fp32GradAccumulator()
+    accumulator.attach(model.named_parameters())
+    _backward(model, _batches()[0])
+    accumulator.release()
+    assert _hooks(model) == 0 and not accumulator.pending
+    _backward(model, _batches()[1])
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_release_lets_the_model_and_the_activity_predicate_go():
+    import gc
+    import weakref
+
+    class Run:  # stands in for the Trainer the predicate reads
+        accumulating = True
+
+    model, run = _model(torch.bfloat16), Run()
+    accumulator = Fp32GradAccumulator()
+    accumulator.attach(model.named_parameters(), active=lambda: run.accumulating)
+    _backward(model, _batches()[0])  # a pending sum, as a fit stopped mid-accumulation leaves
+    gone_model, gone_run = weakref.ref(model), weakref.ref(run)
+    accumulator.release()
+    del model, run
+    gc.collect()
+    assert gone_model() is None and gone_run() is None
+
+
+def test_a_second_accumulator_replaces_the_hooks_of_the_first():
+    """Fabric has no teardown: setting the same module up again must replace the hooks, never stack them."""
+    model = _model(torch.bfloat16)
+    first, second = Fp32GradAccumulator(), Fp32GradAccumulator()
+    first.attach(model.named_parameters())
+    second.attach(model.named_parameters())
+    assert _hooks(model) == 4
+    for x in _batches():
+        _backward(model, x)
+    assert not first.pending
+    second.hand_over()
+    reference = _fp32_reference_sum(torch.bfloat16)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, reference[n].bfloat16(), rtol=0, atol=0)

@@ -90,6 +90,15 @@ class _CheckedHalfInputs(HalfInputsMixin, _PairingCheck):
         return super().optimizer_step(optimizer, model, closure, **kwargs)
 
     @override
+    def teardown(self) -> None:
+        """Remove the gradient hooks and buffers of ``accumulate_grad_dtype``: a later fit of the same module (with a
+        new plugin or this one) must find its parameters as a first fit does, and must not keep this Trainer alive."""
+        if self.grad_accumulator is not None:
+            self.grad_accumulator.release()
+        self._accumulating_module = None
+        super().teardown()
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.grad_accumulator is not None and self.grad_accumulator.pending:  # saved mid-accumulation

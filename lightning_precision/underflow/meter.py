@@ -81,7 +81,7 @@ class UnderflowMeter:
 
     Attributes:
         latest: The latest report, ``None`` before the first.
-        measured_optimizers: The optimizers the latest report measured.
+        measured_optimizers: The optimizers the latest report measured (until :meth:`detach`).
     """
 
     def __init__(self, every_n_steps: int = 50, max_elements_per_tensor: int = 4096, top_k: int = 5, seed: int = 0):
@@ -111,19 +111,23 @@ class UnderflowMeter:
         self.detach()
         self._optimizers = list(optimizers)
         self._names = {id(p): n for n, p in named_parameters}
-        self._indices.clear()
-        self._steps = {}
         for i, optimizer in enumerate(self._optimizers):
             self._handles.append(optimizer.register_step_pre_hook(self._make_pre_hook(i)))
             self._handles.append(optimizer.register_step_post_hook(self._make_post_hook(i)))
 
     def detach(self) -> None:
-        """Stop measuring: remove the optimizer hooks."""
+        """Stop measuring: remove the optimizer hooks and forget the optimizers and parameters (:attr:`latest` is
+        kept), so a finished run's optimizer state is not held alive until the next :meth:`attach`."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._samples.clear()
         self._pending.clear()
+        self._optimizers = []
+        self.measured_optimizers = []
+        self._names = {}
+        self._indices.clear()
+        self._steps = {}
 
     def collect(self, step: int = 0) -> UnderflowReport | None:
         """Reduce the measurements taken since the last call across ranks and report them.

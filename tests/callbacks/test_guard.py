@@ -112,3 +112,17 @@ def test_contract_records_micro_batches_and_their_sum_dtype(accumulate_grad_dtyp
     plugin = HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype=accumulate_grad_dtype)
     fit(RecordingModule(adamw), steps=1, callbacks=[guard], plugins=[plugin], accumulate_grad_batches=4)
     assert (guard.contract.accumulate_grad_batches, guard.contract.grad_accumulation_dtype) == (4, summed_in)
+
+
+def test_a_refit_with_the_same_guard_observes_the_new_runs_state():
+    from lightning_precision import HalfPrecisionForAudio
+    from lightning_precision.optim import CompensatedAdamW
+
+    guard, module = PrecisionGuard(), RecordingModule(lambda p: CompensatedAdamW(p, lr=1e-3))
+    contracts = []
+    for _ in range(2):
+        plugin = HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="float32")
+        fit(module, steps=1, callbacks=[guard], plugins=[plugin], accumulate_grad_batches=2)
+        contracts.append(guard.contract)
+    assert contracts[1] is not contracts[0] and contracts[1].to_dict() == contracts[0].to_dict()
+    assert contracts[1].optimizers[0].observed

@@ -12,6 +12,7 @@ from lightning_precision import PrecisionWarning
 from lightning_precision.callbacks import UpdateUnderflowMonitor
 from lightning_precision.callbacks.underflow import METRIC_EXP_AVG_SQ, METRIC_UPDATE, sample_indices
 from lightning_precision.optim import CompensatedAdamW
+from lightning_precision.underflow import UnderflowMeter
 from tests.helpers import RecordingModule, fit
 
 # lr 1e-5 is far below half a bf16 ulp of weights of size ~0.1 (~2.4e-4) and far above one fp32 ulp (~1.2e-8):
@@ -193,3 +194,40 @@ def test_early_stopping_can_monitor_the_stale_fraction():
     fit(RecordingModule(torch_adamw), steps=8, precision="bf16-true", callbacks=[monitor, stop], max_epochs=3)
     assert torch.isfinite(stop.best_score)  # EarlyStopping read the fraction (it starts at inf, raises if missing)
     assert float(stop.best_score) <= monitor.latest.stale_update_fraction
+
+
+def test_teardown_removes_the_optimizer_hooks():
+    trainer = fit(RecordingModule(torch_adamw), steps=2, precision="bf16-true", callbacks=[UpdateUnderflowMonitor()])
+    optimizer = trainer.optimizers[0]
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+
+
+def test_detach_lets_the_optimizer_go_and_keeps_the_report():
+    import gc
+    import weakref
+
+    model = nn.Linear(4, 4).bfloat16()
+    optimizer = torch_adamw(model.parameters())
+    meter = UnderflowMeter(every_n_steps=1)
+    meter.attach([optimizer], model.named_parameters())
+    model(torch.randn(2, 4, dtype=torch.bfloat16)).sum().backward()
+    optimizer.step()
+    assert meter.collect() is not None
+    meter.detach()
+    gone = weakref.ref(optimizer)
+    del model, optimizer
+    gc.collect()
+    assert gone() is None and meter.latest is not None
+
+
+def test_a_refit_measures_like_a_first_fit_from_the_same_state():
+    torch.manual_seed(0)
+    module, monitor = RecordingModule(compensated_adamw), UpdateUnderflowMonitor(every_n_steps=1)
+    fit(module, steps=2, precision="bf16-true", callbacks=[monitor])
+    fresh = RecordingModule(compensated_adamw)
+    fresh.load_state_dict(module.state_dict())
+    fit(module, steps=3, precision="bf16-true", callbacks=[monitor])
+    first = UpdateUnderflowMonitor(every_n_steps=1)
+    fit(fresh, steps=3, precision="bf16-true", callbacks=[first])
+    assert monitor.latest.metrics() == first.latest.metrics()
+    assert monitor.latest.params == first.latest.params

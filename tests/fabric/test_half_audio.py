@@ -166,3 +166,31 @@ def test_fabric_contract_names_the_fp32_buffers(caplog):
         fabric.backward(model(next(iter(fabric.setup_dataloaders(loader())))))
         optimizer.step()
     assert "gradient accumulation: decided by the training loop (a sum of param.grad is kept in float32)" in caplog.text
+
+
+def _accumulating_setup() -> HalfPrecisionForAudio:
+    return HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="float32")
+
+
+def _compensated(params):
+    return CompensatedAdamW(params, lr=1e-2)
+
+
+def test_setting_a_module_up_again_trains_bitwise_like_a_first_setup():
+    """Fabric has no teardown: a new Fabric (and plugin) around the same module replaces the first one's hooks."""
+    torch.manual_seed(0)
+    net = Net()
+    train(fabric_with(_accumulating_setup()), net, _compensated)
+    fresh = Net()
+    fresh.load_state_dict(net.state_dict())  # bf16 values into fp32 parameters: exact, and cast back exactly
+    train(fabric_with(_accumulating_setup()), net, _compensated)
+    train(fabric_with(_accumulating_setup()), fresh, _compensated)
+    for (name, again), first in zip(net.named_parameters(), fresh.parameters()):
+        assert torch.equal(again, first), name
+
+
+def test_setting_a_module_up_again_leaves_one_gradient_hook_per_parameter():
+    net = Net()
+    for _ in range(3):
+        fabric_with(_accumulating_setup()).setup(net)
+    assert [len(p._post_accumulate_grad_hooks or {}) for p in net.parameters()] == [1] * 4

@@ -63,6 +63,10 @@ class _GradsBeforeStep(RecordingModule):
     def __init__(self) -> None:
         super().__init__(optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.0))
         self.step_grads: list[dict[str, torch.Tensor]] = []
+        self.grads_after_backward: list[bool] = []  # whether autograd's gradients were left in param.grad
+
+    def on_after_backward(self) -> None:
+        self.grads_after_backward.append(all(p.grad is not None for p in self.parameters()))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.step_grads.append({n: p.grad.clone() for n, p in self.named_parameters()})
@@ -100,7 +104,7 @@ def test_accumulate_grad_dtype_leaves_single_micro_batch_steps_to_autograd():
     module = _GradsBeforeStep()
     plugin = HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="float32", on_unsafe="ignore")
     fit(module, steps=2, plugins=[plugin], accumulate_grad_batches=1)
-    assert len(module.step_grads) == 2 and plugin.grad_accumulator.micro_batches == 0
+    assert len(module.step_grads) == 2 and module.grads_after_backward == [True, True]
 
 
 def test_accumulate_grad_dtype_is_refused_unless_float32():
@@ -108,13 +112,26 @@ def test_accumulate_grad_dtype_is_refused_unless_float32():
         HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="bf16")
 
 
+class _PluginStates(_GradsBeforeStep):
+    """Records the plugin's state_dict after every micro-batch, as a checkpoint written there would hold it."""
+
+    def __init__(self, plugin) -> None:
+        super().__init__()
+        self.plugin = plugin
+        self.states: list[dict] = []
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        self.states.append(self.plugin.state_dict())
+
+
 def test_state_dict_holds_the_buffers_only_mid_accumulation():
-    module = _GradsBeforeStep()
     plugin = HalfPrecisionForAudio("bf16-true", accumulate_grad_dtype="float32", on_unsafe="ignore")
+    module = _PluginStates(plugin)
     fit(module, steps=1, plugins=[plugin], accumulate_grad_batches=2)
-    assert plugin.state_dict() == {}
-    plugin.grad_accumulator.buffers[module.net[0].weight] = torch.ones_like(module.net[0].weight, dtype=torch.float32)
-    saved = plugin.state_dict()["grad_accumulation"]
-    assert set(saved["buffers"]) == {"net.0.weight"}
+    mid, after_step = module.states
+    assert after_step == {}
+    saved = mid["grad_accumulation"]
+    assert set(saved["buffers"]) == {name for name, _ in module.named_parameters()}
     with pytest.raises(PrecisionConfigError, match="accumulate_grad_dtype='float32'"):
         HalfPrecisionForAudio("bf16-true").load_state_dict({"grad_accumulation": saved})
