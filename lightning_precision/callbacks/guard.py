@@ -29,7 +29,8 @@ class PrecisionGuard(PolicyHolder, Callback):
 
     At fit start the optimizers exist (including ones built in ``configure_optimizers``, which no config shows), so
     the pairing rule is applied to what will really train. After the first optimizer step the contract is reported
-    again with the optimizer-state dtype read from the state tensors. The contract is logged on rank zero, added to
+    again with the optimizer-state dtype read from the state tensors; a resumed fit reports it once, at train start,
+    read from the state loaded from the checkpoint (never a prediction of what is being loaded). The contract is logged on rank zero, added to
     the loggers' hyperparameters and written into checkpoints under ``"precision_contract"`` (read it back with
     :func:`~lightning_precision.report.read_precision_contract`); with an
     :class:`~lightning_precision.callbacks.UpdateUnderflowMonitor` in the callbacks, the checkpoint's contract also
@@ -57,12 +58,22 @@ class PrecisionGuard(PolicyHolder, Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.adopt_on_unsafe(trainer_components(trainer))
         self._state_observed = False
-        self.contract = self._build_contract(trainer, observe_state=False)
+        # A resume loads the optimizer state after fit start: its table waits for on_train_start, where the state is
+        # known, rather than printing a prediction of what is about to be loaded.
+        resuming = trainer.ckpt_path is not None
+        self.contract = self._build_contract(trainer, observe_state=False, log=not resuming)
         if self._restored is not None:
             _report_resume(self._restored, self.contract)
             self._restored = None
         for logger in trainer.loggers:
             logger.log_hyperparams({CHECKPOINT_KEY: self.contract.to_dict()})
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._state_observed or not any(optimizer.state for optimizer in trainer.optimizers):
+            return
+        self._state_observed = True
+        self.contract = self._build_contract(trainer, observe_state=True, where="resumed: state read from the checkpoint")
 
     @override
     def on_train_batch_end(
@@ -91,8 +102,10 @@ class PrecisionGuard(PolicyHolder, Callback):
         stored = checkpoint.get(CHECKPOINT_KEY)
         self._restored = PrecisionContract.from_dict(stored) if stored else None
 
-    def _build_contract(self, trainer: pl.Trainer, *, observe_state: bool) -> PrecisionContract:
-        where = "after first step" if observe_state else "fit start"
+    def _build_contract(
+        self, trainer: pl.Trainer, *, observe_state: bool, where: str | None = None, log: bool = True
+    ) -> PrecisionContract:
+        where = where or ("after first step" if observe_state else "fit start")
         mode = known_mode(trainer.precision)
         verdicts = check_and_enforce(
             trainer.optimizers, on_unsafe=self.on_unsafe, peft=self.peft, where=where, precision=mode
@@ -112,7 +125,7 @@ class PrecisionGuard(PolicyHolder, Callback):
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             accumulate_grad_dtype=accumulate_grad_dtype_of(trainer.precision_plugin, strategy),
         )
-        if self.log_table:
+        if self.log_table and log:
             log_contract(contract, verdicts, on_unsafe=self.on_unsafe, where=where)
         return contract
 

@@ -10,7 +10,7 @@ from lightning.pytorch.plugins.precision import HalfPrecision
 
 from lightning_precision import PrecisionContract, PrecisionGuard, PrecisionPairingError, PrecisionWarning
 from lightning_precision.callbacks.guard import CHECKPOINT_KEY
-from tests.helpers import RecordingModule, adamw, fit
+from tests.helpers import RecordingModule, adamw, fit, loader
 
 
 class LatePairing(RecordingModule):
@@ -126,3 +126,18 @@ def test_a_refit_with_the_same_guard_observes_the_new_runs_state():
         contracts.append(guard.contract)
     assert contracts[1] is not contracts[0] and contracts[1].to_dict() == contracts[0].to_dict()
     assert contracts[1].optimizers[0].observed
+
+
+def test_after_a_resume_the_logged_state_dtypes_are_read_from_the_loaded_state_not_predicted(tmp_path, caplog):
+    first = fit(RecordingModule(), steps=2, callbacks=[PrecisionGuard()])
+    first.save_checkpoint(tmp_path / "run.ckpt")
+    caplog.clear()  # only the resumed fit's lines
+    with caplog.at_level(logging.INFO, logger="lightning_precision"):
+        resumed = pl.Trainer(
+            accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, max_steps=3, callbacks=[PrecisionGuard()],
+        )  # fmt: skip
+        resumed.fit(RecordingModule(), loader(), ckpt_path=tmp_path / "run.ckpt")
+    tables = [r.getMessage() for r in caplog.records if "resumed: state read from the checkpoint" in r.getMessage()]
+    assert len(tables) == 1 and "(predicted)" not in tables[0]
+    assert not any("(fit start" in r.getMessage() for r in caplog.records)  # no prediction of the loaded state
