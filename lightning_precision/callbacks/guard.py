@@ -27,12 +27,12 @@ from lightning_precision.values import parse_bool
 class PrecisionGuard(PolicyHolder, Callback):
     """Judges the live optimizers and parameters at fit start and reports the precision contract.
 
-    At fit start the optimizers exist (including ones built in ``configure_optimizers``, which no config shows), so
-    the pairing rule is applied to what will really train. After the first optimizer step the contract is reported
-    again with the optimizer-state dtype read from the state tensors; a resumed fit reports it once, at train start,
-    read from the state loaded from the checkpoint (never a prediction of what is being loaded). The contract is logged on rank zero, added to
-    the loggers' hyperparameters and written into checkpoints under ``"precision_contract"`` (read it back with
-    :func:`~lightning_precision.report.read_precision_contract`); with an
+    At fit start the optimizers exist (including ones built in ``configure_optimizers``, which no config shows), so the
+    pairing rule is applied to what will really train. After the first optimizer step the contract is reported again
+    with the optimizer-state dtype read from the state tensors; a resumed fit reports it once, at train start, read from
+    the state loaded from the checkpoint (never a prediction of what is being loaded). The contract is logged on rank
+    zero, added to the loggers' hyperparameters and written into checkpoints under ``"precision_contract"`` (read it
+    back with :func:`~lightning_precision.report.read_precision_contract`); with an
     :class:`~lightning_precision.callbacks.UpdateUnderflowMonitor` in the callbacks, the checkpoint's contract also
     records its latest stale-update fractions.
 
@@ -73,7 +73,8 @@ class PrecisionGuard(PolicyHolder, Callback):
         if self._state_observed or not any(optimizer.state for optimizer in trainer.optimizers):
             return
         self._state_observed = True
-        self.contract = self._build_contract(trainer, observe_state=True, where="resumed: state read from the checkpoint")
+        where = "resumed: state read from the checkpoint"
+        self.contract = self._build_contract(trainer, observe_state=True, where=where)
 
     @override
     def on_train_batch_end(
