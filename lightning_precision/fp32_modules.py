@@ -27,6 +27,7 @@ from lightning_precision.errors import PrecisionConfigError
 
 Fp32ModuleSelector = str | type[nn.Module]
 _MARK = "_lightning_precision_fp32_boundary"  # set on a module once its hooks are registered
+_COMPUTE_DTYPE = "_lightning_precision_fp32_hands_on"  # the dtype its outputs are handed on in (the latest fit's)
 
 
 def normalize_fp32_modules(
@@ -142,10 +143,11 @@ def cast_keeping_fp32(
 def add_fp32_boundaries(kept: Sequence[tuple[str, nn.Module]], compute_dtype: torch.dtype) -> None:
     """Make each kept module take fp32 inputs, compute with fp32 as the default dtype, and return ``compute_dtype``."""
     for _, module in kept:
+        setattr(module, _COMPUTE_DTYPE, compute_dtype)  # a later fit under another precision hands on its own dtype
         if getattr(module, _MARK, False):
             continue
         module.register_forward_pre_hook(_enter_fp32, with_kwargs=True)
-        module.register_forward_hook(_leave_fp32(compute_dtype))
+        module.register_forward_hook(_leave_fp32)
         setattr(module, _MARK, True)
 
 
@@ -168,10 +170,7 @@ def _enter_fp32(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
     return cast_batch(args, torch.float32, None), cast_batch(kwargs, torch.float32, None)
 
 
-def _leave_fp32(compute_dtype: torch.dtype) -> Callable[[nn.Module, Any, Any], Any]:
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        if _DEFAULT_DTYPES:
-            torch.set_default_dtype(_DEFAULT_DTYPES.pop())
-        return cast_batch(output, compute_dtype, None)
-
-    return hook
+def _leave_fp32(module: nn.Module, args: Any, output: Any) -> Any:
+    if _DEFAULT_DTYPES:
+        torch.set_default_dtype(_DEFAULT_DTYPES.pop())
+    return cast_batch(output, getattr(module, _COMPUTE_DTYPE), None)

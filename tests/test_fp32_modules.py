@@ -165,3 +165,11 @@ def test_tied_weight_across_the_fp32_boundary_is_refused_at_setup_naming_both():
     model.encoder[0].weight = model.head.weight  # (16, 8) both ways: a tie between a kept and a half module
     with pytest.raises(PrecisionConfigError, match=r"'encoder'.*head\.weight"):
         HalfPrecisionForAudio("bf16-true", fp32_modules=["encoder"]).convert_module(model)
+
+
+def test_a_refit_under_another_half_precision_hands_on_that_precisions_dtype():
+    model = SpeechModel()
+    HalfPrecisionForAudio("bf16-true", fp32_modules=["frontend"]).convert_module(model)
+    HalfPrecisionForAudio("fp16-true", fp32_modules=["frontend"]).convert_module(model)
+    assert model.frontend(torch.randn(2, 64)).dtype == torch.float16
+    assert len(model.frontend._forward_hooks) == 1  # replaced, not stacked
