@@ -12,10 +12,9 @@ from typing import Any
 
 import torch
 
-from lightning_precision.grad_accumulation import accumulate_grad_dtype_of
 from lightning_precision.modes import known_mode
 from lightning_precision.pairing import check_optimizer
-from lightning_precision.report import CHECKPOINT_KEY, build_contract
+from lightning_precision.report import CHECKPOINT_KEY, trainer_contract
 
 PARAM_NAMES_KEY = "optimizer_param_names"  # one list per optimizer, in the order of its param groups' params
 
@@ -54,19 +53,6 @@ def record_for_export(checkpoint: dict[str, Any], trainer: Any) -> None:
     if CHECKPOINT_KEY in checkpoint:  # the guard's contract is the richer one (measured underflow, observed state)
         return
     mode = known_mode(trainer.precision)
-    strategy = trainer.strategy
-    contract = build_contract(
-        str(trainer.precision),
-        optimizers,
-        [check_optimizer(o, precision=mode) for o in optimizers],  # judged, not enforced: saving must not raise
-        compute_dtype=getattr(strategy, "compute_dtype", None) or (mode.compute_dtype if mode else None),
-        reduce_dtype=getattr(strategy, "reduce_dtype", None),
-        fp32_modules=[
-            *getattr(trainer.precision_plugin, "fp32_module_names", ()),
-            *getattr(strategy, "fp32_module_names", ()),
-        ],
-        observe_state=True,
-        accumulate_grad_batches=trainer.accumulate_grad_batches,
-        accumulate_grad_dtype=accumulate_grad_dtype_of(trainer.precision_plugin, strategy),
-    )
+    verdicts = [check_optimizer(o, precision=mode) for o in optimizers]  # judged, not enforced: saving must not raise
+    contract = trainer_contract(trainer, optimizers, verdicts, observe_state=True)
     checkpoint[CHECKPOINT_KEY] = contract.to_dict()

@@ -16,7 +16,8 @@ import torch
 from lightning_precision._logging import info_once, info_rank_zero, warn_once
 from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, observed_moment_dtypes
 from lightning_precision.dtypes import dtype_name
-from lightning_precision.grad_accumulation import accumulation_dtype, describe_accumulation
+from lightning_precision.grad_accumulation import accumulate_grad_dtype_of, accumulation_dtype, describe_accumulation
+from lightning_precision.modes import known_mode
 from lightning_precision.pairing import Status, Verdict, judged_params
 
 CHECKPOINT_KEY = "precision_contract"  # where the runtime guard stores the contract in a checkpoint
@@ -199,6 +200,30 @@ def build_contract(
         fp32_modules=list(dict.fromkeys(fp32_modules)),
         accumulate_grad_batches=None if accumulate_grad_batches is None else int(accumulate_grad_batches),
         grad_accumulation_dtype=dtype_name(accumulation_dtype(storage, accumulate_grad_dtype)),
+    )
+
+
+def trainer_contract(
+    trainer: Any,
+    optimizers: Sequence[torch.optim.Optimizer],
+    verdicts: Sequence[Verdict],
+    *,
+    observe_state: bool,
+) -> PrecisionContract:
+    """The contract of a Trainer run: what its strategy and precision plugin report (compute and reduce dtypes, the
+    modules kept in fp32, gradient accumulation), with these optimizers and verdicts (see :func:`build_contract`)."""
+    mode = known_mode(trainer.precision)
+    strategy, plugin = trainer.strategy, trainer.precision_plugin
+    return build_contract(
+        str(trainer.precision),
+        optimizers,
+        verdicts,
+        compute_dtype=getattr(strategy, "compute_dtype", None) or (mode.compute_dtype if mode else None),
+        reduce_dtype=getattr(strategy, "reduce_dtype", None),
+        fp32_modules=[*getattr(plugin, "fp32_module_names", ()), *getattr(strategy, "fp32_module_names", ())],
+        observe_state=observe_state,
+        accumulate_grad_batches=trainer.accumulate_grad_batches,
+        accumulate_grad_dtype=accumulate_grad_dtype_of(plugin, strategy),
     )
 
 

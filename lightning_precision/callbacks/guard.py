@@ -10,16 +10,15 @@ from typing_extensions import override
 
 from lightning_precision.callbacks.underflow import UpdateUnderflowMonitor
 from lightning_precision.dtypes import parse_dtype
-from lightning_precision.grad_accumulation import accumulate_grad_dtype_of
 from lightning_precision.modes import known_mode
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce, trainer_components
 from lightning_precision.report import (
     CHECKPOINT_KEY,
     PrecisionContract,
-    build_contract,
     log_contract,
     report_storage_change,
     storage_changes,
+    trainer_contract,
 )
 from lightning_precision.values import parse_bool
 
@@ -111,21 +110,7 @@ class PrecisionGuard(PolicyHolder, Callback):
         verdicts = check_and_enforce(
             trainer.optimizers, on_unsafe=self.on_unsafe, peft=self.peft, where=where, precision=mode
         )
-        strategy = trainer.strategy
-        contract = build_contract(
-            str(trainer.precision),
-            trainer.optimizers,
-            verdicts,
-            compute_dtype=getattr(strategy, "compute_dtype", None) or (mode.compute_dtype if mode else None),
-            reduce_dtype=getattr(strategy, "reduce_dtype", None),
-            fp32_modules=[
-                *getattr(trainer.precision_plugin, "fp32_module_names", ()),
-                *getattr(strategy, "fp32_module_names", ()),
-            ],
-            observe_state=observe_state,
-            accumulate_grad_batches=trainer.accumulate_grad_batches,
-            accumulate_grad_dtype=accumulate_grad_dtype_of(trainer.precision_plugin, strategy),
-        )
+        contract = trainer_contract(trainer, trainer.optimizers, verdicts, observe_state=observe_state)
         if self.log_table and log:
             log_contract(contract, verdicts, on_unsafe=self.on_unsafe, where=where)
         return contract
