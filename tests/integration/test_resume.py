@@ -112,3 +112,43 @@ def test_loss_scaler_state_restored(tmp_path):
     _, resumed_trainer = _run("16-mixed", 2 * N, tmp_path, ckpt_path=tmp_path / f"step={N}.ckpt")
     expected = straight_trainer.precision_plugin.state_dict()
     assert resumed_trainer.precision_plugin.state_dict() == expected
+
+
+def _compensated(params):
+    from lightning_precision.optim import CompensatedAdamW
+
+    return CompensatedAdamW(params, lr=1e-3)
+
+
+class _WeightsAtTrainStart(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.weights = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
+
+
+@pytest.mark.parametrize("resume_precision", ["bf16-mixed", "32-true"])
+def test_compensated_bf16_run_resumed_with_fp32_storage_trains_from_p_plus_c_exactly(tmp_path, resume_precision):
+    """Widening a CompensatedAdamW run: the fp32 parameters are p + compensation, bitwise (no KeyError, nothing
+    dropped), so the "upcast exactly, nothing lost" line is true."""
+    pl.seed_everything(0, verbose=False)
+    module = RecordingModule(_compensated)
+    first = pl.Trainer(
+        accelerator="cpu", max_steps=N, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, plugins=[HalfPrecisionForAudio("bf16-true")], callbacks=[PrecisionGuard()],
+    )  # fmt: skip
+    first.fit(module, loader())
+    first.save_checkpoint(tmp_path / "bf16.ckpt")
+    optimizer = first.optimizers[0]
+    expected = {
+        name: p.detach().float() + optimizer.state[p]["compensation"].float() for name, p in module.named_parameters()
+    }
+    assert any(bool((optimizer.state[p]["compensation"] != 0).any()) for p in module.parameters())
+
+    seen = _WeightsAtTrainStart()
+    resumed = pl.Trainer(
+        accelerator="cpu", max_steps=N + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, precision=resume_precision, callbacks=[PrecisionGuard(), seen],
+    )  # fmt: skip
+    resumed.fit(RecordingModule(_compensated), loader(), ckpt_path=tmp_path / "bf16.ckpt")
+    for name, value in expected.items():
+        assert seen.weights[name].dtype == torch.float32 and torch.equal(seen.weights[name], value), name
+    assert resumed.global_step == N + 1
