@@ -9,6 +9,7 @@ what an unsafe pairing does (:mod:`~lightning_precision.policy`) and what each p
 from lightning_precision.callbacks import PrecisionGuard, UpdateUnderflowMonitor
 from lightning_precision.casting import cast_batch
 from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, classify_optimizer
+from lightning_precision.checkpoint_io import AtomicCheckpointIO
 from lightning_precision.config import TrainerKwargs, plan_trainer_cfg, resolve_trainer_cfg
 from lightning_precision.dtypes import parse_dtype
 from lightning_precision.errors import (
@@ -29,6 +30,7 @@ from lightning_precision.strategies import FSDP2Strategy  # registers Trainer(st
 __version__ = "0.1.0"
 
 __all__ = [
+    "AtomicCheckpointIO",
     "CheckedMixedPrecision",
     "CheckpointExportError",
     "CompensatedAdamW",

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
 from lightning.pytorch.strategies import StrategyRegistry
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_precision._logging import warn_once
 from lightning_precision.callbacks.guard import PrecisionGuard
+from lightning_precision.checkpoint_io import AtomicCheckpointIO
 from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, normalize_preserve_keys
 from lightning_precision.catalogue import classify_optimizer
 from lightning_precision.config_classes import (
@@ -129,6 +131,8 @@ def resolve_trainer_cfg(
       pairing is judged, then acted on under ``on_unsafe`` (``bf16-true`` + ``torch.optim.AdamW`` is unsafe before
       anything runs). :func:`plan_trainer_cfg` does the same without acting.
     * A :class:`PrecisionGuard` callback is added unless one is there, to judge the real optimizers at fit start.
+    * An :class:`~lightning_precision.checkpoint_io.AtomicCheckpointIO` is added to ``plugins`` unless a checkpoint IO
+      plugin is there or the strategy object has its own: checkpoints are written next to their target and renamed.
 
     Args:
         trainer_cfg: The trainer section (dict or OmegaConf, struct mode too).
@@ -206,6 +210,8 @@ def plan_trainer_cfg(
             if build
             else ClassSpec(plugin_cls, {"precision": mode.name, **plugin_args}, "trainer.precision")
         )
+    if not _has_checkpoint_io(plugins, strategy):  # a user's own checkpoint IO (plugin or strategy's) is kept
+        plugins.append(AtomicCheckpointIO() if build else ClassSpec(AtomicCheckpointIO, {}, "checkpoint_io"))
     if not any(is_a(c, PrecisionGuard) for c in callbacks):
         guard_args = {"on_unsafe": config_policy, "peft": peft}
         callbacks.append(PrecisionGuard(**guard_args) if build else ClassSpec(PrecisionGuard, guard_args, "guard"))
@@ -256,6 +262,15 @@ def plan_trainer_cfg(
         kwargs.verdict = judge(kwargs.storage_dtype, info, peft=peft, storage_was_auto=was_auto, precision=mode)
     kwargs.upstream_faults = _upstream_faults(strategy, mode)
     return kwargs
+
+
+def _has_checkpoint_io(plugins: list[Any], strategy: Any) -> bool:
+    """Whether the config gives a checkpoint IO plugin of its own, in ``plugins`` or to a strategy object."""
+    if any(is_a(p, CheckpointIO) for p in plugins):
+        return True
+    if isinstance(strategy, ClassSpec):
+        return strategy.arg("checkpoint_io") is not None
+    return getattr(strategy, "_checkpoint_io", None) is not None  # a Strategy object; None for a name
 
 
 def _upstream_faults(strategy: Any, mode: PrecisionMode | None) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
 from omegaconf import OmegaConf
 
 from lightning_precision import (
+    AtomicCheckpointIO,
     FlashPrecision,
     HalfPrecisionForAudio,
     PrecisionConfigError,
@@ -52,7 +53,8 @@ def test_true_and_flash_strings_become_plugins(precision, plugin_cls, canonical)
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true", "32", "16", "bf16", "64-true"])
 def test_lightning_strings_pass_through(precision):
     kwargs = resolve_trainer_cfg({"precision": precision})
-    assert kwargs["precision"] == precision and "plugins" not in kwargs
+    assert kwargs["precision"] == precision
+    assert [type(p) for p in kwargs["plugins"]] == [AtomicCheckpointIO]  # no precision plugin, only the atomic saver
 
 
 def test_lightning_strings_build_a_real_trainer():
@@ -247,7 +249,7 @@ def test_fp16_flash_with_bf16_torch_dtype_names_value_precision_and_choices():
 def test_plugins_as_a_single_object_or_a_list(as_list):
     plugin = HalfPrecisionForAudio("bf16-true", on_unsafe="ignore")
     kwargs = resolve_trainer_cfg({"plugins": [plugin] if as_list else plugin, "accelerator": "cpu", "logger": False})
-    assert kwargs["plugins"] == [plugin] and kwargs.precision_mode.name == "bf16-true"
+    assert kwargs["plugins"][0] is plugin and kwargs.precision_mode.name == "bf16-true"
     assert pl.Trainer(**kwargs).precision_plugin is plugin
 
 

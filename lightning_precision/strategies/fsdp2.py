@@ -34,7 +34,7 @@ from lightning_precision.modes import MODES, PrecisionMode, choices_text, get_mo
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, agreed_policy, check_and_enforce, trainer_components
 from lightning_precision.report import report_storage_change
-from lightning_precision.strategies.checkpoint_staging import save_staged
+from lightning_precision.strategies.checkpoint_staging import recover_trainer_checkpoints, save_staged
 from lightning_precision.strategies.fsdp2_plan import (
     FSDP2Precision,
     agreed_optimizer,
@@ -292,6 +292,7 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
                 f"`{type(self).__name__}` only supports FSDP2 (`fully_shard`)."
             )
         self.adopt_on_unsafe(trainer_components(trainer))
+        recover_trainer_checkpoints(trainer, self)  # saves killed mid-rename are finished, partial ones removed
         self.resolved = self._resolve_precision()
         self._disable_autocast_unless_asked()
 
