@@ -1,6 +1,8 @@
-"""One optimizer step on CPU: steady and peak bytes per parameter, and step time against torch AdamW fp32 foreach.
+"""One optimizer step on CPU: steady and peak bytes per parameter, and step time against torch AdamW fp32 foreach
+and fused.
 
-For each model size (parameters in 16 equal tensors) and thread count, every optimizer row gets:
+For each model (1M, 8M and 64M parameters in 16 equal tensors; 8M in 5,000 small tensors) and thread count (1 and
+all cores), every optimizer row gets:
 
 * **steady B/param**: parameters + gradients + optimizer state after the second step, counted from the tensors
   (:func:`lightning_precision.memory.measure_bytes_per_param`).
@@ -11,11 +13,12 @@ For each model size (parameters in 16 equal tensors) and thread count, every opt
   compilation) is not measured.
 * **peak B/param** = steady + transient: what the step needs at its high point.
 * **time**: median step time over the interleaved rounds (all optimizers built in one process, each on its own
-  copy of the model, stepped in turn per round), and its ratio to torch AdamW fp32 foreach.
+  copy of the model, stepped in turn per round; the first step, with state creation and any compile, untimed), and
+  its ratios to torch AdamW fp32 foreach and to torch AdamW fp32 fused, measured in the same rounds.
 
 Rows that cannot run here are printed with the reason. Usage (from the repository root)::
 
-    python benchmarks/optimizer_step.py            # 8M and 64M parameters, 1 and 2 threads
+    python benchmarks/optimizer_step.py            # 1M, 8M, 64M and 8M/5000 tensors; 1 and all threads
     python benchmarks/optimizer_step.py --quick    # 2M parameters, 1 thread, fewer rounds
 """
 
@@ -46,8 +49,11 @@ from lightning_precision.memory import measure_bytes_per_param
 from lightning_precision.optim import CompensatedAdamW
 
 TENSORS = 16
+# (label, parameters, tensors)
+MODELS = [("1M", 1_000_000, 16), ("8M", 8_000_000, 16), ("64M", 64_000_000, 16), ("8M/5000", 8_000_000, 5000)]
 RESULTS = ROOT / "benchmarks" / "results" / "optimizer_step.txt"
 BASE_ROW = "torch AdamW fp32 foreach"
+FUSED_ROW = "torch AdamW fp32 fused"
 
 
 @dataclass(frozen=True)
@@ -77,9 +83,10 @@ def _flash(params):
     return FlashAdamW(params, lr=1e-3, quantize=False, master_weight_bits=None, fused=False)
 
 
+SECOND_MOMENT_BF16 = {"exp_avg_sq_dtype": torch.bfloat16, "exp_avg_sq_rounding": "stochastic"}
 ROWS = [
     Row(BASE_ROW, torch.float32, lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
-    Row("torch AdamW fp32 fused", torch.float32, lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
+    Row(FUSED_ROW, torch.float32, lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
     Row("torch AdamW bf16 (the trap)", torch.bfloat16, lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
     Row("optimi AdamW bf16 Kahan", torch.bfloat16, _optimi),
     Row("torchao _AdamW bf16 stoch. round", torch.bfloat16, _torchao),
@@ -89,29 +96,40 @@ ROWS = [
         _flash,
         "quantize=False, master_weight_bits=None, fused=False (the CPU settings): no master copy, the trap",
     ),
-    Row("CompensatedAdamW bf16 (chunked)", torch.bfloat16, lambda ps: CompensatedAdamW(ps, lr=1e-3)),
     Row(
-        "CompensatedAdamW bf16 (reference)",
+        "CompensatedAdamW 12 B (eager)",
         torch.bfloat16,
-        lambda ps: CompensatedAdamW(ps, lr=1e-3, implementation="reference"),
-        "implementation='reference': the previous whole-tensor step",
+        lambda ps: CompensatedAdamW(ps, lr=1e-3, implementation="chunked"),
+        "implementation='chunked': eager ops over bounded chunks",
     ),
     Row(
-        "CompensatedAdamW v=bf16 stochastic",
+        "CompensatedAdamW 12 B (compiled)",
         torch.bfloat16,
-        lambda ps: CompensatedAdamW(ps, lr=1e-3, exp_avg_sq_dtype=torch.bfloat16, exp_avg_sq_rounding="stochastic"),
-        "exp_avg_sq in bf16, rounded stochastically: 10 B/param",
+        lambda ps: CompensatedAdamW(ps, lr=1e-3, implementation="compiled"),
+        "implementation='compiled' (the default 'auto' from 2**20 elements)",
+    ),
+    Row(
+        "CompensatedAdamW 10 B (eager)",
+        torch.bfloat16,
+        lambda ps: CompensatedAdamW(ps, lr=1e-3, implementation="chunked", **SECOND_MOMENT_BF16),
+        "exp_avg_sq bf16, stochastic rounding",
+    ),
+    Row(
+        "CompensatedAdamW 10 B (compiled)",
+        torch.bfloat16,
+        lambda ps: CompensatedAdamW(ps, lr=1e-3, implementation="compiled", **SECOND_MOMENT_BF16),
+        "exp_avg_sq bf16, stochastic rounding",
     ),
 ]
 ROW_BY_NAME = {row.name: row for row in ROWS}
 
 
-def _model(numel: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+def _model(numel: int, tensors: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     params = []
-    for _ in range(TENSORS):
+    for _ in range(tensors):
         # Generated in the storage dtype: an fp32 temporary would raise the resident set before it is measured.
-        p = torch.nn.Parameter(torch.randn(numel // TENSORS, generator=g, dtype=dtype))
+        p = torch.nn.Parameter(torch.randn(numel // tensors, generator=g, dtype=dtype))
         p.grad = torch.randn(p.shape, generator=g, dtype=dtype).mul_(1e-2)
         params.append(p)
     return params
@@ -127,13 +145,13 @@ def _kib(field: str) -> int:
         return int(re.search(field + r":\s+(\d+)", f.read()).group(1))
 
 
-def probe(name: str, numel: int, threads: int) -> dict:
+def probe(name: str, numel: int, tensors: int, threads: int) -> dict:
     """In this (fresh) process: steady and transient bytes per parameter of the second step of one optimizer."""
     torch.set_num_threads(threads)
     torch.ones(1 << 20).mul_(2.0)  # start the thread pool before anything is measured
     row = ROW_BY_NAME[name]
     try:
-        params = _model(numel, row.dtype, seed=0)
+        params = _model(numel, tensors, row.dtype, seed=0)
         opt = row.build(params)
         opt.step()
     except Exception as exc:  # the row reports why it does not run
@@ -147,9 +165,10 @@ def probe(name: str, numel: int, threads: int) -> dict:
     return {"steady": measure_bytes_per_param(opt).total, "transient": transient}
 
 
-def _run_probe(name: str, numel: int, threads: int) -> dict:
+def _run_probe(name: str, numel: int, tensors: int, threads: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--probe", name, "--numel", str(numel), "--threads", str(threads)]
+    cmd = [sys.executable, __file__, "--probe", name, "--numel", str(numel), "--tensors", str(tensors)]
+    cmd += ["--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
     lines = out.stdout.strip().splitlines()
     if out.returncode != 0 or not lines:
@@ -157,13 +176,15 @@ def _run_probe(name: str, numel: int, threads: int) -> dict:
     return json.loads(lines[-1])
 
 
-def time_steps(numel: int, threads: list[int], rounds: int, rows: list[Row]) -> dict[tuple[str, int], float | str]:
+def time_steps(
+    numel: int, tensors: int, threads: list[int], rounds: int, rows: list[Row]
+) -> dict[tuple[str, int], float | str]:
     """Median step seconds per (row, threads), optimizers interleaved round by round; a str is why a row failed."""
     opts: dict[str, torch.optim.Optimizer] = {}
     result: dict[tuple[str, int], float | str] = {}
     for row in rows:
         try:
-            opt = row.build(_model(numel, row.dtype, seed=0))
+            opt = row.build(_model(numel, tensors, row.dtype, seed=0))
             opt.step()  # state creation and any compilation stay out of the timing
             opts[row.name] = opt
         except Exception as exc:
@@ -201,14 +222,18 @@ def main() -> None:
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--numel", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--tensors", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="*", default=None, help="only these models, by label (e.g. 8M 8M/5000)")
     args = parser.parse_args()
     if args.probe:
-        print(json.dumps(probe(args.probe, args.numel, args.threads)))
+        print(json.dumps(probe(args.probe, args.numel, args.tensors, args.threads)))
         return
 
     rows = [row for row in ROWS if args.rows is None or row.name in args.rows or row.name == BASE_ROW]
-    sizes = [2_000_000] if args.quick else [8_000_000, 64_000_000]
-    threads = [1] if args.quick else [1, 2]
+    models = [("2M", 2_000_000, TENSORS)] if args.quick else MODELS
+    if args.models:
+        models = [m for m in MODELS if m[0] in args.models]
+    threads = [1] if args.quick else sorted({1, os.cpu_count() or 1})
     rounds = args.rounds or (3 if args.quick else 7)
     out_path = args.out or (None if args.quick else RESULTS)
     command = "python benchmarks/optimizer_step.py" + (" --quick" if args.quick else "")
@@ -217,42 +242,48 @@ def main() -> None:
     if args.rows:
         command += " --rows " + " ".join(f'"{name}"' for name in args.rows)
         out_path = args.out  # a subset never overwrites the full table
+    if args.models:
+        command += " --models " + " ".join(args.models)
+        out_path = args.out
     lines = [
         f"# Output of: {command}",
         f"# {datetime.date.today()}, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
         f"torch {torch.__version__}; 1-minute load average {_load()} at the start; shared machine",
-        f"# {TENSORS} tensors per model; time = median of {rounds} interleaved rounds; "
+        "# time = median of {rounds} interleaved rounds; "
         "peak = steady + transient (transient: resident-set growth in the 2nd step, fresh subprocess per optimizer)",
         "",
     ]
     print("\n".join(lines), flush=True)
     started = time.monotonic()
     header = (
-        f"{'params':>6} {'thr':>3}  {'optimizer':<34} {'steady':>7} {'transient':>9} {'peak':>7}"
-        f"  {'ms/step':>8} {'vs foreach':>10}  note"
+        f"{'model':>7} {'thr':>3}  {'optimizer':<34} {'steady':>7} {'transient':>9} {'peak':>7}"
+        f"  {'ms/step':>8} {'vs foreach':>10} {'vs fused':>8}  note"
     )
-    for numel in sizes:
+    for label_model, numel, tensors in models:
         # Two probes at a time (one per core): each measures only its own resident set. The timing runs after them,
         # with no probe competing for the cores.
         with ThreadPoolExecutor(max_workers=2) as pool:
-            probes = {(row.name, t): pool.submit(_run_probe, row.name, numel, t) for t in threads for row in rows}
+            probes = {
+                (row.name, t): pool.submit(_run_probe, row.name, numel, tensors, t) for t in threads for row in rows
+            }
             memory = {key: future.result() for key, future in probes.items()}
-        timing = time_steps(numel, threads, rounds, rows)
+        timing = time_steps(numel, tensors, threads, rounds, rows)
         for t in threads:
             block = [header, "-" * len(header)]
-            base = timing.get((BASE_ROW, t))
+            base, fused = timing.get((BASE_ROW, t)), timing.get((FUSED_ROW, t))
             for row in rows:
                 mem = memory[(row.name, t)]
                 secs = timing[(row.name, t)]
-                label = f"{numel // 1_000_000:>5}M {t:>3}  {row.name:<34}"
+                label = f"{label_model:>7} {t:>3}  {row.name:<34}"
                 error = mem.get("error") or (secs if isinstance(secs, str) else None)
                 if error:
                     block.append(f"{label} does not run here: {error}")
                     continue
                 ratio = secs / base if isinstance(base, float) else float("nan")
+                ratio_fused = secs / fused if isinstance(fused, float) else float("nan")
                 block.append(
                     f"{label} {mem['steady']:7.2f} {mem['transient']:9.2f} {mem['steady'] + mem['transient']:7.2f}"
-                    f"  {secs * 1e3:8.1f} {ratio:9.2f}x  {row.note}"
+                    f"  {secs * 1e3:8.1f} {ratio:9.2f}x {ratio_fused:7.2f}x  {row.note}"
                 )
             text = "\n".join(block) + "\n"
             print(text, flush=True)

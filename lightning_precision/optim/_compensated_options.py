@@ -20,7 +20,7 @@ from lightning_precision.values import parse_bool, parse_dtype_choice, parse_num
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_OPTIONS = ("exp_avg_dtype", "exp_avg_sq_dtype")
 _ROUNDING_OPTIONS = {"exp_avg_rounding": "exp_avg_dtype", "exp_avg_sq_rounding": "exp_avg_sq_dtype"}
-_IMPLEMENTATIONS = ("chunked", "reference")
+_IMPLEMENTATIONS = ("auto", "compiled", "chunked", "reference")
 
 
 def _state_dtype_name(name: str, value: torch.dtype | str) -> str:

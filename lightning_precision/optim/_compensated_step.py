@@ -21,106 +21,25 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lightning_precision.optim._stochastic_rounding import TEMP_BYTES_PER_ELEMENT as ROUNDING_TEMP_BYTES
-from lightning_precision.optim._stochastic_rounding import RoundingStream, memory_order, round_into_
+from lightning_precision.optim._chunk_plan import Piece, plan_chunks
+from lightning_precision.optim._stochastic_rounding import RoundingStream, round_into_
 
-Piece = tuple[int, int, int]  # (tensor index, start, stop) of a slice of a flat tensor
 F32 = torch.float32
-
-# Auto chunk size: the chunk's fp32 temporaries (temp_bytes_per_element per chunk element) may take up to
-# TRANSIENT_BUDGET bytes per parameter of the model. The floor keeps the per-op dispatch cost small on tiny models.
-# On CPU the cap keeps a chunk's working set near the L2/L3 caches, so the ~20 ops of the update do not each stream
-# from DRAM (2**17 was the fastest of 2**15..2**19 on the 2-core AMD EPYC of benchmarks/optimizer_step.py); on
-# accelerators it bounds the transient memory while each kernel still has enough work to hide its launch.
-TRANSIENT_BUDGET = 0.375
-AUTO_CHUNK_MIN = 4096
-AUTO_CHUNK_CAP_CPU = 2**17
-AUTO_CHUNK_CAP_ACCELERATOR = 2**22
-
-
-def temp_bytes_per_element(
-    param_dtype: torch.dtype,
-    exp_avg_dtype: torch.dtype,
-    exp_avg_sq_dtype: torch.dtype,
-    *,
-    compensated: bool,
-    stochastic: bool = False,
-    masked: bool = False,
-) -> int:
-    """Bytes of temporaries per chunk element that :func:`compensated_step` or :func:`plain_step` allocate.
-
-    Args:
-        param_dtype: Parameter dtype.
-        exp_avg_dtype: First-moment dtype.
-        exp_avg_sq_dtype: Second-moment dtype.
-        compensated: Whether the compensated step (half-precision parameters) runs.
-        stochastic: Whether a moment is written with stochastic rounding.
-        masked: Whether the chunk's parameter and state are saved to be restored where a gradient is not finite.
-
-    Returns:
-        Compensated: fp32 gradient (then parameter), compensation, and the denominator or (later) the decay
-        term, plus an fp32 copy of each moment not stored in fp32, plus the update when the first moment is fp32
-        (it cannot be divided in place), plus the integer temporaries of a stochastic write. Plain: negated
-        gradient, denominator and update in the parameter dtype.
-    """
-    saved = 0
-    if masked:
-        saved = param_dtype.itemsize * (2 if compensated else 1) + exp_avg_dtype.itemsize + exp_avg_sq_dtype.itemsize
-    if not compensated:
-        return 3 * param_dtype.itemsize + saved
-    fp32 = 4 * (3 + (exp_avg_dtype != F32) + (exp_avg_sq_dtype != F32) + (exp_avg_dtype == F32))
-    return fp32 + (ROUNDING_TEMP_BYTES if stochastic else 0) + saved
-
-
-def auto_chunk_size(total_numel: int, device: torch.device, temp_bytes: int) -> int:
-    """Elements per chunk when the user did not choose a size.
-
-    Args:
-        total_numel: Elements of all parameters (local shards) the optimizer steps.
-        device: Device of the tensors of the bucket being stepped.
-        temp_bytes: Temporary bytes per chunk element (:func:`temp_bytes_per_element`).
-
-    Returns:
-        The size whose temporaries take ``TRANSIENT_BUDGET`` (0.375) bytes per parameter of the model, clamped to
-        ``[4096, cap]``, with a cap of 2**17 elements on CPU and 2**22 elsewhere.
-    """
-    cap = AUTO_CHUNK_CAP_CPU if device.type == "cpu" else AUTO_CHUNK_CAP_ACCELERATOR
-    return max(AUTO_CHUNK_MIN, min(cap, int(total_numel * TRANSIENT_BUDGET) // temp_bytes))
-
-
-def plan_chunks(numels: Sequence[int], chunk_size: int) -> list[list[Piece]]:
-    """Split flat tensors of the given sizes into chunks of at most ``chunk_size`` elements.
-
-    Tensors are taken in order; a tensor larger than the room left in the current chunk is split across chunks, and
-    small tensors share a chunk, so every chunk but the last holds exactly ``chunk_size`` elements.
-
-    Args:
-        numels: Number of elements of each flat tensor.
-        chunk_size: Maximum elements per chunk (positive).
-
-    Returns:
-        The chunks, each a list of ``(tensor index, start, stop)`` slices.
-    """
-    chunks: list[list[Piece]] = []
-    current: list[Piece] = []
-    room = chunk_size
-    for index, numel in enumerate(numels):
-        start = 0
-        while start < numel:
-            stop = min(numel, start + room)
-            current.append((index, start, stop))
-            room -= stop - start
-            start = stop
-            if room == 0:
-                chunks.append(current)
-                current, room = [], chunk_size
-    if current:
-        chunks.append(current)
-    return chunks
 
 
 def _tensor_addcmul_(self: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, value: float) -> torch.Tensor:
     return self.addcmul_(t1, t2, value=value)
+
+
+def _rounded_sqrt(x: torch.Tensor) -> torch.Tensor:
+    # torch's CPU sqrt (MKL VML) is off by an ulp for about one fp32 value in six; the compiled step's sqrt is
+    # correctly rounded. The sqrt of the fp64 value, rounded once to fp32, is the correctly rounded fp32 sqrt, so the
+    # eager and the compiled step agree bitwise.
+    return x.to(torch.float64).sqrt_().to(x.dtype)
+
+
+def _foreach_rounded_sqrt(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [_rounded_sqrt(x) for x in xs]
 
 
 # The update's ops, each as a torch._foreach_* call over the lists of slices of a chunk of several pieces, and as the
@@ -129,11 +48,14 @@ def _tensor_addcmul_(self: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, val
 _OPS = {
     "copy_": (torch._foreach_copy_, torch.Tensor.copy_),
     "neg": (torch._foreach_neg, torch.neg),
+    "sub": (torch._foreach_sub, torch.sub),
+    "mul": (torch._foreach_mul, torch.mul),
     "neg_": (torch._foreach_neg_, torch.Tensor.neg_),
     "lerp_": (torch._foreach_lerp_, torch.Tensor.lerp_),
     "mul_": (torch._foreach_mul_, torch.Tensor.mul_),
     "addcmul_": (torch._foreach_addcmul_, _tensor_addcmul_),
-    "sqrt": (torch._foreach_sqrt, torch.sqrt),
+    "sqrt": (_foreach_rounded_sqrt, _rounded_sqrt),
+    "torch_sqrt": (torch._foreach_sqrt, torch.sqrt),  # the plain (fp32) step's, as in torch.optim.AdamW
     "div": (torch._foreach_div, torch.div),
     "div_": (torch._foreach_div_, torch.Tensor.div_),
     "add": (torch._foreach_add, torch.add),
@@ -147,10 +69,10 @@ _TENSOR_OPS = SimpleNamespace(**{name: ops[1] for name, ops in _OPS.items()})
 class _Chunk:
     """One chunk's slices, buffer views, per-tensor scalars and ops: lists for several pieces, bare for one."""
 
-    def __init__(self, pieces: list[Piece]) -> None:
+    def __init__(self, pieces: list[Piece], ops: SimpleNamespace | None = None) -> None:
         self.pieces = pieces
         self.single = len(pieces) == 1
-        self.ops = _TENSOR_OPS if self.single else _FOREACH_OPS
+        self.ops = ops or (_TENSOR_OPS if self.single else _FOREACH_OPS)
 
     def slices(self, tensors: Sequence[torch.Tensor]) -> Any:
         if self.single:
@@ -219,6 +141,27 @@ class StepOptions:
     chunk_size: int
 
 
+class Hyper(NamedTuple):
+    """A group's constants as the update uses them: Python floats in the eager step, 0-dim fp32 tensors in the
+    compiled one (so a new learning rate is a new input, not a recompile). Derived values are computed once, in
+    double precision on the host, so both steps see the same fp32 constants."""
+
+    one_minus_beta1: Any
+    beta2: Any
+    one_minus_beta2: Any
+    eps: Any
+    decay_factor: Any  # -lr * weight_decay, applied to p + c
+    decays: bool
+    maximize: bool
+
+    @classmethod
+    def of(cls, options: StepOptions) -> Hyper:
+        return cls(
+            1.0 - options.beta1, options.beta2, 1.0 - options.beta2, options.eps,
+            -options.lr * options.weight_decay, options.weight_decay != 0, options.maximize,
+        )  # fmt: skip
+
+
 class StateRounding(NamedTuple):
     """Per-tensor random-bit streams of the moments written with stochastic rounding (``None``: to nearest)."""
 
@@ -266,10 +209,8 @@ def compensated_step(
         finite: Optional 1-D bool tensor on the device, one flag per tensor: where False, the tensor's parameter,
             moments and compensation are left as they were (no host read of the flags).
     """
-    params, grads, exp_avgs, exp_avg_sqs, comps = bucket
-    lr, beta1, beta2, eps = options.lr, options.beta1, options.beta2, options.eps
-    weight_decay, chunk_size = options.weight_decay, options.chunk_size
-    neg_step_size, bc2_sqrt = scalars
+    params, _, exp_avgs, exp_avg_sqs, comps = bucket
+    chunk_size = options.chunk_size
     numels = [p.numel() for p in params]
     size = min(chunk_size, sum(numels))
     if size == 0:
@@ -287,53 +228,97 @@ def compensated_step(
     rounding = rounding or StateRounding()
     stochastic = rounding.exp_avg is not None or rounding.exp_avg_sq is not None
     scratch = torch.empty(size, dtype=torch.int32, device=device) if stochastic else None
-    decay_factor = -lr * weight_decay
+    hyper = Hyper.of(options)
+    work = (g_buf, c_buf, m_buf, v_buf)
     for pieces in plan_chunks(numels, chunk_size):
         chunk = _Chunk(pieces)
-        ops = chunk.ops
         guard = None if finite is None else _Guard(chunk, finite, (params, exp_avgs, exp_avg_sqs, comps))
-        g32 = chunk.views(g_buf)
-        ops.copy_(g32, chunk.slices(grads))
-        if options.maximize:
-            ops.neg_(g32)
-        m_slices, m32 = chunk.fp32_work(exp_avgs, m_buf)
-        v_slices, v32 = chunk.fp32_work(exp_avg_sqs, v_buf)
-        ops.lerp_(m32, g32, 1.0 - beta1)
-        ops.mul_(v32, beta2)
-        ops.addcmul_(v32, g32, g32, 1.0 - beta2)
-        if m_buf is not None:
-            _write_state(chunk, m_slices, m32, rounding.exp_avg, scratch)
-        if v_buf is not None:
-            _write_state(chunk, v_slices, v32, rounding.exp_avg_sq, scratch)
-
-        denom = ops.sqrt(v32)
-        ops.div_(denom, chunk.scalars(bc2_sqrt))
-        ops.add_(denom, eps)
-        if m_buf is not None:
-            ops.div_(m32, denom)  # the buffer's fp32 first moment is no longer needed
-            update = m32
-        else:
-            update = ops.div(m32, denom)
-        del denom
-        ops.mul_(update, chunk.scalars(neg_step_size))
-
-        p_slices, c_slices = chunk.slices(params), chunk.slices(comps)
-        p32, c32 = g32, chunk.views(c_buf)  # the fp32 gradient is no longer needed
-        ops.copy_(p32, p_slices)
-        ops.copy_(c32, c_slices)
-        if weight_decay != 0:
-            decay = ops.add(p32, c32)  # decay the compensated value p + c
-            ops.mul_(decay, decay_factor)
-            ops.add_(update, decay)
-            del decay
-        ops.add_(update, c32)  # y = c + update
-        ops.add_(p32, update)  # t = p + y
-        del update
-        ops.copy_(p_slices, p32)  # round to nearest
-        ops.sub_(p32, p_slices)  # low bits lost by the write
-        ops.copy_(c_slices, p32)
+        compensated_chunk_(chunk, bucket, work, scalars, hyper, rounding, scratch)
         if guard is not None:
             guard.restore()
+
+
+def update_moments_(ops: SimpleNamespace, m32: Any, v32: Any, g32: Any, hyper: Hyper) -> None:
+    """``m += (1 - beta1) * (g - m)`` and ``v = beta2 * v + (1 - beta2) * g * g`` in fp32, in place.
+
+    One rounding per op, in this order, for every path (tensor, foreach, compiled): torch's CPU ``lerp`` and
+    ``addcmul`` fuse a multiply-add that inductor's CPU code does not, so with them the compiled step would drift
+    from the eager one by an ulp of the moments, then of the parameters.
+    """
+    step = ops.sub(g32, m32)
+    ops.mul_(step, hyper.one_minus_beta1)
+    ops.add_(m32, step)
+    del step
+    square = ops.mul(g32, g32)
+    ops.mul_(square, hyper.one_minus_beta2)
+    ops.mul_(v32, hyper.beta2)
+    ops.add_(v32, square)
+
+
+def compensated_chunk_(
+    chunk: _Chunk,
+    bucket: Bucket,
+    work: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    scalars: tuple[Sequence[Any], Sequence[Any]],
+    hyper: Hyper,
+    rounding: StateRounding,
+    scratch: torch.Tensor | None,
+) -> None:
+    """The compensated AdamW update of one chunk, in place: the math of the eager and of the compiled step.
+
+    Args:
+        chunk: The chunk's pieces and the ops that run them (tensor methods, ``torch._foreach_*``, or the compiled
+            step's).
+        bucket: The flat tensors the pieces index.
+        work: fp32 room of at least the chunk's size for the gradient (later the parameter) and the compensation,
+            and for each moment not stored in fp32 (``None`` where it is: it is updated in place).
+        scalars: Per-tensor ``-lr / (1 - beta1**step)`` and ``sqrt(1 - beta2**step)``.
+        hyper: The group's constants (:class:`Hyper`).
+        rounding: Streams of the moments written with stochastic rounding.
+        scratch: int32 room of the chunk's size for a stochastic write, or None when there is none.
+    """
+    ops = chunk.ops
+    params, grads, exp_avgs, exp_avg_sqs, comps = bucket
+    g_buf, c_buf, m_buf, v_buf = work
+    neg_step_size, bc2_sqrt = scalars
+    g32 = chunk.views(g_buf)
+    ops.copy_(g32, chunk.slices(grads))
+    if hyper.maximize:
+        ops.neg_(g32)
+    m_slices, m32 = chunk.fp32_work(exp_avgs, m_buf)
+    v_slices, v32 = chunk.fp32_work(exp_avg_sqs, v_buf)
+    update_moments_(ops, m32, v32, g32, hyper)
+    if m_buf is not None:
+        _write_state(chunk, m_slices, m32, rounding.exp_avg, scratch)
+    if v_buf is not None:
+        _write_state(chunk, v_slices, v32, rounding.exp_avg_sq, scratch)
+
+    denom = ops.sqrt(v32)
+    ops.div_(denom, chunk.scalars(bc2_sqrt))
+    ops.add_(denom, hyper.eps)
+    if m_buf is not None:
+        ops.div_(m32, denom)  # the buffer's fp32 first moment is no longer needed
+        update = m32
+    else:
+        update = ops.div(m32, denom)
+    del denom
+    ops.mul_(update, chunk.scalars(neg_step_size))
+
+    p_slices, c_slices = chunk.slices(params), chunk.slices(comps)
+    p32, c32 = g32, chunk.views(c_buf)  # the fp32 gradient is no longer needed
+    ops.copy_(p32, p_slices)
+    ops.copy_(c32, c_slices)
+    if hyper.decays:
+        decay = ops.add(p32, c32)  # decay the compensated value p + c
+        ops.mul_(decay, hyper.decay_factor)
+        ops.add_(update, decay)
+        del decay
+    ops.add_(update, c32)  # y = c + update
+    ops.add_(p32, update)  # t = p + y
+    del update
+    ops.copy_(p_slices, p32)  # round to nearest
+    ops.sub_(p32, p_slices)  # low bits lost by the write
+    ops.copy_(c_slices, p32)
 
 
 def plain_step(
@@ -367,7 +352,7 @@ def plain_step(
         ops.lerp_(m, g, 1.0 - beta1)
         ops.mul_(v, beta2)
         ops.addcmul_(v, g, g, 1.0 - beta2)
-        denom = ops.sqrt(v)
+        denom = ops.torch_sqrt(v)
         ops.div_(denom, chunk.scalars(bc2_sqrt))
         ops.add_(denom, eps)
         update = ops.div(m, denom)
@@ -376,40 +361,3 @@ def plain_step(
         ops.add_(p, update)
         if guard is not None:
             guard.restore()
-
-
-def flat_local_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
-    """1-D views of the local data of tensors that line up element by element, or None if they do not.
-
-    DTensors (FSDP2 shards) are replaced by their local tensors when all of them share one mesh and placements, so
-    the step reads and writes the shard in place and never redistributes. Tensors of the same shape and strides that
-    are contiguous up to a permutation of their dimensions (e.g. channels-last) are viewed in memory order.
-
-    Args:
-        tensors: A parameter, its gradient and its state tensors.
-
-    Returns:
-        One flat view per tensor, aliasing its storage, or None when the tensors mix DTensor and plain tensors,
-        differ in mesh, placements, shape or strides, or have gaps or overlaps in memory (the caller then uses the
-        reference step for them).
-    """
-    from torch.distributed.tensor import DTensor
-
-    first = tensors[0]
-    if isinstance(first, DTensor):
-        if not all(
-            isinstance(t, DTensor) and t.device_mesh == first.device_mesh and t.placements == first.placements
-            for t in tensors
-        ):
-            return None
-        tensors = [t.to_local() for t in tensors]
-    elif any(isinstance(t, DTensor) for t in tensors):
-        return None
-    shape, strides = tensors[0].shape, tensors[0].stride()
-    if any(t.shape != shape or t.stride() != strides for t in tensors):
-        return None
-    order = memory_order(shape, strides)
-    permuted = [t.permute(order) for t in tensors]
-    if not all(t.is_contiguous() for t in permuted):
-        return None
-    return [t.reshape(-1) for t in permuted]

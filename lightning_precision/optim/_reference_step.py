@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lightning_precision.optim import _compensated_step
+from lightning_precision.optim import _chunk_plan, _compensated_step, _nonfinite
 from lightning_precision.optim._stochastic_rounding import element_layout, round_into_, stream_for
 
 
@@ -54,6 +54,25 @@ def state_rounding(
     return _compensated_step.StateRounding(**streams)
 
 
+def step_reference_bucket(param_groups, group, device, half, bucket, owners, finite) -> None:
+    """One bucket of :class:`CompensatedAdamW` (``implementation="reference"``, or tensors without flat views).
+
+    ``bucket`` is ``(params, grads, exp_avgs, exp_avg_sqs, steps, comps)``; ``finite`` the per-tensor flags on an
+    accelerator (None on CPU, where skipped tensors were taken out before).
+    """
+    params, grads, exp_avgs, exp_avg_sqs, steps, comps = bucket
+    guarded = [params, exp_avgs, exp_avg_sqs] + ([comps] if half else [])
+    saved = None if finite is None else _nonfinite.snapshot(guarded)
+    scalars = step_scalars(group, steps, device)
+    if half:
+        rounding = state_rounding(param_groups, group, owners, steps)
+        step_compensated(group, params, grads, exp_avgs, exp_avg_sqs, comps, scalars, rounding)
+    else:
+        step_plain(group, params, grads, exp_avgs, exp_avg_sqs, scalars)
+    if saved is not None:  # accelerators: put back the tensors whose gradient was not finite
+        _nonfinite.restore(guarded, saved, finite)
+
+
 def step_plain(group, params, grads, exp_avgs, exp_avg_sqs, scalars) -> None:
     """torch.optim.AdamW for fp32/fp64 parameters (state in the parameter dtype)."""
     beta1, beta2 = group["betas"]
@@ -85,9 +104,8 @@ def step_compensated(group, params, grads, exp_avgs, exp_avg_sqs, comps, scalars
     # .to(f32) returns the state tensor itself when it is already fp32, so it updates in place.
     m32 = [m.to(f32) for m in exp_avgs]
     v32 = [v.to(f32) for v in exp_avg_sqs]
-    torch._foreach_lerp_(m32, g32, 1.0 - beta1)
-    torch._foreach_mul_(v32, beta2)
-    torch._foreach_addcmul_(v32, g32, g32, 1.0 - beta2)
+    hyper = _compensated_step.Hyper(1.0 - beta1, beta2, 1.0 - beta2, group["eps"], 0.0, False, False)
+    _compensated_step.update_moments_(_compensated_step._FOREACH_OPS, m32, v32, g32, hyper)
     del g32
     # copy_ per tensor: DTensor has no sharding rule for _foreach_copy_.
     for stored, fp32, streams in ((exp_avgs, m32, rounding.exp_avg), (exp_avg_sqs, v32, rounding.exp_avg_sq)):
@@ -99,7 +117,7 @@ def step_compensated(group, params, grads, exp_avgs, exp_avg_sqs, comps, scalars
             else:
                 write_stochastically(dst, src, streams[i])
 
-    denom = torch._foreach_sqrt(v32)
+    denom = _compensated_step._FOREACH_OPS.sqrt(v32)
     del v32
     torch._foreach_div_(denom, bc2_sqrt)
     torch._foreach_add_(denom, group["eps"])
@@ -128,7 +146,7 @@ def step_compensated(group, params, grads, exp_avgs, exp_avg_sqs, comps, scalars
 
 def write_stochastically(dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
     """The reference step's stochastic write of a whole (possibly DTensor) moment, through its local data."""
-    flat = _compensated_step.flat_local_views([dst, src])
+    flat = _chunk_plan.flat_local_views([dst, src])
     if flat is None:
         raise RuntimeError(
             "CompensatedAdamW: stochastic rounding needs a moment whose local data lines up with its fp32 value; got "

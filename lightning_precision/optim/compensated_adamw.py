@@ -18,14 +18,14 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lightning_precision.optim import _compensated_state, _compensated_step, _nonfinite
+from lightning_precision.optim import _chunk_plan, _compensated_state, _compensated_step, _compiled_step, _nonfinite
 from lightning_precision.optim._compensated_options import (
     _STATE_DTYPES,
     _normalise_group_options,
     _state_dtype_name,
     check_rounding_dtypes,
 )
-from lightning_precision.optim._reference_step import state_rounding, step_compensated, step_plain, step_scalars
+from lightning_precision.optim._reference_step import state_rounding, step_reference_bucket, step_scalars
 
 __all__ = ["CompensatedAdamW"]
 
@@ -62,7 +62,7 @@ class CompensatedAdamW(Optimizer):
     Memory per element of a bf16 parameter with the defaults, steady state:
     2 (param) + 2 (gradient) + 2 (compensation) + 2 (bf16 exp_avg) + 4 (fp32
     exp_avg_sq) = 12 bytes, vs. 16 for bf16 params with an fp32 master copy and
-    fp32 moments (2+2+4+4+4). The default step (``implementation="chunked"``)
+    fp32 moments (2+2+4+4+4). The eager step (``implementation="chunked"``)
     works through bounded chunks of elements, so its fp32 temporaries are those
     of one chunk: with the automatic ``chunk_size`` they stay under about
     0.4 B/param of the model, against 16 B/param (measured) for the whole-tensor
@@ -108,12 +108,14 @@ class CompensatedAdamW(Optimizer):
             and the element's index in the full (unsharded) tensor, so they do
             not depend on rank count, sharding or chunking, and a resumed run
             draws the same bits as an uninterrupted one. Default: 0.
-        implementation: ``"chunked"`` (default): the update runs over chunks of
-            at most ``chunk_size`` elements, as ``torch._foreach_*`` ops over
-            slices of the parameters, so temporary memory is bounded.
-            ``"reference"``: the same ops over whole tensors, holding fp32 copies
-            of all of a group's gradients, moments, parameters and compensations
-            at once; kept to check the chunked step against.
+        implementation: ``"auto"`` (default): ``"compiled"`` for optimizers
+            stepping at least 2**20 elements where torch.compile works, else
+            ``"chunked"``. ``"compiled"``: one fused kernel per tensor (small
+            tensors packed), bitwise the chunked step's result; where it cannot
+            compile, a warning and the chunked step. ``"chunked"``: eager ops
+            over chunks of at most ``chunk_size`` elements (bounded temporary
+            memory). ``"reference"``: the same ops over whole tensors, holding
+            fp32 copies of a group's tensors at once; kept to check against.
         chunk_size: Elements per chunk of the chunked step. Default: None, which
             sizes a chunk so that its temporaries take 0.375 bytes per stepped
             parameter, at least 4096 and at most 2**17 elements on CPU (a chunk
@@ -152,9 +154,9 @@ class CompensatedAdamW(Optimizer):
         ``(copies of the parameters, extra bytes)``. The chunked step stays under its transient budget; the
         reference step holds fp32 copies of gradient, moments, parameter and compensation (16 B/param, measured
         by ``benchmarks/optimizer_step.py``)."""
-        if settings.get("implementation", "chunked") == "reference":
+        if settings.get("implementation", "auto") == "reference":
             return (0.0, 16.0)
-        return (0.0, _compensated_step.TRANSIENT_BUDGET)
+        return (0.0, _chunk_plan.TRANSIENT_BUDGET)
 
     def __init__(
         self,
@@ -170,7 +172,7 @@ class CompensatedAdamW(Optimizer):
         exp_avg_rounding: str = "nearest",
         exp_avg_sq_rounding: str = "nearest",
         rounding_seed: int = 0,
-        implementation: str = "chunked",
+        implementation: str = "auto",
         chunk_size: int | None = None,
     ) -> None:
         defaults = dict(
@@ -282,8 +284,8 @@ class CompensatedAdamW(Optimizer):
                 if half:
                     tensors.append(state["compensation"])
                 flat = None
-                if group["implementation"] == "chunked":
-                    flat = _compensated_step.flat_local_views(tensors)
+                if group["implementation"] != "reference":
+                    flat = _chunk_plan.flat_local_views(tensors)
                 if flat is not None:
                     tensors = flat
                     stepped_numel += flat[0].numel()
@@ -311,6 +313,14 @@ class CompensatedAdamW(Optimizer):
         Raises:
             RuntimeError: On sparse gradients or complex parameters.
         """
+        if torch.compiler.is_compiling():
+            # Traced into a user's compiled region, the step would lose its compensation: inductor folds the bf16
+            # rounding of each write unless emulate_precision_casts is on, which only the optimizer's own compile sets.
+            raise RuntimeError(
+                "CompensatedAdamW.step must not be compiled by torch.compile (the Kahan compensation would be folded "
+                "away); it compiles its own step (implementation='auto' or 'compiled'). Call it outside the compiled "
+                "function."
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -338,35 +348,23 @@ class CompensatedAdamW(Optimizer):
             if chunked:
                 self._step_chunked(group, device, half, bucket, owners, stepped_numel, finite)
             else:
-                self._step_reference(group, device, half, bucket, owners, finite)
+                step_reference_bucket(self.param_groups, group, device, half, bucket, owners, finite)
             if finite is not None:
                 self._nonfinite.record(finite, bucket[4], indices, found_inf is not None)
         return loss
-
-    def _step_reference(self, group, device, half, bucket, owners, finite) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, steps, comps = bucket
-        guarded = [params, exp_avgs, exp_avg_sqs] + ([comps] if half else [])
-        saved = None if finite is None else _nonfinite.snapshot(guarded)
-        scalars = step_scalars(group, steps, device)
-        if half:
-            rounding = self._state_rounding(group, owners, steps)
-            step_compensated(group, params, grads, exp_avgs, exp_avg_sqs, comps, scalars, rounding)
-        else:
-            step_plain(group, params, grads, exp_avgs, exp_avg_sqs, scalars)
-        if saved is not None:  # accelerators: put back the tensors whose gradient was not finite
-            _nonfinite.restore(guarded, saved, finite)
 
     def _step_chunked(self, group, device, half, bucket, owners, stepped_numel, finite) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps, comps = bucket
         neg_step_size, bc2_sqrt = step_scalars(group, steps, device)
         rounding = self._state_rounding(group, owners, steps) if half else None
-        if device.type == "cpu":
+        compiled = half and _compiled_step.wanted(group["implementation"], device, stepped_numel, rounding)
+        if device.type == "cpu" and not compiled:
             # Python floats take torch's scalar fast path, with the same fp32 result as the 0-dim tensors. On
             # other devices the device tensors stay: a host scalar divisor becomes a reciprocal multiply there.
             neg_step_size, bc2_sqrt = [t.item() for t in neg_step_size], [t.item() for t in bc2_sqrt]
         chunk_size = group["chunk_size"]
         if chunk_size is None:
-            temp_bytes = _compensated_step.temp_bytes_per_element(
+            temp_bytes = _chunk_plan.temp_bytes_per_element(
                 params[0].dtype,
                 exp_avgs[0].dtype,
                 exp_avg_sqs[0].dtype,
@@ -374,13 +372,15 @@ class CompensatedAdamW(Optimizer):
                 stochastic=rounding is not None and any(rounding),
                 masked=finite is not None,
             )
-            chunk_size = _compensated_step.auto_chunk_size(stepped_numel, device, temp_bytes)
+            chunk_size = _chunk_plan.auto_chunk_size(stepped_numel, device, temp_bytes)
         beta1, beta2 = group["betas"]
         options = _compensated_step.StepOptions(
             group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["maximize"], chunk_size
         )
         scalars = (neg_step_size, bc2_sqrt)
         tensors = _compensated_step.Bucket(params, grads, exp_avgs, exp_avg_sqs, comps)
+        if compiled and _compiled_step.run(tensors, scalars, options, rounding, finite, steps):
+            return
         if half:
             _compensated_step.compensated_step(tensors, scalars, options, rounding, finite)
         else:

@@ -58,8 +58,7 @@ def _train_dtensor(
     mesh, implementation: str, options: dict[str, Any]
 ) -> tuple[list[torch.Tensor], CompensatedAdamW, int]:
     params = [
-        torch.nn.Parameter(distribute_tensor(t, mesh, [placement]))
-        for t, (_, _, placement) in zip(_tensors(0), SPECS)
+        torch.nn.Parameter(distribute_tensor(t, mesh, [placement])) for t, (_, _, placement) in zip(_tensors(0), SPECS)
     ]
     opt = CompensatedAdamW(params, implementation=implementation, **options)
     collectives = 0
@@ -80,7 +79,7 @@ def dtensor(out: Path, rank: int, options: dict[str, Any] = OPTIONS) -> dict[str
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     plain, plain_opt = _train_plain(options)
     result: dict[str, Any] = {}
-    for implementation in ("chunked", "reference"):
+    for implementation in ("chunked", "reference", "compiled"):
         params, opt, collectives = _train_dtensor(mesh, implementation, options)
         mismatches = []
         for i, (p, q) in enumerate(zip(params, plain)):
@@ -149,11 +148,14 @@ def fsdp2(out: Path, rank: int) -> dict[str, Any]:
         target = {"optim": get_optimizer_state_dict(models[0], restored)}
         dcp.load(target, checkpoint_id=checkpoint)
         set_optimizer_state_dict(models[0], restored, target["optim"])
-        exact = all(
-            torch.equal(restored.state[p][k].to_local(), opts[0].state[p][k].to_local())
-            for p in params[0]
-            for k in ("exp_avg", "exp_avg_sq", "compensation")
-        ) and restored.param_groups[0]["lr"] == opts[0].param_groups[0]["lr"]
+        exact = (
+            all(
+                torch.equal(restored.state[p][k].to_local(), opts[0].state[p][k].to_local())
+                for p in params[0]
+                for k in ("exp_avg", "exp_avg_sq", "compensation")
+            )
+            and restored.param_groups[0]["lr"] == opts[0].param_groups[0]["lr"]
+        )
         names_ok = full == {} if rank else full["param_groups"][0]["exp_avg_dtype"] == "bfloat16"
         saved = "ok" if exact and names_ok else f"exact={exact} names_ok={names_ok}"
     except Exception as exc:  # reported to the test, which names the failure

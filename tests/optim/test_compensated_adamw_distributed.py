@@ -23,7 +23,7 @@ def run_scenario(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("implementation", ["chunked", "reference"])
+@pytest.mark.parametrize("implementation", ["chunked", "reference", "compiled"])
 def test_dtensor_step_matches_single_process_bitwise(run_scenario, implementation):
     ranks = run_scenario("dtensor")
     for rank, result in enumerate(ranks):
@@ -32,7 +32,7 @@ def test_dtensor_step_matches_single_process_bitwise(run_scenario, implementatio
     assert ranks[0]["chunked"]["local_numels"][0] + ranks[1]["chunked"]["local_numels"][0] == 35
 
 
-@pytest.mark.parametrize("implementation", ["chunked", "reference"])
+@pytest.mark.parametrize("implementation", ["chunked", "reference", "compiled"])
 def test_stochastic_rounding_on_2_ranks_matches_1_process_bitwise(run_scenario, implementation):
     """Stochastically rounded bf16 moments: the same global model gives the same bits on 1 process and on 2 ranks
     (uneven Shard(0), Shard(1) and Replicate placements), because the noise hashes the global element index."""

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.optim import CompensatedAdamW
-from lightning_precision.optim._compensated_step import (
+from lightning_precision.optim._chunk_plan import (
     TRANSIENT_BUDGET,
     auto_chunk_size,
     flat_local_views,
@@ -222,7 +222,7 @@ def test_loads_old_state_dict_with_torch_dtypes_and_no_implementation_keys():
     opt2 = CompensatedAdamW([q])
     opt2.load_state_dict(old)
     group = opt2.param_groups[0]
-    assert (group["exp_avg_dtype"], group["implementation"], group["chunk_size"]) == ("float32", "chunked", None)
+    assert (group["exp_avg_dtype"], group["implementation"], group["chunk_size"]) == ("float32", "auto", None)
     assert opt2.state[q]["exp_avg"].dtype == torch.float32
     assert torch.equal(opt2.state[q]["exp_avg"], opt.state[p]["exp_avg"])
     assert isinstance(old["param_groups"][0]["exp_avg_dtype"], torch.dtype)  # the caller's dict is untouched

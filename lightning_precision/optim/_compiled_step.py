@@ -1,0 +1,295 @@
+"""The compiled step of :class:`~lightning_precision.optim.CompensatedAdamW` (``implementation="compiled"``).
+
+The same update as the eager chunked step (:func:`~lightning_precision.optim._compensated_step.compensated_chunk_`:
+the math is written once), traced by ``torch.compile`` into one fused kernel per call: each element is read once
+(bf16 ``p``, ``c``, ``g``, the moments) and written once, instead of the ~20 passes of the eager ops. That is what
+makes a memory-bound step fast. A tensor of at least ``PACK_BELOW`` elements is one call on its own flat view; smaller
+tensors are packed, by chunks, into flat buffers (one ``torch.cat`` per operand), stepped in one call, and copied back,
+so 5,000 small tensors cost a few hundred calls, not 5,000.
+
+The trap this module must not fall into: inductor removes ``bf16 -> fp32 -> bf16`` round trips by default, so a
+compiled Kahan step computes ``t - float(bf16(t)) == 0`` and its compensation is silently all zero (upstream pytorch
+issues 179561 and 185337). The compile sets ``emulate_precision_casts`` for this function only (``torch.compile``'s
+``options``), never for the user's model; ``tests/optim/test_compiled_step.py`` fails if the compensation differs from
+the eager step's by a single bit.
+
+Hyperparameters and the per-tensor step scalars are 0-dim tensors and sizes are dynamic, so a new learning rate, a new
+step or a tensor of another size reuses the compiled kernel (the tests count recompiles). Inductor's on-disk FX graph
+cache (on by default) makes the compile of a later run cheaper.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from lightning_precision._logging import warn_once
+from lightning_precision.optim import _compensated_step as eager
+from lightning_precision.optim._stochastic_rounding import _MASK32, _mix32_
+
+F32 = torch.float32
+# implementation="auto" compiles for optimizers stepping at least this many elements: below it the first step's
+# compile (seconds) costs more than the steps save.
+AUTO_MIN_NUMEL = 2**20
+# Tensors below this many elements are packed with others into one call; larger ones are a call each.
+PACK_BELOW = 2**16
+# Each call's kernel must see at least 2 elements: inductor specialises sizes 0 and 1, which would compile again.
+_MIN_CALL_NUMEL = 2
+# Bytes per element of the flat buffers a pack gathers its operands into (p, g, m, v, c at their widest).
+_PACK_BYTES_PER_ELEMENT = 2 + 4 + 4 + 4 + 2
+
+
+# Inductor's sqrt is correctly rounded, as the eager step's rounded sqrt is.
+_OPS = SimpleNamespace(**{**vars(eager._TENSOR_OPS), "sqrt": torch.sqrt})
+
+
+class _KeyedStream:
+    """A :class:`~lightning_precision.optim._stochastic_rounding.RoundingStream` whose key and base index are tensors
+    (inputs of the compiled kernel, not constants baked into it); for tensors whose local elements are one contiguous
+    range of the full tensor with fewer than 2**32 elements (the stream's other cases take the eager step)."""
+
+    def __init__(self, key: torch.Tensor, base: torch.Tensor) -> None:
+        self.key, self.base = key, base
+
+    def random_bits(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        index = torch.arange(start, stop, dtype=torch.int64, device=device).add_(self.base)
+        return _mix32_(index.bitwise_and_(_MASK32).bitwise_xor_(self.key)).bitwise_right_shift_(16)
+
+
+def _kernel(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    c: torch.Tensor,
+    neg_step_size: torch.Tensor,
+    bc2_sqrt: torch.Tensor,
+    hyper: eager.Hyper,
+    keys: tuple[torch.Tensor | None, torch.Tensor | None],
+    base: torch.Tensor | None,
+) -> None:
+    """One flat run of elements: the eager step's chunk update, as one chunk of one piece."""
+    n = p.shape[0]
+    chunk = eager._Chunk([(0, 0, n)], ops=_OPS)
+
+    def room(dtype: torch.dtype = F32) -> torch.Tensor:
+        return torch.empty(n, dtype=dtype, device=p.device)
+
+    work = (room(), room(), None if m.dtype == F32 else room(), None if v.dtype == F32 else room())
+    streams = [None if key is None else [_KeyedStream(key, base)] for key in keys]
+    scratch = room(torch.int32) if base is not None else None
+    eager.compensated_chunk_(
+        chunk, eager.Bucket([p], [g], [m], [v], [c]), work, ([neg_step_size], [bc2_sqrt]), hyper,
+        eager.StateRounding(*streams), scratch,
+    )  # fmt: skip
+
+
+@functools.cache
+def _compiled_kernel() -> Any:
+    # emulate_precision_casts keeps the bf16 rounding of each write (see the module docstring); scoped to this compile.
+    return torch.compile(_kernel, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
+
+
+def compiler_missing(device: torch.device) -> str | None:
+    """Why this process cannot compile the step for ``device``, or None if it can (checked without compiling)."""
+    if sys.platform == "win32":
+        return "torch.compile's C++ backend is not set up on Windows here"
+    if device.type == "cpu":
+        from torch._inductor import cpp_builder
+
+        compiler = cpp_builder.get_cpp_compiler()
+        if shutil.which(compiler) is None:
+            return f"no C++ compiler ({compiler!r}) on PATH for inductor's CPU backend"
+        return None
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+        return None
+    return f"torch.compile is not used for device type {device.type!r}"
+
+
+def _tensor_hyper(hyper: eager.Hyper, device: torch.device) -> eager.Hyper:
+    values = torch.tensor(hyper[:5], dtype=F32).to(device, non_blocking=True).unbind()
+    return eager.Hyper(*values, hyper.decays, hyper.maximize)
+
+
+def compiled_compensated_step(
+    bucket: eager.Bucket,
+    scalars: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
+    options: eager.StepOptions,
+    rounding: eager.StateRounding | None,
+    finite: torch.Tensor | None,
+    steps: Sequence[torch.Tensor],
+    calls: list[int] | None = None,
+) -> None:
+    """The compensated update of a bucket, as the eager :func:`compensated_step` computes it, with compiled kernels.
+
+    Args:
+        bucket: Flat local views of half-precision parameters, gradients, moments and compensations.
+        scalars: Per-tensor ``-lr / bc1`` and ``sqrt(bc2)``, 0-dim fp32 tensors on the tensors' device.
+        options: The group's hyperparameters; ``chunk_size`` bounds the packs of small tensors.
+        rounding: Streams of the moments written with stochastic rounding (their layouts must have a ``base`` and
+            fewer than 2**32 elements: :func:`can_compile` checks it).
+        finite: Per-tensor finite-gradient flags on an accelerator, or None.
+        steps: The tensors' step counts (after this step): tensors packed together share one.
+        calls: Appended to after each kernel call (how far the step got if a later call raises).
+    """
+    params = bucket.params
+    device = params[0].device
+    hyper = _tensor_hyper(eager.Hyper.of(options), device)
+    rounding = rounding or eager.StateRounding()
+    compiled = _compiled_kernel()
+    calls = [] if calls is None else calls
+
+    def kernel(*args: Any) -> None:
+        # Detached aliases: a parameter's requires_grad would otherwise be a guard, and a recompile, of its own.
+        compiled(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        calls.append(1)
+
+    small: list[int] = []
+    for i, p in enumerate(params):
+        if p.numel() < PACK_BELOW:
+            small.append(i)
+            continue
+        guard = None if finite is None else eager._Guard(eager._Chunk([(i, 0, p.numel())]), finite, _guarded(bucket))
+        keys, base = _stream_inputs(rounding, [i], device)
+        kernel(*(t[i] for t in bucket), scalars[0][i], scalars[1][i], hyper, keys, base)
+        if guard is not None:
+            guard.restore()
+    by_step: dict[float, list[int]] = {}
+    for i in small:
+        by_step.setdefault(float(steps[i]), []).append(i)
+    for same_step in by_step.values():
+        _step_packed(kernel, bucket, same_step, scalars, hyper, rounding, finite, options.chunk_size)
+
+
+def _guarded(bucket: eager.Bucket) -> tuple[Sequence[torch.Tensor], ...]:
+    return (bucket.params, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.comps)
+
+
+def _stream_inputs(rounding: eager.StateRounding, indices: list[int], device: torch.device) -> tuple[Any, Any]:
+    """The kernel's key tensors (per moment) and base index for the streams of one tensor (``indices`` of one)."""
+    if rounding.exp_avg is None and rounding.exp_avg_sq is None:
+        return (None, None), None
+    (i,) = indices
+    keys = tuple(
+        None if streams is None else torch.tensor(streams[i].key, dtype=torch.int64, device=device)
+        for streams in rounding
+    )
+    layout = next(s for s in rounding if s is not None)[i].layout
+    return keys, torch.tensor(layout.base, dtype=torch.int64, device=device)
+
+
+def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, chunk_size) -> None:
+    """Step small tensors that share a step count: gathered into flat buffers by chunks, one kernel call each."""
+    sub = eager.Bucket(*([t[i] for i in indices] for t in bucket))
+    numels = [p.numel() for p in sub.params]
+    stochastic = rounding.exp_avg is not None or rounding.exp_avg_sq is not None
+    for pieces in eager.plan_chunks(numels, max(chunk_size, _MIN_CALL_NUMEL)):
+        chunk = eager._Chunk(pieces)
+        if stochastic or sum(stop - start for _, start, stop in pieces) < _MIN_CALL_NUMEL:
+            # Per-tensor random streams cannot share one packed call; a 1-element call would compile a second
+            # kernel. Both are rare and small: the eager update of the same math.
+            _eager_chunk(chunk, sub, [scalars[0][i] for i in indices], [scalars[1][i] for i in indices],
+                         hyper, rounding, indices, finite)  # fmt: skip
+            continue
+        guard = None if finite is None else eager._Guard(chunk, finite[indices], _guarded(sub))
+        packed = [torch.cat(chunk.slices(t)) if not chunk.single else chunk.slices(t) for t in sub]
+        first = pieces[0][0]
+        kernel(*packed, scalars[0][indices[first]], scalars[1][indices[first]], hyper, (None, None), None)
+        if not chunk.single:
+            for t, flat in zip((sub.params, sub.exp_avgs, sub.exp_avg_sqs, sub.comps), packed[:1] + packed[2:]):
+                torch._foreach_copy_(chunk.slices(t), chunk.views(flat))
+        if guard is not None:
+            guard.restore()
+
+
+def _eager_chunk(chunk, sub, neg_step_size, bc2_sqrt, hyper, rounding, indices, finite) -> None:
+    size = sum(stop - start for _, start, stop in chunk.pieces)
+    device = sub.params[0].device
+    work = (
+        torch.empty(size, dtype=F32, device=device), torch.empty(size, dtype=F32, device=device),
+        None if sub.exp_avgs[0].dtype == F32 else torch.empty(size, dtype=F32, device=device),
+        None if sub.exp_avg_sqs[0].dtype == F32 else torch.empty(size, dtype=F32, device=device),
+    )  # fmt: skip
+    sub_rounding = eager.StateRounding(
+        *(None if streams is None else [streams[i] for i in indices] for streams in rounding)
+    )
+    scratch = torch.empty(size, dtype=torch.int32, device=device)
+    guard = None if finite is None else eager._Guard(chunk, finite[indices], _guarded(sub))
+    eager_hyper = eager.Hyper(*(float(h) for h in hyper[:5]), hyper.decays, hyper.maximize)
+    eager.compensated_chunk_(chunk, sub, work, (neg_step_size, bc2_sqrt), eager_hyper, sub_rounding, scratch)
+    if guard is not None:
+        guard.restore()
+
+
+def can_compile(rounding: eager.StateRounding | None) -> bool:
+    """Whether the compiled kernel can draw these streams' bits (contiguous-range layouts under 2**32 elements)."""
+    for streams in rounding or ():
+        if streams is not None and any(s.layout.base is None or s.layout.global_numel > _MASK32 for s in streams):
+            return False
+    return True
+
+
+# Devices whose compile failed in this process (the eager step runs for them from then on), with the reason.
+_failed: dict[str, str] = {}
+_compiled_once: set[tuple] = set()
+_logged: set[tuple[str, str]] = set()
+_log = logging.getLogger(__name__)
+
+
+def wanted(implementation: str, device: torch.device, stepped_numel: int, rounding: eager.StateRounding | None) -> bool:
+    """Whether a half-precision bucket takes the compiled step.
+
+    ``"compiled"`` always, ``"auto"`` for optimizers stepping at least ``AUTO_MIN_NUMEL`` elements; either only where
+    the step can compile. Where ``"compiled"`` was asked and cannot be had, a warning says why, once per cause; for
+    ``"auto"`` the log says it once.
+    """
+    if implementation not in ("auto", "compiled") or (implementation == "auto" and stepped_numel < AUTO_MIN_NUMEL):
+        return False
+    reason = _failed.get(device.type) or compiler_missing(device)
+    if reason is None and not can_compile(rounding):
+        reason = "the stochastic rounding of a tensor sharded off its first dimension, or of 2**32 elements or more"
+    if reason is None:
+        return True
+    _say_fallback(implementation, reason)
+    return False
+
+
+def _say_fallback(implementation: str, reason: str) -> None:
+    message = f"CompensatedAdamW: the eager step runs instead of the compiled one ({reason}); same result, slower."
+    if implementation == "compiled":
+        warn_once(f"compiled-step-fallback:{reason}", message)
+    elif (implementation, reason) not in _logged:
+        _logged.add((implementation, reason))
+        _log.info(message)
+
+
+def run(bucket, scalars, options, rounding, finite, steps) -> bool:
+    """Step a bucket with :func:`compiled_compensated_step`; False (nothing changed) if its compile failed.
+
+    A compile fails on a call before its kernel writes anything; a failure once a kernel has run (in this bucket
+    or before, for the same dtypes) is a real error and is raised: the eager step must not step a tensor twice.
+    """
+    signature = (bucket.params[0].device.type, bucket.params[0].dtype, bucket.exp_avgs[0].dtype,
+                 bucket.exp_avg_sqs[0].dtype, any(s is not None for s in rounding or ()))  # fmt: skip
+    calls: list[int] = []
+    try:
+        compiled_compensated_step(bucket, scalars, options, rounding, finite, steps, calls)
+    except Exception as error:
+        if signature in _compiled_once or calls:
+            raise
+        _failed[signature[0]] = f"torch.compile failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        _say_fallback("compiled", _failed[signature[0]])
+        return False
+    _compiled_once.add(signature)
+    return True
