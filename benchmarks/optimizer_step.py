@@ -249,7 +249,7 @@ def main() -> None:
         f"# Output of: {command}",
         f"# {datetime.date.today()}, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
         f"torch {torch.__version__}; 1-minute load average {_load()} at the start; shared machine",
-        "# time = median of {rounds} interleaved rounds; "
+        f"# time = median of {rounds} interleaved rounds; "
         "peak = steady + transient (transient: resident-set growth in the 2nd step, fresh subprocess per optimizer)",
         "",
     ]

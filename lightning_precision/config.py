@@ -188,9 +188,13 @@ def plan_trainer_cfg(
     preserve_keys = normalize_preserve_keys(options["preserve_keys"])
 
     entry = _instantiate if build else read_entry
-    plugins = [entry(p, f"trainer.plugins[{i}]", "plugins") for i, p in enumerate(_as_list(cfg.pop("plugins", None)))]
+    plugins = [
+        entry(p, f"trainer.plugins[{i}]", "plugins")
+        for i, p in enumerate(_as_list(cfg.pop("plugins", None), "trainer.plugins"))
+    ]
     callbacks = [
-        entry(c, f"trainer.callbacks[{i}]", "callbacks") for i, c in enumerate(_as_list(cfg.pop("callbacks", None)))
+        entry(c, f"trainer.callbacks[{i}]", "callbacks")
+        for i, c in enumerate(_as_list(cfg.pop("callbacks", None), "trainer.callbacks"))
     ]
     if "strategy" in cfg:
         cfg["strategy"] = _build_strategy(cfg["strategy"], build)
@@ -340,10 +344,15 @@ def _pop_options(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**_OPTIONS, **given}
 
 
-def _as_list(value: Any) -> list[Any]:
+def _as_list(value: Any, where: str) -> list[Any]:
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if item is None:  # Lightning would fail later, on None's missing hooks, far from the YAML line
+                raise PrecisionConfigError(
+                    f"{where}[{i}] is null: give a class_path/_target_ mapping or an object, or remove the entry."
+                )
         return list(value)
     return [value]  # a single plugin or callback, as Lightning also accepts
 

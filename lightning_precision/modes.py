@@ -113,7 +113,26 @@ MixedPrecisionInput: Any = Literal[tuple(n for n, m in MODES.items() if m.autoca
 
 def is_lightning_only(precision: object) -> bool:
     """Whether ``precision`` is a Lightning precision string this library leaves to Lightning unchanged."""
-    return isinstance(precision, str) and precision.strip().lower() in LIGHTNING_ONLY_PRECISIONS
+    return isinstance(precision, str) and precision in LIGHTNING_ONLY_PRECISIONS
+
+
+def _spelling(precision: object, what: str) -> str | None:
+    """The lookup key of a precision value: the string itself, or Lightning's legacy int as a string.
+
+    A string is taken only as written: Lightning and the plugins compare precision strings exactly, so a spelling
+    that this library would read (``"BF16-TRUE"``, ``"bf16-mixed "``) but they would refuse is an error here, naming
+    the exact spelling to use, instead of a verdict on one string and a run on another.
+    """
+    if isinstance(precision, bool) or not isinstance(precision, (str, int)):
+        return None
+    key = str(precision)
+    canonical = key.strip().lower()
+    if key != canonical and (canonical in VALID_PRECISIONS or canonical in LIGHTNING_ONLY_PRECISIONS):
+        raise PrecisionConfigError(
+            f"{what}={precision!r} is not spelled as Lightning and the plugins expect it; write {canonical!r} "
+            "(precision strings are lowercase, without spaces)."
+        )
+    return key
 
 
 def get_mode(precision: str | int, *, what: str = "precision") -> PrecisionMode:
@@ -127,9 +146,10 @@ def get_mode(precision: str | int, *, what: str = "precision") -> PrecisionMode:
         The mode. Deprecated NeMo spellings emit a ``FutureWarning`` (once, on rank zero) and return the flash mode.
 
     Raises:
-        PrecisionConfigError: If the string is unknown; the message lists the valid choices.
+        PrecisionConfigError: If the string is unknown (the message lists the valid choices), or a known one written
+            in another case or with spaces (the message names the spelling to use).
     """
-    key = str(precision).strip().lower() if isinstance(precision, (str, int)) else None
+    key = _spelling(precision, what)
     if key in _DEPRECATED:
         warn_once(
             f"deprecated:{key}",
@@ -149,6 +169,6 @@ def get_mode(precision: str | int, *, what: str = "precision") -> PrecisionMode:
 def known_mode(precision: object) -> PrecisionMode | None:
     """The mode of a precision string this library models, ``None`` for anything else (e.g. ``transformer-engine``)."""
     try:
-        return get_mode(precision) if isinstance(precision, (str, int)) else None
+        return get_mode(precision) if isinstance(precision, (str, int)) and not isinstance(precision, bool) else None
     except PrecisionConfigError:
         return None

@@ -353,7 +353,9 @@ def test_plan_without_building_reads_entries_as_class_specs(tmp_path):
         ("2.6.1", "fsdp", "bf16-true", False),  # no fp32 storage promised
     ],
 )
-def test_lightning_fsdp_mixed_init_fault_is_warned_naming_the_version(monkeypatch, version, strategy, precision, warned):
+def test_lightning_fsdp_mixed_init_fault_is_warned_naming_the_version(
+    monkeypatch, version, strategy, precision, warned
+):
     import warnings
 
     from packaging.version import Version
@@ -364,7 +366,31 @@ def test_lightning_fsdp_mixed_init_fault_is_warned_naming_the_version(monkeypatc
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         kwargs = resolve_trainer_cfg({"strategy": strategy, "precision": precision})
-    faults = [str(w.message) for w in caught if issubclass(w.category, PrecisionWarning) and "known fault" in str(w.message)]
+    faults = [
+        str(w.message) for w in caught if issubclass(w.category, PrecisionWarning) and "known fault" in str(w.message)
+    ]
     assert bool(faults) is warned and bool(kwargs.upstream_faults) is warned
     if warned:
         assert f"lightning {version}" in faults[0] and "lightning>=2.6.2" in faults[0]
+
+
+@pytest.mark.parametrize("key", ["callbacks", "plugins"])
+def test_a_null_callback_or_plugin_entry_is_refused_naming_it(key):
+    with pytest.raises(PrecisionConfigError, match=rf"trainer\.{key}\[0\] is null"):
+        resolve_trainer_cfg({"precision": "bf16-mixed", key: [None]})
+
+
+@pytest.mark.parametrize(
+    ("init_args", "fragment"),
+    [
+        ({"lr": -1}, "Invalid lr: -1"),
+        ({"exp_avg_dtype": "float64"}, "Invalid exp_avg_dtype: 'float64'"),
+        ({"lrr": 1e-3}, "no option 'lrr'"),
+        ({"exp_avg_sq_rounding": "stochastic"}, "exp_avg_sq_dtype is 'float32'"),
+        ({"maximize": "false"}, "maximize"),
+    ],
+)
+def test_invalid_compensated_adamw_options_in_a_config_are_refused_before_anything_runs(init_args, fragment):
+    optimizer = {"class_path": "lightning_precision.optim.CompensatedAdamW", "init_args": init_args}
+    with pytest.raises(PrecisionConfigError, match=fragment):
+        resolve_trainer_cfg({"precision": "bf16-true"}, optimizer=optimizer)

@@ -46,6 +46,16 @@ def test_unknown_precision_names_value_and_choices(bad):
     assert repr(bad) in str(err.value) and "bf16-mixed" in str(err.value) and "bf16-flash" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("spelling", "canonical"),
+    [("BF16-TRUE", "bf16-true"), ("bf16-mixed ", "bf16-mixed"), ("BF16-MIXED", "bf16-mixed"), (" 32", "32")],
+)
+def test_a_known_precision_in_another_case_or_with_spaces_is_refused_naming_the_spelling(spelling, canonical):
+    # Lightning and the plugins compare precision strings exactly: reading one spelling and running another is refused.
+    with pytest.raises(PrecisionConfigError, match=f"{spelling!r}.*write {canonical!r}"):
+        get_mode(spelling, what="trainer.precision")
+
+
 @pytest.mark.parametrize("name", sorted(MODES))
 def test_half_modes_compute_in_half_and_true_modes_store_in_half(name):
     mode = MODES[name]

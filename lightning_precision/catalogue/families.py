@@ -213,6 +213,12 @@ def _declared_master(spec: _Spec) -> OptimizerInfo:
 
 
 def _declared_compensated(spec: _Spec) -> OptimizerInfo:
+    check = getattr(spec.cls, "check_options", None)
+    if spec.instance is None and callable(check):
+        try:  # a config's options, with the optimizer's own rules: refused here, not at fit start
+            check(spec.settings)
+        except PrecisionConfigError as error:
+            raise PrecisionConfigError(f"optimizer {spec.name}: {error}") from None
     sq = spec.settings.get("exp_avg_sq_dtype")
     # An optimizer may state its step's temporaries (CompensatedAdamW: the bound of its chunked step).
     declared = getattr(spec.instance, "step_temporaries", None) or getattr(spec.cls, "step_temporaries", None)

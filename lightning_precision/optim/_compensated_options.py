@@ -113,3 +113,31 @@ def _normalise_group_options(group: dict[str, Any], where: str = "") -> None:
         _check_implementation(group["implementation"])
     if "chunk_size" in group:
         _check_chunk_size(group["chunk_size"])
+
+
+
+def check_options(settings: dict[str, Any]) -> None:
+    """Check a config's ``CompensatedAdamW`` init args with the constructor's rules, without building it.
+
+    ``explain`` and ``resolve_trainer_cfg`` ask this (through the optimizer catalogue), so an option the optimizer
+    would refuse (``lr: -1``, ``exp_avg_dtype: float64``, a misspelt keyword) is an error where the config is read,
+    not a "safe" verdict followed by a failure at fit start.
+
+    Raises:
+        PrecisionConfigError: Naming the option, its value and the valid choices.
+    """
+    import inspect
+
+    from lightning_precision.optim.compensated_adamw import CompensatedAdamW  # the constructor is the one source
+
+    parameters = dict(inspect.signature(CompensatedAdamW.__init__).parameters)
+    options = [name for name in parameters if name not in ("self", "params")]
+    unknown = sorted(k for k in settings if k not in options and k != "params")
+    if unknown:
+        raise PrecisionConfigError(
+            f"CompensatedAdamW has no option {', '.join(map(repr, unknown))}; valid options: {options}"
+        )
+    group = {name: parameters[name].default for name in options}
+    group.update((k, v) for k, v in settings.items() if k != "params")
+    _normalise_group_options(group)
+    check_rounding_dtypes(group)

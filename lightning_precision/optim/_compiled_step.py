@@ -39,7 +39,7 @@ F32 = torch.float32
 # compile (seconds) costs more than the steps save.
 AUTO_MIN_NUMEL = 2**20
 # Tensors below this many elements are packed with others into one call; larger ones are a call each.
-PACK_BELOW = 2**16
+PACK_BELOW = 2**14
 # Each call's kernel must see at least 2 elements: inductor specialises sizes 0 and 1, which would compile again.
 _MIN_CALL_NUMEL = 2
 # Bytes per element of the flat buffers a pack gathers its operands into (p, g, m, v, c at their widest).

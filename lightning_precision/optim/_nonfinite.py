@@ -54,7 +54,15 @@ def finite_flags(grads: list[torch.Tensor], found_inf: torch.Tensor | None = Non
     local = [_local(g) for g in grads]
     device = local[0].device
     nonempty = [i for i, g in enumerate(local) if g.numel() > 0]  # the inf-norm of no elements is undefined
-    if len(nonempty) == len(local):
+    if device.type == "cpu" and nonempty:
+        # torch's CPU inf-norm of bf16 is ~15x slower than its 2-norm (it was 40% of a compiled step). A 2-norm is
+        # non-finite if any element is, or if its squares overflow fp32: only those tensors get the exact inf-norm
+        # (the host read of the flags is free on CPU).
+        norms = torch.zeros(len(local), dtype=torch.float32)
+        norms[nonempty] = torch.stack(torch._foreach_norm([local[i] for i in nonempty], 2)).to(torch.float32)
+        for i in torch.nonzero(~torch.isfinite(norms)).flatten().tolist():
+            norms[i] = torch.linalg.vector_norm(local[i], float("inf")).to(torch.float32)
+    elif len(nonempty) == len(local):
         norms = torch.stack(torch._foreach_norm(local, float("inf"))).to(torch.float32)
     else:
         norms = torch.zeros(len(local), dtype=torch.float32, device=device)

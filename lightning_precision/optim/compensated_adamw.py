@@ -23,6 +23,7 @@ from lightning_precision.optim._compensated_options import (
     _STATE_DTYPES,
     _normalise_group_options,
     _state_dtype_name,
+    check_options,
     check_rounding_dtypes,
 )
 from lightning_precision.optim._reference_step import state_rounding, step_reference_bucket, step_scalars
@@ -147,6 +148,7 @@ class CompensatedAdamW(Optimizer):
 
     keeps_master_weights: bool = False
     compensated_update: bool = True
+    check_options = staticmethod(check_options)  # a config's init args, checked by the catalogue before building
 
     @staticmethod
     def step_temporaries(settings: dict[str, Any]) -> tuple[float, float]:

@@ -2,6 +2,7 @@ import copy
 import math
 import re
 import socket
+import warnings
 
 import pytest
 import torch
@@ -281,7 +282,7 @@ def test_maximize_string_false_does_not_ascend():
         CompensatedAdamW([torch.zeros(2, requires_grad=True)], maximize="false")
 
 
-@pytest.mark.parametrize("implementation", ["chunked", "reference"])
+@pytest.mark.parametrize("implementation", ["chunked", "reference", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_nonfinite_gradient_leaves_tensor_state_unchanged(implementation, dtype):
     bad, good = torch.randn(5).to(dtype).requires_grad_(), torch.randn(4).to(dtype).requires_grad_()
@@ -298,6 +299,17 @@ def test_nonfinite_gradient_leaves_tensor_state_unchanged(implementation, dtype)
     for key, value in before.items():
         assert torch.equal(opt.state[bad][key], value), key
     assert not torch.equal(good.detach(), good_before)
+
+
+def test_huge_finite_gradient_is_stepped_not_skipped():
+    # The sum of its squares overflows fp32 (the CPU check's fast 2-norm is inf), but every element is finite.
+    p = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
+    opt = CompensatedAdamW([p], lr=1e-2)
+    p.grad = torch.full((4,), 1e19, dtype=torch.bfloat16)  # each square 1e38 is finite; their sum is not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)
+        opt.step()
+    assert torch.all(p.detach() < 0)
 
 
 def test_nonfinite_gradient_still_advances_step_count():
