@@ -31,10 +31,16 @@ def normalize_preserve_keys(preserve_keys: PreserveKey | Iterable[PreserveKey] |
             end).
 
     Raises:
-        TypeError: If a key is neither a string nor an int.
+        TypeError: If a key is neither a string nor an int, or the keys are bytes or a mapping.
+        ValueError: If a key is the empty string (it would match every key).
     """
     if preserve_keys is None:
         return ()
+    if isinstance(preserve_keys, (bytes, bytearray, memoryview, dict)):
+        # Iterating these would yield byte values or dict keys: a silent, wrong set of keys.
+        raise TypeError(f"preserve_keys must be a string, an int or a list of them, got {preserve_keys!r}.")
+    if preserve_keys == "":
+        raise ValueError("preserve_keys='' would match every key and keep every tensor's dtype; give a key pattern.")
     if isinstance(preserve_keys, (str, int)) and not isinstance(preserve_keys, bool):
         return (preserve_keys,)
     keys = tuple(preserve_keys)
@@ -43,6 +49,10 @@ def normalize_preserve_keys(preserve_keys: PreserveKey | Iterable[PreserveKey] |
         raise TypeError(
             f"preserve_keys must be strings (key patterns) or ints (positions in a tuple batch), got {bad!r} in "
             f"{keys!r}."
+        )
+    if "" in keys:
+        raise ValueError(
+            f"preserve_keys contains '' in {keys!r}: it would match every key and keep every tensor's dtype."
         )
     return keys
 

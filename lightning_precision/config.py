@@ -177,6 +177,8 @@ def plan_trainer_cfg(
     callbacks and the strategy are :class:`~lightning_precision.config_classes.ClassSpec` objects (the class and its
     arguments), the plan is read from those, and the kwargs are a description, not ``pl.Trainer`` arguments."""
     cfg = _to_plain(trainer_cfg, what="trainer")
+    raw_options = cfg.get(OPTIONS_KEY)
+    preserve_given = isinstance(raw_options, Mapping) and "preserve_keys" in raw_options
     options = _pop_options(cfg)
     policy_where = "resolve_trainer_cfg(on_unsafe=...)" if on_unsafe is not None else f"trainer.{OPTIONS_KEY}.on_unsafe"
     config_policy = optional_on_unsafe(
@@ -213,6 +215,13 @@ def plan_trainer_cfg(
             plugin_cls(mode.name, **plugin_args)
             if build
             else ClassSpec(plugin_cls, {"precision": mode.name, **plugin_args}, "trainer.precision")
+        )
+    elif preserve_given and mode is not None and mode.family in _PLUGIN_FOR_FAMILY:
+        # A casting plugin object was given, so the option would be ignored and the kept keys cast.
+        raise PrecisionConfigError(
+            f"trainer.{OPTIONS_KEY}.preserve_keys={options['preserve_keys']!r} is only used by the precision plugin "
+            f"built from trainer.precision, and a {mode.name} precision plugin was given instead: pass "
+            "preserve_keys to your precision plugin instead, or set trainer.precision and drop the plugin."
         )
     if not _has_checkpoint_io(plugins, strategy):  # a user's own checkpoint IO (plugin or strategy's) is kept
         plugins.append(AtomicCheckpointIO() if build else ClassSpec(AtomicCheckpointIO, {}, "checkpoint_io"))

@@ -198,3 +198,9 @@ def test_boolean_settings_written_as_strings_are_read_not_truth_tested(spec, kin
 def test_boolean_setting_that_is_not_a_boolean_is_refused():
     with pytest.raises(PrecisionConfigError, match="kahan_sum: 'sometimes'"):
         classify_optimizer({"_target_": "optimi.AdamW", "kahan_sum": "sometimes"})
+
+
+@pytest.mark.parametrize("path", ["os.system", "builtins.print", "torch.optim"])
+def test_non_class_optimizer_path_is_refused_naming_it(path):
+    with pytest.raises(PrecisionConfigError, match=f"{path!r}.*not an optimizer class"):
+        classify_optimizer(path)

@@ -394,3 +394,19 @@ def test_invalid_compensated_adamw_options_in_a_config_are_refused_before_anythi
     optimizer = {"class_path": "lightning_precision.optim.CompensatedAdamW", "init_args": init_args}
     with pytest.raises(PrecisionConfigError, match=fragment):
         resolve_trainer_cfg({"precision": "bf16-true"}, optimizer=optimizer)
+
+
+@pytest.mark.parametrize(
+    ("keys", "error"),
+    [(b"audio", TypeError), ("", ValueError), (["mel", ""], ValueError), ([["mel"]], TypeError), ({"a": 1}, TypeError)],
+)
+def test_bad_preserve_keys_option_is_refused_naming_the_value(keys, error):
+    cfg = {"precision": "bf16-true", "lightning_precision": {"preserve_keys": keys}}
+    with pytest.raises(error, match="preserve_keys"):
+        resolve_trainer_cfg(cfg)
+
+
+def test_preserve_keys_option_ignored_by_a_given_plugin_is_refused():
+    cfg = {"plugins": [HalfPrecision("bf16-true")], "lightning_precision": {"preserve_keys": ["mel"]}}
+    with pytest.raises(PrecisionConfigError, match=r"preserve_keys=\['mel'\].*pass preserve_keys to your precision"):
+        resolve_trainer_cfg(cfg)

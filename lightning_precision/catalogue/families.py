@@ -138,7 +138,8 @@ def _locate(path: str) -> type | None:
 
     Raises:
         PrecisionConfigError: If the package is installed but the path does not name an object in it (a typo such
-            as ``"torch.optim.AdamWW"``): judging a name that does not exist would invent what it does.
+            as ``"torch.optim.AdamWW"``): judging a name that does not exist would invent what it does; or if it
+            names something that is not a class (``"os.system"``, the ``"torch.optim"`` module).
     """
     top = str(path).split(".", 1)[0]
     try:
@@ -156,7 +157,13 @@ def _locate(path: str) -> type | None:
             f"optimizer {path!r}: importing it raised {type(err).__name__}: {err}; it is judged by its path alone."
         )
         return None
-    return obj if isinstance(obj, type) else None
+    if not isinstance(obj, type):
+        # A function, builtin or module is not an optimizer: calling it "unknown" would pass it on to be run.
+        raise PrecisionConfigError(
+            f"optimizer {path!r} names {type(obj).__name__} {obj!r}, not an optimizer class: give a "
+            "torch.optim.Optimizer subclass such as 'torch.optim.AdamW'."
+        )
+    return obj
 
 
 def _signature_defaults(cls: type) -> dict[str, Any]:
