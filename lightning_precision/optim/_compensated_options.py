@@ -115,7 +115,6 @@ def _normalise_group_options(group: dict[str, Any], where: str = "") -> None:
         _check_chunk_size(group["chunk_size"])
 
 
-
 def check_options(settings: dict[str, Any]) -> None:
     """Check a config's ``CompensatedAdamW`` init args with the constructor's rules, without building it.
 

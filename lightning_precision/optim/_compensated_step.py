@@ -78,7 +78,11 @@ class _Chunk:
         if self.single:
             i, start, stop = self.pieces[0]
             return tensors[i][start:stop]
-        return [tensors[i][start:stop] for i, start, stop in self.pieces]
+        # A whole tensor is taken as it is: a slice would be one more view per tensor and step.
+        return [
+            t if stop - start == t.shape[0] else t[start:stop]
+            for t, (_, start, stop) in zip((tensors[i] for i, _, _ in self.pieces), self.pieces)
+        ]
 
     def views(self, buffer: torch.Tensor) -> Any:
         """Consecutive views of ``buffer`` shaped like the slices of the chunk."""

@@ -16,8 +16,11 @@ from lightning_precision.optim import _chunk_plan, _compensated_step, _nonfinite
 from lightning_precision.optim._stochastic_rounding import element_layout, round_into_, stream_for
 
 
-def step_scalars(group: dict[str, Any], steps: list[torch.Tensor], device: torch.device) -> tuple[Any, Any]:
-    """Advance ``steps``; return per-tensor ``-lr / bc1`` and ``sqrt(bc2)`` as 0-dim fp32 tensors on ``device``.
+def step_scalars(
+    group: dict[str, Any], steps: list[torch.Tensor], device: torch.device, *, unbind: bool = True
+) -> tuple[Any, Any]:
+    """Advance ``steps``; return per-tensor ``-lr / bc1`` and ``sqrt(bc2)`` as 0-dim fp32 tensors on ``device``
+    (``unbind=False``: as two 1-D tensors, one element per tensor; unbinding thousands of tensors is slow).
 
     Tensor arithmetic instead of ``.item()`` keeps the step free of host reads.
     """
@@ -29,6 +32,8 @@ def step_scalars(group: dict[str, Any], steps: list[torch.Tensor], device: torch
     if device.type != "cpu":
         both = torch.stack([neg_step_size, bc2_sqrt]).to(device, non_blocking=True)
         neg_step_size, bc2_sqrt = both[0], both[1]
+    if not unbind:
+        return neg_step_size, bc2_sqrt
     return neg_step_size.unbind(), bc2_sqrt.unbind()
 
 

@@ -357,13 +357,15 @@ class CompensatedAdamW(Optimizer):
 
     def _step_chunked(self, group, device, half, bucket, owners, stepped_numel, finite) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps, comps = bucket
-        neg_step_size, bc2_sqrt = step_scalars(group, steps, device)
+        neg_step_size, bc2_sqrt = step_scalars(group, steps, device, unbind=False)
         rounding = self._state_rounding(group, owners, steps) if half else None
         compiled = half and _compiled_step.wanted(group["implementation"], device, stepped_numel, rounding)
         if device.type == "cpu" and not compiled:
             # Python floats take torch's scalar fast path, with the same fp32 result as the 0-dim tensors. On
             # other devices the device tensors stay: a host scalar divisor becomes a reciprocal multiply there.
-            neg_step_size, bc2_sqrt = [t.item() for t in neg_step_size], [t.item() for t in bc2_sqrt]
+            neg_step_size, bc2_sqrt = neg_step_size.tolist(), bc2_sqrt.tolist()
+        elif not compiled:
+            neg_step_size, bc2_sqrt = neg_step_size.unbind(), bc2_sqrt.unbind()
         chunk_size = group["chunk_size"]
         if chunk_size is None:
             temp_bytes = _chunk_plan.temp_bytes_per_element(
