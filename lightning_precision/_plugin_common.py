@@ -15,6 +15,7 @@ from typing import Any, get_args
 import torch
 from torch.distributed.tensor import DTensor
 from torch.nn import Module
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -22,7 +23,6 @@ from lightning_precision._logging import info_rank_zero
 from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, PreserveKey, cast_batch, normalize_preserve_keys
 from lightning_precision.dtypes import HALF_DTYPES, dtype_name
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.grad_accumulation import Fp32GradAccumulator, parse_accumulate_grad_dtype
 from lightning_precision.fp32_modules import (
     Fp32ModuleSelector,
     add_fp32_boundaries,
@@ -30,6 +30,7 @@ from lightning_precision.fp32_modules import (
     normalize_fp32_modules,
     select_fp32_modules,
 )
+from lightning_precision.grad_accumulation import Fp32GradAccumulator, parse_accumulate_grad_dtype
 from lightning_precision.modes import (
     FlashPrecisionInput,
     MixedPrecisionInput,
@@ -151,10 +152,12 @@ class HalfInputsMixin(PairingCheckMixin):
         peft: bool,
         fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
         accumulate_grad_dtype: str | torch.dtype | None = None,
+        keep_batchnorm_fp32: bool = True,
     ) -> None:
         name = type(self).__name__
         self.preserve_keys = normalize_preserve_keys(preserve_keys)
         self.fp32_modules = normalize_fp32_modules(fp32_modules, what=f"{name}(fp32_modules=...)")
+        self.keep_batchnorm_fp32 = parse_bool(keep_batchnorm_fp32, what=f"{name}(keep_batchnorm_fp32=...)")
         self.fp32_module_names: tuple[str, ...] = ()  # what convert_module kept in fp32, for the contract
         self.accumulate_grad_dtype = parse_accumulate_grad_dtype(
             accumulate_grad_dtype, what=f"{name}(accumulate_grad_dtype=...)"
@@ -163,7 +166,12 @@ class HalfInputsMixin(PairingCheckMixin):
         self._init_pairing_check(on_unsafe, peft)
 
     def _convert_keeping_fp32(self, module: Module, cast: Callable[[Module], Any]) -> Module:
-        kept = select_fp32_modules(module, self.fp32_modules)
+        selectors = self.fp32_modules
+        if self.keep_batchnorm_fp32 and any(isinstance(m, _BatchNorm) for m in module.modules()):
+            # Running mean/var accumulated in half precision drift from the fp32 statistics (apex O2's
+            # keep_batchnorm_fp32): BatchNorm layers, SyncBatchNorm included, stay fp32 and are listed in the contract.
+            selectors = (*selectors, _BatchNorm)
+        kept = select_fp32_modules(module, selectors)
         cast_keeping_fp32(module, kept, cast)
         add_fp32_boundaries(kept, self._desired_input_dtype)
         self.fp32_module_names = tuple(name for name, _ in kept)
@@ -190,10 +198,13 @@ class TrueHalfMixin(HalfInputsMixin):
         peft: bool = False,
         fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
         accumulate_grad_dtype: str | torch.dtype | None = None,
+        keep_batchnorm_fp32: bool = True,
     ) -> None:
         # Lightning's canonical "bf16-true" / "16-true", for its HalfPrecision (Trainer or Fabric) next in the MRO.
         super().__init__(true_mode(precision, type(self).__name__).name)  # type: ignore[call-arg]
-        self._init_checks(preserve_keys, on_unsafe, peft, fp32_modules, accumulate_grad_dtype=accumulate_grad_dtype)
+        self._init_checks(
+            preserve_keys, on_unsafe, peft, fp32_modules, accumulate_grad_dtype, keep_batchnorm_fp32=keep_batchnorm_fp32
+        )
 
     @override
     def convert_module(self, module: Module) -> Module:
@@ -216,13 +227,16 @@ class FlashMixin(HalfInputsMixin):
         cast_model_kwargs: dict | None = None,
         fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
         accumulate_grad_dtype: str | torch.dtype | None = None,
+        keep_batchnorm_fp32: bool = True,
     ) -> None:
         mode = flash_mode(precision, type(self).__name__)
         require_unaffected(FLASHOPTIM_DCP_CORRUPTION)  # its checkpoints would be corrupt: refuse before training
         self.precision = mode.name
         self._desired_input_dtype = mode.compute_dtype
         self.cast_model_kwargs = dict(cast_model_kwargs or {})
-        self._init_checks(preserve_keys, on_unsafe, peft, fp32_modules, accumulate_grad_dtype=accumulate_grad_dtype)
+        self._init_checks(
+            preserve_keys, on_unsafe, peft, fp32_modules, accumulate_grad_dtype, keep_batchnorm_fp32=keep_batchnorm_fp32
+        )
 
     @override
     def convert_module(self, module: Module) -> Module:

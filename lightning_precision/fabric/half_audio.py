@@ -29,6 +29,9 @@ class HalfPrecisionForAudio(TrueHalfMixin, _FabricHalfInputs, HalfPrecision):
             over, rounded once, in ``fabric.clip_gradients`` and the optimizer step; call
             :meth:`hand_over_gradients` to read ``param.grad`` before then. ``None`` (default): autograd sums in the
             half dtype. See :mod:`lightning_precision.grad_accumulation`.
+        keep_batchnorm_fp32: Keep every ``_BatchNorm`` module (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) in fp32,
+            as apex O2 did (default True): half-precision running statistics drift from the fp32 ones. The kept
+            layers are listed in the contract's fp32 modules. ``False`` casts them with the rest.
 
     Raises:
         PrecisionConfigError: If ``precision`` is not a true half-precision string, ``on_unsafe`` is not a policy, or

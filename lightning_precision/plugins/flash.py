@@ -32,6 +32,9 @@ class FlashPrecision(FlashMixin, _CheckedHalfInputs):
             fp32 buffers (4 B per half parameter while a step accumulates) and hands the sum to clipping and the
             optimizer, rounded once; ``None`` (default): autograd sums them in the half dtype, as Lightning does.
             Applies under automatic optimization only. See :mod:`lightning_precision.grad_accumulation`.
+        keep_batchnorm_fp32: Keep every ``_BatchNorm`` module (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) in fp32,
+            as apex O2 did (default True): half-precision running statistics drift from the fp32 ones. The kept
+            layers are listed in the contract's fp32 modules. ``False`` casts them with the rest.
 
     Raises:
         PrecisionConfigError: If ``precision`` is not a flash precision string, or ``accumulate_grad_dtype`` is
