@@ -272,7 +272,9 @@ def report_storage_change(before: torch.dtype, after: torch.dtype, *, what: str)
             f"of the trained values. Resume with {dtype_name(before)} storage to keep them exact.",
         )
     else:
-        info_once(cause, f"{head}: upcast exactly, nothing lost.")
+        # Only what this line knows: the stored values. Bits an optimizer keeps beside them (CompensatedAdamW's
+        # compensation) are folded, or reported lost, by that optimizer's own state loading.
+        info_once(cause, f"{head}: the stored parameter values were upcast exactly.")
 
 
 def read_precision_contract(

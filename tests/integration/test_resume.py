@@ -128,7 +128,7 @@ class _WeightsAtTrainStart(pl.Callback):
 @pytest.mark.parametrize("resume_precision", ["bf16-mixed", "32-true"])
 def test_compensated_bf16_run_resumed_with_fp32_storage_trains_from_p_plus_c_exactly(tmp_path, resume_precision):
     """Widening a CompensatedAdamW run: the fp32 parameters are p + compensation, bitwise (no KeyError, nothing
-    dropped), so the "upcast exactly, nothing lost" line is true."""
+    dropped): the widening loses nothing."""
     pl.seed_everything(0, verbose=False)
     module = RecordingModule(_compensated)
     first = pl.Trainer(
