@@ -21,7 +21,6 @@ cache (on by default) makes the compile of a later run cheaper.
 from __future__ import annotations
 
 import functools
-import logging
 import shutil
 import sys
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lightning_precision._logging import warn_once
+from lightning_precision._logging import info_once, warn_once
 from lightning_precision.optim import _compensated_step as eager
 from lightning_precision.optim._stochastic_rounding import _MASK32, _mix32_
 
@@ -169,7 +168,7 @@ def compiled_compensated_step(
     for i in small:
         by_step.setdefault(float(steps[i]), []).append(i)
     for same_step in by_step.values():
-        _step_packed(kernel, bucket, same_step, scalars, hyper, rounding, finite, options.chunk_size)
+        _step_packed(kernel, bucket, same_step, scalars, hyper, rounding, finite, options)
 
 
 def _guarded(bucket: eager.Bucket) -> tuple[Sequence[torch.Tensor], ...]:
@@ -189,47 +188,33 @@ def _stream_inputs(rounding: eager.StateRounding, indices: list[int], device: to
     return keys, torch.tensor(layout.base, dtype=torch.int64, device=device)
 
 
-def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, chunk_size) -> None:
+def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, options) -> None:
     """Step small tensors that share a step count: gathered into flat buffers by chunks, one kernel call each."""
     sub = eager.Bucket(*([t[i] for i in indices] for t in bucket))
-    numels = [p.numel() for p in sub.params]
-    stochastic = rounding.exp_avg is not None or rounding.exp_avg_sq is not None
-    for pieces in eager.plan_chunks(numels, max(chunk_size, _MIN_CALL_NUMEL)):
+    sub_scalars = ([scalars[0][i] for i in indices], [scalars[1][i] for i in indices])
+    sub_finite = None if finite is None else finite[indices]
+    if rounding.exp_avg is not None or rounding.exp_avg_sq is not None:
+        # Per-tensor random streams cannot share one packed call: the eager step of the same math, for these only.
+        sub_rounding = eager.StateRounding(*(None if s is None else [s[i] for i in indices] for s in rounding))
+        eager.compensated_step(sub, sub_scalars, options, sub_rounding, sub_finite)
+        return
+    for pieces in eager.plan_chunks([p.numel() for p in sub.params], max(options.chunk_size, _MIN_CALL_NUMEL)):
         chunk = eager._Chunk(pieces)
-        if stochastic or sum(stop - start for _, start, stop in pieces) < _MIN_CALL_NUMEL:
-            # Per-tensor random streams cannot share one packed call; a 1-element call would compile a second
-            # kernel. Both are rare and small: the eager update of the same math.
-            _eager_chunk(chunk, sub, [scalars[0][i] for i in indices], [scalars[1][i] for i in indices],
-                         hyper, rounding, indices, finite)  # fmt: skip
-            continue
-        guard = None if finite is None else eager._Guard(chunk, finite[indices], _guarded(sub))
-        packed = [torch.cat(chunk.slices(t)) if not chunk.single else chunk.slices(t) for t in sub]
         first = pieces[0][0]
-        kernel(*packed, scalars[0][indices[first]], scalars[1][indices[first]], hyper, (None, None), None)
+        if sum(stop - start for _, start, stop in pieces) < _MIN_CALL_NUMEL:
+            # One element (a chunk of one piece): a call would compile a second kernel; the eager step instead.
+            one = eager.Bucket(*([chunk.slices(t)] for t in sub))
+            finite_one = None if sub_finite is None else sub_finite[first : first + 1]
+            eager.compensated_step(one, ([sub_scalars[0][first]], [sub_scalars[1][first]]), options, None, finite_one)
+            continue
+        guard = None if finite is None else eager._Guard(chunk, sub_finite, _guarded(sub))
+        packed = [torch.cat(chunk.slices(t)) if not chunk.single else chunk.slices(t) for t in sub]
+        kernel(*packed, sub_scalars[0][first], sub_scalars[1][first], hyper, (None, None), None)
         if not chunk.single:
             for t, flat in zip((sub.params, sub.exp_avgs, sub.exp_avg_sqs, sub.comps), packed[:1] + packed[2:]):
                 torch._foreach_copy_(chunk.slices(t), chunk.views(flat))
         if guard is not None:
             guard.restore()
-
-
-def _eager_chunk(chunk, sub, neg_step_size, bc2_sqrt, hyper, rounding, indices, finite) -> None:
-    size = sum(stop - start for _, start, stop in chunk.pieces)
-    device = sub.params[0].device
-    work = (
-        torch.empty(size, dtype=F32, device=device), torch.empty(size, dtype=F32, device=device),
-        None if sub.exp_avgs[0].dtype == F32 else torch.empty(size, dtype=F32, device=device),
-        None if sub.exp_avg_sqs[0].dtype == F32 else torch.empty(size, dtype=F32, device=device),
-    )  # fmt: skip
-    sub_rounding = eager.StateRounding(
-        *(None if streams is None else [streams[i] for i in indices] for streams in rounding)
-    )
-    scratch = torch.empty(size, dtype=torch.int32, device=device)
-    guard = None if finite is None else eager._Guard(chunk, finite[indices], _guarded(sub))
-    eager_hyper = eager.Hyper(*(float(h) for h in hyper[:5]), hyper.decays, hyper.maximize)
-    eager.compensated_chunk_(chunk, sub, work, (neg_step_size, bc2_sqrt), eager_hyper, sub_rounding, scratch)
-    if guard is not None:
-        guard.restore()
 
 
 def can_compile(rounding: eager.StateRounding | None) -> bool:
@@ -243,8 +228,6 @@ def can_compile(rounding: eager.StateRounding | None) -> bool:
 # Devices whose compile failed in this process (the eager step runs for them from then on), with the reason.
 _failed: dict[str, str] = {}
 _compiled_once: set[tuple] = set()
-_logged: set[tuple[str, str]] = set()
-_log = logging.getLogger(__name__)
 
 
 def wanted(implementation: str, device: torch.device, stepped_numel: int, rounding: eager.StateRounding | None) -> bool:
@@ -269,9 +252,8 @@ def _say_fallback(implementation: str, reason: str) -> None:
     message = f"CompensatedAdamW: the eager step runs instead of the compiled one ({reason}); same result, slower."
     if implementation == "compiled":
         warn_once(f"compiled-step-fallback:{reason}", message)
-    elif (implementation, reason) not in _logged:
-        _logged.add((implementation, reason))
-        _log.info(message)
+    else:
+        info_once(f"compiled-step-fallback:{reason}", message)
 
 
 def run(bucket, scalars, options, rounding, finite, steps) -> bool:
