@@ -39,6 +39,7 @@ from lightning_precision.config_classes import (
     check_nested_targets,
     check_optimizer_target,
     class_of,
+    construct,
     is_a,
     option_of,
     read_entry,
@@ -374,13 +375,14 @@ def _instantiate(entry: Any, where: str, kind: str) -> Any:
     """
     if not isinstance(entry, Mapping):
         return entry
+    spec = read_entry(entry, where, kind)  # checks the class and its arguments
     if "_target_" in entry:
         check_nested_targets(dict(entry), where, kind)
         from hydra.utils import instantiate
 
-        return instantiate(dict(entry), _convert_="all")
-    spec = read_entry(entry, where, kind)
-    return spec.cls(**spec.init_args)
+        build = {"config": dict(entry), "_convert_": "all"}
+        return construct(instantiate, build, where=where, name=entry["_target_"], shown=spec.init_args)
+    return construct(spec.cls, spec.init_args, where=where, name=entry["class_path"])
 
 
 def _build_strategy(entry: Any, build: bool) -> Any:
@@ -390,7 +392,7 @@ def _build_strategy(entry: Any, build: bool) -> Any:
         if issubclass(data["strategy"], FSDP2Strategy):
             # Built here rather than by Lightning so it can learn the optimizer section (e.g. "fsdp2").
             spec = ClassSpec(data["strategy"], dict(data["init_params"]), "trainer.strategy")
-            return spec.cls(**spec.init_args) if build else spec
+            return construct(spec.cls, spec.init_args, where=spec.where, name=spec.cls.__name__) if build else spec
     if isinstance(entry, Mapping) and "name" in entry and "_target_" not in entry and "class_path" not in entry:
         options = {k: v for k, v in entry.items() if k != "name"}
         name = entry["name"]
@@ -402,7 +404,7 @@ def _build_strategy(entry: Any, build: bool) -> Any:
         data = StrategyRegistry[name]
         spec = ClassSpec(data["strategy"], {**data["init_params"], **options}, "trainer.strategy")
         check_arguments(spec.cls, options, "trainer.strategy")
-        return spec.cls(**spec.init_args) if build else spec
+        return construct(spec.cls, spec.init_args, where=spec.where, name=spec.cls.__name__) if build else spec
     return (_instantiate if build else read_entry)(entry, "trainer.strategy", "strategy")
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_precision._imports import import_object
-from lightning_precision.errors import PrecisionConfigError
+from lightning_precision.errors import PrecisionConfigError, PrecisionPairingError
 
 # What each kind of entry should name, for the refusal.
 EXPECTED = {
@@ -124,6 +124,36 @@ def check_arguments(cls: type, args: Mapping[str, Any], where: str) -> None:
         valid = [n for n, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         raise PrecisionConfigError(
             f"{where}: {cls.__name__} does not take the argument(s) given ({err}); it takes: {', '.join(valid)}."
+        ) from err
+
+
+def construct(
+    factory: Any, args: Mapping[str, Any], *, where: str, name: str, shown: Mapping[str, Any] | None = None
+) -> Any:
+    """Build what a config names: a constructor's own error becomes a config error naming what was built.
+
+    The user's class raised it (``ModelCheckpoint(every_n_train_steps=-1)``), so it is reported as bad input, with
+    the original exception chained (``--debug`` shows it). The library's own errors pass through unchanged.
+
+    Args:
+        factory: What builds it (the class, or a function that builds it from ``args``).
+        args: Its keyword arguments.
+        where: The config key, for the message.
+        name: What is built, for the message (the ``_target_`` or class name).
+        shown: The arguments to show in the message (default: ``args``).
+
+    Raises:
+        PrecisionConfigError: If building raised anything but a library error.
+    """
+    try:
+        return factory(**args)
+    except (PrecisionConfigError, PrecisionPairingError):
+        raise
+    except Exception as err:  # user-named code: reported with its name, the cause chained
+        given = ", ".join(f"{k}={v!r}" for k, v in (args if shown is None else shown).items())
+        cause = getattr(err, "__cause__", None) or err  # Hydra wraps the constructor's error: show the original
+        raise PrecisionConfigError(
+            f"{where}: building {name}({given}) failed: {type(cause).__name__}: {cause}"
         ) from err
 
 

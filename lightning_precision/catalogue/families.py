@@ -18,7 +18,7 @@ from lightning_precision._logging import info_rank_zero
 from lightning_precision.catalogue.info import OptimizerInfo, OptimizerKind, UpdateFormula
 from lightning_precision.dtypes import dtype_name, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.values import parse_bool
+from lightning_precision.values import parse_bool, parse_number
 
 _CONFIG_TARGET_KEYS = ("_target_", "class_path")
 _ADAM_NAMES = ("adam", "lamb", "adan", "lion")  # optimizers with an EMA state; lion has only one moment
@@ -62,7 +62,7 @@ class _Spec:
         return {
             "name": self.name,
             "is_adam": is_adam,
-            "beta2": _beta2(self.settings),
+            "beta2": _beta2(self.name, self.settings),
             "moments": moments,
             "moment_dtypes": _moment_dtypes(self.name, self.settings, moments),
             "stochastic_moments": tuple(m for m in moments if self.settings.get(f"{m}_rounding") == "stochastic"),
@@ -191,13 +191,15 @@ def _instance_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return settings
 
 
-def _beta2(s: Mapping[str, Any]) -> float | None:
-    if "beta2" in s and s["beta2"] is not None:
-        return float(s["beta2"])
-    betas = s.get("betas")
+def _beta2(name: str, s: Mapping[str, Any]) -> float | None:
+    # Read as numbers in [0, 1), never with float(): `betas: [0.9, abc]` is refused naming `abc`.
+    betas = s.get("betas") if s.get("beta2") is None else {"beta2": s["beta2"]}
     if isinstance(betas, (list, tuple)) and len(betas) >= 2:
-        return float(betas[1])
-    return None
+        betas = {f"betas[{i}]": beta for i, beta in enumerate(betas)}
+    if not isinstance(betas, dict):
+        return None
+    read = [parse_number(v, what=f"{name} {k}", low=0, high=1, high_open=True) for k, v in betas.items()]
+    return read[-1] if read else None
 
 
 def _moment_dtypes(name: str, s: Mapping[str, Any], moments: tuple[str, ...]) -> tuple[tuple[str, torch.dtype], ...]:

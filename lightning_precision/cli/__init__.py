@@ -8,7 +8,8 @@ Exit codes, like a linter's: 0 success (or a safe config), 1 an unsafe verdict (
 says, unless it is ``ignore``, an accepted risk; ``--exit-zero`` only reports), ``train`` refusing an unsafe pairing
 under ``on_unsafe: error``, or a recipe that crashed; 2 bad input (missing file, YAML that does not parse, unknown
 override key, unknown precision, a bad ``--params``/``--devices``/docs topic, any
-:class:`~lightning_precision.errors.PrecisionConfigError`). Errors are one line on stderr, without a traceback.
+:class:`~lightning_precision.errors.PrecisionConfigError`). Errors are one line on stderr, without a traceback;
+``--debug`` (before or after the subcommand) shows the full traceback, with the error a config error wraps.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import argparse
 import json
 import os
 import sys
+import tempfile
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,9 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--devices", type=int, default=1, metavar="N", help="devices the run uses (default 1); FSDP2 shards over them"
     )
-    explain.add_argument(
-        "--exit-zero", action="store_true", help="only report: exit 0 even when the verdict is unsafe"
-    )
+    explain.add_argument("--exit-zero", action="store_true", help="only report: exit 0 even when the verdict is unsafe")
 
     train = sub.add_parser("train", help="train the built-in task with a config")
     _add_config_args(train)
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lightning_precision.cli.docs import add_parser as add_docs  # cheap: reads no file at import
 
     add_docs(sub)
+    debug_help = "on an error, show the full traceback instead of the one-line message"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    for command in sub.choices.values():  # also after the subcommand; SUPPRESS keeps a --debug given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
@@ -121,14 +126,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return docs(args)
         return _compare(args)
     except PrecisionPairingError as err:
-        _error(str(err))
+        _report(err, args.debug)
         return EXIT_UNSAFE
     except PrecisionConfigError as err:
-        _error(str(err))
+        _report(err, args.debug)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # output piped into `head` and the like: not an error of ours
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
         return EXIT_OK
+
+
+def _report(err: Exception, debug: bool) -> None:
+    if debug:  # the whole chain: a constructor's own error is the cause of the config error that names it
+        traceback.print_exception(err, file=sys.stderr)
+    else:
+        _error(str(err))
 
 
 def _error(message: str) -> None:
@@ -172,22 +184,37 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     load_layout(cfg, source=str(args.config))  # logs the notes on sections the run does not read
-    result = train_from_config(
-        cfg, output_dir=Path(args.output_dir), name=Path(args.config).stem, ckpt_every=args.ckpt_every
-    )
+    output_dir = writable_directory(args.output_dir, what="--output-dir")
+    result = train_from_config(cfg, output_dir=output_dir, name=Path(args.config).stem, ckpt_every=args.ckpt_every)
     print_summary(result)
     return EXIT_OK
 
 
 def _compare(args: argparse.Namespace) -> int:
     from lightning_precision.cli.compare import run_compare
+    from lightning_precision.values import parse_number
 
-    report = run_compare(
-        recipes=args.recipes,
-        steps=args.steps,
-        seed=args.seed,
-        output_dir=Path(args.output_dir),
-        threads=args.threads,
-    )
+    threads = parse_number(args.threads, what="--threads", integer=True, low=1) if args.threads is not None else None
+    output_dir = writable_directory(args.output_dir, what="--output-dir")  # before the recipes train, not after
+    report = run_compare(recipes=args.recipes, steps=args.steps, seed=args.seed, output_dir=output_dir, threads=threads)
     print(report.format_text())
     return EXIT_OK if report.ok else EXIT_UNSAFE
+
+
+def writable_directory(path: str | Path, *, what: str) -> Path:
+    """Create the directory if missing and check that a file can be written in it, before any work is done.
+
+    Raises:
+        PrecisionConfigError: If ``path`` or a parent of it is a file, or the directory cannot be created or written.
+    """
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        reason = "it or a parent of it is a file" if isinstance(err, (FileExistsError, NotADirectoryError)) else None
+        raise PrecisionConfigError(
+            f"{what} {str(path)!r} is not a writable directory ({reason or err.strerror or err})."
+        ) from err
+    return directory

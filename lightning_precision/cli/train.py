@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +21,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
+from lightning_precision._imports import import_object
 from lightning_precision.cli.yaml_loading import ConfigInputError, section
 from lightning_precision.config import TrainerKwargs, resolve_trainer_cfg
+from lightning_precision.config_classes import check_arguments
 from lightning_precision.config_layouts import MODEL_LAYOUT_KEYS
 from lightning_precision.errors import PrecisionConfigError
+from lightning_precision.values import parse_bool, parse_number
 
+# numpy's seed range, which Lightning's seed_everything enforces.
+_MAX_SEED = 2**32 - 1
 # Keys of the data section the model must agree with: the task's model is built to the data's shapes.
 _SHARED_SHAPE_KEYS = ("in_features", "audio_features", "out_features")
 
@@ -80,6 +86,7 @@ def build_task(
     optimizer_cfg: Mapping[str, Any] | None,
     data_cfg: Mapping[str, Any] | None,
     seed: int = 0,
+    optimizer_where: str = "optimizer",
 ) -> tuple[pl.LightningModule, pl.LightningDataModule]:
     """Build the built-in task's model and data from config sections.
 
@@ -90,12 +97,14 @@ def build_task(
             that was judged (``TrainerKwargs.optimizer``), wherever the config put it.
         data_cfg: Arguments of :class:`lightning_precision.demos.TaskDataModule`.
         seed: Seed of the initial weights and the data order, unless the sections set their own.
+        optimizer_where: Where the config put the optimizer section, for messages (``"model.optim"``).
 
     Returns:
         The module and the data module.
 
     Raises:
-        ConfigInputError: If a section has an argument the task does not take.
+        PrecisionConfigError: (:class:`ConfigInputError`) If a section has an argument the task or the optimizer does
+            not take, or a value out of range (``lr: -1``, ``depth: 0``).
     """
     from lightning_precision.demos import TaskDataModule, TaskModule
 
@@ -108,16 +117,25 @@ def build_task(
     if optimizer_cfg:
         opt = dict(optimizer_cfg)
         if "lr" in opt:  # otherwise the task's own tuned default
-            model_args["lr"] = opt.pop("lr")
+            model_args["lr"] = parse_number(opt.pop("lr"), what=f"{optimizer_where}.lr", low=0)
         model_args["optimizer"] = opt.pop("_target_", "torch.optim.AdamW")
         model_args["optimizer_kwargs"] = {k: v for k, v in opt.items() if not str(k).startswith("_")}
+        _check_optimizer_arguments(model_args["optimizer"], model_args["optimizer_kwargs"], optimizer_where)
     return _construct(TaskModule, model_args, "model"), _construct(TaskDataModule, data_args, "data")
+
+
+def _check_optimizer_arguments(target: Any, kwargs: dict[str, Any], where: str) -> None:
+    """A misspelt optimizer keyword is refused here, naming the valid ones, not when ``fit`` builds the optimizer."""
+    if isinstance(target, str):
+        target = import_object(target, where=f"{where}._target_")
+    if isinstance(target, type):
+        check_arguments(target, kwargs, where)
 
 
 def _construct(cls: type, args: dict[str, Any], section_name: str) -> Any:
     try:
         return cls(**args)
-    except TypeError as err:  # an argument the task does not take: the user's config, not a crash
+    except (TypeError, PrecisionConfigError) as err:  # an argument the task does not take, or a bad value
         raise ConfigInputError(f"section {section_name!r}: {err}") from err
 
 
@@ -143,14 +161,16 @@ def fit_task(
         PrecisionConfigError: If the config is not valid.
         PrecisionPairingError: If the config is unsafe under ``on_unsafe="error"``.
     """
-    seed = int(cfg.get("seed", 0) or 0)
+    seed = parse_number(cfg.get("seed", 0) or 0, what="seed", integer=True, low=0, high=_MAX_SEED)
     model_cfg = _plain(cfg, "model")
     kwargs = resolve_trainer_cfg(
         _plain(cfg, "trainer") or {}, model=model_cfg, optimizer=_plain(cfg, "optimizer"), on_unsafe=on_unsafe
     )
     pl.seed_everything(seed, verbose=False)
     # The optimizer judged is the one built, wherever the config put it.
-    module, data = build_task(model_cfg, kwargs.optimizer, _plain(cfg, "data"), seed)
+    module, data = build_task(
+        model_cfg, kwargs.optimizer, _plain(cfg, "data"), seed, kwargs.optimizer_path or "optimizer"
+    )
     apply_storage_dtype(module, kwargs)
     trainer_args = dict(kwargs)
     trainer_args["callbacks"] = [*kwargs["callbacks"], *(extra_callbacks or [])]
@@ -188,7 +208,31 @@ def apply_storage_dtype(module: torch.nn.Module, kwargs: TrainerKwargs) -> None:
     module.to(dtype=kwargs.storage_dtype)
 
 
+def _check_trainer_values(trainer_args: dict[str, Any]) -> None:
+    """Numbers and flags of ``pl.Trainer`` read with the library's parsers, as its signature types them.
+
+    Lightning compares ``max_steps="abc"`` with an int deep inside and reports neither the key nor the value; a flag
+    given as the string ``"false"`` would read as true. Flags take the config spellings and become real booleans.
+    """
+    try:
+        hints = typing.get_type_hints(pl.Trainer.__init__)
+    except (NameError, TypeError):  # an annotation that does not resolve: leave the values to Lightning
+        return
+    for name, value in trainer_args.items():
+        allowed = set(typing.get_args(hints.get(name)) or (hints.get(name),))
+        if value is None and type(None) in allowed:
+            continue
+        allowed.discard(type(None))
+        if allowed == {int}:
+            parse_number(value, what=f"trainer.{name}", integer=True)
+        elif allowed == {int, float}:
+            parse_number(value, what=f"trainer.{name}")
+        elif allowed == {bool}:
+            trainer_args[name] = parse_bool(value, what=f"trainer.{name}", spellings=True)
+
+
 def _make_trainer(trainer_args: dict[str, Any]) -> pl.Trainer:
+    _check_trainer_values(trainer_args)
     try:
         return pl.Trainer(**trainer_args)
     except TypeError as err:  # an unknown Trainer argument in the config

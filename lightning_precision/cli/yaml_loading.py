@@ -89,6 +89,15 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ConfigInputError(f"{path}: not valid YAML: {_one_line(err)}") from err
     except OmegaConfBaseException as err:
         raise ConfigInputError(f"{path}: cannot be loaded: {_one_line(err)}") from err
+    except UnicodeDecodeError as err:  # a binary file, or text saved as UTF-16
+        raise ConfigInputError(
+            f"{path}: not a UTF-8 text file (byte {err.object[err.start : err.start + 1]!r} at offset {err.start}); "
+            "save the config as UTF-8 YAML."
+        ) from err
+    except RecursionError as err:  # only a YAML alias inside its own anchor (`a: &x [*x]`) nests without end
+        raise ConfigInputError(
+            f"{path}: a YAML alias refers to its own anchor (a structure that contains itself)."
+        ) from err
     if not isinstance(cfg, DictConfig):
         raise ConfigInputError(f"{path}: the top level must be a mapping of sections ({', '.join(RUN_SECTIONS)}).")
     return cfg

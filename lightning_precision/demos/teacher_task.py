@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from lightning_precision._imports import import_object
+from lightning_precision.config_classes import construct
+from lightning_precision.values import parse_number
 
 AUDIO_KEY = "audio_features"
 """Name of the optional float input that input casting should leave in its original dtype."""
@@ -169,6 +171,12 @@ class TaskDataModule(pl.LightningDataModule):
         shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
+        sizes = {"num_samples": (num_samples, 1), "in_features": (in_features, 1), "out_features": (out_features, 1)}
+        sizes.update(audio_features=(audio_features, 0), teacher_hidden=(teacher_hidden, 1))
+        for name, (value, low) in sizes.items():
+            parse_number(value, what=f"TaskDataModule({name}=...)", integer=True, low=low)
+        # drop_last keeps whole batches only: a batch larger than the data set would give no step at all.
+        parse_number(batch_size, what="TaskDataModule(batch_size=...)", integer=True, low=1, high=num_samples)
         self.save_hyperparameters()
         self.data: dict[str, Tensor] | None = None
 
@@ -241,10 +249,8 @@ def build_optimizer(
         raise ValueError(f"bad _target_ {name!r}: resolved to a non-callable {optimizer!r}")  # noqa: TRY004
     if "lr" in kwargs:
         raise ValueError(f"pass the learning rate as `lr`, not in the optimizer kwargs (got lr={kwargs['lr']!r})")
-    try:
-        return optimizer(params, lr=lr, **kwargs)
-    except TypeError as err:
-        raise ValueError(f"cannot build optimizer {name!r} with kwargs {sorted(kwargs)}: {err}") from err
+    args = {"lr": lr, **kwargs}
+    return construct(lambda **kw: optimizer(params, **kw), args, where="optimizer", name=name)
 
 
 def cosine_lr_lambda(step: int, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1) -> float:
@@ -313,8 +319,13 @@ class TaskModule(pl.LightningModule):
         fp32_head: bool = True,
     ) -> None:
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"depth must be at least 1, got {depth}")
+        sizes = {"in_features": (in_features, 1), "audio_features": (audio_features, 0), "hidden": (hidden, 1)}
+        sizes.update(out_features=(out_features, 1), depth=(depth, 1), warmup_steps=(warmup_steps, 0))
+        for name, (value, low) in sizes.items():
+            parse_number(value, what=f"TaskModule({name}=...)", integer=True, low=low)
+        parse_number(min_lr_ratio, what="TaskModule(min_lr_ratio=...)", low=0, high=1)
+        if total_steps is not None:
+            parse_number(total_steps, what="TaskModule(total_steps=...)", integer=True, low=1)
         self.save_hyperparameters()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,97 @@ def test_python_dash_m_help_in_a_subprocess():
     )
     assert proc.returncode == 0
     assert all(cmd in proc.stdout for cmd in ("explain", "train", "compare"))
+
+
+_BASE = "trainer:\n  max_steps: 1\n  enable_progress_bar: false\n"
+_ADAMW = "optimizer:\n  _target_: torch.optim.AdamW\n"
+_CALLBACK = "  callbacks: [{_target_: lightning.pytorch.callbacks.%s}]\n"
+
+
+def _config(tmp_path, text: str | bytes):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def _unwritable_directory(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        (locked / "probe").touch()
+    except PermissionError:
+        return locked / "runs"
+    (locked / "probe").unlink()  # root writes anyway: a directory of /proc cannot be created, even by root
+    return Path("/proc/lightning-precision-test/runs") if Path("/proc/self").is_dir() else pytest.skip("no /proc")
+
+
+# (id, argv after the subcommand given a path to the written config, config text, the bad value the error names)
+_BAD_INPUTS = [
+    ("binary-file", ["explain", "{cfg}"], bytes(range(256)), "config.yaml"),
+    ("utf16-file", ["explain", "{cfg}"], _BASE.encode("utf-16"), "UTF-8"),
+    ("recursive-alias", ["explain", "{cfg}"], _BASE + "x: &loop [*loop]\n", "alias"),
+    ("betas-abc", ["train", "{cfg}"], _BASE + _ADAMW + "  betas: [0.9, abc]\n", "'abc'"),
+    ("threads-negative", ["compare", "--threads", "-1", "--steps", "1"], None, "--threads: -1"),
+    ("output-dir-is-a-file", ["train", "{cfg}", "--output-dir", "{file}"], _BASE, "a-file"),
+    ("compare-output-dir-is-a-file", ["compare", "--steps", "1", "--output-dir", "{file}"], None, "a-file"),
+    ("unwritable-output-dir", ["train", "{cfg}", "--output-dir", "{locked}"], _BASE, "runs"),
+    ("seed-abc", ["train", "{cfg}"], _BASE + "seed: abc\n", "seed: 'abc'"),
+    ("depth-0", ["train", "{cfg}"], _BASE + "model:\n  depth: 0\n", "depth=...): 0"),
+    ("batch-size-0", ["train", "{cfg}"], _BASE + "data:\n  batch_size: 0\n", "batch_size=...): 0"),
+    ("misspelt-optimizer-keyword", ["train", "{cfg}"], _BASE + _ADAMW + "  weight_decy: 0.1\n", "weight_decy"),
+    ("lr-negative", ["train", "{cfg}"], _BASE + _ADAMW + "  lr: -1\n", "optimizer.lr: -1"),
+    (
+        "optimizer-is-a-function",
+        ["train", "{cfg}"],
+        _BASE + "optimizer:\n  _target_: torch.optim.adamw.adamw\n",
+        "adamw",
+    ),
+    (
+        "callback-constructor-fails",
+        ["train", "{cfg}"],
+        _BASE + _CALLBACK % "ModelCheckpoint, every_n_train_steps: -1",
+        "every_n_train_steps=-1",
+    ),
+    ("callback-unknown-keyword", ["train", "{cfg}"], _BASE + _CALLBACK % "LearningRateMonitor, nope: 1", "nope"),
+    (
+        "callback-required-argument-missing",
+        ["train", "{cfg}"],
+        _BASE + _CALLBACK % "EarlyStopping",
+        "EarlyStopping",
+    ),
+    ("max-steps-abc", ["train", "{cfg}", "trainer.max_steps=abc"], _BASE, "trainer.max_steps: 'abc'"),
+    ("trainer-flag-not-a-bool", ["train", "{cfg}", "trainer.enable_progress_bar=maybe"], _BASE, "'maybe'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "text", "needle"), [c[1:] for c in _BAD_INPUTS], ids=[c[0] for c in _BAD_INPUTS])
+def test_bad_input_exits_2_naming_the_value_without_a_traceback(capsys, tmp_path, argv, text, needle):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    paths = {"cfg": _config(tmp_path, text) if text is not None else None, "file": a_file}
+    if "{locked}" in argv:
+        paths["locked"] = _unwritable_directory(tmp_path)
+    argv = [a.format(**paths) for a in argv]
+    if argv[0] == "train" and "--output-dir" not in argv:
+        argv += ["--output-dir", str(tmp_path / "runs")]
+    code, _, err = run(capsys, *argv)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert needle in err
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["before-subcommand", "after-subcommand"])
+def test_debug_shows_the_traceback_of_a_bad_input(capsys, tmp_path, before):
+    path = _config(tmp_path, _BASE + "seed: abc\n")
+    argv = ["train", path, "--output-dir", tmp_path / "runs"]
+    code, _, err = run(capsys, *(["--debug", *argv] if before else [*argv, "--debug"]))
+    assert code == 2
+    assert "Traceback" in err and "Invalid seed: 'abc'" in err
+
+
+def test_debug_shows_the_constructor_error_a_config_error_wraps(capsys, tmp_path):
+    path = _config(tmp_path, _BASE + _CALLBACK % "ModelCheckpoint, every_n_train_steps: -1")
+    code, _, err = run(capsys, "train", path, "--output-dir", tmp_path / "runs", "--debug")
+    assert code == 2
+    assert "MisconfigurationException" in err and "direct cause" in err
