@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from lightning_precision.dtypes import parse_dtype
+from lightning_precision.values import expect_type
+
 DEFAULT_PRESERVE_KEYS: tuple[str, ...] = ("audio",)
 
 PreserveKey = str | int
@@ -43,6 +46,7 @@ def normalize_preserve_keys(preserve_keys: PreserveKey | Iterable[PreserveKey] |
         raise ValueError("preserve_keys='' would match every key and keep every tensor's dtype; give a key pattern.")
     if isinstance(preserve_keys, (str, int)) and not isinstance(preserve_keys, bool):
         return (preserve_keys,)
+    expect_type(preserve_keys, Iterable, what="preserve_keys", expected="a string, an int or a list of them")
     keys = tuple(preserve_keys)
     bad = [k for k in keys if isinstance(k, bool) or not isinstance(k, (str, int))]
     if bad:
@@ -80,7 +84,13 @@ def cast_batch(
 
     Returns:
         The cast batch.
+
+    Raises:
+        TypeError: If ``dtype`` is not a ``torch.dtype``, or ``preserve_keys`` is not a key or keys.
+        PrecisionConfigError: If ``dtype`` is not a floating-point dtype.
     """
+    expect_type(dtype, torch.dtype, what="cast_batch(dtype=...)", expected="a floating-point torch.dtype")
+    parse_dtype(dtype, what="cast_batch(dtype=...)")  # an integer dtype would truncate the batch's floats
     keys = normalize_preserve_keys(preserve_keys)
     positions = {k for k in keys if isinstance(k, int)}
     if positions and isinstance(batch, (list, tuple)):

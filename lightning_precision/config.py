@@ -193,7 +193,7 @@ def plan_trainer_cfg(
     entry = _instantiate if build else read_entry
     plugins = [
         entry(p, f"trainer.plugins[{i}]", "plugins")
-        for i, p in enumerate(_as_list(cfg.pop("plugins", None), "trainer.plugins"))
+        for i, p in enumerate(_as_list(cfg.pop("plugins", None), "trainer.plugins", strings=True))
     ]
     callbacks = [
         entry(c, f"trainer.callbacks[{i}]", "callbacks")
@@ -354,17 +354,19 @@ def _pop_options(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**_OPTIONS, **given}
 
 
-def _as_list(value: Any, where: str) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            if item is None:  # Lightning would fail later, on None's missing hooks, far from the YAML line
-                raise PrecisionConfigError(
-                    f"{where}[{i}] is null: give a class_path/_target_ mapping or an object, or remove the entry."
-                )
-        return list(value)
-    return [value]  # a single plugin or callback, as Lightning also accepts
+def _as_list(value: Any, where: str, *, strings: bool = False) -> list[Any]:
+    """The entries of ``plugins``/``callbacks`` (one entry alone, as Lightning accepts); null or a number (or a string,
+    unless ``strings``) is refused here, where Lightning would fail later on its missing hooks."""
+    is_list = isinstance(value, (list, tuple))
+    items = [] if value is None else list(value) if is_list else [value]
+    for i, item in enumerate(items):
+        if item is None or (isinstance(item, (str, int, float)) and not (strings and isinstance(item, str))):
+            at = f"{where}[{i}]" if is_list else where
+            shown = "null" if item is None else repr(item)
+            raise PrecisionConfigError(
+                f"{at} is {shown}: give a class_path/_target_ mapping or an object, or remove it."
+            )
+    return items
 
 
 def _instantiate(entry: Any, where: str, kind: str) -> Any:

@@ -28,6 +28,7 @@ from lightning_precision.dtypes import HALF_DTYPES, dtype_name
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.export_read import WeightEntry, open_checkpoint
 from lightning_precision.export_write import PlannedTensor, StagedOutput, parse_size, write_sharded
+from lightning_precision.values import PATH_TYPES, expect_type
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KEEP_FP32_CHOICES = ("auto", "none")
@@ -178,11 +179,14 @@ def export_weights(
         What was written, with the largest change of each tensor against its exact value.
 
     Raises:
+        TypeError: If ``checkpoint`` or ``output_dir`` is not a path.
         PrecisionConfigError: If ``dtype``, ``keep_fp32`` or ``max_shard_size`` is not a valid choice.
         CheckpointExportError: If the checkpoint is missing, not a checkpoint, a distributed checkpoint with missing
             shards, or its optimizer state cannot be matched to weights; or ``output_dir`` is not writable. Nothing is
             left under the output names then.
     """
+    for name, path in (("checkpoint", checkpoint), ("output_dir", output_dir)):
+        expect_type(path, PATH_TYPES, what=f"export_weights({name}=...)", expected="a path (str or os.PathLike)")
     target = EXPORT_DTYPES[_choice(dtype, tuple(EXPORT_DTYPES), "dtype")]
     keep = _choice(keep_fp32, KEEP_FP32_CHOICES, "keep_fp32") == "auto"
     max_bytes = parse_size(max_shard_size)

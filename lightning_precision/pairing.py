@@ -24,6 +24,9 @@ import torch
 from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, classify_optimizer, observed_second_moment_dtype
 from lightning_precision.dtypes import HALF_DTYPES, dtype_name
 from lightning_precision.modes import PrecisionMode
+from lightning_precision.values import expect_type
+
+_INFO_EXPECTED = "an OptimizerInfo (from classify_optimizer)"
 
 # Where the rule's reasoning is written down for users: a command that prints the guide's section from the installed
 # package (a docs/ path is not there after `pip install`); topics in lightning_precision.cli.docs.TOPICS.
@@ -106,7 +109,13 @@ def judge(
 
     Returns:
         The verdict.
+
+    Raises:
+        TypeError: If ``storage_dtype``, ``optimizer`` or ``precision`` is not of its type (or ``None``).
     """
+    expect_type(storage_dtype, (torch.dtype, type(None)), what="judge(storage_dtype=...)", expected="a torch.dtype")
+    expect_type(optimizer, (OptimizerInfo, type(None)), what="judge(optimizer=...)", expected=_INFO_EXPECTED)
+    expect_type(precision, (PrecisionMode, type(None)), what="judge(precision=...)", expected="a PrecisionMode")
     common = {
         "storage_dtype": storage_dtype,
         "optimizer": optimizer,
@@ -256,7 +265,11 @@ def check_optimizer(
 
     Returns:
         The verdict.
+
+    Raises:
+        TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer``.
     """
+    expect_type(optimizer, torch.optim.Optimizer, what="check_optimizer(optimizer=...)", expected="a live optimizer")
     info = classify_optimizer(optimizer)
     half = trainable_half_params(optimizer)
     if half:

@@ -7,7 +7,7 @@ The runtime guard fills it from the live trainer; the CLI's ``explain`` fills it
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from lightning_precision.dtypes import dtype_name
 from lightning_precision.grad_accumulation import accumulate_grad_dtype_of, accumulation_dtype, describe_accumulation
 from lightning_precision.modes import known_mode
 from lightning_precision.pairing import Status, Verdict, judged_params
+from lightning_precision.values import PATH_TYPES, expect_type
 
 CHECKPOINT_KEY = "precision_contract"  # where the runtime guard stores the contract in a checkpoint
 
@@ -85,7 +86,12 @@ class PrecisionContract:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PrecisionContract:
-        """Read back what :meth:`to_dict` wrote."""
+        """Read back what :meth:`to_dict` wrote.
+
+        Raises:
+            TypeError: If ``data`` is not a mapping.
+        """
+        expect_type(data, Mapping, what="PrecisionContract.from_dict(data=...)", expected="a mapping (from to_dict)")
         rows = [OptimizerContract(**row) for row in data.get("optimizers", [])]
         return cls(**{**data, "optimizers": rows})
 
@@ -290,7 +296,14 @@ def read_precision_contract(
 
     Returns:
         The contract, or ``None`` if the checkpoint has none (saved without the guard).
+
+    Raises:
+        TypeError: If ``checkpoint`` is neither a path nor a dict.
     """
+    expect_type(
+        checkpoint, (*PATH_TYPES, dict), what="read_precision_contract(checkpoint=...)",
+        expected="a checkpoint path (str or os.PathLike) or a loaded checkpoint dict",
+    )  # fmt: skip
     if not isinstance(checkpoint, dict):
         from lightning.fabric.utilities.cloud_io import _load, get_filesystem
         from lightning.fabric.utilities.load import _METADATA_FILENAME

@@ -27,6 +27,7 @@ from lightning_precision.config_layouts import find_torch_dtype
 from lightning_precision.dtypes import dtype_name, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import PrecisionMode, get_mode
+from lightning_precision.values import expect_type
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,12 @@ def decide_storage(
 
     Raises:
         PrecisionConfigError: If ``explicit`` is not a dtype, or contradicts a precision that fixes storage.
+        TypeError: If ``precision`` is neither a precision string nor a :class:`PrecisionMode`.
     """
+    expect_type(
+        precision, (str, int, PrecisionMode, type(None)), what="decide_storage(precision=...)",
+        expected="a precision string (e.g. 'bf16-mixed') or a PrecisionMode",
+    )  # fmt: skip
     mode = get_mode(precision) if isinstance(precision, (str, int)) else precision
     dtype = parse_dtype(explicit, what=explicit_what)
     if dtype is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -16,7 +17,10 @@ import torch
 
 from lightning_precision.errors import PrecisionConfigError
 
-__all__ = ["parse_bool", "parse_dtype_choice", "parse_number"]
+__all__ = ["PATH_TYPES", "expect_type", "parse_bool", "parse_dtype_choice", "parse_number"]
+
+PATH_TYPES = (str, os.PathLike)
+"""What a path argument may be (``str`` or ``pathlib.Path``), for :func:`expect_type`."""
 
 # YAML 1.1 / environment-variable spellings, accepted only with ``spellings=True``.
 _TRUE = ("true", "yes", "on", "1")
@@ -52,6 +56,26 @@ def parse_bool(value: Any, *, what: str, spellings: bool = False) -> bool:
             return False
     valid = "True or False" + (f", 0/1, or one of the strings {', '.join(_TRUE + _FALSE)}" if spellings else "")
     raise PrecisionConfigError(f"Invalid {what}: {value!r} ({type(value).__name__}); expected {valid}")
+
+
+def expect_type(value: Any, types: type | tuple[type, ...], *, what: str, expected: str) -> None:
+    """Refuse an argument of the wrong type where a public function receives it, not deep inside.
+
+    ``read_precision_contract(None)`` would otherwise fail in ``torch.load`` with an ``AttributeError`` about ``seek``.
+
+    Args:
+        value: The argument.
+        types: The valid types, as ``isinstance`` takes them (e.g. :data:`PATH_TYPES` plus ``Mapping``).
+        what: The argument, e.g. ``"read_precision_contract(checkpoint=...)"``.
+        expected: What it should be, in words (``"a checkpoint path or a loaded checkpoint dict"``).
+
+    Raises:
+        TypeError: Naming the argument, the type it got and what it expects.
+    """
+    if not isinstance(value, types):
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else f"{shown[:77]}..."
+        raise TypeError(f"{what} expects {expected}, got {type(value).__name__}: {shown}")
 
 
 def _describe_range(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:

@@ -18,7 +18,7 @@ from lightning_precision._logging import info_rank_zero
 from lightning_precision.catalogue.info import OptimizerInfo, OptimizerKind, UpdateFormula
 from lightning_precision.dtypes import dtype_name, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.values import parse_bool, parse_number
+from lightning_precision.values import expect_type, parse_bool, parse_number
 
 _CONFIG_TARGET_KEYS = ("_target_", "class_path")
 _ADAM_NAMES = ("adam", "lamb", "adan", "lion")  # optimizers with an EMA state; lion has only one moment
@@ -85,7 +85,9 @@ def classify_optimizer(optimizer: Any, kwargs: Mapping[str, Any] | None = None) 
 
     Raises:
         PrecisionConfigError: If ``optimizer`` is none of the above, or a path that does not import.
+        TypeError: If ``kwargs`` is not a mapping.
     """
+    expect_type(kwargs, (Mapping, type(None)), what="classify_optimizer(kwargs=...)", expected="a mapping of arguments")
     spec = _resolve(optimizer, kwargs)
     for matches, build in _FAMILIES:
         if matches(spec):

@@ -19,7 +19,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from lightning_precision._imports import import_object
 from lightning_precision.cli.yaml_loading import ConfigInputError, section
@@ -280,10 +280,13 @@ def train_from_config(
 
 
 def _has_checkpoint_callback(trainer_cfg: Any) -> bool:
-    for entry in trainer_cfg.get("callbacks") or []:
-        target = str((entry or {}).get("_target_") or (entry or {}).get("class_path") or "")
-        if target.endswith("ModelCheckpoint"):
-            return True
+    # Only reads the entries: a malformed list is refused, naming it, when the callbacks are resolved.
+    entries = trainer_cfg.get("callbacks") or []
+    for entry in entries if isinstance(entries, (list, ListConfig)) else [entries]:
+        if isinstance(entry, (Mapping, DictConfig)):
+            target = str(entry.get("_target_") or entry.get("class_path") or "")
+            if target.endswith("ModelCheckpoint"):
+                return True
     return False
 
 

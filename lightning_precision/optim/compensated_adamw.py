@@ -27,6 +27,7 @@ from lightning_precision.optim._compensated_options import (
     check_rounding_dtypes,
 )
 from lightning_precision.optim._reference_step import state_rounding, step_reference_bucket, step_scalars
+from lightning_precision.values import expect_type
 
 __all__ = ["CompensatedAdamW"]
 
@@ -177,6 +178,7 @@ class CompensatedAdamW(Optimizer):
         implementation: str = "auto",
         chunk_size: int | None = None,
     ) -> None:
+        expect_type(params, Iterable, what="CompensatedAdamW(params=...)", expected="an iterable of tensors or dicts")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, exp_avg_dtype=exp_avg_dtype,
             exp_avg_sq_dtype=exp_avg_sq_dtype, exp_avg_rounding=exp_avg_rounding,

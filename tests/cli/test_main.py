@@ -111,6 +111,8 @@ _BAD_INPUTS = [
         _BASE + _CALLBACK % "EarlyStopping",
         "EarlyStopping",
     ),
+    ("callback-is-a-string", ["train", "{cfg}"], _BASE + "  callbacks: [abc]\n", "trainer.callbacks[0] is 'abc'"),
+    ("callbacks-is-a-number", ["train", "{cfg}"], _BASE + "  callbacks: 7\n", "trainer.callbacks is 7"),
     ("max-steps-abc", ["train", "{cfg}", "trainer.max_steps=abc"], _BASE, "trainer.max_steps: 'abc'"),
     ("trainer-flag-not-a-bool", ["train", "{cfg}", "trainer.enable_progress_bar=maybe"], _BASE, "'maybe'"),
 ]
