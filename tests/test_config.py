@@ -410,3 +410,10 @@ def test_preserve_keys_option_ignored_by_a_given_plugin_is_refused():
     cfg = {"plugins": [HalfPrecision("bf16-true")], "lightning_precision": {"preserve_keys": ["mel"]}}
     with pytest.raises(PrecisionConfigError, match=r"preserve_keys=\['mel'\].*pass preserve_keys to your precision"):
         resolve_trainer_cfg(cfg)
+
+
+def test_a_callback_whose_constructor_raises_is_a_config_error_naming_it_with_the_cause_chained():
+    entry = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"every_n_train_steps": -1}}
+    with pytest.raises(PrecisionConfigError, match=r"trainer\.callbacks\[0\].*every_n_train_steps=-1") as caught:
+        resolve_trainer_cfg({"precision": "32-true", "callbacks": [entry]})
+    assert "every_n_train_steps" in str(caught.value.__cause__)

@@ -121,3 +121,13 @@ def test_train_refuses_a_module_as_the_optimizer(capsys, tmp_path):
     assert code == 2
     assert_one_line_error(err)
     assert "optimizer._target_" in err and "'torch.optim'" in err and "module" in err
+
+
+def test_a_trainer_flag_written_as_the_string_false_turns_the_feature_off(tmp_path, task):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_precision.cli.train import fit_task
+
+    trainer = {"max_steps": 1, "enable_checkpointing": "false", "default_root_dir": str(tmp_path)}
+    run_ = fit_task({"trainer": trainer, "data": {"num_samples": 256}})
+    assert not any(isinstance(cb, ModelCheckpoint) for cb in run_.trainer.callbacks)
