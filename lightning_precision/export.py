@@ -179,7 +179,7 @@ def export_weights(
         What was written, with the largest change of each tensor against its exact value.
 
     Raises:
-        TypeError: If ``checkpoint`` or ``output_dir`` is not a path.
+        TypeError: If ``checkpoint`` or ``output_dir`` is not a path, or ``strip_prefix`` not a string.
         PrecisionConfigError: If ``dtype``, ``keep_fp32`` or ``max_shard_size`` is not a valid choice.
         CheckpointExportError: If the checkpoint is missing, not a checkpoint, a distributed checkpoint with missing
             shards, or its optimizer state cannot be matched to weights; or ``output_dir`` is not writable. Nothing is
@@ -187,6 +187,7 @@ def export_weights(
     """
     for name, path in (("checkpoint", checkpoint), ("output_dir", output_dir)):
         expect_type(path, PATH_TYPES, what=f"export_weights({name}=...)", expected="a path (str or os.PathLike)")
+    expect_type(strip_prefix, (str, type(None)), what="export_weights(strip_prefix=...)", expected="a string")
     target = EXPORT_DTYPES[_choice(dtype, tuple(EXPORT_DTYPES), "dtype")]
     keep = _choice(keep_fp32, KEEP_FP32_CHOICES, "keep_fp32") == "auto"
     max_bytes = parse_size(max_shard_size)

@@ -40,8 +40,8 @@ def normalize_fp32_modules(
     """
     if fp32_modules is None:
         return ()
-    if isinstance(fp32_modules, (str, type)):
-        fp32_modules = [fp32_modules]
+    if isinstance(fp32_modules, (str, type)) or not isinstance(fp32_modules, Iterable):
+        fp32_modules = [fp32_modules]  # one entry; a number is refused below with the valid kinds
     entries = tuple(fp32_modules)
     bad = [e for e in entries if not (isinstance(e, str) or (isinstance(e, type) and issubclass(e, nn.Module)))]
     if bad:

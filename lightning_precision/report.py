@@ -92,8 +92,11 @@ class PrecisionContract:
             TypeError: If ``data`` is not a mapping.
         """
         expect_type(data, Mapping, what="PrecisionContract.from_dict(data=...)", expected="a mapping (from to_dict)")
-        rows = [OptimizerContract(**row) for row in data.get("optimizers", [])]
-        return cls(**{**data, "optimizers": rows})
+        rows = data.get("optimizers", [])
+        expect_type(rows, list, what="PrecisionContract.from_dict(data['optimizers'])", expected="a list of rows")
+        for i, row in enumerate(rows):
+            expect_type(row, Mapping, what=f"PrecisionContract.from_dict(data['optimizers'][{i}])", expected="a row")
+        return cls(**{**data, "optimizers": [OptimizerContract(**row) for row in rows]})
 
     def format_table(self) -> str:
         """A short human-readable table, one row per optimizer."""

@@ -29,6 +29,12 @@ _CASES = [
     (lambda v: lp.cast_batch(_BATCH, v), "dtype", [*_WRONG, "bf16", torch.int64]),
     (lambda v: lp.cast_batch(_BATCH, torch.bfloat16, v), "preserve_keys", [1.5, object()]),
     (lambda v: lp.CompensatedAdamW(v), "params", [None, 7, 1.5]),
+    (lambda v: lp.export_weights("unused.ckpt", "unused", strip_prefix=v), "strip_prefix", [7, [1, 2]]),
+    (lambda v: lp.PrecisionContract.from_dict({"optimizers": v}), "optimizers", [None, 7]),
+    (lambda v: lp.PrecisionContract.from_dict({"optimizers": [v]}), "optimizers", [None, 7]),
+    (lambda v: lp.UpdateUnderflowMonitor(seed=v), "seed", [None, [1, 2]]),
+    (lambda v: lp.HalfPrecisionForAudio(fp32_modules=v), "fp32_modules", [7, 1.5]),
+    (lambda v: lp.FSDP2Strategy(fp32_modules=v), "fp32_modules", [7, 1.5]),
 ]
 _PARAMS = [
     pytest.param(call, name, value, id=f"{i}-{name}-{type(value).__name__}")
@@ -44,4 +50,4 @@ def test_wrong_type_names_the_argument_what_it_got_and_what_it_expects(call, arg
     message = str(caught.value)
     assert argument in message
     assert type(value).__name__ in message or repr(value) in message
-    assert any(word in message for word in ("expect", "must be", "missing", "not a"))
+    assert any(word in message for word in ("expect", "must be", "missing", "not a", "give"))

@@ -27,7 +27,7 @@ from lightning_precision.underflow import (
     UnderflowReport,
     sample_indices,
 )
-from lightning_precision.values import parse_bool
+from lightning_precision.values import parse_bool, parse_number
 
 __all__ = ["METRIC_EXP_AVG_SQ", "METRIC_UPDATE", "UnderflowReport", "UpdateUnderflowMonitor", "sample_indices"]
 
@@ -78,7 +78,7 @@ class UpdateUnderflowMonitor(Callback):
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise PrecisionConfigError(f"UpdateUnderflowMonitor(top_k={top_k!r}) is not valid: use an int >= 0.")
         self.top_k = top_k
-        self.seed = int(seed)
+        self.seed = parse_number(seed, what="UpdateUnderflowMonitor(seed=...)", integer=True)
         self.prog_bar = parse_bool(prog_bar, what="UpdateUnderflowMonitor(prog_bar=...)", spellings=True)
         self.meter = UnderflowMeter(every_n_steps, max_elements_per_tensor, top_k, seed)
         self._consecutive = {"update": 0, "exp_avg_sq": 0}
