@@ -204,3 +204,16 @@ def test_boolean_setting_that_is_not_a_boolean_is_refused():
 def test_non_class_optimizer_path_is_refused_naming_it(path):
     with pytest.raises(PrecisionConfigError, match=f"{path!r}.*not an optimizer class"):
         classify_optimizer(path)
+
+
+@pytest.mark.parametrize("betas", [[0.9, "abc"], [0.9, 1.0], ["x", 0.999]])
+def test_a_bad_beta_in_a_config_is_refused_naming_it(betas):
+    bad = next(b for b in betas if not isinstance(b, float) or b >= 1)
+    with pytest.raises(PrecisionConfigError, match=rf"betas\[{betas.index(bad)}\]: {bad!r}"):
+        classify_optimizer({"_target_": "torch.optim.AdamW", "betas": betas})
+
+
+def test_tensor_betas_of_a_live_optimizer_are_read_as_their_value():
+    betas = (torch.tensor(0.9), torch.tensor(0.95))
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], betas=betas)
+    assert classify_optimizer(optimizer).beta2 == pytest.approx(0.95)

@@ -194,12 +194,14 @@ def _instance_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def _beta2(name: str, s: Mapping[str, Any]) -> float | None:
-    # Read as numbers in [0, 1), never with float(): `betas: [0.9, abc]` is refused naming `abc`.
+    # Read as numbers in [0, 1), never with float(): `betas: [0.9, abc]` is refused naming `abc`. A live torch
+    # optimizer may hold tensor betas (capturable): those are read as their value.
     betas = s.get("betas") if s.get("beta2") is None else {"beta2": s["beta2"]}
     if isinstance(betas, (list, tuple)) and len(betas) >= 2:
         betas = {f"betas[{i}]": beta for i, beta in enumerate(betas)}
     if not isinstance(betas, dict):
         return None
+    betas = {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for k, v in betas.items()}
     read = [parse_number(v, what=f"{name} {k}", low=0, high=1, high_open=True) for k, v in betas.items()]
     return read[-1] if read else None
 
