@@ -5,70 +5,18 @@ Adding an optimizer family is one entry in ``_FAMILIES`` (a test of the spec, an
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from lightning_precision._imports import import_object
-from lightning_precision._logging import info_rank_zero
-from lightning_precision.catalogue.info import OptimizerInfo, OptimizerKind, UpdateFormula
+from lightning_precision.catalogue.info import OptimizerInfo, OptimizerKind
+from lightning_precision.catalogue.spec import OptimizerSpec, qualname, resolve_spec
 from lightning_precision.dtypes import dtype_name, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.values import expect_type, parse_bool, parse_number
-
-_CONFIG_TARGET_KEYS = ("_target_", "class_path")
-_ADAM_NAMES = ("adam", "lamb", "adan", "lion")  # optimizers with an EMA state; lion has only one moment
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """An optimizer as resolved from any spelling: its import path, class (if it imports here), settings, instance."""
-
-    name: str
-    cls: type | None
-    settings: dict[str, Any]
-    instance: Any
-
-    @property
-    def short(self) -> str:
-        return self.name.lower().rsplit(".", 1)[-1]
-
-    def declares(self, attr: str) -> bool:
-        return bool(getattr(self.instance, attr, False) or getattr(self.cls, attr, False))
-
-    def flag(self, key: str, *, default: bool = False) -> bool:
-        """A boolean setting as a config writes it (``"false"`` is False, never truth-tested); ``None`` or absent:
-        ``default``."""
-        value = self.settings.get(key)
-        return default if value is None else parse_bool(value, what=f"{self.name} {key}", spellings=True)
-
-    def common(self) -> dict[str, Any]:
-        """The fields every family fills the same way."""
-        short = self.short
-        is_adam = any(k in short for k in _ADAM_NAMES)
-        if "lion" in short:
-            moments: tuple[str, ...] = ("exp_avg",)
-        elif is_adam:
-            moments = ("exp_avg", "exp_avg_sq")
-        else:
-            moments = ("momentum_buffer",) if self.settings.get("momentum") else ()
-        formula: UpdateFormula | None = "adam" if is_adam and "lion" not in short else None
-        if (self.cls is not None and issubclass(self.cls, torch.optim.SGD)) or self.name.startswith("torch.optim.sgd"):
-            formula = "sgd"
-        return {
-            "name": self.name,
-            "is_adam": is_adam,
-            "beta2": _beta2(self.name, self.settings),
-            "moments": moments,
-            "moment_dtypes": _moment_dtypes(self.name, self.settings, moments),
-            "stochastic_moments": tuple(m for m in moments if self.settings.get(f"{m}_rounding") == "stochastic"),
-            "update_formula": formula,
-            "decoupled_weight_decay": short.endswith("adamw") or self.flag("decoupled_weight_decay"),
-        }
+from lightning_precision.values import expect_type, parse_bool
 
 
 def classify_optimizer(optimizer: Any, kwargs: Mapping[str, Any] | None = None) -> OptimizerInfo:
@@ -88,7 +36,7 @@ def classify_optimizer(optimizer: Any, kwargs: Mapping[str, Any] | None = None) 
         TypeError: If ``kwargs`` is not a mapping.
     """
     expect_type(kwargs, (Mapping, type(None)), what="classify_optimizer(kwargs=...)", expected="a mapping of arguments")
-    spec = _resolve(optimizer, kwargs)
+    spec = resolve_spec(optimizer, kwargs)
     for matches, build in _FAMILIES:
         if matches(spec):
             return build(spec)
@@ -99,133 +47,16 @@ def classify_optimizer(optimizer: Any, kwargs: Mapping[str, Any] | None = None) 
     )
 
 
-def _resolve(optimizer: Any, kwargs: Mapping[str, Any] | None) -> _Spec:
-    if isinstance(optimizer, torch.optim.Optimizer):
-        cls = type(optimizer)
-        settings = {**_signature_defaults(cls), **optimizer.defaults, **_instance_settings(optimizer)}
-        return _Spec(_qualname(cls), cls, settings, optimizer)
-    if isinstance(optimizer, Mapping):
-        target = next((optimizer[k] for k in _CONFIG_TARGET_KEYS if k in optimizer), None)
-        if target is None:
-            raise PrecisionConfigError(
-                f"optimizer config {dict(optimizer)!r} names no optimizer: give '_target_' (Hydra) or 'class_path' "
-                "(LightningCLI)."
-            )
-        cfg_kwargs = (
-            dict(optimizer.get("init_args") or {})
-            if "class_path" in optimizer
-            else {k: v for k, v in optimizer.items() if not (isinstance(k, str) and k.startswith("_"))}
-        )
-        return _resolve(target, {**cfg_kwargs, **(kwargs or {})})
-    if isinstance(optimizer, str):
-        cls = _locate(optimizer)
-        if cls is None:
-            return _Spec(optimizer, None, dict(kwargs or {}), None)
-        optimizer = cls
-    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
-        return _Spec(_qualname(optimizer), optimizer, {**_signature_defaults(optimizer), **dict(kwargs or {})}, None)
-    raise PrecisionConfigError(
-        f"Cannot classify optimizer {optimizer!r}: expected a torch.optim.Optimizer instance or class, an import path "
-        "such as 'torch.optim.AdamW', or a config mapping with '_target_' or 'class_path'."
-    )
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _locate(path: str) -> type | None:
-    """The class at ``path``; ``None`` only when its top-level package is not installed here (e.g. Transformer
-    Engine on a CPU machine), so such a config is still classified by its path.
-
-    Raises:
-        PrecisionConfigError: If the package is installed but the path does not name an object in it (a typo such
-            as ``"torch.optim.AdamWW"``): judging a name that does not exist would invent what it does; or if it
-            names something that is not a class (``"os.system"``, the ``"torch.optim"`` module).
-    """
-    top = str(path).split(".", 1)[0]
-    try:
-        installed = bool(top) and importlib.util.find_spec(top) is not None
-    except (ImportError, ValueError):
-        installed = False
-    if not installed:
-        return None
-    try:
-        obj = import_object(path, where="optimizer")
-    except PrecisionConfigError:
-        raise
-    except Exception as err:  # the package's own import code failed here (a CUDA-only package on a CPU machine)
-        info_rank_zero(
-            f"optimizer {path!r}: importing it raised {type(err).__name__}: {err}; it is judged by its path alone."
-        )
-        return None
-    if not isinstance(obj, type):
-        # A function, builtin or module is not an optimizer: calling it "unknown" would pass it on to be run.
-        raise PrecisionConfigError(
-            f"optimizer {path!r} names {type(obj).__name__} {obj!r}, not an optimizer class: give a "
-            "torch.optim.Optimizer subclass such as 'torch.optim.AdamW'."
-        )
-    return obj
-
-
-def _signature_defaults(cls: type) -> dict[str, Any]:
-    try:
-        params = inspect.signature(cls.__init__).parameters.values()
-    except (TypeError, ValueError):
-        return {}
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-
-
-def _instance_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Constructor options a live instance keeps outside ``defaults``.
-
-    Many optimizers store keyword-only options as attributes (torchao's ``bf16_stochastic_round``, Transformer
-    Engine's ``master_weights``), so an instance reads as its config would.
-    """
-    settings = {
-        name: getattr(optimizer, name)
-        for name in _signature_defaults(type(optimizer))
-        if name not in optimizer.defaults and isinstance(getattr(optimizer, name, None), (bool, int, float, str))
-    }
-    groups = optimizer.param_groups
-    if groups and "master_bytewidth" in groups[0]:  # flashoptim records it per group
-        settings["master_bytewidth"] = max(g.get("master_bytewidth", 0) for g in groups)
-    return settings
-
-
-def _beta2(name: str, s: Mapping[str, Any]) -> float | None:
-    # Read as numbers in [0, 1), never with float(): `betas: [0.9, abc]` is refused naming `abc`. A live torch
-    # optimizer may hold tensor betas (capturable): those are read as their value.
-    betas = s.get("betas") if s.get("beta2") is None else {"beta2": s["beta2"]}
-    if isinstance(betas, (list, tuple)) and len(betas) >= 2:
-        betas = {f"betas[{i}]": beta for i, beta in enumerate(betas)}
-    if not isinstance(betas, dict):
-        return None
-    betas = {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for k, v in betas.items()}
-    read = [parse_number(v, what=f"{name} {k}", low=0, high=1, high_open=True) for k, v in betas.items()]
-    return read[-1] if read else None
-
-
-def _moment_dtypes(name: str, s: Mapping[str, Any], moments: tuple[str, ...]) -> tuple[tuple[str, torch.dtype], ...]:
-    """Moment dtypes fixed by ``<moment>_dtype`` options (``CompensatedAdamW(exp_avg_dtype=...)``)."""
-    fixed = []
-    for moment in moments:
-        value = parse_dtype(s.get(f"{moment}_dtype"), what=f"{name} {moment}_dtype")
-        if value is not None:
-            fixed.append((moment, value))
-    return tuple(fixed)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The families, in the order they are tried
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _declared_master(spec: _Spec) -> OptimizerInfo:
+def _declared_master(spec: OptimizerSpec) -> OptimizerInfo:
     return OptimizerInfo(kind=OptimizerKind.KEEPS_MASTER, reason="it declares keeps_master_weights", **spec.common())
 
 
-def _declared_compensated(spec: _Spec) -> OptimizerInfo:
+def _declared_compensated(spec: OptimizerSpec) -> OptimizerInfo:
     check = getattr(spec.cls, "check_options", None)
     if spec.instance is None and callable(check):
         try:  # a config's options, with the optimizer's own rules: refused here, not at fit start
@@ -246,7 +77,7 @@ def _declared_compensated(spec: _Spec) -> OptimizerInfo:
     )
 
 
-def _flashoptim(spec: _Spec) -> OptimizerInfo:
+def _flashoptim(spec: OptimizerSpec) -> OptimizerInfo:
     s = spec.settings
     bits = 8 * int(s["master_bytewidth"] or 0) if "master_bytewidth" in s else int(s.get("master_weight_bits") or 0)
     common = {**spec.common(), "quantized_moments": spec.flag("quantize", default=True)}
@@ -276,7 +107,7 @@ _TE_DOCUMENTED_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _transformer_engine(spec: _Spec) -> OptimizerInfo:
+def _transformer_engine(spec: OptimizerSpec) -> OptimizerInfo:
     """Transformer Engine ``FusedAdam``, from its documented signature (it does not install without CUDA).
 
     ``master_weights=True`` keeps a master copy in ``master_weight_dtype`` (fp32 by default); with
@@ -317,7 +148,7 @@ def _transformer_engine(spec: _Spec) -> OptimizerInfo:
     )
 
 
-def _optimi(spec: _Spec) -> OptimizerInfo:
+def _optimi(spec: OptimizerSpec) -> OptimizerInfo:
     common = {**spec.common()}
     if common["update_formula"] == "adam":
         common["update_formula"] = "adam-debiased"  # optimi keeps debiased moments
@@ -336,7 +167,7 @@ def _optimi(spec: _Spec) -> OptimizerInfo:
     )
 
 
-def _torchao_stochastic(spec: _Spec) -> OptimizerInfo:
+def _torchao_stochastic(spec: OptimizerSpec) -> OptimizerInfo:
     low_bit = "8bit" in spec.short or "4bit" in spec.short
     return OptimizerInfo(
         kind=OptimizerKind.COMPENSATED,
@@ -347,7 +178,7 @@ def _torchao_stochastic(spec: _Spec) -> OptimizerInfo:
     )
 
 
-def _any_precision_adamw(spec: _Spec) -> OptimizerInfo:
+def _any_precision_adamw(spec: OptimizerSpec) -> OptimizerInfo:
     """torchdistx's AnyPrecisionAdamW: moments in ``momentum_dtype``/``variance_dtype`` for every parameter, and
     optional Kahan summation of the parameter write (``use_kahan_summation``, off by default)."""
     # Defaults from its documented signature, for configs read where the package is not installed.
@@ -374,7 +205,7 @@ def _any_precision_adamw(spec: _Spec) -> OptimizerInfo:
     )
 
 
-def _bitsandbytes(spec: _Spec) -> OptimizerInfo:
+def _bitsandbytes(spec: OptimizerSpec) -> OptimizerInfo:
     """bitsandbytes optimizers update half parameters in place; 8-bit ones keep block-quantized uint8 moments."""
     eight_bit = "8bit" in spec.short or spec.settings.get("optim_bits") == 8
     common = spec.common()
@@ -388,7 +219,7 @@ def _bitsandbytes(spec: _Spec) -> OptimizerInfo:
     )
 
 
-def _apex_fused_adam(spec: _Spec) -> OptimizerInfo:
+def _apex_fused_adam(spec: OptimizerSpec) -> OptimizerInfo:
     """apex FusedAdam keeps fp32 moments for every parameter but writes bf16 parameters in place; its fp32 master
     copy (``master_weights``/``use_master``) covers fp16 parameters only, so half storage is judged unsafe."""
     common = {**spec.common(), "moment_dtypes": (("exp_avg", torch.float32),), "moment_dtypes_for_all": True}
@@ -409,7 +240,7 @@ def _torch_step_temporaries(s: dict[str, Any]) -> tuple[float, float]:
     return (0.0, 0.0) if fused or foreach_off else (1.0, 0.0)
 
 
-def _state_follows_param(spec: _Spec) -> OptimizerInfo:
+def _state_follows_param(spec: OptimizerSpec) -> OptimizerInfo:
     torch_optim = spec.name.startswith("torch.optim.")
     default_step = spec.settings.get("foreach") is None and not spec.settings.get("fused")
     return OptimizerInfo(
@@ -429,10 +260,10 @@ def _torch_base(cls: type | None) -> type | None:
     return None
 
 
-def _torch_subclass(spec: _Spec) -> OptimizerInfo:
+def _torch_subclass(spec: OptimizerSpec) -> OptimizerInfo:
     """A subclass of a torch optimizer that declares nothing keeps what its base keeps, as far as anyone can tell:
     judging it as unknown would let the trap through unwarned."""
-    base = _qualname(_torch_base(spec.cls))  # type: ignore[arg-type]  # matched only when there is one
+    base = qualname(_torch_base(spec.cls))  # type: ignore[arg-type]  # matched only when there is one
     info = _state_follows_param(replace(spec, name=base))
     return replace(
         info,
@@ -442,11 +273,11 @@ def _torch_subclass(spec: _Spec) -> OptimizerInfo:
     )
 
 
-def _prefix(*prefixes: str) -> Callable[[_Spec], bool]:
+def _prefix(*prefixes: str) -> Callable[[OptimizerSpec], bool]:
     return lambda spec: spec.name.lower().startswith(prefixes)
 
 
-_FAMILIES: tuple[tuple[Callable[[_Spec], bool], Callable[[_Spec], OptimizerInfo]], ...] = (
+_FAMILIES: tuple[tuple[Callable[[OptimizerSpec], bool], Callable[[OptimizerSpec], OptimizerInfo]], ...] = (
     (lambda spec: spec.declares("keeps_master_weights"), _declared_master),
     (lambda spec: spec.declares("compensated_update"), _declared_compensated),
     (_prefix("flashoptim."), _flashoptim),
