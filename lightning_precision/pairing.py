@@ -9,8 +9,8 @@ The rule in short: a ``torch.optim`` optimizer updates the stored parameter in p
 parameter's dtype, so half-precision storage makes its state and its updates half precision, and small updates
 round away. Half storage is safe only with an optimizer that keeps its own master weights or error-correction
 bits (flashoptim with ``master_weight_bits``, Transformer Engine ``FusedAdam(master_weights=True)``), or that
-compensates the parameter write (Kahan summation, stochastic rounding). Frozen parameters and PEFT adapters are
-not judged.
+compensates the parameter write (Kahan summation, stochastic rounding). Frozen parameters are not judged; PEFT
+adapters are trainable parameters like any other, judged by the dtype they are stored in.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Status(str, Enum):
     UNSAFE = "unsafe"  # half storage updated in place: the update rounds away
     WEAK_STATE = "weak optimizer state"  # update protected, but a half second moment cannot decay
     WASTEFUL = "safe, memory spent for nothing"  # fp32 storage for an optimizer that keeps its own master
-    NOT_JUDGED = "not judged"  # nothing trainable in half precision that the rule applies to, or PEFT
+    NOT_JUDGED = "not judged"  # storage dtype or optimizer not known yet
     UNKNOWN = "unknown optimizer"
 
 
@@ -98,7 +98,9 @@ def judge(
     Args:
         storage_dtype: Dtype of the trainable parameters (``None``: unknown).
         optimizer: The classified optimizer (``None``: not known yet).
-        peft: Whether only adapters train; such runs are not judged.
+        peft: Whether only adapters train. It changes no verdict: the trainable parameters are judged by their
+            dtype, adapters or not (bf16 adapters under torch AdamW are the trap too). It only words the verdict
+            when the storage dtype is not known yet (a PEFT model keeps the dtype it was loaded in).
         num_params: Trainable parameter tensors in ``storage_dtype`` (for the message).
         num_elements: Their element count (for the message).
         exp_avg_sq_dtype: Observed second-moment dtype, if the optimizer has stepped.
@@ -123,8 +125,13 @@ def judge(
         "num_elements": num_elements,
     }
     opt_name = optimizer.name if optimizer else "unknown"
-    if peft or storage_dtype is None or optimizer is None:
-        why = "PEFT run: only adapters train" if peft else "storage dtype or optimizer not known yet"
+    if storage_dtype is None or optimizer is None:
+        why = "storage dtype or optimizer not known yet"
+        if peft and optimizer is not None:
+            why = (
+                "PEFT: the model keeps the dtype it was loaded in; the adapters are judged by their dtype when fit "
+                "starts"
+            )
         return Verdict(Status.NOT_JUDGED, why, cause=f"not-judged:{opt_name}", **common)
     half = storage_dtype in HALF_DTYPES
     kind = optimizer.kind
@@ -224,7 +231,8 @@ def _unsafe_verdict(
     message = (
         f"{count} are trained by {optimizer.name} ({optimizer.reason}): {state} updates round away, so long "
         f"full-parameter runs plateau at a higher loss ({GUIDE_TRAP}). Fix: (1) {fixes[0]}; or (2) {fixes[1]}. For a "
-        f"short fine-tune where this is accepted, set on_unsafe='ignore'; PEFT runs are not judged (peft=True)."
+        f"short fine-tune where this is accepted, set on_unsafe='ignore'. For PEFT, keep the adapters in fp32 as PEFT "
+        "creates them: fp32_modules=['*.lora_A.*', '*.lora_B.*']."
     )
     return Verdict(Status.UNSAFE, message, cause=f"unsafe:{optimizer.name}:{half}", fixes=fixes, **common)
 

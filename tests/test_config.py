@@ -172,10 +172,10 @@ def test_storage_dtype_resolved_and_judged(trainer, model, optimizer, storage, s
     assert kwargs.storage_dtype == storage and kwargs.verdict.status is status
 
 
-def test_peft_is_not_judged():
-    kwargs = resolve_trainer_cfg({"precision": "bf16-true"}, model={}, optimizer=ADAMW, peft=True, on_unsafe="error")
-    assert kwargs.storage_dtype == torch.bfloat16  # the precision casts the module, PEFT or not
-    assert kwargs.verdict.status is Status.NOT_JUDGED
+def test_peft_under_bf16_true_is_judged_like_any_bf16_run():
+    kwargs = resolve_trainer_cfg({"precision": "bf16-true"}, model={}, optimizer=ADAMW, peft=True, on_unsafe="ignore")
+    assert kwargs.storage_dtype == torch.bfloat16  # the precision casts the module, adapters included
+    assert kwargs.verdict.status is Status.UNSAFE
 
 
 @pytest.mark.parametrize(
@@ -276,10 +276,10 @@ def test_peft_false_spellings_keep_the_check_on(spelling):
 
 
 @pytest.mark.parametrize("spelling", ["True", "yes", "1", 1, True])
-def test_peft_true_spellings_switch_the_check_off(spelling):
-    cfg = {"precision": "bf16-true", "lightning_precision": {"on_unsafe": "error", "peft": spelling}}
+def test_peft_true_spellings_leave_storage_to_the_model(spelling):
+    cfg = {"precision": "bf16-mixed", "lightning_precision": {"on_unsafe": "error", "peft": spelling}}
     kwargs = resolve_trainer_cfg(cfg, model={}, optimizer={"_target_": "torch.optim.AdamW"})
-    assert kwargs.verdict.status is Status.NOT_JUDGED
+    assert kwargs.storage_dtype is None and kwargs.verdict.status is Status.NOT_JUDGED
 
 
 @pytest.mark.parametrize("bad", ["maybe", "", 2, 0.5])

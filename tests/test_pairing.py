@@ -37,23 +37,38 @@ def test_compensated_bf16_second_moment_is_weak_unless_stochastically_rounded(ro
 
     model = _bf16_model()
     opt = CompensatedAdamW(model.parameters(), exp_avg_sq_dtype=torch.bfloat16, exp_avg_sq_rounding=rounding)
-    config = {"_target_": "lightning_precision.optim.CompensatedAdamW", "exp_avg_sq_dtype": "bf16",
-              "exp_avg_sq_rounding": rounding}
+    config = {
+        "_target_": "lightning_precision.optim.CompensatedAdamW",
+        "exp_avg_sq_dtype": "bf16",
+        "exp_avg_sq_rounding": rounding,
+    }
     assert check_optimizer(opt).status is status
     assert judge(torch.bfloat16, classify_optimizer(config)).status is status  # config and live optimizer agree
 
 
 def test_stochastic_second_moment_shows_in_the_state_text():
-    config = {"_target_": "lightning_precision.optim.CompensatedAdamW", "exp_avg_sq_dtype": "bf16",
-              "exp_avg_sq_rounding": "stochastic"}
+    config = {
+        "_target_": "lightning_precision.optim.CompensatedAdamW",
+        "exp_avg_sq_dtype": "bf16",
+        "exp_avg_sq_rounding": "stochastic",
+    }
     info = classify_optimizer(config)
     assert info.state_text(torch.bfloat16) == "bfloat16 / bfloat16 (stochastic rounding)"
     assert sum(b for _, b in info.state_parts(torch.bfloat16)) == 2 + 2 + 2  # exp_avg, exp_avg_sq, compensation
 
 
-def test_judge_peft_and_auto_fp32_with_master():
+def test_peft_flag_does_not_excuse_bf16_adapters_under_adamw():
     adamw = classify_optimizer("torch.optim.AdamW")
-    assert judge(torch.bfloat16, adamw, peft=True).status is Status.NOT_JUDGED
+    verdict = judge(torch.bfloat16, adamw, peft=True)
+    assert verdict.status is Status.UNSAFE and "fp32_modules=['*.lora_A.*', '*.lora_B.*']" in verdict.message
+
+
+def test_peft_with_storage_not_known_yet_waits_for_the_adapters_dtype():
+    verdict = judge(None, classify_optimizer("torch.optim.AdamW"), peft=True)
+    assert verdict.status is Status.NOT_JUDGED and "adapters are judged by their dtype" in verdict.message
+
+
+def test_judge_auto_fp32_with_master_is_wasteful():
     assert judge(torch.float32, classify_optimizer(FLASH), storage_was_auto=True).status is Status.WASTEFUL
 
 

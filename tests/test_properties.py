@@ -134,9 +134,7 @@ def test_judge_is_a_pure_function_of_its_inputs(storage, info, peft, auto):
 @given(storage=storages, info=infos, peft=st.booleans())
 def test_only_half_storage_with_in_place_update_is_unsafe(storage, info, peft):
     unsafe = judge(storage, info, peft=peft).status is Status.UNSAFE
-    expected = (
-        not peft and storage in (torch.bfloat16, torch.float16) and info.kind is OptimizerKind.STATE_FOLLOWS_PARAM
-    )
+    expected = storage in (torch.bfloat16, torch.float16) and info.kind is OptimizerKind.STATE_FOLLOWS_PARAM
     assert unsafe == expected
 
 

@@ -38,7 +38,7 @@ class PrecisionGuard(PolicyHolder, Callback):
     Args:
         on_unsafe: ``"warn"``, ``"error"`` (raise :class:`PrecisionPairingError` before the first step) or
             ``"ignore"``; ``None`` (default): the policy set on the precision plugin or strategy, else ``"warn"``.
-        peft: Only adapters train: the pairing is not judged.
+        peft: Only adapters train: the storage dtype is left to the model; the adapters are still judged by their dtype.
         log_table: Log the contract table on rank zero.
 
     Raises:

@@ -35,8 +35,8 @@ def check(
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"``; ``None`` (default): the policy given to the precision
             plugin, else ``"warn"``. A policy given here also applies to the plugin's first-step check of optimizers
             not passed here.
-        peft: Only adapters train: the pairing is not judged. ``None``: the precision plugin's ``peft``, else
-            ``False``.
+        peft: Only adapters train: worded in the verdict only; the adapters are judged by their dtype. ``None``:
+            the precision plugin's ``peft``, else ``False``.
 
     Returns:
         One verdict per optimizer, in order.

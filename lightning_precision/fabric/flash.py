@@ -19,7 +19,7 @@ class FlashPrecision(FlashMixin, _FabricHalfInputs):
             ``"audio"``).
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"``; ``None`` (default): the policy given to ``check``, else
             ``"warn"``.
-        peft: Only adapters train: the pairing is not judged.
+        peft: Only adapters train: the storage dtype is left to the model; the adapters are still judged by their dtype.
         cast_model_kwargs: Extra arguments for :func:`flashoptim.cast_model`.
         fp32_modules: Submodules kept in fp32 (see :mod:`lightning_precision.fp32_modules`).
         accumulate_grad_dtype: ``"float32"`` sums the gradients of every ``fabric.backward`` between two optimizer

@@ -22,7 +22,7 @@ class HalfPrecisionForAudio(TrueHalfMixin, _FabricHalfInputs, HalfPrecision):
             ``"audio"``).
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing; ``None`` (default): the
             policy given to ``check``, else ``"warn"``.
-        peft: Only adapters train: the pairing is not judged.
+        peft: Only adapters train: the storage dtype is left to the model; the adapters are still judged by their dtype.
         fp32_modules: Submodules kept in fp32 (see :mod:`lightning_precision.fp32_modules`).
         accumulate_grad_dtype: ``"float32"`` sums the gradients of every ``fabric.backward`` between two optimizer
             steps in fp32 buffers (4 B per half parameter; ``param.grad`` stays ``None`` meanwhile) and hands the sum

@@ -23,7 +23,7 @@ class CheckedMixedPrecision(CheckedMixedMixin, _FabricPairingCheck, MixedPrecisi
         scaler: Optional gradient scaler for ``16-mixed``.
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"``; ``None`` (default): the policy given to ``check``, else
             ``"warn"``.
-        peft: Only adapters train: the pairing is not judged.
+        peft: Only adapters train: the storage dtype is left to the model; the adapters are still judged by their dtype.
 
     Raises:
         PrecisionConfigError: If ``precision`` is not a mixed precision string, or ``on_unsafe`` is not a policy.

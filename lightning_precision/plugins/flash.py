@@ -23,7 +23,7 @@ class FlashPrecision(FlashMixin, _CheckedHalfInputs):
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing (e.g. a torch optimizer,
             or ``FlashAdamW(master_weight_bits=None)``, on half parameters); ``None`` (default): the policy set
             elsewhere in the Trainer (guard, strategy, config), else ``"warn"``.
-        peft: Only adapters train: the pairing is not judged.
+        peft: Only adapters train: the storage dtype is left to the model; the adapters are still judged by their dtype.
         cast_model_kwargs: Extra arguments for :func:`flashoptim.cast_model`, e.g. ``full_precision_layers``.
         fp32_modules: Submodules kept in fp32 (parameters, buffers, inputs, math), handing their outputs on in the
             half dtype: module-name patterns (``"frontend"``, ``"*.norm"``), class names or ``nn.Module`` types. See

@@ -21,7 +21,7 @@ class HalfPrecisionForAudio(TrueHalfMixin, _CheckedHalfInputs, HalfPrecision):
             top-level tuple or list batch (``[0]`` for NeMo's ``(audio, audio_len, tokens, tokens_len)``).
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing; ``None`` (default): the
             policy set elsewhere in the Trainer (guard, strategy, config), else ``"warn"``.
-        peft: Only adapters train: the pairing is not judged.
+        peft: Only adapters train: the storage dtype is left to the model; the adapters are still judged by their dtype.
         fp32_modules: Submodules kept in fp32 (parameters, buffers, inputs, math), handing their outputs on in the
             half dtype: module-name patterns (``"frontend"``, ``"*.norm"``), class names or ``nn.Module`` types. See
             :mod:`lightning_precision.fp32_modules`.

@@ -21,7 +21,7 @@ class CheckedMixedPrecision(CheckedMixedMixin, _PairingCheck, MixedPrecision):
         scaler: Optional gradient scaler for ``16-mixed``.
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing; ``None`` (default): the
             policy set elsewhere in the Trainer (guard, strategy, config), else ``"warn"``.
-        peft: Only adapters train: the pairing is not judged.
+        peft: Only adapters train: the storage dtype is left to the model; the adapters are still judged by their dtype.
 
     Raises:
         PrecisionConfigError: If ``precision`` is not a mixed precision string.

@@ -105,7 +105,7 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
             does the casting.
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe storage/optimizer pairing. ``None``: the
             policy set by ``resolve_trainer_cfg`` or on another component of the Trainer, else ``"warn"``.
-        peft: Only adapters train: storage is left to the model and the pairing is not judged.
+        peft: Only adapters train: storage is left to the model; the adapters are still judged by their dtype.
         fp32_modules: Submodules kept in fp32 (storage, inputs, math), handing their outputs on in the compute dtype:
             module-name patterns, class names or ``nn.Module`` types (see :mod:`lightning_precision.fp32_modules`).
             Each becomes its own FSDP unit that gathers in fp32.

@@ -59,10 +59,37 @@ def test_check_follows_the_plugin_policy_and_refuses_a_disagreeing_one():
         check(fabric, optimizer, on_unsafe="loud")
 
 
-def test_peft_is_not_judged():
-    fabric = fabric_with(HalfPrecisionForAudio("bf16-true", peft=True))
-    _, optimizer = fabric.setup(net := Net(), torch.optim.AdamW(net.parameters()))
-    assert [v.status for v in check(fabric, optimizer)] == [Status.NOT_JUDGED]
+def _lora_llama():
+    peft = pytest.importorskip("peft", reason="peft is a test extra: pip install -e '.[test]'")
+    transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    return peft.get_peft_model(
+        transformers.LlamaForCausalLM(config), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+
+
+def _lora_fit_step(fp32_modules):
+    fabric = fabric_with(HalfPrecisionForAudio("bf16-true", peft=True, fp32_modules=fp32_modules))
+    model = fabric.setup(_lora_llama())
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+    verdicts = check(fabric, optimizer)
+    ids = torch.randint(0, 64, (2, 8))
+    fabric.backward(model(input_ids=ids, labels=ids).loss)
+    optimizer.step()
+    return verdicts, {p.dtype for p in model.parameters() if p.requires_grad}
+
+
+def test_peft_lora_adapters_cast_to_bf16_under_adamw_are_unsafe():
+    with pytest.warns(PrecisionWarning, match="trainable bfloat16 parameter tensors"):
+        verdicts, adapter_dtypes = _lora_fit_step(None)
+    assert adapter_dtypes == {torch.bfloat16} and [v.status for v in verdicts] == [Status.UNSAFE]
+
+
+def test_peft_lora_adapters_kept_fp32_as_the_fix_says_are_safe_and_train():
+    verdicts, adapter_dtypes = _lora_fit_step(["*.lora_A.*", "*.lora_B.*"])
+    assert adapter_dtypes == {torch.float32} and [v.status for v in verdicts] == [Status.SAFE]
 
 
 def test_mixed_precision_catches_a_model_loaded_in_bf16():
