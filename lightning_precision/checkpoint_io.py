@@ -89,6 +89,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
         fsync_directory(directory)
 
+    @override
+    def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Load the checkpoint at ``path`` with Lightning's own loader, after checking the path.
+
+        Args:
+            path: The checkpoint file.
+            *args: Passed on to Lightning's ``TorchCheckpointIO.load_checkpoint`` (``map_location``, and
+                ``weights_only`` where the installed Lightning takes it).
+            **kwargs: As ``args``.
+
+        Raises:
+            TypeError: If ``path`` is not a string or path.
+            ValueError: If ``path`` is empty.
+            IsADirectoryError: If ``path`` is a directory.
+        """
+        _local_target(path)
+        return super().load_checkpoint(path, *args, **kwargs)
+
 
 def remove_partial_files(directory: Path) -> list[Path]:
     """Remove what killed :class:`AtomicCheckpointIO` saves left in ``directory``; one log line if anything was there.

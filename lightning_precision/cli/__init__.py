@@ -192,11 +192,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from lightning_precision.cli.compare import run_compare
-    from lightning_precision.values import parse_number
 
-    threads = parse_number(args.threads, what="--threads", integer=True, low=1) if args.threads is not None else None
     output_dir = writable_directory(args.output_dir, what="--output-dir")  # before the recipes train, not after
-    report = run_compare(recipes=args.recipes, steps=args.steps, seed=args.seed, output_dir=output_dir, threads=threads)
+    report = run_compare(recipes=args.recipes, steps=args.steps, seed=args.seed, output_dir=output_dir, threads=args.threads)
     print(report.format_text())
     return EXIT_OK if report.ok else EXIT_UNSAFE
 

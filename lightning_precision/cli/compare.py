@@ -25,7 +25,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning_precision.cli.plot import PlotUnavailableError, plot_losses
 from lightning_precision.demos import DEFAULT_LAST_K, DEFAULT_MAX_STEPS
 from lightning_precision.dtypes import dtype_name
+from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.memory import PEAK_DEFINITION
+from lightning_precision.values import PATH_TYPES, expect_type, parse_number
 
 REFERENCE = "32-true"
 COMPENSATED_OPTIMIZER = "lightning_precision.optim.CompensatedAdamW"
@@ -274,13 +276,21 @@ def run_compare(
 
     Returns:
         The report; ``report.ok`` is false if a recipe crashed.
-    """
-    steps = steps if steps is not None else DEFAULT_MAX_STEPS
-    if steps < 1:
-        from lightning_precision.cli.yaml_loading import ConfigInputError
 
-        raise ConfigInputError(f"--steps must be at least 1, got {steps}.")
-    threads = threads or DEFAULT_THREADS
+    Raises:
+        PrecisionConfigError: If ``steps`` or ``threads`` is not an int >= 1, ``seed`` not an int >= 0, or a recipe
+            is unknown (the message names the value and the valid choices).
+        TypeError: If ``output_dir`` is not a path.
+    """
+    steps = parse_number(steps, what="steps", integer=True, low=1) if steps is not None else DEFAULT_MAX_STEPS
+    threads = parse_number(threads, what="threads", integer=True, low=1) if threads is not None else DEFAULT_THREADS
+    seed = parse_number(seed, what="seed", integer=True, low=0)
+    expect_type(output_dir, PATH_TYPES, what="run_compare(output_dir=...)", expected="a directory path")
+    output_dir = Path(output_dir)
+    unknown = [name for name in recipes if name not in RECIPES]
+    if isinstance(recipes, str) or unknown:
+        shown = recipes if isinstance(recipes, str) else unknown
+        raise PrecisionConfigError(f"Unknown recipe(s) {shown!r}; valid choices: {', '.join(RECIPES)}.")
     torch.set_num_threads(threads)
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.perf_counter()

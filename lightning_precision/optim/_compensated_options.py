@@ -8,6 +8,7 @@ tensors, numbers, strings, None and containers of them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.optim._stochastic_rounding import ROUNDINGS
-from lightning_precision.values import parse_bool, parse_dtype_choice, parse_number
+from lightning_precision.values import expect_type, parse_bool, parse_dtype_choice, parse_number
 
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_OPTIONS = ("exp_avg_dtype", "exp_avg_sq_dtype")
@@ -113,6 +114,20 @@ def _normalise_group_options(group: dict[str, Any], where: str = "") -> None:
         _check_implementation(group["implementation"])
     if "chunk_size" in group:
         _check_chunk_size(group["chunk_size"])
+
+
+def check_new_group(group: Any, index: int) -> None:
+    """Check a param group given to ``add_param_group`` (the constructor's groups included) and normalise it.
+
+    Raises:
+        TypeError: If ``group`` is not a dict, or its ``params`` not a tensor or an iterable of tensors.
+        PrecisionConfigError: If an option is not one of the valid choices (the message names the group).
+    """
+    where = f"CompensatedAdamW param group {index}"
+    expect_type(group, dict, what=where, expected="a dict with a 'params' entry")
+    expected = "a tensor or an iterable of tensors"
+    expect_type(group.get("params"), (torch.Tensor, Iterable), what=f"{where}['params']", expected=expected)
+    _normalise_group_options(group, f" (param group {index})")
 
 
 def check_options(settings: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from lightning_precision.optim._compensated_options import (
     _STATE_DTYPES,
     _normalise_group_options,
     _state_dtype_name,
+    check_new_group,
     check_options,
     check_rounding_dtypes,
 )
@@ -196,10 +197,11 @@ class CompensatedAdamW(Optimizer):
             param_group: Dict with ``params`` and optional per-group options.
 
         Raises:
+            TypeError: If ``param_group`` is not a dict, or its ``params`` not a tensor or an iterable of tensors.
             PrecisionConfigError: If a per-group option is not one of the valid choices (the message names the
                 group, e.g. ``lr (param group 1)``).
         """
-        _normalise_group_options(param_group, f" (param group {len(self.param_groups)})")
+        check_new_group(param_group, len(self.param_groups))
         super().add_param_group(param_group)
         check_rounding_dtypes(self.param_groups[-1])
 

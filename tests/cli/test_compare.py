@@ -3,6 +3,8 @@
 import json
 import sys
 
+import pytest
+
 from tests.cli.helpers import run
 
 
@@ -68,3 +70,25 @@ def test_compare_without_matplotlib_prints_the_table_and_how_to_get_the_plot(cap
     [hint] = [line for line in out.splitlines() if "matplotlib" in line]
     assert 'pip install "lightning_precision[plot]"' in hint
     assert not (tmp_path / "compare_loss.png").exists() and (tmp_path / "compare.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"threads": -1}, "threads: -1"),
+        ({"threads": 1.5}, "threads: 1.5"),
+        ({"steps": 0}, "steps: 0"),
+        ({"seed": "abc"}, "seed: 'abc'"),
+        ({"recipes": ["bf16-tru"]}, "'bf16-tru'"),
+        ({"recipes": "32-true"}, "'32-true'"),
+    ],
+)
+def test_run_compare_refuses_a_bad_value_before_training(tmp_path, kwargs, named):
+    from lightning_precision.cli.compare import RECIPES, run_compare
+    from lightning_precision.errors import PrecisionConfigError
+
+    with pytest.raises(PrecisionConfigError) as err:
+        run_compare(output_dir=tmp_path, progress=lambda line: pytest.fail(f"a recipe ran: {line}"), **kwargs)
+    assert named in str(err.value)
+    if "recipes" in kwargs:
+        assert all(name in str(err.value) for name in RECIPES)

@@ -83,7 +83,7 @@ _BAD_INPUTS = [
     ("utf16-file", ["explain", "{cfg}"], _BASE.encode("utf-16"), "UTF-8"),
     ("recursive-alias", ["explain", "{cfg}"], _BASE + "x: &loop [*loop]\n", "alias"),
     ("betas-abc", ["train", "{cfg}"], _BASE + _ADAMW + "  betas: [0.9, abc]\n", "'abc'"),
-    ("threads-negative", ["compare", "--threads", "-1", "--steps", "1"], None, "--threads: -1"),
+    ("threads-negative", ["compare", "--threads", "-1", "--steps", "1"], None, "threads: -1"),
     ("output-dir-is-a-file", ["train", "{cfg}", "--output-dir", "{file}"], _BASE, "a-file"),
     ("compare-output-dir-is-a-file", ["compare", "--steps", "1", "--output-dir", "{file}"], None, "a-file"),
     ("unwritable-output-dir", ["train", "{cfg}", "--output-dir", "{locked}"], _BASE, "runs"),
