@@ -84,7 +84,9 @@ def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise ConfigInputError(f"config file not found: {path}")
     try:
-        cfg = OmegaConf.load(path)
+        # OmegaConf fails on a top level that is not a mapping (`false`, `'0'`) with an OSError or an assert.
+        top = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        cfg = OmegaConf.load(path) if top is None or isinstance(top, yaml.MappingNode) else None
     except yaml.YAMLError as err:
         raise ConfigInputError(f"{path}: not valid YAML: {_one_line(err)}") from err
     except OmegaConfBaseException as err:
@@ -98,6 +100,8 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ConfigInputError(
             f"{path}: a YAML alias refers to its own anchor (a structure that contains itself)."
         ) from err
+    except OSError as err:
+        raise ConfigInputError(f"{path}: cannot be read: {_one_line(err)}") from err
     if not isinstance(cfg, DictConfig):
         raise ConfigInputError(f"{path}: the top level must be a mapping of sections ({', '.join(RUN_SECTIONS)}).")
     return cfg

@@ -82,6 +82,8 @@ _BAD_INPUTS = [
     ("binary-file", ["explain", "{cfg}"], bytes(range(256)), "config.yaml"),
     ("utf16-file", ["explain", "{cfg}"], _BASE.encode("utf-16"), "UTF-8"),
     ("recursive-alias", ["explain", "{cfg}"], _BASE + "x: &loop [*loop]\n", "alias"),
+    ("top-level-false", ["explain", "{cfg}"], "false\n", "top level must be a mapping"),
+    ("top-level-quoted-number", ["explain", "{cfg}"], "'0'\n", "top level must be a mapping"),
     ("betas-abc", ["train", "{cfg}"], _BASE + _ADAMW + "  betas: [0.9, abc]\n", "'abc'"),
     ("threads-negative", ["compare", "--threads", "-1", "--steps", "1"], None, "threads: -1"),
     ("output-dir-is-a-file", ["train", "{cfg}", "--output-dir", "{file}"], _BASE, "a-file"),
