@@ -19,8 +19,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_precision._logging import info_rank_zero
-from lightning_precision.audio_presets import AudioPresetName, find_front_end, get_audio_preset, missing_inputs_message
+from lightning_precision._logging import info_once, info_rank_zero
+from lightning_precision.audio_presets import (
+    AudioPresetName,
+    find_front_end,
+    get_audio_preset,
+    missing_inputs_message,
+    suggest_preset,
+)
 from lightning_precision.casting import (
     DEFAULT_PRESERVE_KEYS,
     PreserveKey,
@@ -190,8 +196,22 @@ class HalfInputsMixin(PairingCheckMixin):
         cast_keeping_fp32(module, kept, cast)
         add_fp32_boundaries(kept, self._desired_input_dtype)
         self.fp32_module_names = tuple(name for name, _ in kept)
+        if self.audio_preset is None:
+            self._suggest_audio_preset(module)
         self._after_convert(module)
         return module
+
+    def _suggest_audio_preset(self, module: Module) -> None:
+        """Say once, without changing anything, when the model has a front end that a preset would keep in fp32."""
+        found = suggest_preset(module, list(self.fp32_module_names))
+        if found is not None:
+            preset, half_names = found
+            info_once(
+                f"audio_preset:{preset.name}",
+                f"{type(self).__name__}: {preset.title}'s audio front end ({', '.join(half_names)}) runs in "
+                f"{dtype_name(self._desired_input_dtype)}, and so does its input unless preserve_keys names it: "
+                f"audio_preset={preset.name!r} keeps both in fp32.",
+            )
 
     def _after_convert(self, module: Module) -> None:
         """Called with the converted module (the Fabric plugins hook the fp32 accumulation buffers here)."""

@@ -29,6 +29,7 @@ class AudioPreset:
 
     Attributes:
         name: The ``audio_preset`` value.
+        title: The family's short name (for messages).
         family: The models it is for, in words.
         input_keys: Batch key patterns (see :func:`~lightning_precision.casting.cast_batch`) and positions of a tuple
             batch that hold the audio.
@@ -37,6 +38,7 @@ class AudioPreset:
     """
 
     name: str
+    title: str
     family: str
     input_keys: tuple[PreserveKey, ...]
     front_end: tuple[str, ...]
@@ -66,6 +68,7 @@ AUDIO_PRESETS: dict[str, AudioPreset] = {
         # The log-mel input and the two convolutions that read it; the positional embedding and layers are not front end.
         AudioPreset(
             "whisper",
+            "Whisper",
             "Hugging Face Whisper (WhisperForConditionalGeneration, WhisperModel, WhisperForAudioClassification)",
             ("input_features",),
             ("conv1", "conv2"),
@@ -75,6 +78,7 @@ AUDIO_PRESETS: dict[str, AudioPreset] = {
         # out of the kept encoder already in the compute dtype, so fp32 there would only cost memory.
         AudioPreset(
             "wav2vec2",
+            "Wav2Vec2",
             "Hugging Face Wav2Vec2 and the models sharing its convolutional feature encoder (Wav2Vec2-Conformer, "
             "HuBERT, WavLM, Data2VecAudio, UniSpeech, UniSpeechSat)",
             ("input_values",),
@@ -85,6 +89,7 @@ AUDIO_PRESETS: dict[str, AudioPreset] = {
         # (input_signal, input_signal_length, targets, target_length) tuples, or forward(input_signal=...) keywords.
         AudioPreset(
             "nemo_asr",
+            "NeMo ASR",
             "NeMo ASR models (EncDecCTCModel, EncDecRNNTModel, ...) and LightningModules built like them",
             (0, "input_signal", "audio_signal"),
             ("preprocessor",),
@@ -185,3 +190,20 @@ def refused_under_autocast(preset: AudioPreset, precision: str, where: str) -> s
         "end's convolutions and matmuls in half precision whatever their weights: use a '*-true' or '*-flash' "
         "precision with the preset, or drop audio_preset."
     )
+
+
+def suggest_preset(model: nn.Module, kept: list[str]) -> tuple[AudioPreset, list[str]] | None:
+    """A preset whose front end ``model`` holds, recognised by its owner class, with the front-end modules that
+    ``kept`` (the fp32 module names) leaves in half precision; ``None`` if there is none. Never decides anything: a
+    plugin without a preset only says so."""
+    for preset in AUDIO_PRESETS.values():
+        if not preset.owners or not _holds(model, preset):
+            continue
+        try:
+            front_end = find_front_end(model, preset)
+        except PrecisionConfigError:  # an owner built differently: not this family after all
+            continue
+        cast = [n for n in front_end if not any(n == k or n.startswith(f"{k}.") for k in kept)]
+        if cast:
+            return preset, cast
+    return None

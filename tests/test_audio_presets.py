@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from lightning_precision import PrecisionConfigError
-from lightning_precision.audio_presets import AUDIO_PRESETS, AudioPresetName, find_front_end, get_audio_preset
+from lightning_precision.audio_presets import (
+    AUDIO_PRESETS,
+    AudioPresetName,
+    find_front_end,
+    get_audio_preset,
+    suggest_preset,
+)
 from lightning_precision.casting import holds_preserved
 from tests import audio_models
 
@@ -86,3 +92,20 @@ def test_an_owner_missing_a_front_end_module_is_refused():
 )
 def test_holds_preserved_looks_for_a_floating_tensor_under_the_keys(batch, found):
     assert holds_preserved(batch, AUDIO_PRESETS["nemo_asr"].input_keys) is found
+
+
+def test_suggest_preset_names_the_front_end_left_in_half_precision():
+    preset, half = suggest_preset(audio_models.whisper(), kept=["model.encoder.conv2"])
+    assert (preset.name, half) == ("whisper", ["model.encoder.conv1"])
+
+
+@pytest.mark.parametrize(
+    ("model", "kept"),
+    [
+        (audio_models.whisper, ["model.encoder"]),  # kept by the user, a level up
+        (audio_models.NemoStyleASR, []),  # a module named preprocessor is no proof of NeMo: only the preset says so
+        (lambda: nn.Sequential(nn.Conv1d(1, 1, 3)), []),
+    ],
+)
+def test_suggest_preset_says_nothing_when_nothing_is_left_in_half_or_nothing_is_recognised(model, kept):
+    assert suggest_preset(model(), kept=kept) is None

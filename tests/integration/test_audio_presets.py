@@ -4,6 +4,8 @@ bf16, and a step trains. Needs ``transformers`` (a test extra)."""
 
 from __future__ import annotations
 
+import logging
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -133,3 +135,13 @@ def test_flash_precision_keeps_the_preset_front_end_fp32():
     model = audio_models.wav2vec2()
     FlashPrecision("bf16-flash", audio_preset="wav2vec2").convert_module(model)
     assert _dtypes(model, ["wav2vec2.feature_extractor"]) == ({torch.float32}, {torch.bfloat16})
+
+
+def test_without_a_preset_the_plugin_says_once_which_preset_keeps_the_front_end(caplog):
+    with caplog.at_level(logging.INFO, logger="lightning_precision"):
+        for _ in range(2):
+            HalfPrecisionForAudio("bf16-true").convert_module(audio_models.wav2vec2())
+    lines = [r.getMessage() for r in caplog.records if "audio_preset=" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].startswith("HalfPrecisionForAudio: Wav2Vec2's audio front end (wav2vec2.feature_extractor) runs in")
+    assert lines[0].endswith("audio_preset='wav2vec2' keeps both in fp32.")
