@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_precision.casting import PreserveKey
 from lightning_precision.errors import PrecisionConfigError
+from lightning_precision.values import expect_type
 
 AudioPresetName = Literal["whisper", "wav2vec2", "nemo_asr"]
 
@@ -102,15 +103,17 @@ def get_audio_preset(name: Any, *, what: str = "audio_preset") -> AudioPreset | 
     """The preset called ``name``; ``None`` for ``None`` (no preset).
 
     Raises:
+        TypeError: If ``name`` is neither a string nor ``None``.
         PrecisionConfigError: If ``name`` is not a preset name; names the valid ones.
     """
     if name is None:
         return None
     if isinstance(name, AudioPreset):
         return name
-    if not isinstance(name, str) or name not in AUDIO_PRESETS:
+    expect_type(name, str, what=what, expected=f"a preset name ({', '.join(map(repr, AUDIO_PRESETS))}) or None")
+    if name not in AUDIO_PRESETS:
         raise PrecisionConfigError(
-            f"{what}={name!r} is not an audio preset. Valid choices: {', '.join(map(repr, AUDIO_PRESETS))} (or None "
+            f"{what}: {name!r} is not an audio preset. Valid choices: {', '.join(map(repr, AUDIO_PRESETS))} (or None "
             "for no preset; name other front ends with fp32_modules and their keys with preserve_keys)."
         )
     return AUDIO_PRESETS[name]

@@ -27,9 +27,17 @@ def test_the_literal_lists_the_table():
     assert get_args(AudioPresetName) == tuple(AUDIO_PRESETS)
 
 
-@pytest.mark.parametrize("bad", ["Whisper", "nemo", "", 3, ["whisper"]])
+@pytest.mark.parametrize("bad", ["Whisper", "nemo", ""])
 def test_an_unknown_preset_names_the_value_and_the_choices(bad):
-    with pytest.raises(PrecisionConfigError, match=r"audio_preset=.*'whisper', 'wav2vec2', 'nemo_asr'"):
+    with pytest.raises(
+        PrecisionConfigError, match=rf"audio_preset: '{bad}' is not .*'whisper', 'wav2vec2', 'nemo_asr'"
+    ):
+        get_audio_preset(bad)
+
+
+@pytest.mark.parametrize("bad", [3, ["whisper"], True])
+def test_a_preset_that_is_not_a_string_is_a_type_error(bad):
+    with pytest.raises(TypeError, match=r"audio_preset expects a preset name \('whisper'.*got"):
         get_audio_preset(bad)
 
 

@@ -427,7 +427,7 @@ def test_audio_preset_option_reaches_the_plugin_built_from_the_precision(precisi
 def test_an_unknown_audio_preset_option_is_refused_even_by_explain():
     cfg = {"precision": "bf16-true", "lightning_precision": {"audio_preset": "whisper-large"}}
     with pytest.raises(
-        PrecisionConfigError, match=r"trainer.lightning_precision.audio_preset='whisper-large'.*'whisper'"
+        PrecisionConfigError, match=r"trainer.lightning_precision.audio_preset: 'whisper-large'.*'whisper'"
     ):
         plan_trainer_cfg(cfg, build=False)
 

@@ -55,7 +55,7 @@ def test_audio_preset_checks_only_until_its_keys_are_found():
 
 
 def test_unknown_audio_preset_is_refused_with_the_call():
-    with pytest.raises(PrecisionConfigError, match=r"HalfPrecisionForAudio\(audio_preset=...\)='hubert'"):
+    with pytest.raises(PrecisionConfigError, match=r"HalfPrecisionForAudio\(audio_preset=...\): 'hubert'"):
         HalfPrecisionForAudio("bf16-true", audio_preset="hubert")
 
 
