@@ -19,8 +19,21 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_precision._logging import info_rank_zero
-from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, PreserveKey, cast_batch, normalize_preserve_keys
+from lightning_precision._logging import info_once, info_rank_zero
+from lightning_precision.audio_presets import (
+    AudioPresetName,
+    find_front_end,
+    get_audio_preset,
+    missing_inputs_message,
+    suggest_preset,
+)
+from lightning_precision.casting import (
+    DEFAULT_PRESERVE_KEYS,
+    PreserveKey,
+    cast_batch,
+    holds_preserved,
+    normalize_preserve_keys,
+)
 from lightning_precision.dtypes import HALF_DTYPES, dtype_name
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.fp32_modules import (
@@ -153,9 +166,14 @@ class HalfInputsMixin(PairingCheckMixin):
         fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
         accumulate_grad_dtype: str | torch.dtype | None = None,
         keep_batchnorm_fp32: bool = True,
+        audio_preset: AudioPresetName | None = None,
     ) -> None:
         name = type(self).__name__
-        self.preserve_keys = normalize_preserve_keys(preserve_keys)
+        self.audio_preset = get_audio_preset(audio_preset, what=f"{name}(audio_preset=...)")
+        keys = normalize_preserve_keys(preserve_keys)
+        # The preset's audio keys are kept as well as the ones given (the default "audio" included).
+        self.preserve_keys = tuple(dict.fromkeys((*keys, *self.audio_preset.input_keys))) if self.audio_preset else keys
+        self._preset_inputs_found = False
         self.fp32_modules = normalize_fp32_modules(fp32_modules, what=f"{name}(fp32_modules=...)")
         self.keep_batchnorm_fp32 = parse_bool(keep_batchnorm_fp32, what=f"{name}(keep_batchnorm_fp32=...)")
         self.fp32_module_names: tuple[str, ...] = ()  # what convert_module kept in fp32, for the contract
@@ -171,12 +189,29 @@ class HalfInputsMixin(PairingCheckMixin):
             # Running mean/var accumulated in half precision drift from the fp32 statistics (apex O2's
             # keep_batchnorm_fp32): BatchNorm layers, SyncBatchNorm included, stay fp32 and are listed in the contract.
             selectors = (*selectors, _BatchNorm)
+        if self.audio_preset is not None:
+            selectors = (*selectors, *find_front_end(module, self.audio_preset))
+            self._preset_inputs_found = False  # each fit (or fabric.setup) checks its first batch again
         kept = select_fp32_modules(module, selectors)
         cast_keeping_fp32(module, kept, cast)
         add_fp32_boundaries(kept, self._desired_input_dtype)
         self.fp32_module_names = tuple(name for name, _ in kept)
+        if self.audio_preset is None:
+            self._suggest_audio_preset(module)
         self._after_convert(module)
         return module
+
+    def _suggest_audio_preset(self, module: Module) -> None:
+        """Say once, without changing anything, when the model has a front end that a preset would keep in fp32."""
+        found = suggest_preset(module, list(self.fp32_module_names))
+        if found is not None:
+            preset, half_names = found
+            info_once(
+                f"audio_preset:{preset.name}",
+                f"{type(self).__name__}: {preset.title}'s audio front end ({', '.join(half_names)}) runs in "
+                f"{dtype_name(self._desired_input_dtype)}, and so does its input unless preserve_keys names it: "
+                f"audio_preset={preset.name!r} keeps both in fp32.",
+            )
 
     def _after_convert(self, module: Module) -> None:
         """Called with the converted module (the Fabric plugins hook the fp32 accumulation buffers here)."""
@@ -184,6 +219,20 @@ class HalfInputsMixin(PairingCheckMixin):
     def cast_inputs(self, batch: Any) -> Any:
         """Cast the floating-point tensors of ``batch`` to the half dtype, except under the preserved keys."""
         return cast_batch(batch, self._desired_input_dtype, self.preserve_keys)
+
+    def check_preset_inputs(self, *batch_parts: Any) -> None:
+        """With an ``audio_preset``: until one is found, the batch (given in parts: a Fabric call's arguments and
+        keywords) must hold a floating-point tensor under the preset's keys or positions.
+
+        Raises:
+            PrecisionConfigError: If it holds none: the audio would be cast to half precision without a word.
+        """
+        preset = self.audio_preset
+        if preset is None or self._preset_inputs_found:
+            return
+        if not any(holds_preserved(part, preset.input_keys) for part in batch_parts):
+            raise PrecisionConfigError(missing_inputs_message(preset, batch_parts))
+        self._preset_inputs_found = True
 
 
 class TrueHalfMixin(HalfInputsMixin):
@@ -199,11 +248,18 @@ class TrueHalfMixin(HalfInputsMixin):
         fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
         accumulate_grad_dtype: str | torch.dtype | None = None,
         keep_batchnorm_fp32: bool = True,
+        audio_preset: AudioPresetName | None = None,
     ) -> None:
         # Lightning's canonical "bf16-true" / "16-true", for its HalfPrecision (Trainer or Fabric) next in the MRO.
         super().__init__(true_mode(precision, type(self).__name__).name)  # type: ignore[call-arg]
         self._init_checks(
-            preserve_keys, on_unsafe, peft, fp32_modules, accumulate_grad_dtype, keep_batchnorm_fp32=keep_batchnorm_fp32
+            preserve_keys,
+            on_unsafe,
+            peft,
+            fp32_modules,
+            accumulate_grad_dtype,
+            keep_batchnorm_fp32=keep_batchnorm_fp32,
+            audio_preset=audio_preset,
         )
 
     @override
@@ -228,6 +284,7 @@ class FlashMixin(HalfInputsMixin):
         fp32_modules: Fp32ModuleSelector | Sequence[Fp32ModuleSelector] | None = None,
         accumulate_grad_dtype: str | torch.dtype | None = None,
         keep_batchnorm_fp32: bool = True,
+        audio_preset: AudioPresetName | None = None,
     ) -> None:
         mode = flash_mode(precision, type(self).__name__)
         require_unaffected(FLASHOPTIM_DCP_CORRUPTION)  # its checkpoints would be corrupt: refuse before training
@@ -235,7 +292,13 @@ class FlashMixin(HalfInputsMixin):
         self._desired_input_dtype = mode.compute_dtype
         self.cast_model_kwargs = dict(cast_model_kwargs or {})
         self._init_checks(
-            preserve_keys, on_unsafe, peft, fp32_modules, accumulate_grad_dtype, keep_batchnorm_fp32=keep_batchnorm_fp32
+            preserve_keys,
+            on_unsafe,
+            peft,
+            fp32_modules,
+            accumulate_grad_dtype,
+            keep_batchnorm_fp32=keep_batchnorm_fp32,
+            audio_preset=audio_preset,
         )
 
     @override

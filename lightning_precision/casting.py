@@ -103,6 +103,47 @@ def cast_batch(
     return _cast(batch, dtype, keys)
 
 
+def holds_preserved(batch: Any, preserve_keys: Iterable[PreserveKey] | PreserveKey | None) -> bool:
+    """Whether ``batch`` holds a floating-point tensor that ``preserve_keys`` keep (at a position of a top-level tuple
+    or list batch, or under a matching key or field at any depth), as :func:`cast_batch` reads them.
+
+    Raises:
+        TypeError: If ``preserve_keys`` is not a key or keys.
+    """
+    keys = normalize_preserve_keys(preserve_keys)
+    positions = [k for k in keys if isinstance(k, int)]
+    if positions and isinstance(batch, (list, tuple)):
+        n = len(batch)
+        if any(_holds_float(batch[p]) for p in positions if -n <= p < n):
+            return True
+    return _holds_under_key(batch, keys)
+
+
+def _children(node: Any) -> list[tuple[Any, Any]]:
+    """``(key, value)`` for each element of a container ``cast_batch`` walks; the key is ``None`` in a plain list."""
+    if isinstance(node, Mapping):
+        return list(node.items())
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        return list(zip(node._fields, node))
+    if isinstance(node, (list, tuple)):
+        return [(None, v) for v in node]
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return [(f.name, getattr(node, f.name)) for f in dataclasses.fields(node)]
+    return []
+
+
+def _holds_float(node: Any) -> bool:
+    if isinstance(node, torch.Tensor):
+        return node.is_floating_point()
+    return any(_holds_float(v) for _, v in _children(node))
+
+
+def _holds_under_key(node: Any, patterns: tuple[PreserveKey, ...]) -> bool:
+    return any(
+        _holds_float(v) if is_preserved(k, patterns) else _holds_under_key(v, patterns) for k, v in _children(node)
+    )
+
+
 def _rebuild_sequence(node: list | tuple, values: list[Any]) -> list | tuple:
     if type(node) is list:
         return values

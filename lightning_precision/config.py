@@ -29,6 +29,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_precision._logging import warn_once
+from lightning_precision.audio_presets import get_audio_preset, refused_under_autocast
 from lightning_precision.callbacks.guard import PrecisionGuard
 from lightning_precision.checkpoint_io import AtomicCheckpointIO
 from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, normalize_preserve_keys
@@ -72,7 +73,7 @@ from lightning_precision.strategies.fsdp2_plan import (
 from lightning_precision.values import parse_bool
 
 OPTIONS_KEY = "lightning_precision"
-_OPTIONS = {"on_unsafe": None, "peft": False, "preserve_keys": list(DEFAULT_PRESERVE_KEYS)}
+_OPTIONS = {"on_unsafe": None, "peft": False, "preserve_keys": list(DEFAULT_PRESERVE_KEYS), "audio_preset": None}
 _PLUGIN_FOR_FAMILY = {"true": HalfPrecisionForAudio, "flash": FlashPrecision}
 
 
@@ -179,16 +180,17 @@ def plan_trainer_cfg(
     arguments), the plan is read from those, and the kwargs are a description, not ``pl.Trainer`` arguments."""
     cfg = _to_plain(trainer_cfg, what="trainer")
     raw_options = cfg.get(OPTIONS_KEY)
-    preserve_given = isinstance(raw_options, Mapping) and "preserve_keys" in raw_options
+    plugin_only = [
+        k for k in ("preserve_keys", "audio_preset") if isinstance(raw_options, Mapping) and k in raw_options
+    ]
     options = _pop_options(cfg)
     policy_where = "resolve_trainer_cfg(on_unsafe=...)" if on_unsafe is not None else f"trainer.{OPTIONS_KEY}.on_unsafe"
     config_policy = optional_on_unsafe(
         on_unsafe if on_unsafe is not None else options["on_unsafe"], what=f"trainer.{OPTIONS_KEY}.on_unsafe"
     )
-    peft = parse_bool(
-        peft if peft is not None else options["peft"], what=f"trainer.{OPTIONS_KEY}.peft", spellings=True
-    )
+    peft = parse_bool(peft if peft is not None else options["peft"], what=f"trainer.{OPTIONS_KEY}.peft", spellings=True)
     preserve_keys = normalize_preserve_keys(options["preserve_keys"])
+    audio_preset = get_audio_preset(options["audio_preset"], what=f"trainer.{OPTIONS_KEY}.audio_preset")
 
     entry = _instantiate if build else read_entry
     plugins = [
@@ -212,18 +214,21 @@ def plan_trainer_cfg(
         del cfg["precision"]
         plugin_cls = _PLUGIN_FOR_FAMILY[mode.family]
         plugin_args = {"preserve_keys": preserve_keys, "on_unsafe": config_policy, "peft": peft}
+        plugin_args |= {"audio_preset": audio_preset.name} if audio_preset else {}
         plugins.append(
             plugin_cls(mode.name, **plugin_args)
             if build
             else ClassSpec(plugin_cls, {"precision": mode.name, **plugin_args}, "trainer.precision")
         )
-    elif preserve_given and mode is not None and mode.family in _PLUGIN_FOR_FAMILY:
+    elif plugin_only and mode is not None and mode.family in _PLUGIN_FOR_FAMILY:
         # A casting plugin object was given, so the option would be ignored and the kept keys cast.
         raise PrecisionConfigError(
-            f"trainer.{OPTIONS_KEY}.preserve_keys={options['preserve_keys']!r} is only used by the precision plugin "
+            f"trainer.{OPTIONS_KEY}.{plugin_only[0]}={options[plugin_only[0]]!r} is only used by the precision plugin "
             f"built from trainer.precision, and a {mode.name} precision plugin was given instead: pass "
-            "preserve_keys to your precision plugin instead, or set trainer.precision and drop the plugin."
+            f"{plugin_only[0]} to your precision plugin instead, or set trainer.precision and drop the plugin."
         )
+    if audio_preset is not None and mode is not None and mode.autocast:
+        raise PrecisionConfigError(refused_under_autocast(audio_preset, mode.name, f"trainer.{OPTIONS_KEY}"))
     if not _has_checkpoint_io(plugins, strategy):  # a user's own checkpoint IO (plugin or strategy's) is kept
         plugins.append(AtomicCheckpointIO() if build else ClassSpec(AtomicCheckpointIO, {}, "checkpoint_io"))
     if not any(is_a(c, PrecisionGuard) for c in callbacks):

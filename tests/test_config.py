@@ -412,6 +412,41 @@ def test_preserve_keys_option_ignored_by_a_given_plugin_is_refused():
         resolve_trainer_cfg(cfg)
 
 
+@pytest.mark.parametrize(
+    ("precision", "plugin_cls"), [("bf16-true", HalfPrecisionForAudio), ("bf16-flash", FlashPrecision)]
+)
+def test_audio_preset_option_reaches_the_plugin_built_from_the_precision(precision, plugin_cls):
+    cfg = OmegaConf.create({"precision": precision, "lightning_precision": {"audio_preset": "nemo_asr"}})
+    (plugin,) = _precision_plugins(resolve_trainer_cfg(cfg))
+    assert isinstance(plugin, plugin_cls) and plugin.audio_preset.name == "nemo_asr"
+    assert plugin.preserve_keys == ("audio", 0, "input_signal", "audio_signal")
+    (spec,) = [p for p in plan_trainer_cfg(cfg, build=False)["plugins"] if p.cls is plugin_cls]
+    assert spec.init_args["audio_preset"] == "nemo_asr"  # explain reads the same plugin
+
+
+def test_an_unknown_audio_preset_option_is_refused_even_by_explain():
+    cfg = {"precision": "bf16-true", "lightning_precision": {"audio_preset": "whisper-large"}}
+    with pytest.raises(
+        PrecisionConfigError, match=r"trainer.lightning_precision.audio_preset: 'whisper-large'.*'whisper'"
+    ):
+        plan_trainer_cfg(cfg, build=False)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_audio_preset_under_autocast_is_refused(precision):
+    cfg = {"precision": precision, "lightning_precision": {"audio_preset": "whisper"}}
+    with pytest.raises(
+        PrecisionConfigError, match=rf"audio_preset='whisper'.*precision='{precision}' runs under autocast"
+    ):
+        resolve_trainer_cfg(cfg)
+
+
+def test_audio_preset_option_ignored_by_a_given_plugin_is_refused():
+    cfg = {"plugins": [HalfPrecision("bf16-true")], "lightning_precision": {"audio_preset": "whisper"}}
+    with pytest.raises(PrecisionConfigError, match=r"audio_preset='whisper'.*pass audio_preset to your precision"):
+        resolve_trainer_cfg(cfg)
+
+
 def test_a_callback_whose_constructor_raises_is_a_config_error_naming_it_with_the_cause_chained():
     entry = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"every_n_train_steps": -1}}
     with pytest.raises(PrecisionConfigError, match=r"trainer\.callbacks\[0\].*every_n_train_steps=-1") as caught:

@@ -122,8 +122,11 @@ class _FabricHalfInputs(HalfInputsMixin, _FabricPairingCheck):
         patterns match mapping keys, fields and keyword-argument names (``model(x, audio=wave)``).
         """
         if not (isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], dict)):
+            self.check_preset_inputs(data)
             return self.cast_inputs(data)  # called directly with a batch
         args, kwargs = data
         if len(args) == 1 and not kwargs and isinstance(args[0], (list, tuple)):
+            self.check_preset_inputs(args[0])
             return (self.cast_inputs(args[0]),), kwargs
+        self.check_preset_inputs(args, kwargs)
         return self.cast_inputs(args), self.cast_inputs(kwargs)

@@ -32,8 +32,16 @@ class HalfPrecisionForAudio(TrueHalfMixin, _FabricHalfInputs, HalfPrecision):
         keep_batchnorm_fp32: Keep every ``_BatchNorm`` module (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) in fp32,
             as apex O2 did (default True): half-precision running statistics drift from the fp32 ones. The kept
             layers are listed in the contract's fp32 modules. ``False`` casts them with the rest.
+        audio_preset: ``"whisper"``, ``"wav2vec2"`` or ``"nemo_asr"``: keep that speech model family's audio input
+            and front end in fp32 (Whisper's ``input_features`` and encoder ``conv1``/``conv2``; Wav2Vec2's
+            ``input_values`` and ``feature_extractor``; NeMo's ``input_signal`` or tuple position 0 and
+            ``preprocessor``), besides ``preserve_keys`` and ``fp32_modules``. A preset that finds none of its
+            modules in the model, or none of its keys in the first batch, raises. ``None`` (default): no preset.
+            See :mod:`lightning_precision.audio_presets`.
 
     Raises:
         PrecisionConfigError: If ``precision`` is not a true half-precision string, ``on_unsafe`` is not a policy, or
-            ``accumulate_grad_dtype`` is neither ``None`` nor float32.
+            ``accumulate_grad_dtype`` is neither ``None`` nor float32, or ``audio_preset`` is not a preset name; when
+            the model is converted or the first batch arrives, if the ``audio_preset`` finds none of its front-end
+            modules or audio keys.
     """

@@ -55,6 +55,7 @@ class _CheckedHalfInputs(HalfInputsMixin, _PairingCheck):
 
     @override
     def convert_input(self, data: Any) -> Any:
+        self.check_preset_inputs(data)
         return self.cast_inputs(data)
 
     @override

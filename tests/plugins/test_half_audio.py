@@ -35,6 +35,30 @@ def test_preserve_keys_configurable():
     assert out["mel"] is mel and out["audio"].dtype == torch.bfloat16
 
 
+def test_audio_preset_keeps_its_keys_besides_the_given_ones():
+    plugin = HalfPrecisionForAudio("bf16-true", preserve_keys=["mel"], audio_preset="whisper")
+    features, mel = torch.randn(3), torch.randn(3)
+    out = plugin.convert_input({"input_features": features, "mel": mel, "x": torch.randn(3)})
+    assert out["input_features"] is features and out["mel"] is mel and out["x"].dtype == torch.bfloat16
+
+
+def test_audio_preset_refuses_a_first_batch_without_its_keys_naming_them():
+    plugin = HalfPrecisionForAudio("bf16-true", audio_preset="wav2vec2")
+    with pytest.raises(PrecisionConfigError, match=r"\['input_values'\].*dict with keys \['audio', 'labels'\]"):
+        plugin.convert_input({"audio": torch.randn(3), "labels": torch.tensor([1])})
+
+
+def test_audio_preset_checks_only_until_its_keys_are_found():
+    plugin = HalfPrecisionForAudio("bf16-true", audio_preset="wav2vec2")
+    plugin.convert_input({"input_values": torch.randn(3)})
+    assert plugin.convert_input({"encoder_outputs": torch.randn(3)})["encoder_outputs"].dtype == torch.bfloat16
+
+
+def test_unknown_audio_preset_is_refused_with_the_call():
+    with pytest.raises(PrecisionConfigError, match=r"HalfPrecisionForAudio\(audio_preset=...\): 'hubert'"):
+        HalfPrecisionForAudio("bf16-true", audio_preset="hubert")
+
+
 @pytest.mark.parametrize("bad", ["bf16-mixed", "bf16-flash", "fp32", "bf16"])
 def test_rejects_other_precisions_with_the_call(bad):
     with pytest.raises(ValueError, match=rf"HalfPrecisionForAudio\(precision='{bad}'\).*'bf16-true'"):
@@ -53,7 +77,9 @@ def test_peft_spellings_are_read_as_booleans(spelling, expected):
 
 
 def test_peft_that_is_not_a_boolean_is_refused():
-    with pytest.raises(PrecisionConfigError, match=r"HalfPrecisionForAudio\(peft=...\): 'maybe'.*expected True or False"):
+    with pytest.raises(
+        PrecisionConfigError, match=r"HalfPrecisionForAudio\(peft=...\): 'maybe'.*expected True or False"
+    ):
         HalfPrecisionForAudio("bf16-true", peft="maybe")
 
 
