@@ -20,7 +20,7 @@ from tests._checkpoint_kill import other_file_system, run_kills
 def test_save_then_load_gives_the_checkpoint_and_leaves_only_the_target(tmp_path):
     io, path = AtomicCheckpointIO(), tmp_path / "sub" / "last.ckpt"
     io.save_checkpoint({"step": 3, "w": torch.arange(4.0)}, path)
-    loaded = io.load_checkpoint(path, weights_only=True)
+    loaded = io.load_checkpoint(path)
     assert loaded["step"] == 3 and torch.equal(loaded["w"], torch.arange(4.0))
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
@@ -38,7 +38,7 @@ def test_save_replaces_an_existing_checkpoint(tmp_path):
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"step": 1}, path)
     io.save_checkpoint({"step": 2}, path)
-    assert io.load_checkpoint(path, weights_only=True)["step"] == 2
+    assert io.load_checkpoint(path)["step"] == 2
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint_and_no_partial_file(tmp_path):
@@ -46,7 +46,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_no_partial_file(tmp_pat
     io.save_checkpoint({"step": 1}, path)
     with pytest.raises((AttributeError, pickle.PicklingError)):
         io.save_checkpoint({"step": 2, "unpicklable": lambda: None}, path)
-    assert io.load_checkpoint(path, weights_only=True)["step"] == 1
+    assert io.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 

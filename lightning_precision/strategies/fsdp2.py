@@ -352,9 +352,7 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
             self.grad_accumulator.end_micro_batch()
 
     @override
-    def optimizer_step(
-        self, optimizer: torch.optim.Optimizer, closure: Any, model: Any = None, **kwargs: Any
-    ) -> Any:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         if self.grad_accumulator is not None:
             closure = self.grad_accumulator.handing_over_after(closure)
         return super().optimizer_step(optimizer, closure, model, **kwargs)
@@ -462,7 +460,10 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        # Lightning < 2.5 neither takes nor passes weights_only.
+        checkpoint = super().load_checkpoint(
+            checkpoint_path, **({} if weights_only is None else {"weights_only": weights_only})
+        )
         self.report_resume(checkpoint.get(CHECKPOINT_KEY), Path(checkpoint_path))
         return checkpoint
 
