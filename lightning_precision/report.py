@@ -64,6 +64,9 @@ class PrecisionContract:
         grad_accumulation_dtype: Dtype of that sum for the judged parameters: the storage dtype (autograd's
             ``param.grad``, FSDP2's sharded gradient), or float32 with ``accumulate_grad_dtype="float32"``; ``"-"``
             when not known. Contracts written before these fields existed read back as 1 micro-batch, ``"-"``.
+        model_cast: What the precision plugin did to the dtypes the model was handed over in (``FlashPrecision``:
+            a float32 model cast, or a model that already held other dtypes left as it was); empty when not
+            reported.
     """
 
     precision: str
@@ -74,6 +77,7 @@ class PrecisionContract:
     fp32_modules: list[str] = field(default_factory=list)
     accumulate_grad_batches: int | None = 1
     grad_accumulation_dtype: str = "-"
+    model_cast: str = ""
 
     @property
     def accumulation_text(self) -> str:
@@ -117,15 +121,14 @@ class PrecisionContract:
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
         title = f"Precision contract (precision={self.precision})"
         kept = [f"kept in fp32: {', '.join(self.fp32_modules)}"] if self.fp32_modules else []
+        kept += [f"model dtypes: {self.model_cast}"] if self.model_cast else []
         micro = self.accumulate_grad_batches
         storage = self.optimizers[0].storage_dtype if self.optimizers else None
         buffered = storage is not None and self.grad_accumulation_dtype not in ("-", storage)  # fp32 buffers
         # Named when micro-batches are summed, or when a Fabric loop (which decides that itself) has fp32 buffers.
         shown = (micro is not None and micro > 1) or (micro is None and buffered)
         accumulation = [f"gradient accumulation: {self.accumulation_text}"] if shown else []
-        return "\n".join(
-            [title, line(head), line(["-" * w for w in widths]), *map(line, rows), *kept, *accumulation]
-        )
+        return "\n".join([title, line(head), line(["-" * w for w in widths]), *map(line, rows), *kept, *accumulation])
 
 
 def describe_protection(info: OptimizerInfo, storage_dtype: torch.dtype | None) -> str:
@@ -180,6 +183,7 @@ def build_contract(
     observe_state: bool = False,
     accumulate_grad_batches: int | None = 1,
     accumulate_grad_dtype: torch.dtype | None = None,
+    model_cast: str = "",
 ) -> PrecisionContract:
     """The contract of a run from its live optimizers and their verdicts (the Trainer guard and Fabric's ``check``).
 
@@ -194,6 +198,7 @@ def build_contract(
             them.
         accumulate_grad_batches: Micro-batches summed into each step (``None``: decided by a Fabric loop).
         accumulate_grad_dtype: The plugin's or strategy's ``accumulate_grad_dtype`` (``None``: the storage dtype).
+        model_cast: What the precision plugin did to the model's dtypes (its ``model_cast``), if it says.
     """
     rows = []
     for optimizer, verdict in zip(optimizers, verdicts):
@@ -209,6 +214,7 @@ def build_contract(
         fp32_modules=list(dict.fromkeys(fp32_modules)),
         accumulate_grad_batches=None if accumulate_grad_batches is None else int(accumulate_grad_batches),
         grad_accumulation_dtype=dtype_name(accumulation_dtype(storage, accumulate_grad_dtype)),
+        model_cast=model_cast,
     )
 
 
@@ -233,6 +239,7 @@ def trainer_contract(
         observe_state=observe_state,
         accumulate_grad_batches=trainer.accumulate_grad_batches,
         accumulate_grad_dtype=accumulate_grad_dtype_of(plugin, strategy),
+        model_cast=getattr(plugin, "model_cast", ""),
     )
 
 

@@ -59,3 +59,18 @@ def test_table_names_the_accumulation_only_when_micro_batches_are_summed(micro_b
                                  grad_accumulation_dtype="bfloat16")  # fmt: skip
     lines = contract.format_table().splitlines()
     assert (lines[-1] == line) if line else not any("accumulation" in l for l in lines)
+
+
+def test_contract_says_what_flash_precision_did_to_the_model_dtypes():
+    from lightning_precision import FlashPrecision
+
+    guard = PrecisionGuard(on_unsafe="ignore")
+    fit(RecordingModule(adamw), steps=1, callbacks=[guard], plugins=[FlashPrecision("bf16-flash")])
+    assert guard.contract.model_cast.startswith("float32 model cast to bfloat16")
+    assert f"model dtypes: {guard.contract.model_cast}" in guard.contract.format_table()
+
+
+def test_contract_written_before_model_cast_reads_back_without_it():
+    old = {"precision": "bf16-flash", "compute_dtype": "bfloat16", "optimizers": []}
+    contract = PrecisionContract.from_dict(old)
+    assert contract.model_cast == "" and "model dtypes" not in contract.format_table()
