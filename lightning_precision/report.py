@@ -18,7 +18,7 @@ from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, observed
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.grad_accumulation import accumulate_grad_dtype_of, accumulation_dtype, describe_accumulation
 from lightning_precision.modes import known_mode
-from lightning_precision.pairing import Status, Verdict, judged_params
+from lightning_precision.pairing import Status, Verdict, judged_params, trainable_params
 from lightning_precision.values import PATH_TYPES, expect_type
 
 CHECKPOINT_KEY = "precision_contract"  # where the runtime guard stores the contract in a checkpoint
@@ -36,6 +36,10 @@ class OptimizerContract:
         master_weights: What protects the parameter update (``"no"``, ``"fp32 master"``, ...).
         verdict: The pairing rule's status.
         message: The rule's explanation, if any.
+        also_updates: The trainable parameters it updates in other dtypes than ``storage_dtype`` (modules kept in
+            fp32, normalization layers ``flashoptim.cast_model`` keeps), with their state: ``"4 float32 tensors
+            (40 elements), state float32"``; empty when there are none. Contracts written before this field read back
+            empty.
     """
 
     optimizer: str
@@ -45,6 +49,7 @@ class OptimizerContract:
     verdict: str
     message: str = ""
     observed: bool = False
+    also_updates: str = ""
 
 
 @dataclass
@@ -121,6 +126,9 @@ class PrecisionContract:
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
         title = f"Precision contract (precision={self.precision})"
         kept = [f"kept in fp32: {', '.join(self.fp32_modules)}"] if self.fp32_modules else []
+        kept += [
+            f"{o.optimizer.rsplit('.', 1)[-1]} also updates {o.also_updates}" for o in self.optimizers if o.also_updates
+        ]
         kept += [f"model dtypes: {self.model_cast}"] if self.model_cast else []
         micro = self.accumulate_grad_batches
         storage = self.optimizers[0].storage_dtype if self.optimizers else None
@@ -154,8 +162,11 @@ def observed_state_dtypes(
     return " / ".join(dict.fromkeys(dtype_name(d) for d in found.values())) if found else None
 
 
-def optimizer_contract(verdict: Verdict, observed_state: str | None = None) -> OptimizerContract:
-    """One contract line from a verdict, with the state dtype read from the optimizer when it has stepped."""
+def optimizer_contract(
+    verdict: Verdict, observed_state: str | None = None, also_updates: str = ""
+) -> OptimizerContract:
+    """One contract line from a verdict, with the state dtype read from the optimizer when it has stepped, and what
+    it updates beside the judged parameters (see :func:`also_updated`)."""
     info = verdict.optimizer
     storage = verdict.storage_dtype
     if info is None:
@@ -169,7 +180,27 @@ def optimizer_contract(verdict: Verdict, observed_state: str | None = None) -> O
         verdict=verdict.status.value,
         message=verdict.message,
         observed=observed_state is not None,
+        also_updates=also_updates,
     )
+
+
+def also_updated(optimizer: torch.optim.Optimizer, verdict: Verdict, *, observe_state: bool = False) -> str:
+    """The trainable parameters of ``optimizer`` stored in another dtype than the judged ones, per dtype, with their
+    state dtype (read from the state after a step with ``observe_state``, else predicted): ``"4 float32 tensors (40
+    elements), state float32"``; empty when there are none."""
+    info = verdict.optimizer
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for param in trainable_params(optimizer):
+        if param.dtype != verdict.storage_dtype:
+            by_dtype.setdefault(param.dtype, []).append(param)
+    parts = []
+    for dtype, params in by_dtype.items():
+        state = observed_state_dtypes(optimizer, params, info) if observe_state else None
+        if state is None:
+            state = info.state_text(dtype) + " (predicted)" if info is not None else "-"
+        elements = sum(p.numel() for p in params)
+        parts.append(f"{len(params)} {dtype_name(dtype)} tensors ({elements:,} elements), state {state}")
+    return "; ".join(parts)
 
 
 def build_contract(
@@ -204,7 +235,9 @@ def build_contract(
     for optimizer, verdict in zip(optimizers, verdicts):
         params = judged_params(optimizer)
         observed = observed_state_dtypes(optimizer, params, verdict.optimizer) if observe_state else None
-        rows.append(optimizer_contract(verdict, observed))
+        rows.append(
+            optimizer_contract(verdict, observed, also_updated(optimizer, verdict, observe_state=observe_state))
+        )
     storage = verdicts[0].storage_dtype if verdicts else None
     return PrecisionContract(
         precision=precision,
