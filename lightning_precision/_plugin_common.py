@@ -48,7 +48,7 @@ from lightning_precision.modes import (
     known_mode,
     spellings,
 )
-from lightning_precision.pairing import Verdict
+from lightning_precision.pairing import Api, Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce
 from lightning_precision.upstream import FLASHOPTIM_DCP_CORRUPTION, require_unaffected
 from lightning_precision.values import parse_bool
@@ -108,13 +108,27 @@ class PairingCheckMixin(PolicyHolder):
     """The pairing check every plugin of this library runs on the optimizers, under its ``on_unsafe`` policy."""
 
     precision: Any
+    pairing_api: Api = "trainer"  # whose arguments the fixes of an unsafe verdict name
 
     def _init_pairing_check(self, on_unsafe: OnUnsafe | None, peft: bool) -> None:
         self._init_policy(on_unsafe)
         self.peft = parse_bool(peft, what=f"{type(self).__name__}(peft=...)", spellings=True)
 
-    def judge_optimizers(self, optimizers: Iterable[Optimizer], *, where: str = "") -> list[Verdict]:
+    def judge_optimizers(
+        self,
+        optimizers: Iterable[Optimizer],
+        *,
+        where: str = "",
+        storage_was_auto: bool = False,
+        precision: PrecisionMode | None = None,
+    ) -> list[Verdict]:
         """Judge ``optimizers`` with the pairing rule under this plugin's policy, PEFT flag and precision.
+
+        Args:
+            optimizers: The live optimizers.
+            where: Where they are judged, for the messages (default: the plugin's class name).
+            storage_was_auto: Whether ``"auto"`` chose the storage dtype (a sharding plan's decision).
+            precision: The precision the storage was planned for (default: this plugin's).
 
         Raises:
             PrecisionPairingError: For an unsafe pairing under ``on_unsafe="error"``.
@@ -124,7 +138,9 @@ class PairingCheckMixin(PolicyHolder):
             on_unsafe=self.on_unsafe,
             peft=self.peft,
             where=where or type(self).__name__,
-            precision=known_mode(getattr(self, "precision", None)),
+            storage_was_auto=storage_was_auto,
+            precision=precision or known_mode(getattr(self, "precision", None)),
+            api=self.pairing_api,
         )
 
 
