@@ -27,8 +27,10 @@ from lightning_precision.strategies.parallelize import (
 )
 from lightning_precision.values import parse_bool
 
-SHARDED_BY = "_lightning_precision_fsdp2_parallelize"  # set on a module this library's parallelize_fn sharded
-CONVERTED_BY = "_lightning_precision_fabric_plugin"  # a weak reference to the plugin that converted a module
+# Which parallelize_fn sharded a module, and which Fabric plugin converted it: kept beside the modules, not on them,
+# so a model still pickles and copies as it did, and forgotten with it.
+_SHARDED_BY: weakref.WeakKeyDictionary[nn.Module, FSDP2Parallelize] = weakref.WeakKeyDictionary()
+_CONVERTED_BY: weakref.WeakKeyDictionary[nn.Module, weakref.ref[PolicyHolder]] = weakref.WeakKeyDictionary()
 
 
 class FSDP2Parallelize(PolicyHolder):
@@ -108,7 +110,7 @@ class FSDP2Parallelize(PolicyHolder):
             reshard_after_forward=self.reshard_after_forward,
             where="fsdp2_parallelize",
         )
-        setattr(module, SHARDED_BY, self)  # the Fabric plugin's first-step check reads the plan from its module
+        _SHARDED_BY[module] = self  # the Fabric plugin's first-step check reads the plan from its module
         return module
 
     def _cast_storage(self, module: nn.Module) -> None:
@@ -133,19 +135,18 @@ class FSDP2Parallelize(PolicyHolder):
 
 def mark_converted(module: nn.Module, plugin: PolicyHolder) -> None:
     """Record on ``module`` the Fabric precision plugin that converted it, so sharding follows its ``on_unsafe``."""
-    module.__dict__[CONVERTED_BY] = weakref.ref(plugin)
+    _CONVERTED_BY[module] = weakref.ref(plugin)
 
 
 def converting_plugin(module: nn.Module) -> PolicyHolder | None:
     """The precision plugin of this library that converted ``module`` (see :func:`mark_converted`), if any."""
-    ref = module.__dict__.get(CONVERTED_BY)
+    ref = _CONVERTED_BY.get(module)
     return ref() if ref is not None else None
 
 
 def sharding_of(module: nn.Module | None) -> FSDP2Parallelize | None:
     """The :class:`FSDP2Parallelize` that sharded ``module``, if one did."""
-    found = getattr(module, SHARDED_BY, None)
-    return found if isinstance(found, FSDP2Parallelize) else None
+    return _SHARDED_BY.get(module) if module is not None else None
 
 
 def _data_parallel_mesh(device_mesh: DeviceMesh) -> DeviceMesh:

@@ -201,3 +201,17 @@ def test_first_step_refuses_under_the_policy_given_to_fsdp2_parallelize(one_rank
     with pytest.raises(PrecisionPairingError, match=r"first optimizer step.*fsdp2_parallelize\('bf16-mixed'"):
         optimizer.step()
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+def test_plugin_and_sharding_links_leave_the_model_picklable(single_rank_group):
+    import pickle
+
+    from lightning_precision.fabric.fsdp2 import converting_plugin, sharding_of
+
+    plugin = HalfPrecisionForAudio("bf16-true")
+    model = plugin.convert_module(nn.Sequential(nn.Linear(2, 2)))
+    assert converting_plugin(model) is plugin
+    pickle.dumps(model)  # no weak reference stored on it
+    fn = fsdp2_parallelize("bf16-true")
+    fn(model, _one_rank_mesh())
+    assert sharding_of(model) is fn and sharding_of(nn.Linear(2, 2)) is None
