@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_precision._logging import info_once, info_rank_zero
+from lightning_precision._logging import info_once, info_rank_zero, warn_once
 from lightning_precision.audio_presets import (
     AudioPresetName,
     find_front_end,
@@ -36,6 +36,13 @@ from lightning_precision.casting import (
 )
 from lightning_precision.dtypes import HALF_DTYPES, dtype_name
 from lightning_precision.errors import PrecisionConfigError
+from lightning_precision.flash_cast import (
+    CAST_MODEL_TAG,
+    cast_float32_model,
+    chosen_dtypes,
+    describe_dtypes,
+    earlier_cast,
+)
 from lightning_precision.fp32_modules import (
     Fp32ModuleSelector,
     add_fp32_boundaries,
@@ -54,7 +61,7 @@ from lightning_precision.modes import (
     known_mode,
     spellings,
 )
-from lightning_precision.pairing import Verdict
+from lightning_precision.pairing import Api, Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce
 from lightning_precision.upstream import FLASHOPTIM_DCP_CORRUPTION, require_unaffected
 from lightning_precision.values import parse_bool
@@ -114,13 +121,27 @@ class PairingCheckMixin(PolicyHolder):
     """The pairing check every plugin of this library runs on the optimizers, under its ``on_unsafe`` policy."""
 
     precision: Any
+    pairing_api: Api = "trainer"  # whose arguments the fixes of an unsafe verdict name
 
     def _init_pairing_check(self, on_unsafe: OnUnsafe | None, peft: bool) -> None:
         self._init_policy(on_unsafe)
         self.peft = parse_bool(peft, what=f"{type(self).__name__}(peft=...)", spellings=True)
 
-    def judge_optimizers(self, optimizers: Iterable[Optimizer], *, where: str = "") -> list[Verdict]:
+    def judge_optimizers(
+        self,
+        optimizers: Iterable[Optimizer],
+        *,
+        where: str = "",
+        storage_was_auto: bool = False,
+        precision: PrecisionMode | None = None,
+    ) -> list[Verdict]:
         """Judge ``optimizers`` with the pairing rule under this plugin's policy, PEFT flag and precision.
+
+        Args:
+            optimizers: The live optimizers.
+            where: Where they are judged, for the messages (default: the plugin's class name).
+            storage_was_auto: Whether ``"auto"`` chose the storage dtype (a sharding plan's decision).
+            precision: The precision the storage was planned for (default: this plugin's).
 
         Raises:
             PrecisionPairingError: For an unsafe pairing under ``on_unsafe="error"``.
@@ -130,7 +151,9 @@ class PairingCheckMixin(PolicyHolder):
             on_unsafe=self.on_unsafe,
             peft=self.peft,
             where=where or type(self).__name__,
-            precision=known_mode(getattr(self, "precision", None)),
+            storage_was_auto=storage_was_auto,
+            precision=precision or known_mode(getattr(self, "precision", None)),
+            api=self.pairing_api,
         )
 
 
@@ -177,6 +200,8 @@ class HalfInputsMixin(PairingCheckMixin):
         self.fp32_modules = normalize_fp32_modules(fp32_modules, what=f"{name}(fp32_modules=...)")
         self.keep_batchnorm_fp32 = parse_bool(keep_batchnorm_fp32, what=f"{name}(keep_batchnorm_fp32=...)")
         self.fp32_module_names: tuple[str, ...] = ()  # what convert_module kept in fp32, for the contract
+        self.fp32_module_objects: tuple[Module, ...] = ()
+        self.model_cast = ""  # what convert_module did to the model's dtypes, for the contract ("": not reported)
         self.accumulate_grad_dtype = parse_accumulate_grad_dtype(
             accumulate_grad_dtype, what=f"{name}(accumulate_grad_dtype=...)"
         )
@@ -196,6 +221,7 @@ class HalfInputsMixin(PairingCheckMixin):
         cast_keeping_fp32(module, kept, cast)
         add_fp32_boundaries(kept, self._desired_input_dtype)
         self.fp32_module_names = tuple(name for name, _ in kept)
+        self.fp32_module_objects = tuple(m for _, m in kept)
         if self.audio_preset is None:
             self._suggest_audio_preset(module)
         self._after_convert(module)
@@ -303,19 +329,19 @@ class FlashMixin(HalfInputsMixin):
 
     @override
     def convert_module(self, module: Module) -> Module:
-        """Cast the parameters to the half dtype, deciding per tensor.
+        """Cast a float32 model to the half dtype with :func:`flashoptim.cast_model`, except the ``fp32_modules``.
 
-        Sharded (DTensor) parameters are left as the strategy stored them; parameters already in the target dtype
-        are not cast again; parameters in the other half dtype are refused rather than silently re-rounded.
+        Only float32 tensors are ever cast. A model handed over already holding other floating-point tensors (loaded
+        in bf16, an fp64 buffer: dtypes the user chose) is left as it is, as NeMo's plugin leaves such modules, except
+        that the ``fp32_modules`` are still made fp32; sharded (DTensor) parameters are left as the strategy stored
+        them. :attr:`model_cast` says which happened, for the contract.
 
         Raises:
-            PrecisionConfigError: If a parameter is stored in the other half dtype (e.g. bf16 under ``fp16-flash``).
+            PrecisionConfigError: If a parameter is stored in the other half dtype (e.g. bf16 under ``fp16-flash``):
+                it would meet inputs cast to this plugin's dtype.
         """
-        from flashoptim import cast_model
-
         dtype = self._desired_input_dtype
         params = dict(module.named_parameters())
-        sharded = [n for n, p in params.items() if isinstance(p, DTensor)]
         other_half = [n for n, p in params.items() if p.dtype in HALF_DTYPES and p.dtype != dtype]
         if other_half:
             raise PrecisionConfigError(
@@ -324,22 +350,71 @@ class FlashMixin(HalfInputsMixin):
                 f"float32 or {dtype_name(dtype)}, or use the matching flash precision."
             )
         name = type(self).__name__
+        sharded = [n for n, p in params.items() if isinstance(p, DTensor)]
         if sharded:
+            self.model_cast = "left as the strategy sharded it (DTensor parameters)"
             info_rank_zero(
                 f"{name}: {len(sharded)} parameters are sharded (DTensor); their storage dtype was set by the "
                 "strategy and is left as is."
             )
             return module
+        earlier = earlier_cast(module, dtype)
+        if earlier is not None:  # a second fit of a model this library cast: nothing to do, nothing to warn
+            self._convert_keeping_fp32(module, lambda m: None)
+            self._add_cast_model_kept(module, earlier)
+            self.model_cast = f"cast to {dtype_name(dtype)} by {name} before (an earlier fit); left as it is"
+            info_rank_zero(f"{name}: the model was {self.model_cast}.")
+            return module
+        held = chosen_dtypes(module)
+        if held:
+            return self._leave_as_handed_over(module, held)
         before = {n: p.dtype for n, p in params.items()}
-        self._convert_keeping_fp32(module, lambda m: cast_model(m, dtype=dtype, **self.cast_model_kwargs))
+        by_cast_model: tuple[str, ...] = ()
+
+        def cast(m: Module) -> None:
+            nonlocal by_cast_model
+            by_cast_model = cast_float32_model(m, dtype, self.cast_model_kwargs)
+
+        self._convert_keeping_fp32(module, cast)
+        self._add_cast_model_kept(module, by_cast_model)
         after = dict(module.named_parameters())
-        cast = sum(1 for n, p in after.items() if before[n] != p.dtype)
-        already = sum(1 for n in after if before[n] == dtype)
-        kept = len(after) - cast - already
+        cast_count = sum(1 for n, p in after.items() if before[n] != p.dtype)
+        kept = len(after) - cast_count
+        self.model_cast = f"float32 model cast to {dtype_name(dtype)} ({cast_count} parameters; {kept} kept in float32)"
         info_rank_zero(
-            f"{name}: cast {cast} parameters to {dtype_name(dtype)}, {already} were already "
-            f"{dtype_name(dtype)}, {kept} kept in full precision (normalization layers / full_precision_layers / "
-            "fp32_modules)."
+            f"{name}: cast {cast_count} parameters to {dtype_name(dtype)}, {kept} kept in full precision "
+            "(normalization layers / full_precision_layers / fp32_modules)."
+        )
+        return module
+
+    def _add_cast_model_kept(self, module: Module, names: tuple[str, ...]) -> None:
+        """List the modules ``flashoptim.cast_model`` kept fp32 beside the ``fp32_modules``, tagged, for the contract."""
+        ours = self.fp32_module_names
+        theirs = [n for n in names if not any(n == o or n.startswith(f"{o}.") for o in ours)]
+        self.fp32_module_names = (*ours, *(f"{n}{CAST_MODEL_TAG}" for n in theirs))
+        modules = dict(module.named_modules())
+        self.fp32_module_objects = (*self.fp32_module_objects, *(modules[n] for n in theirs if n in modules))
+
+    def _leave_as_handed_over(self, module: Module, held: dict[str, torch.dtype]) -> Module:
+        """Keep the dtypes a model was handed over in (only the ``fp32_modules`` are made fp32), and say so."""
+        dtype = self._desired_input_dtype
+        self._convert_keeping_fp32(module, lambda m: None)
+        self.model_cast = (
+            f"left as handed over: the model already held non-float32 tensors ({describe_dtypes(held)}), so nothing "
+            f"was cast to {dtype_name(dtype)}"
+        )
+        kept = {id(p) for m in self.fp32_module_objects for p in m.parameters()}
+        off = {n: p.dtype for n, p in module.named_parameters() if p.dtype != dtype and id(p) not in kept}
+        name = type(self).__name__
+        if not off:
+            info_rank_zero(f"{name}: {self.model_cast}.")
+            return module
+        first = next(iter(off))
+        warn_once(
+            f"flash-left-as-handed-over:{name}:{first}",
+            f"{name}(precision={self.precision!r}) {self.model_cast}. {len(off)} parameters therefore stay "
+            f"{dtype_name(off[first])}, not {dtype_name(dtype)} (e.g. {first!r}), while inputs are cast to "
+            f"{dtype_name(dtype)}. Hand over the model all in float32 to have it cast, or all in {dtype_name(dtype)}.",
         )
         return module
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -27,6 +27,8 @@ from lightning_precision.modes import PrecisionMode
 from lightning_precision.values import expect_type
 
 _INFO_EXPECTED = "an OptimizerInfo (from classify_optimizer)"
+
+Api = Literal["trainer", "fabric"]  # whose arguments a verdict's fixes name
 
 # Where the rule's reasoning is written down for users: a command that prints the guide's section from the installed
 # package (a docs/ path is not there after `pip install`); topics in lightning_precision.cli.docs.TOPICS.
@@ -92,6 +94,7 @@ def judge(
     exp_avg_sq_dtype: torch.dtype | None = None,
     storage_was_auto: bool = False,
     precision: PrecisionMode | None = None,
+    api: Api = "trainer",
 ) -> Verdict:
     """Judge a storage dtype / optimizer pairing. A pure function: same inputs, same verdict, on every rank.
 
@@ -108,13 +111,18 @@ def judge(
             optimizer is reported as wasteful).
         precision: The precision in effect, if known: the fix for an unsafe pairing is worded for it (under
             ``bf16-mixed`` the fix is loading the model in fp32, not choosing ``bf16-mixed``).
+        api: Whose arguments the fixes name: ``"trainer"`` (``precision=``, ``FSDP2Strategy``, ``model.torch_dtype``)
+            or ``"fabric"`` (``Fabric(precision=...)``, ``fsdp2_parallelize``, ``fabric.setup``).
 
     Returns:
         The verdict.
 
     Raises:
         TypeError: If ``storage_dtype``, ``optimizer`` or ``precision`` is not of its type (or ``None``).
+        ValueError: If ``api`` is neither ``"trainer"`` nor ``"fabric"``.
     """
+    if api not in get_args(Api):
+        raise ValueError(f"judge(api={api!r}) is not valid. Choose one of: {', '.join(map(repr, get_args(Api)))}.")
     expect_type(storage_dtype, (torch.dtype, type(None)), what="judge(storage_dtype=...)", expected="a torch.dtype")
     expect_type(optimizer, (OptimizerInfo, type(None)), what="judge(optimizer=...)", expected=_INFO_EXPECTED)
     expect_type(precision, (PrecisionMode, type(None)), what="judge(precision=...)", expected="a PrecisionMode")
@@ -168,7 +176,7 @@ def judge(
             return _weak_state_verdict(f"keeps {dtype_name(storage_dtype)} parameters", optimizer, sq, common)
         return Verdict(Status.SAFE, "", cause=f"safe:{opt_name}", **common)
     if kind is OptimizerKind.STATE_FOLLOWS_PARAM:
-        return _unsafe_verdict(storage_dtype, optimizer, common, precision)
+        return _unsafe_verdict(storage_dtype, optimizer, common, precision, api)
     sq = exp_avg_sq_dtype or optimizer.state_dtype("exp_avg_sq", storage_dtype)
     if kind is OptimizerKind.COMPENSATED and _second_moment_is_weak(optimizer, sq):
         return _weak_state_verdict(f"protects the {dtype_name(storage_dtype)} parameter update", optimizer, sq, common)
@@ -197,23 +205,39 @@ def _weak_state_verdict(what: str, optimizer: OptimizerInfo, sq: torch.dtype, co
     )
 
 
+def _keep_fp32_fix(half: str, prefix: str, precision: PrecisionMode | None, api: Api) -> str:
+    """Fix (1) of an unsafe pairing, fp32 storage with half compute, in the arguments of ``api``."""
+    if precision is not None and precision.autocast:
+        # The precision is already the fp32-storage one; the parameters were loaded (or cast) in half precision.
+        if api == "fabric":
+            return (
+                f"keep {precision.name!r} with fp32 parameters: fsdp2_parallelize(storage_dtype='auto') when sharding, "
+                f"else load the model in fp32 (model.float() before fabric.setup): autocast computes in {half} from "
+                "fp32 parameters"
+            )
+        return (
+            f"keep {precision.name!r} and load the model in fp32 (model.torch_dtype: float32, or model.float() before "
+            f"fit): autocast computes in {half} from fp32 parameters"
+        )
+    if api == "fabric":
+        return (
+            f"keep fp32 storage with {half} compute: Fabric(precision='{prefix}-mixed') (or "
+            f"lightning_precision.fabric.CheckedMixedPrecision) with the model loaded in fp32, and "
+            f"fsdp2_parallelize('{prefix}-mixed', storage_dtype='auto') when sharding"
+        )
+    return (
+        f"keep fp32 storage with {half} compute: precision='{prefix}-mixed', or "
+        "FSDP2Strategy(storage_dtype='auto'), or model.torch_dtype: float32"
+    )
+
+
 def _unsafe_verdict(
-    storage: torch.dtype, optimizer: OptimizerInfo, common: dict[str, Any], precision: PrecisionMode | None
+    storage: torch.dtype, optimizer: OptimizerInfo, common: dict[str, Any], precision: PrecisionMode | None, api: Api
 ) -> Verdict:
     half = dtype_name(storage)
     prefix = "bf16" if storage == torch.bfloat16 else "16"
     flash = "bf16-flash" if storage == torch.bfloat16 else "fp16-flash"
-    if precision is not None and precision.autocast:
-        # The precision is already the fp32-storage one; the parameters were loaded (or cast) in half precision.
-        keep_fp32 = (
-            f"keep {precision.name!r} and load the model in fp32 (model.torch_dtype: float32, or model.float() before "
-            f"fit): autocast computes in {half} from fp32 parameters"
-        )
-    else:
-        keep_fp32 = (
-            f"keep fp32 storage with {half} compute: precision='{prefix}-mixed', or "
-            "FSDP2Strategy(storage_dtype='auto'), or model.torch_dtype: float32"
-        )
+    keep_fp32 = _keep_fp32_fix(half, prefix, precision, api)
     keep_half = (
         f"keep {half} storage with an optimizer that keeps master weights or error-correction bits "
         f"(flashoptim.FlashAdamW(master_weight_bits=24) with precision='{flash}', CUDA) or compensates its update "
@@ -258,6 +282,7 @@ def check_optimizer(
     peft: bool = False,
     storage_was_auto: bool = False,
     precision: PrecisionMode | None = None,
+    api: Api = "trainer",
 ) -> Verdict:
     """Judge a live optimizer and the parameters it updates.
 
@@ -270,6 +295,7 @@ def check_optimizer(
         peft: Whether only adapters train.
         storage_was_auto: Whether ``"auto"`` chose the storage dtype (see :func:`judge`).
         precision: The precision in effect, if known (see :func:`judge`).
+        api: Whose arguments the fixes name (see :func:`judge`).
 
     Returns:
         The verdict.
@@ -296,4 +322,5 @@ def check_optimizer(
         exp_avg_sq_dtype=observed_second_moment_dtype(optimizer, judged, info) if judged else None,
         storage_was_auto=storage_was_auto,
         precision=precision,
+        api=api,
     )

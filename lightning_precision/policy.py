@@ -18,7 +18,7 @@ import torch
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.errors import PrecisionConfigError, PrecisionPairingError
 from lightning_precision.modes import PrecisionMode
-from lightning_precision.pairing import Status, Verdict, check_optimizer
+from lightning_precision.pairing import Api, Status, Verdict, check_optimizer
 
 OnUnsafe = Literal["warn", "error", "ignore"]
 ON_UNSAFE_CHOICES: tuple[str, ...] = ("warn", "error", "ignore")
@@ -183,9 +183,12 @@ def check_and_enforce(
     where: str = "",
     storage_was_auto: bool = False,
     precision: PrecisionMode | None = None,
+    api: Api = "trainer",
 ) -> list[Verdict]:
-    """Judge each live optimizer with :func:`~lightning_precision.pairing.check_optimizer` and act on it."""
+    """Judge each live optimizer with :func:`~lightning_precision.pairing.check_optimizer` (``api``: whose arguments
+    the fixes name) and act on it."""
     verdicts = (
-        check_optimizer(o, peft=peft, storage_was_auto=storage_was_auto, precision=precision) for o in optimizers
+        check_optimizer(o, peft=peft, storage_was_auto=storage_was_auto, precision=precision, api=api)
+        for o in optimizers
     )
     return [enforce(verdict, on_unsafe, where=where) for verdict in verdicts]

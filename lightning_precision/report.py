@@ -18,7 +18,7 @@ from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, observed
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.grad_accumulation import accumulate_grad_dtype_of, accumulation_dtype, describe_accumulation
 from lightning_precision.modes import known_mode
-from lightning_precision.pairing import Status, Verdict, judged_params
+from lightning_precision.pairing import Status, Verdict, judged_params, trainable_params
 from lightning_precision.values import PATH_TYPES, expect_type
 
 CHECKPOINT_KEY = "precision_contract"  # where the runtime guard stores the contract in a checkpoint
@@ -36,6 +36,10 @@ class OptimizerContract:
         master_weights: What protects the parameter update (``"no"``, ``"fp32 master"``, ...).
         verdict: The pairing rule's status.
         message: The rule's explanation, if any.
+        also_updates: The trainable parameters it updates in other dtypes than ``storage_dtype`` (modules kept in
+            fp32, normalization layers ``flashoptim.cast_model`` keeps), with their state: ``"4 float32 tensors
+            (40 elements), state float32"``; empty when there are none. Contracts written before this field read back
+            empty.
     """
 
     optimizer: str
@@ -45,6 +49,7 @@ class OptimizerContract:
     verdict: str
     message: str = ""
     observed: bool = False
+    also_updates: str = ""
 
 
 @dataclass
@@ -64,6 +69,9 @@ class PrecisionContract:
         grad_accumulation_dtype: Dtype of that sum for the judged parameters: the storage dtype (autograd's
             ``param.grad``, FSDP2's sharded gradient), or float32 with ``accumulate_grad_dtype="float32"``; ``"-"``
             when not known. Contracts written before these fields existed read back as 1 micro-batch, ``"-"``.
+        model_cast: What the precision plugin did to the dtypes the model was handed over in (``FlashPrecision``:
+            a float32 model cast, or a model that already held other dtypes left as it was); empty when not
+            reported.
     """
 
     precision: str
@@ -74,6 +82,7 @@ class PrecisionContract:
     fp32_modules: list[str] = field(default_factory=list)
     accumulate_grad_batches: int | None = 1
     grad_accumulation_dtype: str = "-"
+    model_cast: str = ""
 
     @property
     def accumulation_text(self) -> str:
@@ -117,15 +126,17 @@ class PrecisionContract:
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
         title = f"Precision contract (precision={self.precision})"
         kept = [f"kept in fp32: {', '.join(self.fp32_modules)}"] if self.fp32_modules else []
+        kept += [
+            f"{o.optimizer.rsplit('.', 1)[-1]} also updates {o.also_updates}" for o in self.optimizers if o.also_updates
+        ]
+        kept += [f"model dtypes: {self.model_cast}"] if self.model_cast else []
         micro = self.accumulate_grad_batches
         storage = self.optimizers[0].storage_dtype if self.optimizers else None
         buffered = storage is not None and self.grad_accumulation_dtype not in ("-", storage)  # fp32 buffers
         # Named when micro-batches are summed, or when a Fabric loop (which decides that itself) has fp32 buffers.
         shown = (micro is not None and micro > 1) or (micro is None and buffered)
         accumulation = [f"gradient accumulation: {self.accumulation_text}"] if shown else []
-        return "\n".join(
-            [title, line(head), line(["-" * w for w in widths]), *map(line, rows), *kept, *accumulation]
-        )
+        return "\n".join([title, line(head), line(["-" * w for w in widths]), *map(line, rows), *kept, *accumulation])
 
 
 def describe_protection(info: OptimizerInfo, storage_dtype: torch.dtype | None) -> str:
@@ -151,8 +162,11 @@ def observed_state_dtypes(
     return " / ".join(dict.fromkeys(dtype_name(d) for d in found.values())) if found else None
 
 
-def optimizer_contract(verdict: Verdict, observed_state: str | None = None) -> OptimizerContract:
-    """One contract line from a verdict, with the state dtype read from the optimizer when it has stepped."""
+def optimizer_contract(
+    verdict: Verdict, observed_state: str | None = None, also_updates: str = ""
+) -> OptimizerContract:
+    """One contract line from a verdict, with the state dtype read from the optimizer when it has stepped, and what
+    it updates beside the judged parameters (see :func:`also_updated`)."""
     info = verdict.optimizer
     storage = verdict.storage_dtype
     if info is None:
@@ -166,7 +180,27 @@ def optimizer_contract(verdict: Verdict, observed_state: str | None = None) -> O
         verdict=verdict.status.value,
         message=verdict.message,
         observed=observed_state is not None,
+        also_updates=also_updates,
     )
+
+
+def also_updated(optimizer: torch.optim.Optimizer, verdict: Verdict, *, observe_state: bool = False) -> str:
+    """The trainable parameters of ``optimizer`` stored in another dtype than the judged ones, per dtype, with their
+    state dtype (read from the state after a step with ``observe_state``, else predicted): ``"4 float32 tensors (40
+    elements), state float32"``; empty when there are none."""
+    info = verdict.optimizer
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for param in trainable_params(optimizer):
+        if param.dtype != verdict.storage_dtype:
+            by_dtype.setdefault(param.dtype, []).append(param)
+    parts = []
+    for dtype, params in by_dtype.items():
+        state = observed_state_dtypes(optimizer, params, info) if observe_state else None
+        if state is None:
+            state = info.state_text(dtype) + " (predicted)" if info is not None else "-"
+        elements = sum(p.numel() for p in params)
+        parts.append(f"{len(params)} {dtype_name(dtype)} tensors ({elements:,} elements), state {state}")
+    return "; ".join(parts)
 
 
 def build_contract(
@@ -180,6 +214,7 @@ def build_contract(
     observe_state: bool = False,
     accumulate_grad_batches: int | None = 1,
     accumulate_grad_dtype: torch.dtype | None = None,
+    model_cast: str = "",
 ) -> PrecisionContract:
     """The contract of a run from its live optimizers and their verdicts (the Trainer guard and Fabric's ``check``).
 
@@ -194,12 +229,15 @@ def build_contract(
             them.
         accumulate_grad_batches: Micro-batches summed into each step (``None``: decided by a Fabric loop).
         accumulate_grad_dtype: The plugin's or strategy's ``accumulate_grad_dtype`` (``None``: the storage dtype).
+        model_cast: What the precision plugin did to the model's dtypes (its ``model_cast``), if it says.
     """
     rows = []
     for optimizer, verdict in zip(optimizers, verdicts):
         params = judged_params(optimizer)
         observed = observed_state_dtypes(optimizer, params, verdict.optimizer) if observe_state else None
-        rows.append(optimizer_contract(verdict, observed))
+        rows.append(
+            optimizer_contract(verdict, observed, also_updated(optimizer, verdict, observe_state=observe_state))
+        )
     storage = verdicts[0].storage_dtype if verdicts else None
     return PrecisionContract(
         precision=precision,
@@ -209,6 +247,7 @@ def build_contract(
         fp32_modules=list(dict.fromkeys(fp32_modules)),
         accumulate_grad_batches=None if accumulate_grad_batches is None else int(accumulate_grad_batches),
         grad_accumulation_dtype=dtype_name(accumulation_dtype(storage, accumulate_grad_dtype)),
+        model_cast=model_cast,
     )
 
 
@@ -233,6 +272,7 @@ def trainer_contract(
         observe_state=observe_state,
         accumulate_grad_batches=trainer.accumulate_grad_batches,
         accumulate_grad_dtype=accumulate_grad_dtype_of(plugin, strategy),
+        model_cast=getattr(plugin, "model_cast", ""),
     )
 
 

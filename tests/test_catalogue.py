@@ -153,7 +153,9 @@ class _LabFromScratch(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr})
 
 
-@pytest.mark.parametrize("spec", [_LabAdamW, "tests.test_catalogue._LabAdamW", {"_target_": "tests.test_catalogue._LabAdamW"}])
+@pytest.mark.parametrize(
+    "spec", [_LabAdamW, "tests.test_catalogue._LabAdamW", {"_target_": "tests.test_catalogue._LabAdamW"}]
+)
 def test_subclass_of_a_torch_optimizer_is_judged_as_its_base_and_says_so(spec):
     info = classify_optimizer(spec)
     assert info.kind is FOLLOWS and info.name == "tests.test_catalogue._LabAdamW"
@@ -217,3 +219,42 @@ def test_tensor_betas_of_a_live_optimizer_are_read_as_their_value():
     betas = (torch.tensor(0.9), torch.tensor(0.95))
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], betas=betas)
     assert classify_optimizer(optimizer).beta2 == pytest.approx(0.95)
+
+
+@pytest.mark.parametrize(
+    ("settings", "text"),
+    [
+        ({}, "int8+scales (CUDA)"),  # flashoptim's defaults: quantize=True, master_weight_bits=24
+        ({"quantize": False}, "bfloat16"),  # unquantized moments are stored in the parameter dtype
+        ({"quantize": False, "master_weight_bits": None}, "bfloat16"),
+    ],
+)
+def test_flash_adamw_state_text_is_what_flashoptim_stores(settings, text):
+    info = classify_optimizer({"_target_": "flashoptim.FlashAdamW", **settings})
+    assert info.state_text(torch.bfloat16) == text
+
+
+def test_unquantized_flash_state_on_cpu_is_the_parameter_dtype_as_predicted():
+    flashoptim = pytest.importorskip("flashoptim")
+    from lightning_precision.report import observed_state_dtypes
+
+    half, full = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16)), torch.nn.Parameter(torch.randn(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # flashoptim's own note on master_weight_bits=None
+        optimizer = flashoptim.FlashAdamW([half, full], quantize=False, master_weight_bits=None, fused=False)
+    for p in (half, full):
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    info = classify_optimizer(optimizer)
+    assert observed_state_dtypes(optimizer, [half]) == info.state_text(torch.bfloat16) == "bfloat16"
+    assert observed_state_dtypes(optimizer, [full]) == info.state_text(torch.float32) == "float32"
+
+
+def test_quantized_flash_state_is_read_without_touching_its_data():
+    flashoptim = pytest.importorskip("flashoptim")
+    from lightning_precision.catalogue.state import state_tensor
+
+    quantized = flashoptim.optimizers._MaybeQuantizedTensor(None, try_quantize=False)
+    quantized._quantized = torch.zeros(4, dtype=torch.int8)  # what set_data leaves on CUDA: no _data
+    quantized._scales = torch.ones(1, dtype=torch.float16)
+    assert state_tensor(quantized) is quantized._quantized

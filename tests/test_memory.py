@@ -44,11 +44,11 @@ def test_flash_adamw_24_bit_quantized_moments_plus_one_ecc_byte():
     assert FLASH_QUANTIZED_MOMENT_BYTES == pytest.approx(1 + 2 / 32)  # int8 value + one fp16 scale per 32
 
 
-def test_flash_adamw_unquantized_moments_follow_what_the_rule_says():
+def test_flash_adamw_unquantized_moments_are_stored_in_the_parameter_dtype():
+    # flashoptim stores unquantized moments with storage_dtype=param.dtype: 2 B each for bf16, plus 1 ECC byte.
     cfg = {"_target_": "flashoptim.FlashAdamW", "master_weight_bits": 24, "quantize": False}
-    info = classify_optimizer(cfg)
-    est = estimate_bytes_per_param(BF16, info)
-    assert est.optimizer_state == 2 * info.exp_avg_sq_dtype.itemsize + info.master_bytes
+    est = estimate_bytes_per_param(BF16, classify_optimizer(cfg))
+    assert dict(est.state_parts) == {"exp_avg bfloat16": 2, "exp_avg_sq bfloat16": 2, "error-correction bits": 1}
 
 
 def test_kahan_optimizer_adds_a_compensation_buffer_in_the_parameter_dtype():

@@ -101,6 +101,18 @@ def test_fix_under_mixed_precision_is_loading_in_fp32_not_choosing_mixed():
     assert "precision='bf16-mixed'" in plain.fixes[0]
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_fabric_fixes_name_fabric_arguments(precision):
+    from lightning_precision.modes import get_mode
+
+    info = classify_optimizer("torch.optim.AdamW")
+    verdict = judge(torch.bfloat16, info, precision=get_mode(precision), api="fabric")
+    assert "fsdp2_parallelize(" in verdict.fixes[0] and "FSDP2Strategy" not in verdict.message
+    assert "model.torch_dtype" not in verdict.message and " before fit" not in verdict.message
+    with pytest.raises(ValueError, match=r"judge\(api='lightning'\).*'trainer', 'fabric'"):
+        judge(torch.bfloat16, info, api="lightning")
+
+
 @pytest.mark.parametrize(
     ("path", "kwargs", "named", "not_named"),
     [

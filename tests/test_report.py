@@ -59,3 +59,57 @@ def test_table_names_the_accumulation_only_when_micro_batches_are_summed(micro_b
                                  grad_accumulation_dtype="bfloat16")  # fmt: skip
     lines = contract.format_table().splitlines()
     assert (lines[-1] == line) if line else not any("accumulation" in l for l in lines)
+
+
+def test_contract_says_what_flash_precision_did_to_the_model_dtypes():
+    from lightning_precision import FlashPrecision
+
+    guard = PrecisionGuard(on_unsafe="ignore")
+    fit(RecordingModule(adamw), steps=1, callbacks=[guard], plugins=[FlashPrecision("bf16-flash")])
+    assert guard.contract.model_cast.startswith("float32 model cast to bfloat16")
+    assert f"model dtypes: {guard.contract.model_cast}" in guard.contract.format_table()
+
+
+def test_contract_written_before_model_cast_reads_back_without_it():
+    old = {"precision": "bf16-flash", "compute_dtype": "bfloat16", "optimizers": []}
+    contract = PrecisionContract.from_dict(old)
+    assert contract.model_cast == "" and "model dtypes" not in contract.format_table()
+
+
+def test_flash_contract_shows_the_float32_tensors_beside_the_bf16_ones_as_flashoptim_keeps_them():
+    flashoptim = pytest.importorskip("flashoptim")
+    from torch import nn
+
+    from lightning_precision import FlashPrecision
+    from lightning_precision.catalogue.state import state_tensor
+    from lightning_precision.modes import get_mode
+    from lightning_precision.pairing import check_optimizer
+    from lightning_precision.report import build_contract
+
+    plugin = FlashPrecision("bf16-flash", keep_batchnorm_fp32=False)  # flashoptim.cast_model keeps the BatchNorm
+    model = plugin.convert_module(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+    with pytest.warns(UserWarning, match="master_weight_bits=None"):  # the config FlashOptim allows on CPU
+        optimizer = flashoptim.FlashAdamW(model.parameters(), quantize=False, master_weight_bits=None, fused=False)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    verdict = check_optimizer(optimizer, precision=get_mode("bf16-flash"))
+    contract = build_contract(
+        "bf16-flash", [optimizer], [verdict], compute_dtype=torch.bfloat16, observe_state=True,
+        fp32_modules=plugin.fp32_module_names, model_cast=plugin.model_cast,
+    )  # fmt: skip
+    (row,) = contract.optimizers
+    real = {p.dtype: state_tensor(optimizer.state[p]["exp_avg"]).dtype for p in model.parameters()}
+    assert real == {torch.bfloat16: torch.bfloat16, torch.float32: torch.float32}
+    assert (row.storage_dtype, row.state_dtype, row.observed) == ("bfloat16", "bfloat16", True)
+    assert row.also_updates == "2 float32 tensors (8 elements), state float32"
+    table = contract.format_table()
+    assert "kept in fp32: 1 (flashoptim.cast_model)" in table
+    assert "FlashAdamW also updates 2 float32 tensors (8 elements), state float32" in table
+
+
+def test_row_written_before_also_updates_reads_back_empty():
+    row = {"optimizer": "torch.optim.adamw.AdamW", "storage_dtype": "bfloat16", "state_dtype": "bfloat16",
+           "master_weights": "no", "verdict": "unsafe"}  # fmt: skip
+    contract = PrecisionContract.from_dict({"precision": "bf16-true", "compute_dtype": "bfloat16", "optimizers": [row]})
+    assert contract.optimizers[0].also_updates == "" and "also updates" not in contract.format_table()

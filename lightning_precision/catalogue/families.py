@@ -80,13 +80,16 @@ def _declared_compensated(spec: OptimizerSpec) -> OptimizerInfo:
 def _flashoptim(spec: OptimizerSpec) -> OptimizerInfo:
     s = spec.settings
     bits = 8 * int(s["master_bytewidth"] or 0) if "master_bytewidth" in s else int(s.get("master_weight_bits") or 0)
-    common = {**spec.common(), "quantized_moments": spec.flag("quantize", default=True)}
+    quantized = spec.flag("quantize", default=True)
+    common = {**spec.common(), "quantized_moments": quantized}
     if bits:
         return OptimizerInfo(
             kind=OptimizerKind.KEEPS_MASTER,
             reason=f"flashoptim keeps {bits}-bit master weights through error-correction bits",
             master_bytes=(bits - 16) // 8,
-            exp_avg_sq_dtype=torch.float32,
+            # Quantized moments are int8 with fp16 scales, dequantized to fp32 for the step; unquantized ones are
+            # stored in the parameter dtype (its _MaybeQuantizedTensor(storage_dtype=param.dtype)).
+            exp_avg_sq_dtype=torch.float32 if quantized else None,
             **common,
         )
     return OptimizerInfo(

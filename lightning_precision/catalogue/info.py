@@ -13,6 +13,7 @@ from lightning_precision.dtypes import HALF_DTYPES, dtype_name
 # flashoptim quantizes each moment to int8 with one fp16 scale per group of 32 elements (CUDA only).
 FLASH_QUANT_GROUP_SIZE = 32
 FLASH_QUANTIZED_MOMENT_BYTES = 1 + 2 / FLASH_QUANT_GROUP_SIZE
+QUANTIZED_MOMENT_TEXT = "int8+scales (CUDA)"
 
 # State keys of buffers that hold the part of the update the half-precision parameter did not take (Kahan).
 COMPENSATION_KEYS: tuple[str, ...] = ("kahan_comp", "compensation", "kahan_buffer", "comp")
@@ -117,6 +118,8 @@ class OptimizerInfo:
         return " / ".join(dict.fromkeys(self._moment_text(m, storage_dtype) for m in self.moments))
 
     def _moment_text(self, moment: str, storage_dtype: torch.dtype) -> str:
+        if self.quantized_moments:
+            return QUANTIZED_MOMENT_TEXT
         dtype = self.state_dtype(moment, storage_dtype)
         stochastic = moment in self.stochastic_moments and dtype in HALF_DTYPES
         return f"{dtype_name(dtype)} (stochastic rounding)" if stochastic else dtype_name(dtype)
@@ -129,7 +132,7 @@ class OptimizerInfo:
         parts = []
         for moment in self.moments:
             if self.quantized_moments:
-                parts.append((f"{moment} int8+scales (CUDA)", FLASH_QUANTIZED_MOMENT_BYTES))
+                parts.append((f"{moment} {QUANTIZED_MOMENT_TEXT}", FLASH_QUANTIZED_MOMENT_BYTES))
                 continue
             dtype = self.state_dtype(moment, storage_dtype)
             parts.append((f"{moment} {self._moment_text(moment, storage_dtype)}", float(dtype.itemsize)))

@@ -12,8 +12,15 @@ from lightning_precision.catalogue.info import OptimizerInfo
 
 
 def state_tensor(value: Any) -> torch.Tensor | None:
-    """The tensor behind one state entry (flashoptim wraps its state tensors; ``.data`` is the value)."""
-    value = getattr(value, "data", value)
+    """The tensor behind one state entry: the tensor, or what a wrapper stores (flashoptim's ``_MaybeQuantizedTensor``
+    holds its fp/bf16 values or, quantized on CUDA, int8 values whose ``.data`` would raise)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    for attr in ("_data", "_quantized"):
+        tensor = getattr(value, attr, None)
+        if isinstance(tensor, torch.Tensor):
+            return tensor
+    value = getattr(value, "data", None)
     return value if isinstance(value, torch.Tensor) else None
 
 

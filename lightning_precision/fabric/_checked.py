@@ -15,11 +15,12 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_precision._plugin_common import HalfInputsMixin, PairingCheckMixin
+from lightning_precision.fabric.fsdp2 import FSDP2Parallelize, mark_converted, sharding_of
 from lightning_precision.grad_accumulation import accumulate_grad_dtype_of
 from lightning_precision.modes import known_mode
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe
-from lightning_precision.report import build_contract, log_contract
+from lightning_precision.report import PrecisionContract, build_contract, log_contract
 
 
 class _FabricPairingCheck(PairingCheckMixin, Precision):
@@ -31,10 +32,24 @@ class _FabricPairingCheck(PairingCheckMixin, Precision):
     forgets the call is still warned or refused with its parameters untouched.
     """
 
+    pairing_api = "fabric"
+    _converted: weakref.ref[Module] | None = None  # the module of the latest fabric.setup, to find its sharding
+
     @override
     def _init_pairing_check(self, on_unsafe: OnUnsafe | None, peft: bool) -> None:
         super()._init_pairing_check(on_unsafe, peft)
         self._judged: weakref.WeakSet[Optimizer] = weakref.WeakSet()
+
+    @override
+    def convert_module(self, module: Module) -> Module:
+        self._remember(module)
+        return super().convert_module(module)
+
+    def _remember(self, module: Module) -> None:
+        """Link the plugin and the module it converted, both ways and weakly: the first-step check finds the
+        module's sharding, and fsdp2_parallelize the plugin's policy."""
+        self._converted = weakref.ref(module)
+        mark_converted(module, self)
 
     def mark_judged(self, optimizers: Iterable[Optimizer]) -> None:
         """Record optimizers already judged (by :func:`~lightning_precision.fabric.check`): not judged again."""
@@ -55,19 +70,39 @@ class _FabricPairingCheck(PairingCheckMixin, Precision):
         """
         where = f"{type(self).__name__}, first optimizer step"
         self._judged.add(optimizer)  # judged once, whether it passes or raises
-        verdicts = self.judge_optimizers([optimizer], where=where)
-        mode = known_mode(self.precision)
-        contract = build_contract(
-            str(self.precision),
+        sharding = sharding_of(self._converted() if self._converted is not None else None)
+        if sharding is not None and self._on_unsafe_adopted is None:
+            self.adopt_on_unsafe([sharding])  # fsdp2_parallelize(on_unsafe=...), unless check() set one
+        plan = sharding.plan if sharding is not None else None
+        verdicts = self.judge_optimizers(
             [optimizer],
-            verdicts,
-            compute_dtype=mode.compute_dtype if mode else None,
-            fp32_modules=getattr(self, "fp32_module_names", ()),
-            accumulate_grad_batches=None,  # the loop decides when to step
-            accumulate_grad_dtype=accumulate_grad_dtype_of(self),
+            where=where,
+            storage_was_auto=plan.storage_was_auto if plan is not None else False,
+            precision=plan.mode if plan is not None else None,
         )
+        contract = fabric_contract(self, sharding, [optimizer], verdicts)
         log_contract(contract, verdicts, on_unsafe=self.on_unsafe, where=where)
         return verdicts
+
+
+def fabric_contract(
+    plugin: Any, sharding: FSDP2Parallelize | None, optimizers: list[Optimizer], verdicts: list[Verdict]
+) -> PrecisionContract:
+    """The contract of a Fabric run: the precision plugin's dtypes, or under :func:`fsdp2_parallelize` the plan's
+    (its precision, compute and reduce dtypes), with the modules both keep in fp32."""
+    plan = sharding.plan if sharding is not None else None
+    mode = plan.mode if plan is not None else known_mode(getattr(plugin, "precision", None))
+    return build_contract(
+        mode.name if mode is not None else str(getattr(plugin, "precision", "-")),
+        optimizers,
+        verdicts,
+        compute_dtype=plan.compute_dtype if plan is not None else (mode.compute_dtype if mode else None),
+        reduce_dtype=plan.reduce_dtype if plan is not None else None,
+        fp32_modules=[*getattr(plugin, "fp32_module_names", ()), *(sharding.fp32_module_names if sharding else ())],
+        accumulate_grad_batches=None,  # the loop decides when to step
+        accumulate_grad_dtype=accumulate_grad_dtype_of(plugin),
+        model_cast=getattr(plugin, "model_cast", ""),
+    )
 
 
 class _FabricHalfInputs(HalfInputsMixin, _FabricPairingCheck):
@@ -78,6 +113,7 @@ class _FabricHalfInputs(HalfInputsMixin, _FabricPairingCheck):
 
     @override
     def _after_convert(self, module: Module) -> None:
+        self._remember(module)  # FlashPrecision's convert_module does not reach the base's
         if self.grad_accumulator is not None:
             # A Fabric loop steps when it likes: every backward between two steps is summed in the buffers.
             self._accumulating_module = module

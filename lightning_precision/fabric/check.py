@@ -7,13 +7,12 @@ from typing import Any
 from lightning.fabric import Fabric
 from torch.optim import Optimizer
 
-from lightning_precision.fabric._checked import _FabricPairingCheck
+from lightning_precision.fabric._checked import _FabricPairingCheck, fabric_contract
 from lightning_precision.fabric.fsdp2 import FSDP2Parallelize
-from lightning_precision.grad_accumulation import accumulate_grad_dtype_of
 from lightning_precision.modes import known_mode
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce, optional_on_unsafe
-from lightning_precision.report import build_contract, log_contract
+from lightning_precision.report import log_contract
 from lightning_precision.values import parse_bool
 
 
@@ -33,10 +32,10 @@ def check(
         fabric: The Fabric object.
         *optimizers: The optimizers (as ``fabric.setup`` returned them, or plain).
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"``; ``None`` (default): the policy given to the precision
-            plugin, else ``"warn"``. A policy given here also applies to the plugin's first-step check of optimizers
+            plugin or to :func:`~lightning_precision.fabric.fsdp2_parallelize`, else ``"warn"``. A policy given here also applies to the plugin's first-step check of optimizers
             not passed here.
         peft: Only adapters train: worded in the verdict only; the adapters are judged by their dtype. ``None``:
-            the precision plugin's ``peft``, else ``False``.
+            the precision plugin's or ``fsdp2_parallelize``'s ``peft``, else ``False``.
 
     Returns:
         One verdict per optimizer, in order.
@@ -48,16 +47,16 @@ def check(
     plugin = fabric.strategy.precision
     # Fabric keeps the parallelize_fn only privately; reading it tells the rule what "auto" storage decided.
     sharding = getattr(fabric.strategy, "_parallelize_fn", None)
-    plan = sharding.plan if isinstance(sharding, FSDP2Parallelize) else None
+    sharding = sharding if isinstance(sharding, FSDP2Parallelize) else None
+    plan = sharding.plan if sharding is not None else None
     call = _CheckCall(optional_on_unsafe(on_unsafe, what="lightning_precision.fabric.check: on_unsafe"))
-    policy = call.adopt_on_unsafe([plugin])
+    policy = call.adopt_on_unsafe([plugin, sharding])
     if isinstance(plugin, PolicyHolder):
-        plugin.adopt_on_unsafe([call])  # optimizers this call does not see follow it at their first step too
+        plugin.adopt_on_unsafe([call, sharding])  # optimizers this call does not see follow it at their first step too
     if peft is None:
-        peft = bool(getattr(plugin, "peft", False))
+        peft = bool(getattr(plugin, "peft", False)) or bool(sharding is not None and sharding.peft)
     peft = parse_bool(peft, what="lightning_precision.fabric.check: peft", spellings=True)
     raw = [_unwrap(o) for o in optimizers]
-    mode = plan.mode if plan is not None else known_mode(getattr(plugin, "precision", None))
     where = "lightning_precision.fabric.check"
     verdicts = check_and_enforce(
         raw,
@@ -65,20 +64,12 @@ def check(
         peft=peft,
         where=where,
         storage_was_auto=plan.storage_was_auto if plan is not None else False,
-        precision=mode,
+        precision=plan.mode if plan is not None else known_mode(getattr(plugin, "precision", None)),
+        api="fabric",
     )
     if isinstance(plugin, _FabricPairingCheck):
         plugin.mark_judged(raw)
-    contract = build_contract(
-        plan.mode.name if plan is not None else str(getattr(plugin, "precision", "-")),  # FSDP2: what the plan is for
-        raw,
-        verdicts,
-        compute_dtype=plan.compute_dtype if plan is not None else (mode.compute_dtype if mode else None),
-        reduce_dtype=plan.reduce_dtype if plan is not None else None,
-        fp32_modules=[*getattr(plugin, "fp32_module_names", ()), *(sharding.fp32_module_names if plan else ())],
-        accumulate_grad_batches=None,  # the loop decides when to step
-        accumulate_grad_dtype=accumulate_grad_dtype_of(plugin),
-    )
+    contract = fabric_contract(plugin, sharding, raw, verdicts)
     log_contract(contract, verdicts, on_unsafe=policy, where=where)
     return verdicts
 

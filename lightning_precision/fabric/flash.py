@@ -9,7 +9,8 @@ from lightning_precision.fabric._checked import _FabricHalfInputs
 class FlashPrecision(FlashMixin, _FabricHalfInputs):
     """The Trainer's :class:`lightning_precision.plugins.FlashPrecision` for ``Fabric(plugins=[...])``.
 
-    ``fabric.setup`` casts the model once with :func:`flashoptim.cast_model`; no autocast, and
+    ``fabric.setup`` casts a float32 model once with :func:`flashoptim.cast_model` (a model already holding other
+    floating-point dtypes is left as it is, as under the Trainer); no autocast, and
     ``torch.get_default_dtype()`` is never changed. Inputs are cast except preserved keys and positions, and each
     optimizer is judged before its first step (or by :func:`lightning_precision.fabric.check`).
 
@@ -29,7 +30,8 @@ class FlashPrecision(FlashMixin, _FabricHalfInputs):
             half dtype. See :mod:`lightning_precision.grad_accumulation`.
         keep_batchnorm_fp32: Keep every ``_BatchNorm`` module (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) in fp32,
             as apex O2 did (default True): half-precision running statistics drift from the fp32 ones. The kept
-            layers are listed in the contract's fp32 modules. ``False`` casts them with the rest.
+            layers are listed in the contract's fp32 modules. ``False`` leaves them to ``flashoptim.cast_model``,
+            which keeps them fp32 too unless ``cast_model_kwargs={"selective": False}``.
         audio_preset: ``"whisper"``, ``"wav2vec2"`` or ``"nemo_asr"``: keep that speech model family's audio input
             and front end in fp32 (Whisper's ``input_features`` and encoder ``conv1``/``conv2``; Wav2Vec2's
             ``input_values`` and ``feature_extractor``; NeMo's ``input_signal`` or tuple position 0 and

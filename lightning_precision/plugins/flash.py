@@ -9,8 +9,11 @@ from lightning_precision.plugins._checked import _CheckedHalfInputs
 class FlashPrecision(FlashMixin, _CheckedHalfInputs):
     """Half-precision storage for optimizers that keep their own master weights (FlashOptim's ``FlashAdamW``).
 
-    The module is cast once with :func:`flashoptim.cast_model` (normalization layers with running statistics stay
-    fp32). Unlike Lightning's true half precision, this plugin never enters autocast and never changes
+    A float32 module is cast once with :func:`flashoptim.cast_model`; a module that already holds other
+    floating-point dtypes (loaded in bf16, an fp64 buffer) is left as it is (see
+    :mod:`lightning_precision.flash_cast`). The modules ``cast_model`` keeps in fp32 (normalization layers with
+    running statistics, ``full_precision_layers``) are listed in the contract's fp32 modules, tagged
+    ``(flashoptim.cast_model)``, and the contract's ``model_cast`` says which of the two happened. Unlike Lightning's true half precision, this plugin never enters autocast and never changes
     ``torch.get_default_dtype()``: FlashOptim manages the master precision, and a global dtype override on top of
     it would change how user code creates tensors. Inputs are cast to the half dtype except tensors under a preserved
     key (default: any key containing ``"audio"``).
@@ -34,7 +37,8 @@ class FlashPrecision(FlashMixin, _CheckedHalfInputs):
             Applies under automatic optimization only. See :mod:`lightning_precision.grad_accumulation`.
         keep_batchnorm_fp32: Keep every ``_BatchNorm`` module (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) in fp32,
             as apex O2 did (default True): half-precision running statistics drift from the fp32 ones. The kept
-            layers are listed in the contract's fp32 modules. ``False`` casts them with the rest.
+            layers are listed in the contract's fp32 modules. ``False`` leaves them to ``flashoptim.cast_model``,
+            which keeps them fp32 too unless ``cast_model_kwargs={"selective": False}``.
         audio_preset: ``"whisper"``, ``"wav2vec2"`` or ``"nemo_asr"``: keep that speech model family's audio input
             and front end in fp32 (Whisper's ``input_features`` and encoder ``conv1``/``conv2``; Wav2Vec2's
             ``input_values`` and ``feature_extractor``; NeMo's ``input_signal`` or tuple position 0 and

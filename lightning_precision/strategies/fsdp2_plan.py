@@ -80,13 +80,16 @@ def policy_to_dict(policy: MixedPrecisionPolicy) -> dict[str, Any]:
     }
 
 
-def parse_mp_policy(mp_policy: MixedPrecisionPolicy | Mapping[str, Any] | None) -> dict[str, Any]:
+def parse_mp_policy(
+    mp_policy: MixedPrecisionPolicy | Mapping[str, Any] | None, *, what: str = "FSDP2Strategy"
+) -> dict[str, Any]:
     """Read the ``mp_policy`` option into a dict of the four fields, ``None`` where not given.
 
     Args:
         mp_policy: A ``MixedPrecisionPolicy`` (its ``None`` fields count as not given), a mapping with keys among
             ``param_dtype``, ``reduce_dtype``, ``output_dtype``, ``cast_forward_inputs`` (dtype spellings as in
             :func:`~lightning_precision.dtypes.parse_dtype`), or ``None``.
+        what: The call the option was given to, for messages (``"FSDP2Strategy"``, ``"fsdp2_parallelize"``).
 
     Raises:
         PrecisionConfigError: On an unknown key, a value that is not a dtype, or another type.
@@ -97,13 +100,13 @@ def parse_mp_policy(mp_policy: MixedPrecisionPolicy | Mapping[str, Any] | None) 
         return {k: getattr(mp_policy, k) for k in _POLICY_KEYS}
     if not isinstance(mp_policy, Mapping):
         raise PrecisionConfigError(
-            f"FSDP2Strategy(mp_policy={mp_policy!r}) is not valid: give a torch MixedPrecisionPolicy or a mapping with "
+            f"{what}(mp_policy={mp_policy!r}) is not valid: give a torch MixedPrecisionPolicy or a mapping with "
             f"keys {list(_POLICY_KEYS)}."
         )
     unknown = sorted(str(k) for k in mp_policy if k not in _POLICY_KEYS)
     if unknown:
         raise PrecisionConfigError(
-            f"FSDP2Strategy(mp_policy=...) has unknown key(s) {unknown}. Valid keys: {list(_POLICY_KEYS)}."
+            f"{what}(mp_policy=...) has unknown key(s) {unknown}. Valid keys: {list(_POLICY_KEYS)}."
         )
     out = {k: parse_dtype(mp_policy.get(k), what=f"mp_policy.{k}") for k in _POLICY_KEYS[:3]}
     cast = mp_policy.get("cast_forward_inputs")
@@ -147,6 +150,7 @@ def resolve_fsdp2_precision(
     mp_policy: MixedPrecisionPolicy | Mapping[str, Any] | None = None,
     optimizer: Any = None,
     peft: bool = False,
+    what: str = "FSDP2Strategy",
 ) -> FSDP2Precision:
     """Map a precision and the strategy's options onto a storage dtype and an FSDP2 ``MixedPrecisionPolicy``.
 
@@ -166,6 +170,7 @@ def resolve_fsdp2_precision(
         mp_policy: See :func:`parse_mp_policy`.
         optimizer: The optimizer class, import path or config mapping, if known before it exists.
         peft: Only adapters train: storage is left as the model holds it.
+        what: The call the options were given to, for messages (``"FSDP2Strategy"``, ``"fsdp2_parallelize"``).
 
     Returns:
         The decision.
@@ -176,16 +181,19 @@ def resolve_fsdp2_precision(
             ``output_dtype`` (other than fp32) against the precision's compute dtype; a half ``storage_dtype`` that is not the compute
             half dtype (fp16 storage with bf16 compute would re-round every parameter on each gather).
     """
-    mode = (
-        get_mode(precision, what="FSDP2Strategy precision") if not isinstance(precision, PrecisionMode) else precision
-    )
-    explicit = parse_dtype(storage_dtype, what="FSDP2Strategy(storage_dtype=...)")
+    mode = get_mode(precision, what=f"{what} precision") if not isinstance(precision, PrecisionMode) else precision
+    explicit = parse_dtype(storage_dtype, what=f"{what}(storage_dtype=...)")
     try:
-        decision = decide_storage(explicit=explicit, precision=mode, optimizer=optimizer, peft=peft)
+        # The Trainer strategy's explicit storage may come from a config's model.torch_dtype; elsewhere it is the
+        # caller's own storage_dtype argument.
+        explicit_what = "model.torch_dtype" if what == "FSDP2Strategy" else "storage_dtype"
+        decision = decide_storage(
+            explicit=explicit, explicit_what=explicit_what, precision=mode, optimizer=optimizer, peft=peft
+        )
     except PrecisionConfigError as err:
-        raise PrecisionConfigError(f"FSDP2Strategy(storage_dtype={storage_dtype!r}): {err}") from err
+        raise PrecisionConfigError(f"{what}(storage_dtype={storage_dtype!r}): {err}") from err
     storage = decision.dtype
-    given = parse_mp_policy(mp_policy)
+    given = parse_mp_policy(mp_policy, what=what)
     half = mode.half_dtype
     for key in ("param_dtype", "output_dtype"):
         value = given[key]
@@ -194,7 +202,7 @@ def resolve_fsdp2_precision(
             continue  # outputs may always be handed on in full precision
         if value is not None and value != expected:
             raise PrecisionConfigError(
-                f"FSDP2Strategy(mp_policy={{{key}: {dtype_name(value)}}}) contradicts precision={mode.name!r}, which "
+                f"{what}(mp_policy={{{key}: {dtype_name(value)}}}) contradicts precision={mode.name!r}, which "
                 f"computes in {dtype_name(expected)}. Drop mp_policy.{key} (it follows the precision), or choose the "
                 f"precision that computes in {dtype_name(value)}: "
                 + (
@@ -215,7 +223,7 @@ def resolve_fsdp2_precision(
         )
         if storage in HALF_DTYPES and storage != half:
             raise PrecisionConfigError(
-                f"FSDP2Strategy(storage_dtype={dtype_name(storage)}) with precision={mode.name!r} (compute "
+                f"{what}(storage_dtype={dtype_name(storage)}) with precision={mode.name!r} (compute "
                 f"{dtype_name(half)}): parameters stored in one half dtype and computed in the other are re-rounded on "
                 f"every gather. Use storage_dtype={dtype_name(half)}, float32, or auto."
             )

@@ -182,9 +182,10 @@ def scenario_accumulate_fp32(out: Path) -> dict[str, Any]:
 
 
 def scenario_unsafe_error(out: Path) -> dict[str, Any]:
-    """bf16-true with torch AdamW under on_unsafe="error", no check() call: refused at the first step, every rank."""
+    """bf16-true with torch AdamW under on_unsafe="error", no check() call and no optimizer named to
+    fsdp2_parallelize (which would refuse it at sharding): refused at the first step, every rank."""
     plugin = HalfPrecisionForAudio("bf16-true", on_unsafe="error")
-    fabric = make_fabric(fsdp2_parallelize("bf16-true", optimizer=torch.optim.AdamW), plugins=[plugin])
+    fabric = make_fabric(fsdp2_parallelize("bf16-true"), plugins=[plugin])
     net = Model()
     model = fabric.setup_module(net)
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-2))

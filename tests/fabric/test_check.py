@@ -99,6 +99,13 @@ def test_mixed_precision_catches_a_model_loaded_in_bf16():
         train(fabric, net)
 
 
+def test_unsafe_message_at_the_first_step_names_fabric_arguments():
+    fabric = fabric_with(HalfPrecisionForAudio("bf16-true", on_unsafe="error"))
+    with pytest.raises(PrecisionPairingError, match=r"Fabric\(precision='bf16-mixed'\)") as raised:
+        train(fabric, Net())
+    assert "FSDP2Strategy" not in str(raised.value) and "model.torch_dtype" not in str(raised.value)
+
+
 def test_mixed_precision_on_fp32_autocasts_and_keeps_fp32_state():
     fabric = fabric_with(CheckedMixedPrecision("bf16-mixed", on_unsafe="error"))
     net = Net()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
 
-from lightning_precision import PrecisionConfigError, PrecisionPairingError
-from lightning_precision.fabric import FlashPrecision
+from lightning_precision import PrecisionConfigError, PrecisionPairingError, PrecisionWarning
+from lightning_precision.fabric import FlashPrecision, check
 from lightning_precision.optim import CompensatedAdamW
 from tests.fabric.helpers import Net, fabric_with, train
 
@@ -39,6 +41,18 @@ def test_flash_adamw_without_master_weights_is_refused_at_the_first_step():
     with pytest.raises(PrecisionPairingError, match="FlashAdamW"):
         train(fabric, net, lambda p: FlashAdamW(p, lr=1e-2, **NO_MASTER))
     assert len(net.seen) == 1
+
+
+def test_partly_half_model_is_left_as_handed_over_and_the_contract_says_so(caplog):
+    net = Net()
+    net.net[0].to(torch.bfloat16)
+    fabric = fabric_with(FlashPrecision("bf16-flash"))
+    with pytest.warns(PrecisionWarning, match="left as handed over"):
+        _, optimizer = fabric.setup(net, CompensatedAdamW(net.parameters()))
+    assert (net.net[0].weight.dtype, net.net[2].weight.dtype) == (torch.bfloat16, torch.float32)
+    with caplog.at_level(logging.INFO, logger="lightning_precision"):
+        check(fabric, optimizer)
+    assert "model dtypes: left as handed over: the model already held non-float32 tensors (2 bfloat16" in caplog.text
 
 
 def test_bad_precision_and_other_half_dtype_are_refused():

@@ -73,3 +73,15 @@ def test_flash_adamw_with_error_correction_resumes_bitwise(tmp_path):
     a_state = first.optimizers[0].state[straight.net[0].weight]
     b_state = second.optimizers[0].state[resumed.net[0].weight]
     assert torch.equal(a_state["error_bits"], b_state["error_bits"])
+
+
+def test_contract_after_the_first_step_reads_the_quantized_moments(tmp_path):
+    from lightning_precision.catalogue import classify_optimizer
+
+    guard = PrecisionGuard(on_unsafe="error")
+    trainer = _trainer(tmp_path, 2, callbacks=[guard], enable_checkpointing=False)
+    trainer.fit(RecordingModule(flash_adamw_ecc), loader())
+    (row,) = guard.contract.optimizers
+    # Quantized moments hold int8 (exp_avg) / uint8 (exp_avg_sq) values with fp16 scales: read, never dequantized.
+    assert row.observed is True and set(row.state_dtype.split(" / ")) <= {"int8", "uint8"}
+    assert classify_optimizer(trainer.optimizers[0]).state_text(torch.bfloat16) == "int8+scales (CUDA)"
