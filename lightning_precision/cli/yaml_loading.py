@@ -81,6 +81,21 @@ def load_layout(cfg: DictConfig, *, source: str, log_notes: bool = True) -> RunL
     return read_run_layout(plain, source=source, log_notes=log_notes)
 
 
+def require_trainer_section(layout: RunLayout, *, source: str) -> RunLayout:
+    """For a command that builds a Trainer from the file (``train``): refuse a layout read without a trainer section.
+
+    Raises:
+        ConfigInputError: For a LitGPT config (``explain`` reads it; training LitGPT is a Fabric loop, see the recipe).
+    """
+    if layout.kind == "litgpt":
+        raise ConfigInputError(
+            f"{source}: a LitGPT config has no 'trainer:' section, and `train` builds a Lightning Trainer from one. "
+            "`explain` reads LitGPT configs; to train LitGPT with this library, see docs/recipes.md, 'LitGPT "
+            "fine-tune with the Fabric plugin'."
+        )
+    return layout
+
+
 def _node(cfg: DictConfig, name: str) -> Any:
     if name not in cfg.keys():  # noqa: SIM118 - `in` is False for a ??? section, which must be reported
         return None

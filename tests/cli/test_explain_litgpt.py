@@ -103,3 +103,13 @@ def test_litgpt_settings_that_cannot_be_judged_exit_2_naming_them(capsys, tmp_pa
 def test_a_config_without_trainer_nor_litgpt_keys_is_still_refused(capsys, tmp_path):
     code, _, err = run(capsys, "explain", _write(tmp_path, "model:\n  torch_dtype: auto\n"))
     assert code == 2 and "needs a 'trainer:' mapping" in err
+
+
+def test_a_litgpt_config_is_refused_where_a_trainer_must_be_built(tmp_path):
+    from lightning_precision.cli.yaml_loading import ConfigInputError, load_config, load_layout, require_trainer_section
+
+    path = _write(tmp_path, LORA)
+    with pytest.raises(ConfigInputError, match="LitGPT config has no 'trainer:' section.*Fabric plugin"):
+        require_trainer_section(load_layout(load_config(path), source=str(path)), source=str(path))
+    ours = _ours(tmp_path, "bf16-true")
+    assert require_trainer_section(load_layout(load_config(ours), source="x"), source="x").kind == "run"
