@@ -44,7 +44,8 @@ from lightning_precision.config_classes import (
     option_of,
     read_entry,
 )
-from lightning_precision.config_layouts import find_optimizer, find_torch_dtype, nemo_precision_plugin
+from lightning_precision.config_frameworks import nemo_precision_plugin
+from lightning_precision.config_layouts import find_optimizer, find_torch_dtype
 from lightning_precision.config_resolve import model_read_part, resolve_value
 from lightning_precision.dtypes import parse_dtype
 from lightning_precision.errors import PrecisionConfigError

@@ -17,29 +17,23 @@ Where each layout puts the optimizer (all are looked at; two that disagree are a
 and the storage dtype: ``model.torch_dtype`` (ours, NeMo, Hugging Face) or ``model.init_args.torch_dtype``
 (LightningCLI).
 
-Two layouts are read without importing what they name: NeMo 2's precision plugin (``MegatronMixedPrecision``, read by
-its ``precision`` field, so ``explain`` works without NeMo), and LitGPT's configs, which have no ``trainer:`` section
-(top-level ``precision``, ``devices``, ``num_nodes`` and ``optimizer``): they are read as the trainer section of the
-Lightning plugin and strategy that LitGPT's Fabric builds from them.
+LitGPT's configs (no ``trainer:`` section) and NeMo 2's precision plugin are read by
+:mod:`~lightning_precision.config_frameworks`.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from lightning.pytorch.plugins.precision import Precision
 
-from lightning_precision._imports import import_object
 from lightning_precision._logging import info_rank_zero
 from lightning_precision.catalogue import classify_optimizer
-from lightning_precision.config_classes import ClassSpec
+from lightning_precision.config_frameworks import is_litgpt, read_litgpt
 from lightning_precision.dtypes import parse_dtype
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.modes import LIGHTNING_PLUGINS, get_mode
 
 # NeMo's optimizer registry (``AVAILABLE_OPTIMIZERS`` in ``nemo/core/optim/optimizers.py``) by name, as the import
 # path of the class each name builds. ``lamb``, ``fused_adam`` and the two Megatron Adams are registered by NeMo
@@ -72,26 +66,6 @@ TORCH_DTYPE_PATHS = ("model.torch_dtype", "model.init_args.torch_dtype")
 MODEL_LAYOUT_KEYS = ("optim", "optimizer", "torch_dtype")
 # Everything read from the model section, relative to it: the only parts of it that are resolved.
 MODEL_READ_PATHS = tuple(p.removeprefix("model.") for p in (*OPTIMIZER_PATHS, *TORCH_DTYPE_PATHS) if p != "optimizer")
-
-# NeMo 2's precision plugin, under each path NeMo exports it: read by its ``precision`` field, never imported.
-NEMO_PRECISION_PLUGINS = (
-    "nemo.lightning.MegatronMixedPrecision",
-    "nemo.lightning.pytorch.plugins.MegatronMixedPrecision",
-    "nemo.lightning.pytorch.plugins.mixed_precision.MegatronMixedPrecision",
-)
-# How MegatronMixedPrecision reads its ``precision`` field (NeMo's rule): these select half; anything else is 32-true.
-NEMO_PLUGIN_PRECISIONS = {
-    **dict.fromkeys(("bf16", "bf16-mixed"), "bf16-mixed"),
-    **dict.fromkeys(("fp16", "fp16-mixed", "16", "16-mixed"), "16-mixed"),
-}
-NEMO_PLUGIN_OTHER_PRECISION = "32-true"
-
-# LitGPT's scripts (finetune, pretrain) take these at the top level; a config without a trainer section that sets
-# one of them is LitGPT's. Their defaults are LitGPT's: ``precision=None`` picks bf16-mixed (16-mixed on a GPU without
-# bf16, or MPS: also a mixed precision, so the verdict is the same), ``optimizer="AdamW"`` (torch.optim).
-LITGPT_KEYS = ("precision", "devices", "num_nodes", "quantize", "optimizer")
-LITGPT_DEFAULT_PRECISION = "bf16-mixed"
-LITGPT_DEFAULT_OPTIMIZER = "AdamW"
 
 RUN_SECTIONS = ("trainer", "model", "optimizer", "data", "seed")
 HYDRA_COMPOSE_HINT = (
@@ -153,13 +127,19 @@ def read_run_layout(cfg: Mapping[str, Any], *, source: str = "config", log_notes
     Raises:
         PrecisionConfigError: If there is no ``trainer`` mapping (with the Hydra hint when a ``defaults`` list
             suggests the file was not composed) and the file is not LitGPT's, or a section that must be a mapping is
-            not one; for LitGPT's, see :func:`read_litgpt_layout`.
+            not one; for LitGPT's, see :func:`~lightning_precision.config_frameworks.read_litgpt`.
     """
-    if "trainer" not in cfg and "defaults" not in cfg and any(k in cfg for k in LITGPT_KEYS[:3]):
-        layout = read_litgpt_layout(cfg, source=source)
-        for note in layout.notes if log_notes else ():
-            info_rank_zero(f"lightning_precision: {note}.")
-        return layout
+    if is_litgpt(cfg):
+        litgpt = read_litgpt(cfg, source=source)
+        layout = RunLayout(litgpt.trainer, None, litgpt.optimizer, litgpt.notes, kind="litgpt")
+    else:
+        layout = _read_run_sections(cfg, source)
+    for note in layout.notes if log_notes else ():
+        info_rank_zero(f"lightning_precision: {note}.")
+    return layout
+
+
+def _read_run_sections(cfg: Mapping[str, Any], source: str) -> RunLayout:
     notes = []
     ignored = sorted(str(k) for k in cfg if k not in RUN_SECTIONS and k != "defaults")
     if ignored:
@@ -173,8 +153,6 @@ def read_run_layout(cfg: Mapping[str, Any], *, source: str = "config", log_notes
     model = cfg.get("model")
     if model is not None and not isinstance(model, Mapping):
         raise PrecisionConfigError(f"{source}: section 'model' must be a mapping, got {model!r}.")
-    for note in notes if log_notes else ():
-        info_rank_zero(f"lightning_precision: {note}.")
     return RunLayout(dict(trainer), dict(model) if model is not None else None, cfg.get("optimizer"), notes)
 
 
@@ -328,123 +306,3 @@ def _plain(value: Any) -> Any:
 
 def _show(value: Any) -> str:
     return repr(dict(value)) if isinstance(value, Mapping) else repr(value)
-
-
-def read_litgpt_layout(cfg: Mapping[str, Any], *, source: str = "config") -> RunLayout:
-    """A LitGPT config (``config_hub/finetune/*/*.yaml``) as the trainer section of what LitGPT's Fabric builds.
-
-    ``precision`` becomes the Lightning precision plugin Fabric builds for it (LitGPT passes the string to Fabric),
-    ``devices`` times ``num_nodes`` above one becomes the ``ModelParallelStrategy`` LitGPT uses, and ``optimizer`` (a
-    ``torch.optim`` name or a ``class_path``/``init_args`` mapping) is read as LitGPT builds it.
-
-    Raises:
-        PrecisionConfigError: If the precision is not one Fabric builds (``bf16-flash`` is this library's: LitGPT's
-            command line cannot take it), or ``quantize`` is set (bitsandbytes' plugin and optimizer, not modelled).
-    """
-    read = [k for k in LITGPT_KEYS if k in cfg]
-    others = sorted(str(k) for k in cfg if k not in LITGPT_KEYS)
-    notes = [
-        f"read as a LitGPT config (no trainer section): {', '.join(read)} read"
-        + (f"; {', '.join(others)} not about precision" if others else "")
-    ]
-    if cfg.get("quantize") is not None:
-        raise PrecisionConfigError(
-            f"{source}: quantize={cfg['quantize']!r}: LitGPT then builds bitsandbytes' BitsandbytesPrecision and "
-            "PagedAdamW whatever precision and optimizer say, which is not modelled here; remove quantize to judge "
-            "the run without quantization."
-        )
-    precision = cfg.get("precision")
-    if precision is None:
-        precision = LITGPT_DEFAULT_PRECISION
-        notes.append(
-            f"precision not set: LitGPT picks {LITGPT_DEFAULT_PRECISION} (16-mixed on a GPU without bf16 or on MPS: "
-            "mixed too, the same verdict)"
-        )
-    mode = get_mode(precision, what="precision")
-    if mode.name not in LIGHTNING_PLUGINS:
-        raise PrecisionConfigError(
-            f"precision={precision!r} is this library's, and LitGPT hands precision to Fabric, which does not know it. "
-            f"Give one of {', '.join(LIGHTNING_PLUGINS)}, or run the fine-tune with the library's Fabric plugin "
-            "(docs/recipes.md, 'LitGPT fine-tune with the Fabric plugin')."
-        )
-    plugin = {"class_path": f"lightning.pytorch.plugins.precision.{LIGHTNING_PLUGINS[mode.name]}"}
-    if "precision" in _parameters_of(plugin["class_path"]):
-        plugin["init_args"] = {"precision": mode.name}
-    trainer: dict[str, Any] = {"plugins": [plugin]}
-    for key in ("devices", "num_nodes"):
-        if cfg.get(key) is not None:
-            trainer[key] = cfg[key]
-    devices, nodes = cfg.get("devices", 1), cfg.get("num_nodes", 1)
-    if isinstance(devices, int) and isinstance(nodes, int) and devices * nodes > 1:
-        trainer["strategy"] = {
-            "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-            "init_args": {"data_parallel_size": devices * nodes, "tensor_parallel_size": 1},
-        }
-    elif not isinstance(devices, int) or devices < 0:
-        notes.append(f"devices={devices!r}: LitGPT uses ModelParallelStrategy when it finds more than one GPU")
-    optimizer = cfg.get("optimizer")
-    if optimizer is None:
-        optimizer = LITGPT_DEFAULT_OPTIMIZER
-        notes.append(f"no optimizer: LitGPT's default {LITGPT_DEFAULT_OPTIMIZER} (torch.optim.AdamW)")
-    return RunLayout(trainer, None, optimizer, notes, kind="litgpt")
-
-
-def nemo_precision_plugin(entry: Any, where: str, *, build: bool) -> ClassSpec | None:
-    """NeMo 2's ``MegatronMixedPrecision`` entry in ``trainer.plugins``, read without NeMo; ``None`` for other entries.
-
-    Reading (``build=False``): a :class:`ClassSpec` of a stand-in precision plugin of that name, with the entry's
-    arguments, so the plan reads ``precision`` as it reads any plugin's. Building: ``None`` (built as any entry) if
-    NeMo imports, else an error naming the class.
-
-    Raises:
-        PrecisionConfigError: When building and NeMo does not import; or the entry's arguments are not a mapping.
-    """
-    if not isinstance(entry, Mapping):
-        return None
-    path = entry.get("class_path", entry.get("_target_"))
-    if path not in NEMO_PRECISION_PLUGINS:
-        return None
-    if build:
-        try:
-            import_object(path, where=where)
-        except PrecisionConfigError as err:
-            raise PrecisionConfigError(
-                f"{where}: the precision plugin {path} cannot be built: it does not import here ({err.__cause__ or err})."
-                " Install NeMo to build it (explain reads its precision without NeMo)."
-            ) from err
-        return None
-    if "class_path" in entry:
-        args = entry.get("init_args") or {}
-    else:
-        args = {k: v for k, v in entry.items() if not str(k).startswith("_")}
-    if not isinstance(args, Mapping):
-        raise PrecisionConfigError(f"{where}.init_args must be a mapping of arguments, got {args!r}.")
-    given = str(args.get("precision"))  # NeMo reads an int as its string
-    precision = NEMO_PLUGIN_PRECISIONS.get(given, NEMO_PLUGIN_OTHER_PRECISION)
-    note = f"{where}: {path} read without importing it: precision {precision} from its 'precision' field"
-    if given not in NEMO_PLUGIN_PRECISIONS:
-        note += f" ({given!r}: NeMo runs {precision} for anything but {', '.join(map(repr, NEMO_PLUGIN_PRECISIONS))})"
-    others = sorted(str(k) for k in args if k != "precision")
-    if others:
-        note += f"; its other arguments ({', '.join(others)}) are Megatron's and not judged here"
-    return ClassSpec(_stand_in(path, note), {**args, "precision": precision}, where)
-
-
-def _stand_in(path: str, note: str) -> type:
-    """A precision plugin class named as ``path``, standing in for the class that is not imported."""
-    module, _, name = path.rpartition(".")
-
-    def __init__(self: Any, precision: str, **options: Any) -> None:  # read for its signature only
-        raise TypeError(f"{path} is read from the config, never built here")
-
-    attributes = {"__module__": module, "__init__": __init__, "__doc__": f"Stand-in for {path}.", "read_note": note}
-    return type(name, (Precision,), attributes)
-
-
-def stand_in_note(spec: Any) -> str | None:
-    """How a plugin read by :func:`nemo_precision_plugin` was read, for the notes; ``None`` for any other."""
-    return getattr(getattr(spec, "cls", None), "read_note", None) if isinstance(spec, ClassSpec) else None
-
-
-def _parameters_of(path: str) -> tuple[str, ...]:
-    return tuple(inspect.signature(import_object(path)).parameters)

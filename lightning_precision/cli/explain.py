@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_precision.config import TrainerKwargs, plan_trainer_cfg
 from lightning_precision.config_classes import ClassSpec, class_of
-from lightning_precision.config_layouts import stand_in_note
+from lightning_precision.config_frameworks import stand_in_note
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.grad_accumulation import (
     accumulate_grad_dtype_of,

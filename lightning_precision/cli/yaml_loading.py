@@ -22,7 +22,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightning_precision.config_layouts import LITGPT_KEYS, RUN_SECTIONS, RunLayout, read_run_layout
+from lightning_precision.config_frameworks import LITGPT_KEYS
+from lightning_precision.config_layouts import RUN_SECTIONS, RunLayout, read_run_layout
 from lightning_precision.config_resolve import model_read_part, resolve_value
 from lightning_precision.errors import PrecisionConfigError
 

@@ -4,7 +4,6 @@ import textwrap
 
 import pytest
 
-from lightning_precision.config_layouts import read_run_layout
 from tests.cli.helpers import assert_one_line_error, explain_json, run
 
 # The layout of LitGPT's config_hub/finetune/<model>/lora.yaml, trimmed.
@@ -76,13 +75,6 @@ def test_litgpt_optimizer_as_a_torch_name_and_litgpt_defaults(capsys, tmp_path):
     assert data["contract"]["optimizers"][0]["optimizer"] == "torch.optim.adamw.AdamW"
     assert any("LitGPT picks bf16-mixed" in n for n in data["notes"])
     assert any("LitGPT's default AdamW" in n for n in data["notes"])
-
-
-def test_litgpt_several_devices_is_lightnings_model_parallel_strategy():
-    layout = read_run_layout({"precision": "bf16-true", "devices": 4, "num_nodes": 2})
-    assert layout.kind == "litgpt" and layout.trainer["devices"] == 4 and layout.trainer["num_nodes"] == 2
-    assert layout.trainer["strategy"]["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
-    assert layout.trainer["strategy"]["init_args"]["data_parallel_size"] == 8
 
 
 @pytest.mark.parametrize(
