@@ -66,6 +66,7 @@ TORCH_DTYPE_PATHS = ("model.torch_dtype", "model.init_args.torch_dtype")
 MODEL_LAYOUT_KEYS = ("optim", "optimizer", "torch_dtype")
 # Everything read from the model section, relative to it: the only parts of it that are resolved.
 MODEL_READ_PATHS = tuple(p.removeprefix("model.") for p in (*OPTIMIZER_PATHS, *TORCH_DTYPE_PATHS) if p != "optimizer")
+MODEL_DTYPE_PATHS = tuple(p.removeprefix("model.") for p in TORCH_DTYPE_PATHS)
 
 RUN_SECTIONS = ("trainer", "model", "optimizer", "data", "seed")
 HYDRA_COMPOSE_HINT = (

@@ -43,16 +43,19 @@ def resolve_value(value: Any, *, path: str) -> Any:
     return value
 
 
-def model_read_part(model: Any, *, what: str = "model") -> dict[str, Any] | None:
+def model_read_part(
+    model: Any, *, what: str = "model", paths: tuple[str, ...] = MODEL_READ_PATHS
+) -> dict[str, Any] | None:
     """The parts of a model section that the config layouts read, resolved; the rest is left out unresolved.
 
     Args:
         model: The model section (OmegaConf, mapping), or ``None``.
         what: Its path, for messages.
+        paths: What to read, relative to the section (default: everything the layouts read).
 
     Returns:
-        A plain dict with only the keys of :data:`~lightning_precision.config_layouts.MODEL_READ_PATHS` that are set
-        (``optim`` without its ``sched``), or ``None`` without a model section.
+        A plain dict with only the keys of ``paths`` that are set (``optim`` without its ``sched``), or ``None``
+        without a model section.
 
     Raises:
         PrecisionConfigError: If the section is not a mapping, or a value that is read does not resolve (named).
@@ -62,7 +65,7 @@ def model_read_part(model: Any, *, what: str = "model") -> dict[str, Any] | None
     if not isinstance(model, (Mapping, DictConfig)) or (isinstance(model, DictConfig) and model._is_none()):
         raise PrecisionConfigError(f"The {what} section must be a mapping, got {type(model).__name__}: {model!r}.")
     part: dict[str, Any] = {}
-    for read_path in MODEL_READ_PATHS:
+    for read_path in paths:
         *parents, last = read_path.split(".")
         node, out, where = model, part, what
         for key in parents:

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, classify_optimizer
-from lightning_precision.config_layouts import find_torch_dtype
+from lightning_precision.config_layouts import MODEL_DTYPE_PATHS, find_torch_dtype
+from lightning_precision.config_resolve import model_read_part
 from lightning_precision.dtypes import dtype_name, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import PrecisionMode, get_mode
@@ -140,7 +141,8 @@ def resolve_storage_dtype(
     if automodel_arguments:
         raise TypeError(_unexpected_arguments(automodel_arguments))
     if isinstance(model_cfg, Mapping):  # ours, NeMo's and Hugging Face's model.torch_dtype, or LightningCLI's
-        found = find_torch_dtype(model_cfg)
+        # Only the dtype is resolved: a ??? there is an error naming it, one elsewhere (NeMo's) is never read.
+        found = find_torch_dtype(model_read_part(model_cfg, paths=MODEL_DTYPE_PATHS))
         explicit, what = (found.value, found.path) if found is not None else (None, "model.torch_dtype")
     else:
         explicit, what = getattr(model_cfg, "torch_dtype", None), "model.torch_dtype"

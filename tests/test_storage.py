@@ -38,6 +38,14 @@ def test_resolve_storage_dtype_struct_mode_and_no_mutation():
     assert "torch_dtype" not in cfg
 
 
+def test_resolve_storage_dtype_reads_only_the_dtype_of_a_nemo_model_section():
+    model = OmegaConf.create({"train_ds": {"manifest_filepath": "???"}, "d": "${sum:1,2}", "torch_dtype": "bf16"})
+    assert resolve_storage_dtype(model, ADAMW) == torch.bfloat16
+    model.torch_dtype = "???"
+    with pytest.raises(PrecisionConfigError, match=r"model\.torch_dtype is '\?\?\?'"):  # not read as unset
+        resolve_storage_dtype(model, ADAMW)
+
+
 @pytest.mark.parametrize("keyword", ["is_peft", "context", "logger"])
 def test_resolve_storage_dtype_refuses_automodels_call_shape_and_leaves_the_config_alone(keyword):
     cfg = {"torch_dtype": "auto"}
