@@ -147,7 +147,9 @@ def _apply_override(cfg: DictConfig, item: str) -> None:
     try:
         # OmegaConf's own grammar parses the value, so 1e-3, null, [1, 2] and {a: 1} mean what they do in YAML.
         parsed = OmegaConf.from_dotlist([f"{key}={value}"])
-        OmegaConf.update(cfg, key, OmegaConf.select(parsed, key), force_add=True)
+        # select reads a ??? as null: kept as ???, so what reads it says it is missing instead of reading null.
+        new = "???" if value.strip() == "???" else OmegaConf.select(parsed, key)
+        OmegaConf.update(cfg, key, new, force_add=True)
     except (OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
         raise ConfigInputError(f"override {item!r}: {_one_line(err)}") from err
 

@@ -186,6 +186,9 @@ def test_a_placeholder_precision_exits_2_naming_trainer_precision(capsys, tmp_pa
     text = NEMO_PLACEHOLDERS.replace("{lr}", "1.0e-3").replace("precision: bf16-true", "precision: ???")
     code, _, err = run(capsys, "explain", _write(tmp_path, text))
     assert code == 2 and "trainer.precision is '???'" in err
+    path = _write(tmp_path, NEMO_PLACEHOLDERS.replace("{lr}", "1.0e-3"), "given.yaml")
+    code, _, err = run(capsys, "explain", path, "trainer.precision=???")  # an override: not read as null
+    assert code == 2 and "trainer.precision is '???'" in err
 
 
 NEMO2_PLUGIN = {
