@@ -102,12 +102,12 @@ def _child(node: Any, key: Any, path: str) -> Any:
         return node[key]
     except MissingMandatoryValue as err:
         raise PrecisionConfigError(
-            f"{where} is '???' (a value the config leaves to be filled in), and it is read for the precision plan: "
+            f"{where} is '???' (a value the config leaves to be filled in), and it is read here: "
             f"set it in the config, or on the command line as {where}=<value>."
         ) from err
     except OmegaConfBaseException as err:
         reason = " ".join(line.strip() for line in str(err).splitlines()[:1])
         raise PrecisionConfigError(
-            f"{where} cannot be resolved ({reason}), and it is read for the precision plan: write the value itself, "
-            "or register the resolver before the config is read (OmegaConf.register_new_resolver)."
+            f"{where} cannot be resolved ({reason}), and it is read here: write the value itself, or "
+            "for a custom resolver, register it before the config is read (OmegaConf.register_new_resolver)."
         ) from err
