@@ -26,14 +26,14 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
 from lightning.pytorch.strategies import StrategyRegistry
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lightning_precision._logging import warn_once
 from lightning_precision.audio_presets import get_audio_preset, refused_under_autocast
 from lightning_precision.callbacks.guard import PrecisionGuard
-from lightning_precision.checkpoint_io import AtomicCheckpointIO
 from lightning_precision.casting import DEFAULT_PRESERVE_KEYS, normalize_preserve_keys
 from lightning_precision.catalogue import classify_optimizer
+from lightning_precision.checkpoint_io import AtomicCheckpointIO
 from lightning_precision.config_classes import (
     ClassSpec,
     check_arguments,
@@ -45,7 +45,9 @@ from lightning_precision.config_classes import (
     option_of,
     read_entry,
 )
+from lightning_precision.config_frameworks import nemo_precision_plugin
 from lightning_precision.config_layouts import find_optimizer, find_torch_dtype
+from lightning_precision.config_resolve import model_read_part, resolve_value
 from lightning_precision.dtypes import parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import PrecisionMode, get_mode, is_lightning_only
@@ -63,13 +65,13 @@ from lightning_precision.policy import (
 )
 from lightning_precision.storage import StorageDecision, decide_storage
 from lightning_precision.strategies.fsdp2 import FSDP2Strategy
-from lightning_precision.upstream import LIGHTNING_FSDP_MIXED_INIT, affected
 from lightning_precision.strategies.fsdp2_plan import (
     FSDP2Precision,
     agreed_optimizer,
     resolve_fsdp2_precision,
     storage_option,
 )
+from lightning_precision.upstream import LIGHTNING_FSDP_MIXED_INIT, affected
 from lightning_precision.values import parse_bool
 
 OPTIONS_KEY = "lightning_precision"
@@ -193,8 +195,8 @@ def plan_trainer_cfg(
     audio_preset = get_audio_preset(options["audio_preset"], what=f"trainer.{OPTIONS_KEY}.audio_preset")
 
     entry = _instantiate if build else read_entry
-    plugins = [
-        entry(p, f"trainer.plugins[{i}]", "plugins")
+    plugins = [  # NeMo 2's precision plugin is read without NeMo
+        nemo_precision_plugin(p, f"trainer.plugins[{i}]", build=build) or entry(p, f"trainer.plugins[{i}]", "plugins")
         for i, p in enumerate(_as_list(cfg.pop("plugins", None), "trainer.plugins", strings=True))
     ]
     callbacks = [
@@ -241,7 +243,7 @@ def plan_trainer_cfg(
     kwargs["callbacks"] = callbacks
     kwargs.precision_mode, kwargs.on_unsafe = mode, policy
 
-    model_cfg = _to_plain(model, what="model") if model is not None else None
+    model_cfg = model_read_part(model)  # only what is read: NeMo's ??? and app-only resolvers elsewhere stay
     found = find_optimizer(
         model_cfg, _to_plain(optimizer, what="optimizer") if isinstance(optimizer, (Mapping, DictConfig)) else optimizer
     )
@@ -338,10 +340,8 @@ def _precision_mode(cfg: dict[str, Any], plugins: list[Any]) -> PrecisionMode | 
 def _to_plain(cfg: Any, *, what: str) -> dict[str, Any]:
     if cfg is None:
         raise PrecisionConfigError(f"The {what} section is missing (got None); pass the mapping under '{what}:'.")
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # a fresh container: the input stays untouched
-    if isinstance(cfg, Mapping):
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in cfg.items()}
+    if isinstance(cfg, (DictConfig, Mapping)):
+        return resolve_value(cfg, path=what)  # a fresh container: the input stays untouched
     raise PrecisionConfigError(f"The {what} section must be a mapping, got {type(cfg).__name__}: {cfg!r}.")
 
 

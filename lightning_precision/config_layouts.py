@@ -16,6 +16,9 @@ Where each layout puts the optimizer (all are looked at; two that disagree are a
 
 and the storage dtype: ``model.torch_dtype`` (ours, NeMo, Hugging Face) or ``model.init_args.torch_dtype``
 (LightningCLI).
+
+LitGPT's configs (no ``trainer:`` section) and NeMo 2's precision plugin are read by
+:mod:`~lightning_precision.config_frameworks`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 from lightning_precision._logging import info_rank_zero
 from lightning_precision.catalogue import classify_optimizer
+from lightning_precision.config_frameworks import is_litgpt, read_litgpt
 from lightning_precision.dtypes import parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 
@@ -53,12 +57,16 @@ NEMO_OPTIMIZERS: dict[str, str] = {
 }
 NEMO_DEFAULT_OPTIMIZER = "adam"  # what NeMo's ModelPT builds when model.optim names none
 # Keys of NeMo's model.optim that are not optimizer arguments: the scheduler, and the ways of naming the class.
-_NEMO_NOT_ARGUMENTS = ("name", "sched", "cls", "_target_", "args")
+NEMO_SCHEDULER_KEY = "sched"  # in NeMo's model.optim: the scheduler, never read
+_NEMO_NOT_ARGUMENTS = ("name", NEMO_SCHEDULER_KEY, "cls", "_target_", "args")
 
 OPTIMIZER_PATHS = ("optimizer", "model.optim", "model.optimizer", "model.init_args.optimizer")
 TORCH_DTYPE_PATHS = ("model.torch_dtype", "model.init_args.torch_dtype")
 # Keys of the model section read here rather than passed to the model.
 MODEL_LAYOUT_KEYS = ("optim", "optimizer", "torch_dtype")
+# Everything read from the model section, relative to it: the only parts of it that are resolved.
+MODEL_READ_PATHS = tuple(p.removeprefix("model.") for p in (*OPTIMIZER_PATHS, *TORCH_DTYPE_PATHS) if p != "optimizer")
+MODEL_DTYPE_PATHS = tuple(p.removeprefix("model.") for p in TORCH_DTYPE_PATHS)
 
 RUN_SECTIONS = ("trainer", "model", "optimizer", "data", "seed")
 HYDRA_COMPOSE_HINT = (
@@ -92,16 +100,18 @@ class RunLayout:
         model: The model section, or ``None``.
         optimizer: The top-level optimizer section, or ``None`` (the model section may still hold one).
         notes: One line each: the top-level sections ignored, and a Hydra defaults list that was not composed.
+        kind: ``"run"`` (a trainer section: ours, NeMo, LightningCLI, Hydra) or ``"litgpt"`` (read from the top level).
     """
 
     trainer: dict[str, Any]
     model: dict[str, Any] | None
     optimizer: Any
     notes: list[str] = field(default_factory=list)
+    kind: str = "run"
 
 
 def read_run_layout(cfg: Mapping[str, Any], *, source: str = "config", log_notes: bool = True) -> RunLayout:
-    """The sections of a whole config (ours, NeMo's, LightningCLI's or a composed Hydra one), as plain data.
+    """The sections of a whole config (ours, NeMo's, LightningCLI's, a composed Hydra one or LitGPT's), as plain data.
 
     Top-level sections other than :data:`RUN_SECTIONS` (``name``, ``exp_manager``, ``hydra``, ...) are not about
     precision: they are ignored with one note, also logged. A ``defaults`` list means Hydra did not compose the file,
@@ -117,8 +127,20 @@ def read_run_layout(cfg: Mapping[str, Any], *, source: str = "config", log_notes
 
     Raises:
         PrecisionConfigError: If there is no ``trainer`` mapping (with the Hydra hint when a ``defaults`` list
-            suggests the file was not composed), or a section that must be a mapping is not one.
+            suggests the file was not composed) and the file is not LitGPT's, or a section that must be a mapping is
+            not one; for LitGPT's, see :func:`~lightning_precision.config_frameworks.read_litgpt`.
     """
+    if is_litgpt(cfg):
+        litgpt = read_litgpt(cfg, source=source)
+        layout = RunLayout(litgpt.trainer, None, litgpt.optimizer, litgpt.notes, kind="litgpt")
+    else:
+        layout = _read_run_sections(cfg, source)
+    for note in layout.notes if log_notes else ():
+        info_rank_zero(f"lightning_precision: {note}.")
+    return layout
+
+
+def _read_run_sections(cfg: Mapping[str, Any], source: str) -> RunLayout:
     notes = []
     ignored = sorted(str(k) for k in cfg if k not in RUN_SECTIONS and k != "defaults")
     if ignored:
@@ -132,8 +154,6 @@ def read_run_layout(cfg: Mapping[str, Any], *, source: str = "config", log_notes
     model = cfg.get("model")
     if model is not None and not isinstance(model, Mapping):
         raise PrecisionConfigError(f"{source}: section 'model' must be a mapping, got {model!r}.")
-    for note in notes if log_notes else ():
-        info_rank_zero(f"lightning_precision: {note}.")
     return RunLayout(dict(trainer), dict(model) if model is not None else None, cfg.get("optimizer"), notes)
 
 

@@ -78,6 +78,17 @@ _DEPRECATED: dict[str, str] = {
     "fp16-automodel": "fp16-flash",
 }
 
+# The plugin Lightning (Trainer and Fabric alike) builds for each precision string it handles itself, by class name in
+# ``lightning.pytorch.plugins.precision`` (``lightning.fabric.plugins.precision`` has the same names).
+LIGHTNING_PLUGINS: dict[str, str] = {
+    "32-true": "Precision",
+    "64-true": "DoublePrecision",
+    "bf16-mixed": "MixedPrecision",
+    "16-mixed": "MixedPrecision",
+    "bf16-true": "HalfPrecision",
+    "16-true": "HalfPrecision",
+}
+
 VALID_PRECISIONS: tuple[str, ...] = tuple(MODES) + tuple(_ALIASES) + tuple(_DEPRECATED)
 
 # Precisions Lightning accepts that this library does not model (e.g. "transformer-engine"): passed to Lightning

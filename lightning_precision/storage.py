@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, classify_optimizer
-from lightning_precision.config_layouts import find_torch_dtype
+from lightning_precision.config_layouts import MODEL_DTYPE_PATHS, find_torch_dtype
+from lightning_precision.config_resolve import model_read_part
 from lightning_precision.dtypes import dtype_name, parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import PrecisionMode, get_mode
@@ -106,11 +107,18 @@ def _protects(info: OptimizerInfo) -> str:
     return "compensates its update"
 
 
+# NeMo AutoModel's function of the same name (nemo_automodel/components/optim/precision_warnings.py) takes these
+# keywords, sets cfg_model.torch_dtype in place and returns None. This one never modifies the config and returns the
+# dtype: a call written for AutoModel's would silently drop the decision, so it is refused (docs/api.md).
+AUTOMODEL_ONLY_ARGUMENTS = ("is_peft", "context", "logger")
+
+
 def resolve_storage_dtype(
     model_cfg: Any,
     optimizer_cfg: Any,
     peft: bool = False,
     precision: str | PrecisionMode | None = None,
+    **automodel_arguments: Any,
 ) -> torch.dtype | None:
     """The storage dtype :func:`decide_storage` chooses for a model section and an optimizer section.
 
@@ -126,12 +134,32 @@ def resolve_storage_dtype(
 
     Raises:
         PrecisionConfigError: If ``torch_dtype`` is not a dtype, or contradicts the precision.
+        TypeError: If called with NeMo AutoModel's keywords (``is_peft``, ``context``, ``logger``): that function of
+            the same name sets ``cfg_model.torch_dtype`` in place and returns ``None``; the message shows the call
+            to write here instead. Any other unknown keyword too.
     """
+    if automodel_arguments:
+        raise TypeError(_unexpected_arguments(automodel_arguments))
     if isinstance(model_cfg, Mapping):  # ours, NeMo's and Hugging Face's model.torch_dtype, or LightningCLI's
-        found = find_torch_dtype(model_cfg)
+        # Only the dtype is resolved: a ??? there is an error naming it, one elsewhere (NeMo's) is never read.
+        found = find_torch_dtype(model_read_part(model_cfg, paths=MODEL_DTYPE_PATHS))
         explicit, what = (found.value, found.path) if found is not None else (None, "model.torch_dtype")
     else:
         explicit, what = getattr(model_cfg, "torch_dtype", None), "model.torch_dtype"
     return decide_storage(
         explicit=explicit, explicit_what=what, precision=precision, optimizer=optimizer_cfg, peft=peft
     ).dtype
+
+
+def _unexpected_arguments(given: Mapping[str, Any]) -> str:
+    names = ", ".join(f"{k}={v!r}" for k, v in given.items())
+    takes = "it takes model_cfg, optimizer_cfg, peft, precision"
+    if not set(given) & set(AUTOMODEL_ONLY_ARGUMENTS):
+        return f"resolve_storage_dtype() got unexpected keyword argument(s) {names}; {takes}."
+    return (
+        f"resolve_storage_dtype() got {names}: that is NeMo AutoModel's call (resolve_storage_dtype(cfg_model, "
+        "cfg_opt, *, is_peft, context, logger)), which sets cfg_model.torch_dtype in place and returns None. This "
+        "one never modifies the config and returns the dtype (None: left to the model): write "
+        "`dtype = resolve_storage_dtype(cfg.model, cfg.optimizer, peft=is_peft)` and build the model with it "
+        f"(or set cfg.model.torch_dtype from it when it is not None); {takes}."
+    )

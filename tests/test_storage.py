@@ -38,6 +38,27 @@ def test_resolve_storage_dtype_struct_mode_and_no_mutation():
     assert "torch_dtype" not in cfg
 
 
+def test_resolve_storage_dtype_reads_only_the_dtype_of_a_nemo_model_section():
+    model = OmegaConf.create({"train_ds": {"manifest_filepath": "???"}, "d": "${sum:1,2}", "torch_dtype": "bf16"})
+    assert resolve_storage_dtype(model, ADAMW) == torch.bfloat16
+    model.torch_dtype = "???"
+    with pytest.raises(PrecisionConfigError, match=r"model\.torch_dtype is '\?\?\?'"):  # not read as unset
+        resolve_storage_dtype(model, ADAMW)
+
+
+@pytest.mark.parametrize("keyword", ["is_peft", "context", "logger"])
+def test_resolve_storage_dtype_refuses_automodels_call_shape_and_leaves_the_config_alone(keyword):
+    cfg = {"torch_dtype": "auto"}
+    with pytest.raises(TypeError, match=rf"{keyword}=.*NeMo AutoModel's call.*sets cfg_model\.torch_dtype in place"):
+        resolve_storage_dtype(cfg, ADAMW, **{keyword: False if keyword == "is_peft" else None})
+    assert cfg == {"torch_dtype": "auto"}  # nothing set, nothing returned: the caller learns at once
+
+
+def test_resolve_storage_dtype_names_any_other_unknown_keyword_and_its_arguments():
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) pef=True; it takes .*peft, precision"):
+        resolve_storage_dtype({}, ADAMW, pef=True)
+
+
 @pytest.mark.parametrize(("dtype", "precision"), [("float32", "bf16-true"), ("bf16", "fp16-flash")])
 def test_resolve_storage_dtype_conflict_is_an_error(dtype, precision):
     with pytest.raises(PrecisionConfigError, match=precision):

@@ -14,28 +14,23 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_precision.config import TrainerKwargs, plan_trainer_cfg
 from lightning_precision.config_classes import ClassSpec, class_of
+from lightning_precision.config_frameworks import stand_in_note
 from lightning_precision.dtypes import dtype_name
-from lightning_precision.memory import PEAK_DEFINITION, MemoryEstimate, estimate_bytes_per_param
-from lightning_precision.modes import MODES
-from lightning_precision.pairing import Status, Verdict
-from lightning_precision.policy import pairing_error
 from lightning_precision.grad_accumulation import (
     accumulate_grad_dtype_of,
     accumulation_dtype,
     parse_accumulate_grad_dtype,
 )
+from lightning_precision.memory import PEAK_DEFINITION, MemoryEstimate, estimate_bytes_per_param
+from lightning_precision.modes import LIGHTNING_PLUGINS, MODES
+from lightning_precision.pairing import Status, Verdict
+from lightning_precision.policy import pairing_error
 from lightning_precision.report import PrecisionContract, optimizer_contract
 
 if TYPE_CHECKING:
     from lightning_precision.cli.explain_memory import MemoryTable
 
 LIGHTNING_DEFAULT_PRECISION = "32-true"
-_LIGHTNING_PLUGINS = {
-    "32-true": "Precision",
-    "64-true": "DoublePrecision",
-    "bf16-mixed": "MixedPrecision",
-    "16-mixed": "MixedPrecision",
-}
 
 
 @dataclass
@@ -193,7 +188,8 @@ def explain(
     kwargs = plan_trainer_cfg(trainer_cfg, model=model_cfg, optimizer=optimizer_cfg, build=False)
     failure = pairing_error(kwargs.verdict, kwargs.on_unsafe, where="config") if kwargs.verdict is not None else None
     error = str(failure) if failure is not None else None
-    result = _build(kwargs, source, error, [*notes, *_optimizer_notes(kwargs), *kwargs.upstream_faults])
+    read_notes = [n for n in map(stand_in_note, kwargs.get("plugins", [])) if n]  # NeMo 2's plugin, not imported
+    result = _build(kwargs, source, error, [*notes, *read_notes, *_optimizer_notes(kwargs), *kwargs.upstream_faults])
     result.memory_table = _memory_table(kwargs, result, params, devices)
     return result
 
@@ -291,7 +287,7 @@ def _plugin_name(kwargs: TrainerKwargs, precision: str) -> str:
     for plugin in kwargs.get("plugins", []):
         if hasattr(class_of(plugin), "convert_module"):  # a precision plugin
             return class_of(plugin).__name__
-    lightning = _LIGHTNING_PLUGINS.get(precision)
+    lightning = LIGHTNING_PLUGINS.get(precision) if MODES[precision].family == "lightning" else None
     return f"{lightning} (Lightning)" if lightning else "-"
 
 

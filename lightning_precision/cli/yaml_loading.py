@@ -19,13 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_precision.config_frameworks import LITGPT_KEYS
 from lightning_precision.config_layouts import RUN_SECTIONS, RunLayout, read_run_layout
+from lightning_precision.config_resolve import model_read_part, resolve_value
 from lightning_precision.errors import PrecisionConfigError
 
 _MISSING = object()
+# Top-level sections read whole (the model section is read in part); LitGPT's keys sit at the top level.
+_READ_WHOLE = ("trainer", "optimizer", *LITGPT_KEYS)
 
 
 class ConfigInputError(PrecisionConfigError):
@@ -66,18 +70,45 @@ def load_layout(cfg: DictConfig, *, source: str, log_notes: bool = True) -> RunL
     Raises:
         PrecisionConfigError: See :func:`~lightning_precision.config_layouts.read_run_layout`.
     """
-    # Only the sections read are resolved: an ignored one may interpolate what exists only inside its app
-    # (NeMo's exp_manager with ${hydra:runtime.output_dir}).
-    plain = {str(k): (_resolved(cfg, str(k)) if k in RUN_SECTIONS else None) for k in cfg}
+    # Only what is read is resolved: an ignored section may interpolate what exists only inside its app (NeMo's
+    # exp_manager with ${hydra:runtime.output_dir}), and NeMo's model section holds ??? and app-only resolvers.
+    plain: dict[str, Any] = {}
+    for key in cfg:
+        name = str(key)
+        if name == "model":
+            plain[name] = model_read_part(_node(cfg, name))
+        else:
+            plain[name] = _resolved(cfg, name) if name in _READ_WHOLE else None
     return read_run_layout(plain, source=source, log_notes=log_notes)
 
 
-def _resolved(cfg: DictConfig, name: str) -> Any:
+def require_trainer_section(layout: RunLayout, *, source: str) -> RunLayout:
+    """For a command that builds a Trainer from the file (``train``): refuse a layout read without a trainer section.
+
+    Raises:
+        ConfigInputError: For a LitGPT config (``explain`` reads it; training LitGPT is a Fabric loop, see the recipe).
+    """
+    if layout.kind == "litgpt":
+        raise ConfigInputError(
+            f"{source}: a LitGPT config has no 'trainer:' section, and `train` builds a Lightning Trainer from one. "
+            "`explain` reads LitGPT configs; to train LitGPT with this library, see docs/recipes.md, 'LitGPT "
+            "fine-tune with the Fabric plugin'."
+        )
+    return layout
+
+
+def _node(cfg: DictConfig, name: str) -> Any:
+    if name not in cfg.keys():  # noqa: SIM118 - `in` is False for a ??? section, which must be reported
+        return None
     try:
-        value = cfg.get(name)
-        return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+        return cfg[name]
     except OmegaConfBaseException as err:
         raise ConfigInputError(f"section {name!r}: {_one_line(err)}") from err
+
+
+def _resolved(cfg: DictConfig, name: str) -> Any:
+    """A top-level section resolved; a value in it that is ``???`` or does not resolve is an error naming its path."""
+    return resolve_value(_node(cfg, name), path=name)
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -120,7 +151,9 @@ def _apply_override(cfg: DictConfig, item: str) -> None:
     try:
         # OmegaConf's own grammar parses the value, so 1e-3, null, [1, 2] and {a: 1} mean what they do in YAML.
         parsed = OmegaConf.from_dotlist([f"{key}={value}"])
-        OmegaConf.update(cfg, key, OmegaConf.select(parsed, key), force_add=True)
+        # select reads a ??? as null: kept as ???, so what reads it says it is missing instead of reading null.
+        new = "???" if value.strip() == "???" else OmegaConf.select(parsed, key)
+        OmegaConf.update(cfg, key, new, force_add=True)
     except (OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
         raise ConfigInputError(f"override {item!r}: {_one_line(err)}") from err
 

@@ -5,6 +5,7 @@ import textwrap
 import pytest
 import torch
 
+from lightning_precision import PrecisionConfigError, resolve_trainer_cfg
 from lightning_precision.catalogue import classify_optimizer
 from lightning_precision.pairing import judge
 from tests.cli.helpers import TRAP, assert_one_line_error, explain_json, run
@@ -139,3 +140,91 @@ def test_conflicting_optimizer_sections_exit_2_naming_both(capsys, tmp_path, mod
     assert code == 2
     assert_one_line_error(err)
     assert f"{paths} both set the optimizer and disagree" in err
+
+
+# NeMo's own placeholders in what the library does not read: a ??? NeMo's script fills in, a resolver only NeMo's
+# app registers, and a scheduler that interpolates both.
+NEMO_PLACEHOLDERS = """
+trainer:
+  devices: 1
+  precision: bf16-true
+model:
+  train_ds:
+    manifest_filepath: ???
+  encoder:
+    d_model: ${sum:1,2}
+  optim:
+    name: adamw
+    lr: {lr}
+    sched:
+      name: NoamAnnealing
+      d_model: ${model.encoder.d_model}
+      max_steps: ???
+"""
+
+
+def test_nemo_placeholders_and_app_resolvers_outside_what_is_read_give_the_same_verdict(capsys, tmp_path):
+    code, data, _ = explain_json(capsys, _write(tmp_path, NEMO_PLACEHOLDERS.replace("{lr}", "1.0e-3")))
+    clean = "trainer:\n  precision: bf16-true\nmodel:\n  optim:\n    name: adamw\n    lr: 1.0e-3\n"
+    clean_code, clean_data, _ = explain_json(capsys, _write(tmp_path, clean, "clean.yaml"))
+    assert (code, data["verdict"]) == (clean_code, clean_data["verdict"]) and data["verdict"]["unsafe"] is True
+    assert data["contract"] == clean_data["contract"]
+
+
+@pytest.mark.parametrize(
+    ("lr", "named"),
+    [("???", "model.optim.lr is '???'"), ("${sum:1,2}", "model.optim.lr cannot be resolved (Unsupported")],
+)
+def test_a_placeholder_in_a_value_that_is_read_exits_2_naming_its_path(capsys, tmp_path, lr, named):
+    code, _, err = run(capsys, "explain", _write(tmp_path, NEMO_PLACEHOLDERS.replace("{lr}", lr)))
+    assert code == 2
+    assert_one_line_error(err)
+    assert named in err
+
+
+def test_a_placeholder_precision_exits_2_naming_trainer_precision(capsys, tmp_path):
+    text = NEMO_PLACEHOLDERS.replace("{lr}", "1.0e-3").replace("precision: bf16-true", "precision: ???")
+    code, _, err = run(capsys, "explain", _write(tmp_path, text))
+    assert code == 2 and "trainer.precision is '???'" in err
+    path = _write(tmp_path, NEMO_PLACEHOLDERS.replace("{lr}", "1.0e-3"), "given.yaml")
+    code, _, err = run(capsys, "explain", path, "trainer.precision=???")  # an override: not read as null
+    assert code == 2 and "trainer.precision is '???'" in err
+
+
+NEMO2_PLUGIN = {
+    "target": "plugins:\n    _target_: nemo.lightning.MegatronMixedPrecision\n    precision: {p}\n    params_dtype: bf16",
+    "list": "plugins:\n    - _target_: nemo.lightning.pytorch.plugins.MegatronMixedPrecision\n      precision: {p}",
+    "class_path": "plugins:\n    - class_path: nemo.lightning.pytorch.plugins.mixed_precision.MegatronMixedPrecision\n"
+    "      init_args:\n        precision: {p}",
+}
+
+
+@pytest.mark.parametrize("form", sorted(NEMO2_PLUGIN))
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_nemo2_precision_plugin_is_read_without_nemo(capsys, tmp_path, form, precision):
+    with pytest.raises(ImportError):
+        import nemo  # noqa: F401 - the point: NeMo is not installed here
+    text = "trainer:\n  devices: 1\n  " + NEMO2_PLUGIN[form].format(p=precision) + "\n"
+    code, data, _ = explain_json(capsys, _write(tmp_path, text))
+    assert code == 0 and data["precision"] == precision and data["plugin"] == "MegatronMixedPrecision"
+    assert data["compute_dtype"] == ("bfloat16" if precision == "bf16-mixed" else "float16")
+    assert f"read without importing it: precision {precision} from its 'precision' field" in data["notes"][0]
+    assert ("params_dtype" in " ".join(data["notes"])) is (form == "target")  # named as not judged
+
+
+@pytest.mark.parametrize(("given", "read"), [("fp16", "16-mixed"), ("bf16", "bf16-mixed"), ("bf16-true", "32-true")])
+def test_nemo2_precision_plugin_reads_precision_as_nemo_does(capsys, tmp_path, given, read):
+    text = "trainer:\n  " + NEMO2_PLUGIN["list"].format(p=given) + "\n"
+    code, data, _ = explain_json(capsys, _write(tmp_path, text))
+    assert code == 0 and data["precision"] == read
+    assert (f"'{given}': NeMo runs 32-true for anything but" in data["notes"][0]) is (read == "32-true")
+
+
+def test_resolve_trainer_cfg_cannot_build_nemo2_plugin_without_nemo_and_names_it():
+    entry = {"_target_": "nemo.lightning.MegatronMixedPrecision", "precision": "bf16-mixed"}
+    with pytest.raises(
+        PrecisionConfigError,
+        match=r"trainer\.plugins\[0\]: the precision plugin "
+        r"nemo\.lightning\.MegatronMixedPrecision cannot be built.*No module named 'nemo'",
+    ):
+        resolve_trainer_cfg({"plugins": entry})
