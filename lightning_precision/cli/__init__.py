@@ -180,10 +180,11 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from lightning_precision.cli.train import print_summary, train_from_config
-    from lightning_precision.cli.yaml_loading import load_config, load_layout
+    from lightning_precision.cli.yaml_loading import load_config, load_layout, require_trainer_section
 
     cfg = load_config(args.config, args.overrides)
-    load_layout(cfg, source=str(args.config))  # logs the notes on sections the run does not read
+    # logs the notes on sections the run does not read; a LitGPT layout has no trainer to build
+    require_trainer_section(load_layout(cfg, source=str(args.config)), source=str(args.config))
     output_dir = writable_directory(args.output_dir, what="--output-dir")
     result = train_from_config(cfg, output_dir=output_dir, name=Path(args.config).stem, ckpt_every=args.ckpt_every)
     print_summary(result)

@@ -105,3 +105,10 @@ def test_a_litgpt_config_is_refused_where_a_trainer_must_be_built(tmp_path):
         require_trainer_section(load_layout(load_config(path), source=str(path)), source=str(path))
     ours = _ours(tmp_path, "bf16-true")
     assert require_trainer_section(load_layout(load_config(ours), source="x"), source="x").kind == "run"
+
+
+def test_train_on_a_litgpt_config_exits_2_pointing_to_the_fabric_recipe(capsys, tmp_path):
+    code, _, err = run(capsys, "train", _write(tmp_path, LORA))
+    assert code == 2
+    assert_one_line_error(err)
+    assert "LitGPT" in err and "Fabric" in err
