@@ -64,6 +64,9 @@ class PrecisionContract:
         grad_accumulation_dtype: Dtype of that sum for the judged parameters: the storage dtype (autograd's
             ``param.grad``, FSDP2's sharded gradient), or float32 with ``accumulate_grad_dtype="float32"``; ``"-"``
             when not known. Contracts written before these fields existed read back as 1 micro-batch, ``"-"``.
+        trainable_dtypes: Dtypes of the model's trainable parameters, most elements first (``"float32 / bfloat16"``
+            when mixed); ``"-"`` when not known (a config, or a Fabric run without this library's plugin).
+        frozen_dtypes: The same for its frozen (``requires_grad=False``) parameters: ``"-"`` when none or not known.
     """
 
     precision: str
@@ -74,6 +77,8 @@ class PrecisionContract:
     fp32_modules: list[str] = field(default_factory=list)
     accumulate_grad_batches: int | None = 1
     grad_accumulation_dtype: str = "-"
+    trainable_dtypes: str = "-"
+    frozen_dtypes: str = "-"
 
     @property
     def accumulation_text(self) -> str:
@@ -116,7 +121,9 @@ class PrecisionContract:
         widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
         title = f"Precision contract (precision={self.precision})"
-        kept = [f"kept in fp32: {', '.join(self.fp32_modules)}"] if self.fp32_modules else []
+        kept = [f"kept in fp32: {_first_names(self.fp32_modules)}"] if self.fp32_modules else []
+        split = self.frozen_dtypes != "-"  # only a model with frozen parameters has two storage dtypes to tell apart
+        params = [f"parameters: trainable {self.trainable_dtypes}, frozen {self.frozen_dtypes}"] if split else []
         micro = self.accumulate_grad_batches
         storage = self.optimizers[0].storage_dtype if self.optimizers else None
         buffered = storage is not None and self.grad_accumulation_dtype not in ("-", storage)  # fp32 buffers
@@ -124,8 +131,24 @@ class PrecisionContract:
         shown = (micro is not None and micro > 1) or (micro is None and buffered)
         accumulation = [f"gradient accumulation: {self.accumulation_text}"] if shown else []
         return "\n".join(
-            [title, line(head), line(["-" * w for w in widths]), *map(line, rows), *kept, *accumulation]
+            [title, line(head), line(["-" * w for w in widths]), *map(line, rows), *params, *kept, *accumulation]
         )
+
+
+def _first_names(names: Sequence[str], shown: int = 8) -> str:
+    """``a, b, c`` or, for a long list (every adapter of a LoRA model), the first few and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def parameter_dtypes(model: torch.nn.Module) -> tuple[str, str]:
+    """The dtypes of the trainable and of the frozen parameters of ``model``, most elements first (``"-"``: none)."""
+    counts: tuple[dict[str, int], dict[str, int]] = ({}, {})
+    for param in model.parameters():
+        side = counts[0 if param.requires_grad else 1]
+        side[dtype_name(param.dtype)] = side.get(dtype_name(param.dtype), 0) + param.numel()
+    text = lambda c: " / ".join(sorted(c, key=lambda d: -c[d])) or "-"
+    return text(counts[0]), text(counts[1])
 
 
 def describe_protection(info: OptimizerInfo, storage_dtype: torch.dtype | None) -> str:
@@ -180,6 +203,7 @@ def build_contract(
     observe_state: bool = False,
     accumulate_grad_batches: int | None = 1,
     accumulate_grad_dtype: torch.dtype | None = None,
+    parameters: tuple[str, str] = ("-", "-"),
 ) -> PrecisionContract:
     """The contract of a run from its live optimizers and their verdicts (the Trainer guard and Fabric's ``check``).
 
@@ -194,6 +218,7 @@ def build_contract(
             them.
         accumulate_grad_batches: Micro-batches summed into each step (``None``: decided by a Fabric loop).
         accumulate_grad_dtype: The plugin's or strategy's ``accumulate_grad_dtype`` (``None``: the storage dtype).
+        parameters: The trainable and frozen parameter dtypes (:func:`parameter_dtypes`), if known.
     """
     rows = []
     for optimizer, verdict in zip(optimizers, verdicts):
@@ -209,6 +234,8 @@ def build_contract(
         fp32_modules=list(dict.fromkeys(fp32_modules)),
         accumulate_grad_batches=None if accumulate_grad_batches is None else int(accumulate_grad_batches),
         grad_accumulation_dtype=dtype_name(accumulation_dtype(storage, accumulate_grad_dtype)),
+        trainable_dtypes=parameters[0],
+        frozen_dtypes=parameters[1],
     )
 
 
@@ -233,6 +260,7 @@ def trainer_contract(
         observe_state=observe_state,
         accumulate_grad_batches=trainer.accumulate_grad_batches,
         accumulate_grad_dtype=accumulate_grad_dtype_of(plugin, strategy),
+        parameters=parameter_dtypes(trainer.lightning_module) if trainer.lightning_module is not None else ("-", "-"),
     )
 
 

@@ -65,6 +65,7 @@ class _FabricPairingCheck(PairingCheckMixin, Precision):
             fp32_modules=getattr(self, "fp32_module_names", ()),
             accumulate_grad_batches=None,  # the loop decides when to step
             accumulate_grad_dtype=accumulate_grad_dtype_of(self),
+            parameters=getattr(self, "parameter_dtypes", ("-", "-")),
         )
         log_contract(contract, verdicts, on_unsafe=self.on_unsafe, where=where)
         return verdicts

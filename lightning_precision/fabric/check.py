@@ -78,6 +78,7 @@ def check(
         fp32_modules=[*getattr(plugin, "fp32_module_names", ()), *(sharding.fp32_module_names if plan else ())],
         accumulate_grad_batches=None,  # the loop decides when to step
         accumulate_grad_dtype=accumulate_grad_dtype_of(plugin),
+        parameters=getattr(plugin, "parameter_dtypes", ("-", "-")),
     )
     log_contract(contract, verdicts, on_unsafe=policy, where=where)
     return verdicts

@@ -22,7 +22,7 @@ class HalfPrecisionForAudio(TrueHalfMixin, _FabricHalfInputs, HalfPrecision):
             ``"audio"``).
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing; ``None`` (default): the
             policy given to ``check``, else ``"warn"``.
-        peft: Only adapters train: the storage dtype is left to the model; the adapters are still judged by their dtype.
+        peft: Only adapters train: the adapters are judged by their dtype, and kept fp32 (``keep_trainable_fp32``).
         fp32_modules: Submodules kept in fp32 (see :mod:`lightning_precision.fp32_modules`).
         accumulate_grad_dtype: ``"float32"`` sums the gradients of every ``fabric.backward`` between two optimizer
             steps in fp32 buffers (4 B per half parameter; ``param.grad`` stays ``None`` meanwhile) and hands the sum
@@ -32,6 +32,11 @@ class HalfPrecisionForAudio(TrueHalfMixin, _FabricHalfInputs, HalfPrecision):
         keep_batchnorm_fp32: Keep every ``_BatchNorm`` module (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) in fp32,
             as apex O2 did (default True): half-precision running statistics drift from the fp32 ones. The kept
             layers are listed in the contract's fp32 modules. ``False`` casts them with the rest.
+        keep_trainable_fp32: Keep the trainable parameters fp32 and cast only the frozen ones (PEFT LoRA adapters on
+            a half base): ``None`` (default) when the model trains adapters (a PEFT model, ``peft=True``, or at most
+            10% of the parameter elements train), ``True`` whenever some parameters are frozen, ``False`` never. The
+            smallest modules holding only trainable parameters become fp32 modules; one log line says what was kept.
+            See :mod:`lightning_precision.trainable_fp32`.
 
     Raises:
         PrecisionConfigError: If ``precision`` is not a true half-precision string, ``on_unsafe`` is not a policy, or

@@ -21,7 +21,7 @@ class HalfPrecisionForAudio(TrueHalfMixin, _CheckedHalfInputs, HalfPrecision):
             top-level tuple or list batch (``[0]`` for NeMo's ``(audio, audio_len, tokens, tokens_len)``).
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing; ``None`` (default): the
             policy set elsewhere in the Trainer (guard, strategy, config), else ``"warn"``.
-        peft: Only adapters train: the storage dtype is left to the model; the adapters are still judged by their dtype.
+        peft: Only adapters train: the adapters are judged by their dtype, and kept fp32 (``keep_trainable_fp32``).
         fp32_modules: Submodules kept in fp32 (parameters, buffers, inputs, math), handing their outputs on in the
             half dtype: module-name patterns (``"frontend"``, ``"*.norm"``), class names or ``nn.Module`` types. See
             :mod:`lightning_precision.fp32_modules`.
@@ -32,9 +32,13 @@ class HalfPrecisionForAudio(TrueHalfMixin, _CheckedHalfInputs, HalfPrecision):
         keep_batchnorm_fp32: Keep every ``_BatchNorm`` module (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) in fp32,
             as apex O2 did (default True): half-precision running statistics drift from the fp32 ones. The kept
             layers are listed in the contract's fp32 modules. ``False`` casts them with the rest.
+        keep_trainable_fp32: Keep the trainable parameters fp32 and cast only the frozen ones (PEFT LoRA adapters on
+            a half base): ``None`` (default) when the model trains adapters (a PEFT model, ``peft=True``, or at most
+            10% of the parameter elements train), ``True`` whenever some parameters are frozen, ``False`` never. The
+            smallest modules holding only trainable parameters become fp32 modules; one log line says what was kept.
+            See :mod:`lightning_precision.trainable_fp32`.
 
     Raises:
         PrecisionConfigError: If ``precision`` is not a true half-precision string, or ``accumulate_grad_dtype`` is
             neither ``None`` nor float32.
     """
-
