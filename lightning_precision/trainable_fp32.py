@@ -12,9 +12,9 @@ its frozen base in half, unless ``keep_trainable_fp32=False``:
 - **What is kept** is the smallest modules whose parameters all train: the module holding each trainable parameter,
   if it holds no frozen one (LoRA's ``lora_A.default`` and ``lora_B.default``). They become fp32 modules
   (:mod:`lightning_precision.fp32_modules`): fp32 storage, inputs and math, outputs handed on in the half dtype.
-- A trainable parameter whose module also holds frozen parameters (BitFit's biases), or that sits on the model's root,
-  cannot be kept without changing that module's math: it stays half, the log line names it, and the pairing check
-  judges it by its dtype.
+- A trainable parameter whose module also holds frozen parameters (BitFit's biases), that sits on the model's root,
+  or that is tied to such a module, cannot be kept without changing that module's math: it stays half, the log line
+  names it, and the pairing check judges it by its dtype.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ class TrainableFp32:
     Attributes:
         reason: Why the trainable parameters are kept fp32 (``None``: they are not).
         modules: ``(name, module)`` of the modules kept fp32 for them.
-        left_in_half: Names of trainable parameters that could not be kept (their module also holds frozen ones).
+        left_in_half: Names of trainable parameters that could not be kept (their module also holds frozen ones, or
+            they are tied to such a module).
     """
 
     reason: str | None
@@ -48,13 +49,13 @@ class TrainableFp32:
         shown = ", ".join(map(repr, names[:4])) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         line = (
             f"{plugin}: {self.reason}: kept its trainable parameters ({params:,} elements) in float32 in "
-            f"{len(names)} modules ({shown}), frozen parameters in {half}"
+            f"{len(names)} modules ({shown}); the frozen ones are cast to {half}"
         )
         if self.left_in_half:
             left = ", ".join(map(repr, self.left_in_half[:4]))
             line += (
-                f"; {len(self.left_in_half)} trainable parameters stay {half} because their module also holds frozen "
-                f"ones ({left})"
+                f"; {len(self.left_in_half)} trainable parameters stay {half} because their module also holds (or they "
+                f"are tied to one holding) frozen ones ({left})"
             )
         return line + ". keep_trainable_fp32=False casts them too."
 
@@ -99,17 +100,26 @@ def trainable_fp32_modules(model: nn.Module, keep: bool | None, *, peft: bool = 
 
 
 def _smallest_trainable_owners(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[str]]:
-    kept: list[tuple[str, nn.Module]] = []
+    kept: dict[str, nn.Module] = {}
     left: list[str] = []
     for name, module in model.named_modules():
         own = [(key, p) for key, p in module.named_parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
         if name and all(p.requires_grad for p in module.parameters()):
-            kept.append((name, module))
+            kept[name] = module
         else:
             left += [f"{name}.{key}" if name else key for key, _ in own]
-    return kept, left
+    # A parameter tied to a module that is not kept (one holding frozen parameters) cannot be fp32 on one side only.
+    owners: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), set()).add(name)
+    covered = lambda owner: any(owner == k or owner.startswith(f"{k}.") for k in kept)
+    while tied := [n for n, m in kept.items() if not all(covered(o) for p in m.parameters() for o in owners[id(p)])]:
+        for name in tied:
+            left += [f"{name}.{key}" for key, _ in kept.pop(name).named_parameters()]
+    return list(kept.items()), left
 
 
 def _element_counts(model: nn.Module) -> tuple[int, int]:
