@@ -236,20 +236,23 @@ def cast_keeping_fp32(
     Their tensors are set aside before the cast and put back after it, so they are never rounded through the half
     dtype (a model loaded in half precision has its kept modules upcast exactly).
     """
+    # The storage is set aside, not the tensor object: a cast may reassign ``.data`` of the very object (flashoptim
+    # does so for buffers too), which would round what was set aside.
     params = {id(p): (p, p.data) for _, m in kept for p in m.parameters()}
-    buffers = [(owner, key, buf) for _, m in kept for owner in m.modules() for key, buf in owner._buffers.items()]
+    buffers = [(o, k, b, b.data) for _, m in kept for o in m.modules() for k, b in o._buffers.items() if b is not None]
     for _, owner, key in tensors:
         if key in owner._parameters:
             param = owner._parameters[key]
             params[id(param)] = (param, param.data)
         else:
-            buffers.append((owner, key, owner._buffers[key]))
+            buffer = owner._buffers[key]
+            buffers.append((owner, key, buffer, buffer.data))
     cast(model)
     for p, data in params.values():
         p.data = data.float() if data.is_floating_point() else data
-    for owner, key, buf in buffers:
-        if buf is not None:
-            owner._buffers[key] = buf.float() if buf.is_floating_point() else buf
+    for owner, key, buffer, data in buffers:
+        buffer.data = data.float() if data.is_floating_point() else data
+        owner._buffers[key] = buffer
 
 
 def add_fp32_boundaries(kept: Sequence[tuple[str, nn.Module]], compute_dtype: torch.dtype) -> None:

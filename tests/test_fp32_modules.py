@@ -193,8 +193,9 @@ class RopeGPT(nn.Module):
         return (x * self.cos + x.roll(1, -1) * self.sin).to(x.dtype)
 
 
-def test_root_level_buffers_named_in_fp32_modules_stay_fp32_and_the_rest_is_cast():
-    model, plugin = RopeGPT(), HalfPrecisionForAudio("bf16-true", fp32_modules=["cos", "sin"])
+@pytest.mark.parametrize("plugin_class", [HalfPrecisionForAudio, FlashPrecision])
+def test_root_level_buffers_named_in_fp32_modules_stay_fp32_and_the_rest_is_cast(plugin_class):
+    model, plugin = RopeGPT(), plugin_class(fp32_modules=["cos", "sin"])
     exact = model.cos.clone()
     plugin.convert_module(model)
     assert (model.cos.dtype, model.sin.dtype, model.proj.weight.dtype) == (FP32, FP32, BF16)
