@@ -58,7 +58,8 @@ class PrecisionContract:
         optimizers: One line per optimizer.
         measured: The latest stale-update fractions of an ``UpdateUnderflowMonitor`` running alongside the guard,
             by metric name (empty without one, or before its first measurement).
-        fp32_modules: Submodules the precision plugin or strategy keeps in fp32 (``fp32_modules=...``).
+        fp32_modules: Submodules, and parameters or buffers named, that the precision plugin or strategy keeps in
+            fp32 (``fp32_modules=...``, BatchNorm layers, the modules of trainable adapters).
         accumulate_grad_batches: Micro-batches whose gradients are summed into each optimizer step (``None``: a
             Fabric loop, which decides that itself).
         grad_accumulation_dtype: Dtype of that sum for the judged parameters: the storage dtype (autograd's

@@ -23,7 +23,8 @@ class HalfPrecisionForAudio(TrueHalfMixin, _FabricHalfInputs, HalfPrecision):
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing; ``None`` (default): the
             policy given to ``check``, else ``"warn"``.
         peft: Only adapters train: the adapters are judged by their dtype, and kept fp32 (``keep_trainable_fp32``).
-        fp32_modules: Submodules kept in fp32 (see :mod:`lightning_precision.fp32_modules`).
+        fp32_modules: Submodules, or parameters and buffers by name, kept in fp32 (see
+            :mod:`lightning_precision.fp32_modules`).
         accumulate_grad_dtype: ``"float32"`` sums the gradients of every ``fabric.backward`` between two optimizer
             steps in fp32 buffers (4 B per half parameter; ``param.grad`` stays ``None`` meanwhile) and hands the sum
             over, rounded once, in ``fabric.clip_gradients`` and the optimizer step; call

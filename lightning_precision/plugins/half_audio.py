@@ -23,7 +23,8 @@ class HalfPrecisionForAudio(TrueHalfMixin, _CheckedHalfInputs, HalfPrecision):
             policy set elsewhere in the Trainer (guard, strategy, config), else ``"warn"``.
         peft: Only adapters train: the adapters are judged by their dtype, and kept fp32 (``keep_trainable_fp32``).
         fp32_modules: Submodules kept in fp32 (parameters, buffers, inputs, math), handing their outputs on in the
-            half dtype: module-name patterns (``"frontend"``, ``"*.norm"``), class names or ``nn.Module`` types. See
+            half dtype: module-name patterns (``"frontend"``, ``"*.norm"``), class names or ``nn.Module`` types; a
+            name that matches no module keeps that parameter or buffer's storage fp32 (``"cos"``). See
             :mod:`lightning_precision.fp32_modules`.
         accumulate_grad_dtype: ``"float32"`` sums the micro-batch gradients of ``accumulate_grad_batches > 1`` in
             fp32 buffers (4 B per half parameter while a step accumulates) and hands the sum to clipping and the
