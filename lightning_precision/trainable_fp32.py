@@ -47,10 +47,9 @@ class TrainableFp32:
         names = [n for n, _ in self.modules]
         params = sum(p.numel() for _, m in self.modules for p in m.parameters())
         shown = ", ".join(map(repr, names[:4])) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-        line = (
-            f"{plugin}: {self.reason}: kept its trainable parameters ({params:,} elements) in float32 in "
-            f"{len(names)} modules ({shown}); the frozen ones are cast to {half}"
-        )
+        kept = f"kept its trainable parameters ({params:,} elements) in float32 in {len(names)} modules ({shown})"
+        line = f"{plugin}: {self.reason}: {kept if names else 'no module holds only trainable parameters'}; the frozen "
+        line += f"ones are cast to {half}"
         if self.left_in_half:
             left = ", ".join(map(repr, self.left_in_half[:4]))
             line += (

@@ -97,3 +97,13 @@ def test_a_trainable_parameter_tied_into_a_frozen_module_stays_half_instead_of_f
     assert decision.modules == [] and decision.left_in_half == ["base.1.weight", "adapter.weight"]
     HalfPrecisionForAudio("bf16-true", keep_trainable_fp32=True).convert_module(model)
     assert model.adapter.weight.dtype == BF16
+
+
+def test_trainable_biases_alone_are_reported_as_not_kept(caplog):
+    model = AdaptedNet()
+    model.adapter.requires_grad_(False)
+    model.base[0].bias.requires_grad_(True)
+    with caplog.at_level(logging.INFO, logger="lightning_precision"):
+        HalfPrecisionForAudio("bf16-true").convert_module(model)
+    assert model.base[0].bias.dtype == BF16
+    assert "no module holds only trainable parameters" in caplog.text and "('base.0.bias')" in caplog.text
