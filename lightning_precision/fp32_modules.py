@@ -111,7 +111,9 @@ def select_fp32(
     missing = []
     for selector in selectors:
         if isinstance(selector, type):
-            chosen.update(n for n, m in submodules if isinstance(m, selector))
+            of_type = [n for n, m in submodules if isinstance(m, selector)]
+            chosen.update(of_type)
+            missing += [] if of_type else [selector]
             continue
         by_class = [n for n, m in submodules if type(m).__name__ == selector]
         names = by_class + _resolve(selector, [n for n, _ in submodules], root_hits=bool(by_class))

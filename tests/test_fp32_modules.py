@@ -100,6 +100,11 @@ def test_selector_that_matches_nothing_is_an_error_naming_it():
         HalfPrecisionForAudio("bf16-true", fp32_modules=["frontnd"]).convert_module(SpeechModel())
 
 
+def test_module_type_that_matches_nothing_is_an_error_naming_it():
+    with pytest.raises(PrecisionConfigError, match="Conv1d"):
+        HalfPrecisionForAudio("bf16-true", fp32_modules=[nn.Conv1d]).convert_module(SpeechModel())
+
+
 def test_invalid_selector_is_an_error():
     with pytest.raises(PrecisionConfigError, match="fp32_modules"):
         HalfPrecisionForAudio("bf16-true", fp32_modules=[42])
