@@ -48,7 +48,7 @@ from lightning_precision.fp32_modules import (
     add_fp32_boundaries,
     cast_keeping_fp32,
     normalize_fp32_modules,
-    select_fp32_modules,
+    select_fp32,
 )
 from lightning_precision.grad_accumulation import Fp32GradAccumulator, parse_accumulate_grad_dtype
 from lightning_precision.modes import (
@@ -63,6 +63,8 @@ from lightning_precision.modes import (
 )
 from lightning_precision.pairing import Api, Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, check_and_enforce
+from lightning_precision.report import parameter_dtypes
+from lightning_precision.trainable_fp32 import trainable_fp32_modules
 from lightning_precision.upstream import FLASHOPTIM_DCP_CORRUPTION, require_unaffected
 from lightning_precision.values import parse_bool
 
@@ -202,6 +204,7 @@ class HalfInputsMixin(PairingCheckMixin):
         self.fp32_module_names: tuple[str, ...] = ()  # what convert_module kept in fp32, for the contract
         self.fp32_module_objects: tuple[Module, ...] = ()
         self.model_cast = ""  # what convert_module did to the model's dtypes, for the contract ("": not reported)
+        self.parameter_dtypes: tuple[str, str] = ("-", "-")  # trainable and frozen, once converted, for the contract
         self.accumulate_grad_dtype = parse_accumulate_grad_dtype(
             accumulate_grad_dtype, what=f"{name}(accumulate_grad_dtype=...)"
         )
@@ -217,15 +220,20 @@ class HalfInputsMixin(PairingCheckMixin):
         if self.audio_preset is not None:
             selectors = (*selectors, *find_front_end(module, self.audio_preset))
             self._preset_inputs_found = False  # each fit (or fabric.setup) checks its first batch again
-        kept = select_fp32_modules(module, selectors)
-        cast_keeping_fp32(module, kept, cast)
-        add_fp32_boundaries(kept, self._desired_input_dtype)
-        self.fp32_module_names = tuple(name for name, _ in kept)
-        self.fp32_module_objects = tuple(m for _, m in kept)
+        selection = select_fp32(module, selectors, also=self._trainable_fp32(module))
+        cast_keeping_fp32(module, selection.modules, cast, selection.tensors)
+        add_fp32_boundaries(selection.modules, self._desired_input_dtype)
+        self.fp32_module_names = selection.names
+        self.fp32_module_objects = tuple(m for _, m in selection.modules)
+        self.parameter_dtypes = parameter_dtypes(module)
         if self.audio_preset is None:
             self._suggest_audio_preset(module)
         self._after_convert(module)
         return module
+
+    def _trainable_fp32(self, module: Module) -> list[tuple[str, Module]]:
+        """Modules kept fp32 for the trainable parameters (the half-true plugins keep adapters fp32)."""
+        return []
 
     def _suggest_audio_preset(self, module: Module) -> None:
         """Say once, without changing anything, when the model has a front end that a preset would keep in fp32."""
@@ -275,6 +283,7 @@ class TrueHalfMixin(HalfInputsMixin):
         accumulate_grad_dtype: str | torch.dtype | None = None,
         keep_batchnorm_fp32: bool = True,
         audio_preset: AudioPresetName | None = None,
+        keep_trainable_fp32: bool | None = None,
     ) -> None:
         # Lightning's canonical "bf16-true" / "16-true", for its HalfPrecision (Trainer or Fabric) next in the MRO.
         super().__init__(true_mode(precision, type(self).__name__).name)  # type: ignore[call-arg]
@@ -287,10 +296,20 @@ class TrueHalfMixin(HalfInputsMixin):
             keep_batchnorm_fp32=keep_batchnorm_fp32,
             audio_preset=audio_preset,
         )
+        what = f"{type(self).__name__}(keep_trainable_fp32=...)"
+        self.keep_trainable_fp32 = None if keep_trainable_fp32 is None else parse_bool(keep_trainable_fp32, what=what)
+
+    @override
+    def _trainable_fp32(self, module: Module) -> list[tuple[str, Module]]:
+        decision = trainable_fp32_modules(module, self.keep_trainable_fp32, peft=self.peft)
+        if decision.reason is not None:
+            info_rank_zero(decision.describe(type(self).__name__, dtype_name(self._desired_input_dtype)))
+        return decision.modules
 
     @override
     def convert_module(self, module: Module) -> Module:
-        """Cast the module to the half dtype, except the ``fp32_modules``."""
+        """Cast the module to the half dtype, except the ``fp32_modules`` and, for adapter training, the trainable
+        parameters (:mod:`lightning_precision.trainable_fp32`)."""
         return self._convert_keeping_fp32(module, super().convert_module)  # type: ignore[misc]
 
 

@@ -256,7 +256,8 @@ def _unsafe_verdict(
         f"{count} are trained by {optimizer.name} ({optimizer.reason}): {state} updates round away, so long "
         f"full-parameter runs plateau at a higher loss ({GUIDE_TRAP}). Fix: (1) {fixes[0]}; or (2) {fixes[1]}. For a "
         f"short fine-tune where this is accepted, set on_unsafe='ignore'. For PEFT, keep the adapters in fp32 as PEFT "
-        "creates them: fp32_modules=['*.lora_A.*', '*.lora_B.*']."
+        "creates them: HalfPrecisionForAudio does so by default (keep_trainable_fp32), or name them: "
+        "fp32_modules=['*.lora_A.*', '*.lora_B.*']."
     )
     return Verdict(Status.UNSAFE, message, cause=f"unsafe:{optimizer.name}:{half}", fixes=fixes, **common)
 

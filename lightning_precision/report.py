@@ -63,7 +63,8 @@ class PrecisionContract:
         optimizers: One line per optimizer.
         measured: The latest stale-update fractions of an ``UpdateUnderflowMonitor`` running alongside the guard,
             by metric name (empty without one, or before its first measurement).
-        fp32_modules: Submodules the precision plugin or strategy keeps in fp32 (``fp32_modules=...``).
+        fp32_modules: Submodules, and parameters or buffers named, that the precision plugin or strategy keeps in
+            fp32 (``fp32_modules=...``, BatchNorm layers, the modules of trainable adapters).
         accumulate_grad_batches: Micro-batches whose gradients are summed into each optimizer step (``None``: a
             Fabric loop, which decides that itself).
         grad_accumulation_dtype: Dtype of that sum for the judged parameters: the storage dtype (autograd's
@@ -72,6 +73,9 @@ class PrecisionContract:
         model_cast: What the precision plugin did to the dtypes the model was handed over in (``FlashPrecision``:
             a float32 model cast, or a model that already held other dtypes left as it was); empty when not
             reported.
+        trainable_dtypes: Dtypes of the model's trainable parameters, most elements first (``"float32 / bfloat16"``
+            when mixed); ``"-"`` when not known (a config, or a Fabric run without this library's plugin).
+        frozen_dtypes: The same for its frozen (``requires_grad=False``) parameters: ``"-"`` when none or not known.
     """
 
     precision: str
@@ -83,6 +87,8 @@ class PrecisionContract:
     accumulate_grad_batches: int | None = 1
     grad_accumulation_dtype: str = "-"
     model_cast: str = ""
+    trainable_dtypes: str = "-"
+    frozen_dtypes: str = "-"
 
     @property
     def accumulation_text(self) -> str:
@@ -125,18 +131,38 @@ class PrecisionContract:
         widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
         title = f"Precision contract (precision={self.precision})"
-        kept = [f"kept in fp32: {', '.join(self.fp32_modules)}"] if self.fp32_modules else []
+        kept = [f"kept in fp32: {_first_names(self.fp32_modules)}"] if self.fp32_modules else []
         kept += [
             f"{o.optimizer.rsplit('.', 1)[-1]} also updates {o.also_updates}" for o in self.optimizers if o.also_updates
         ]
         kept += [f"model dtypes: {self.model_cast}"] if self.model_cast else []
+        split = self.frozen_dtypes != "-"  # only a model with frozen parameters has two storage dtypes to tell apart
+        params = [f"parameters: trainable {self.trainable_dtypes}, frozen {self.frozen_dtypes}"] if split else []
         micro = self.accumulate_grad_batches
         storage = self.optimizers[0].storage_dtype if self.optimizers else None
         buffered = storage is not None and self.grad_accumulation_dtype not in ("-", storage)  # fp32 buffers
         # Named when micro-batches are summed, or when a Fabric loop (which decides that itself) has fp32 buffers.
         shown = (micro is not None and micro > 1) or (micro is None and buffered)
         accumulation = [f"gradient accumulation: {self.accumulation_text}"] if shown else []
-        return "\n".join([title, line(head), line(["-" * w for w in widths]), *map(line, rows), *kept, *accumulation])
+        return "\n".join(
+            [title, line(head), line(["-" * w for w in widths]), *map(line, rows), *params, *kept, *accumulation]
+        )
+
+
+def _first_names(names: Sequence[str], shown: int = 8) -> str:
+    """``a, b, c`` or, for a long list (every adapter of a LoRA model), the first few and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def parameter_dtypes(model: torch.nn.Module) -> tuple[str, str]:
+    """The dtypes of the trainable and of the frozen parameters of ``model``, most elements first (``"-"``: none)."""
+    counts: tuple[dict[str, int], dict[str, int]] = ({}, {})
+    for param in model.parameters():
+        side = counts[0 if param.requires_grad else 1]
+        side[dtype_name(param.dtype)] = side.get(dtype_name(param.dtype), 0) + param.numel()
+    text = lambda c: " / ".join(sorted(c, key=lambda d: -c[d])) or "-"
+    return text(counts[0]), text(counts[1])
 
 
 def describe_protection(info: OptimizerInfo, storage_dtype: torch.dtype | None) -> str:
@@ -215,6 +241,7 @@ def build_contract(
     accumulate_grad_batches: int | None = 1,
     accumulate_grad_dtype: torch.dtype | None = None,
     model_cast: str = "",
+    parameters: tuple[str, str] = ("-", "-"),
 ) -> PrecisionContract:
     """The contract of a run from its live optimizers and their verdicts (the Trainer guard and Fabric's ``check``).
 
@@ -230,6 +257,7 @@ def build_contract(
         accumulate_grad_batches: Micro-batches summed into each step (``None``: decided by a Fabric loop).
         accumulate_grad_dtype: The plugin's or strategy's ``accumulate_grad_dtype`` (``None``: the storage dtype).
         model_cast: What the precision plugin did to the model's dtypes (its ``model_cast``), if it says.
+        parameters: The trainable and frozen parameter dtypes (:func:`parameter_dtypes`), if known.
     """
     rows = []
     for optimizer, verdict in zip(optimizers, verdicts):
@@ -248,6 +276,8 @@ def build_contract(
         accumulate_grad_batches=None if accumulate_grad_batches is None else int(accumulate_grad_batches),
         grad_accumulation_dtype=dtype_name(accumulation_dtype(storage, accumulate_grad_dtype)),
         model_cast=model_cast,
+        trainable_dtypes=parameters[0],
+        frozen_dtypes=parameters[1],
     )
 
 
@@ -273,6 +303,7 @@ def trainer_contract(
         accumulate_grad_batches=trainer.accumulate_grad_batches,
         accumulate_grad_dtype=accumulate_grad_dtype_of(plugin, strategy),
         model_cast=getattr(plugin, "model_cast", ""),
+        parameters=parameter_dtypes(trainer.lightning_module) if trainer.lightning_module is not None else ("-", "-"),
     )
 
 

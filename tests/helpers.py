@@ -88,3 +88,27 @@ def fit(module: pl.LightningModule, steps: int = 3, **trainer_kwargs: Any) -> pl
     trainer = pl.Trainer(**{**QUIET_TRAINER, "max_steps": steps, **trainer_kwargs})
     trainer.fit(module, loader())
     return trainer
+
+
+def lora_llama() -> nn.Module:
+    """A tiny PEFT LoRA Llama (no weights downloaded); skips without the test extras."""
+    import pytest
+
+    peft = pytest.importorskip("peft", reason="peft is a test extra: pip install -e '.[test]'")
+    transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    model = peft.get_peft_model(
+        transformers.LlamaForCausalLM(config), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; nonzero so that A's gradient is too and both train visibly
+            torch.nn.init.normal_(param, std=0.02)
+    return model
+
+
+def adapter_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters of ``model`` by name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -100,6 +100,11 @@ def test_selector_that_matches_nothing_is_an_error_naming_it():
         HalfPrecisionForAudio("bf16-true", fp32_modules=["frontnd"]).convert_module(SpeechModel())
 
 
+def test_module_type_that_matches_nothing_is_an_error_naming_it():
+    with pytest.raises(PrecisionConfigError, match="Conv1d"):
+        HalfPrecisionForAudio("bf16-true", fp32_modules=[nn.Conv1d]).convert_module(SpeechModel())
+
+
 def test_invalid_selector_is_an_error():
     with pytest.raises(PrecisionConfigError, match="fp32_modules"):
         HalfPrecisionForAudio("bf16-true", fp32_modules=[42])
@@ -173,3 +178,102 @@ def test_a_refit_under_another_half_precision_hands_on_that_precisions_dtype():
     HalfPrecisionForAudio("fp16-true", fp32_modules=["frontend"]).convert_module(model)
     assert model.frontend(torch.randn(2, 64)).dtype == torch.float16
     assert len(model.frontend._forward_hooks) == 1  # replaced, not stacked
+
+
+# -- keeping tensors by name, and names written for an inner model ---------------------------------------------------
+
+
+class RopeGPT(nn.Module):
+    """LitGPT's layout: the rotary tables are buffers on the model root, and the rotation casts back to the input."""
+
+    def __init__(self, dim: int = 8, seq: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        angles = torch.arange(seq)[:, None] * (1e-2 * torch.arange(1, dim + 1))  # small angles bf16 would flatten
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        return (x * self.cos + x.roll(1, -1) * self.sin).to(x.dtype)
+
+
+@pytest.mark.parametrize("plugin_class", [HalfPrecisionForAudio, FlashPrecision])
+def test_root_level_buffers_named_in_fp32_modules_stay_fp32_and_the_rest_is_cast(plugin_class):
+    model, plugin = RopeGPT(), plugin_class(fp32_modules=["cos", "sin"])
+    exact = model.cos.clone()
+    plugin.convert_module(model)
+    assert (model.cos.dtype, model.sin.dtype, model.proj.weight.dtype) == (FP32, FP32, BF16)
+    assert torch.equal(model.cos, exact) and plugin.fp32_module_names == ("cos", "sin")
+    assert model(torch.randn(4, 8, dtype=BF16)).dtype == BF16
+
+
+def test_tensor_names_of_an_inner_model_and_a_refit_keep_them_fp32():
+    holder = pl.LightningModule()
+    holder.model = RopeGPT()
+    for _ in range(2):
+        plugin = HalfPrecisionForAudio("bf16-true", fp32_modules=["cos"])
+        plugin.convert_module(holder)
+    assert holder.model.cos.dtype == FP32 and holder.model.sin.dtype == BF16
+    assert plugin.fp32_module_names == ("model.cos",)
+
+
+def test_a_tensor_name_with_a_typo_names_the_closest_tensor():
+    with pytest.raises(PrecisionConfigError, match=r"'coss': closest 'cos'"):
+        HalfPrecisionForAudio("bf16-true", fp32_modules=["coss"]).convert_module(RopeGPT())
+
+
+def test_tensor_names_are_refused_where_only_modules_can_be_kept():
+    from lightning_precision.fp32_modules import select_fp32_modules
+
+    with pytest.raises(PrecisionConfigError, match=r"names the tensors \['cos'\].*name the module that holds them"):
+        select_fp32_modules(RopeGPT(), ["cos"])
+
+
+class EncoderDecoder(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.ModuleDict(
+            {side: nn.ModuleDict({"layers": nn.ModuleList([nn.Linear(8, 8)])}) for side in ("encoder", "decoder")}
+        )
+
+
+def test_a_name_matching_under_two_submodules_is_refused_naming_both():
+    with pytest.raises(
+        PrecisionConfigError, match=r"'layers.0' matches under two submodules: 'model.encoder'.*'model.decoder'"
+    ):
+        HalfPrecisionForAudio("bf16-true", fp32_modules=["layers.0"]).convert_module(EncoderDecoder())
+
+
+@pytest.mark.parametrize(
+    ("selector", "kept"),
+    [
+        ("model.encoder.layers.0", ["model.encoder.layers.0"]),  # the LightningModule's names
+        ("encoder.layers.0", ["model.encoder.layers.0"]),  # the inner model's names
+        ("encoder.layers.*", ["model.encoder.layers.0"]),  # a pattern in the inner model's names
+        ("*.layers.0", ["model.encoder.layers.0", "model.decoder.layers.0"]),  # a pattern meant for both
+    ],
+)
+def test_names_and_patterns_from_the_root_or_the_inner_model(selector, kept):
+    from lightning_precision.fp32_modules import select_fp32_modules
+
+    assert [n for n, _ in select_fp32_modules(EncoderDecoder(), [selector])] == kept
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers' shape: the caller passes the dtype the embedding should compute in (``hidden_dtype``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, timesteps: torch.Tensor, hidden_dtype: torch.dtype) -> torch.Tensor:
+        self.seen_dtype = timesteps.to(hidden_dtype).dtype
+        return self.linear(timesteps.to(hidden_dtype))
+
+
+def test_a_kept_module_given_a_half_dtype_argument_computes_in_fp32():
+    model = nn.Sequential(TimestepEmbedding(), nn.Linear(8, 8))
+    HalfPrecisionForAudio("bf16-true", fp32_modules=[TimestepEmbedding]).convert_module(model)
+    out = model[0](torch.randn(2, 8, dtype=BF16), hidden_dtype=BF16)
+    assert model[0].seen_dtype == FP32 and out.dtype == BF16

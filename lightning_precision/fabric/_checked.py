@@ -102,6 +102,7 @@ def fabric_contract(
         accumulate_grad_batches=None,  # the loop decides when to step
         accumulate_grad_dtype=accumulate_grad_dtype_of(plugin),
         model_cast=getattr(plugin, "model_cast", ""),
+        parameters=getattr(plugin, "parameter_dtypes", ("-", "-")),
     )
 
 

@@ -22,7 +22,8 @@ class FlashPrecision(FlashMixin, _FabricHalfInputs):
             ``"warn"``.
         peft: Only adapters train: the storage dtype is left to the model; the adapters are still judged by their dtype.
         cast_model_kwargs: Extra arguments for :func:`flashoptim.cast_model`.
-        fp32_modules: Submodules kept in fp32 (see :mod:`lightning_precision.fp32_modules`).
+        fp32_modules: Submodules, or parameters and buffers by name, kept in fp32 (see
+            :mod:`lightning_precision.fp32_modules`).
         accumulate_grad_dtype: ``"float32"`` sums the gradients of every ``fabric.backward`` between two optimizer
             steps in fp32 buffers (4 B per half parameter; ``param.grad`` stays ``None`` meanwhile) and hands the sum
             over, rounded once, in ``fabric.clip_gradients`` and the optimizer step; call

@@ -22,8 +22,9 @@ class HalfPrecisionForAudio(TrueHalfMixin, _FabricHalfInputs, HalfPrecision):
             ``"audio"``).
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing; ``None`` (default): the
             policy given to ``check``, else ``"warn"``.
-        peft: Only adapters train: the storage dtype is left to the model; the adapters are still judged by their dtype.
-        fp32_modules: Submodules kept in fp32 (see :mod:`lightning_precision.fp32_modules`).
+        peft: Only adapters train: the adapters are judged by their dtype, and kept fp32 (``keep_trainable_fp32``).
+        fp32_modules: Submodules, or parameters and buffers by name, kept in fp32 (see
+            :mod:`lightning_precision.fp32_modules`).
         accumulate_grad_dtype: ``"float32"`` sums the gradients of every ``fabric.backward`` between two optimizer
             steps in fp32 buffers (4 B per half parameter; ``param.grad`` stays ``None`` meanwhile) and hands the sum
             over, rounded once, in ``fabric.clip_gradients`` and the optimizer step; call
@@ -38,6 +39,11 @@ class HalfPrecisionForAudio(TrueHalfMixin, _FabricHalfInputs, HalfPrecision):
             ``preprocessor``), besides ``preserve_keys`` and ``fp32_modules``. A preset that finds none of its
             modules in the model, or none of its keys in the first batch, raises. ``None`` (default): no preset.
             See :mod:`lightning_precision.audio_presets`.
+        keep_trainable_fp32: Keep the trainable parameters fp32 and cast only the frozen ones (PEFT LoRA adapters on
+            a half base): ``None`` (default) when the model trains adapters (a PEFT model, ``peft=True``, or at most
+            10% of the parameter elements train), ``True`` whenever some parameters are frozen, ``False`` never. The
+            smallest modules holding only trainable parameters become fp32 modules; one log line says what was kept.
+            See :mod:`lightning_precision.trainable_fp32`.
 
     Raises:
         PrecisionConfigError: If ``precision`` is not a true half-precision string, ``on_unsafe`` is not a policy, or

@@ -29,7 +29,8 @@ class FlashPrecision(FlashMixin, _CheckedHalfInputs):
         peft: Only adapters train: the storage dtype is left to the model; the adapters are still judged by their dtype.
         cast_model_kwargs: Extra arguments for :func:`flashoptim.cast_model`, e.g. ``full_precision_layers``.
         fp32_modules: Submodules kept in fp32 (parameters, buffers, inputs, math), handing their outputs on in the
-            half dtype: module-name patterns (``"frontend"``, ``"*.norm"``), class names or ``nn.Module`` types. See
+            half dtype: module-name patterns (``"frontend"``, ``"*.norm"``), class names or ``nn.Module`` types; a
+            name that matches no module keeps that parameter or buffer's storage fp32 (``"cos"``). See
             :mod:`lightning_precision.fp32_modules`.
         accumulate_grad_dtype: ``"float32"`` sums the micro-batch gradients of ``accumulate_grad_batches > 1`` in
             fp32 buffers (4 B per half parameter while a step accumulates) and hands the sum to clipping and the

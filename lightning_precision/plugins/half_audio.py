@@ -21,9 +21,10 @@ class HalfPrecisionForAudio(TrueHalfMixin, _CheckedHalfInputs, HalfPrecision):
             top-level tuple or list batch (``[0]`` for NeMo's ``(audio, audio_len, tokens, tokens_len)``).
         on_unsafe: ``"warn"``, ``"error"`` or ``"ignore"`` for an unsafe optimizer pairing; ``None`` (default): the
             policy set elsewhere in the Trainer (guard, strategy, config), else ``"warn"``.
-        peft: Only adapters train: the storage dtype is left to the model; the adapters are still judged by their dtype.
+        peft: Only adapters train: the adapters are judged by their dtype, and kept fp32 (``keep_trainable_fp32``).
         fp32_modules: Submodules kept in fp32 (parameters, buffers, inputs, math), handing their outputs on in the
-            half dtype: module-name patterns (``"frontend"``, ``"*.norm"``), class names or ``nn.Module`` types. See
+            half dtype: module-name patterns (``"frontend"``, ``"*.norm"``), class names or ``nn.Module`` types; a
+            name that matches no module keeps that parameter or buffer's storage fp32 (``"cos"``). See
             :mod:`lightning_precision.fp32_modules`.
         accumulate_grad_dtype: ``"float32"`` sums the micro-batch gradients of ``accumulate_grad_batches > 1`` in
             fp32 buffers (4 B per half parameter while a step accumulates) and hands the sum to clipping and the
@@ -38,10 +39,14 @@ class HalfPrecisionForAudio(TrueHalfMixin, _CheckedHalfInputs, HalfPrecision):
             ``preprocessor``), besides ``preserve_keys`` and ``fp32_modules``. A preset that finds none of its
             modules in the model, or none of its keys in the first batch, raises. ``None`` (default): no preset.
             See :mod:`lightning_precision.audio_presets`.
+        keep_trainable_fp32: Keep the trainable parameters fp32 and cast only the frozen ones (PEFT LoRA adapters on
+            a half base): ``None`` (default) when the model trains adapters (a PEFT model, ``peft=True``, or at most
+            10% of the parameter elements train), ``True`` whenever some parameters are frozen, ``False`` never. The
+            smallest modules holding only trainable parameters become fp32 modules; one log line says what was kept.
+            See :mod:`lightning_precision.trainable_fp32`.
 
     Raises:
         PrecisionConfigError: If ``precision`` is not a true half-precision string, or ``accumulate_grad_dtype`` is
             neither ``None`` nor float32, or ``audio_preset`` is not a preset name; when the model is converted or the
             first batch arrives, if the ``audio_preset`` finds none of its front-end modules or audio keys.
     """
-

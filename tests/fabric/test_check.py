@@ -12,7 +12,7 @@ from lightning_precision import PrecisionConfigError, PrecisionPairingError, Pre
 from lightning_precision.fabric import CheckedMixedPrecision, HalfPrecisionForAudio, check
 from lightning_precision.optim import CompensatedAdamW
 from tests.fabric.helpers import Net, fabric_with, train
-from tests.helpers import loader
+from tests.helpers import loader, lora_llama
 
 
 def test_litgpt_style_bf16_true_with_torch_adamw_is_refused_right_after_setup():
@@ -59,20 +59,9 @@ def test_check_follows_the_plugin_policy_and_refuses_a_disagreeing_one():
         check(fabric, optimizer, on_unsafe="loud")
 
 
-def _lora_llama():
-    peft = pytest.importorskip("peft", reason="peft is a test extra: pip install -e '.[test]'")
-    transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
-    )
-    return peft.get_peft_model(
-        transformers.LlamaForCausalLM(config), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
-    )
-
-
-def _lora_fit_step(fp32_modules):
-    fabric = fabric_with(HalfPrecisionForAudio("bf16-true", peft=True, fp32_modules=fp32_modules))
-    model = fabric.setup(_lora_llama())
+def _lora_fit_step(**plugin_kwargs):
+    fabric = fabric_with(HalfPrecisionForAudio("bf16-true", **plugin_kwargs))
+    model = fabric.setup(lora_llama())
     optimizer = fabric.setup_optimizers(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
     verdicts = check(fabric, optimizer)
     ids = torch.randint(0, 64, (2, 8))
@@ -83,12 +72,12 @@ def _lora_fit_step(fp32_modules):
 
 def test_peft_lora_adapters_cast_to_bf16_under_adamw_are_unsafe():
     with pytest.warns(PrecisionWarning, match="trainable bfloat16 parameter tensors"):
-        verdicts, adapter_dtypes = _lora_fit_step(None)
+        verdicts, adapter_dtypes = _lora_fit_step(keep_trainable_fp32=False)
     assert adapter_dtypes == {torch.bfloat16} and [v.status for v in verdicts] == [Status.UNSAFE]
 
 
 def test_peft_lora_adapters_kept_fp32_as_the_fix_says_are_safe_and_train():
-    verdicts, adapter_dtypes = _lora_fit_step(["*.lora_A.*", "*.lora_B.*"])
+    verdicts, adapter_dtypes = _lora_fit_step(keep_trainable_fp32=False, fp32_modules=["*.lora_A.*", "*.lora_B.*"])
     assert adapter_dtypes == {torch.float32} and [v.status for v in verdicts] == [Status.SAFE]
 
 

@@ -16,7 +16,7 @@ from lightning_precision import PrecisionConfigError, PrecisionPairingError, Pre
 from lightning_precision.fabric import HalfPrecisionForAudio
 from lightning_precision.optim import CompensatedAdamW
 from tests.fabric.helpers import Net, fabric_with, state_dtypes, train
-from tests.helpers import loader
+from tests.helpers import adapter_params, loader, lora_llama
 
 
 def test_bf16_true_with_compensated_adamw_trains_in_bf16_and_keeps_audio():
@@ -194,3 +194,50 @@ def test_setting_a_module_up_again_leaves_one_gradient_hook_per_parameter():
     for _ in range(3):
         fabric_with(_accumulating_setup()).setup(net)
     assert [len(p._post_accumulate_grad_hooks or {}) for p in net.parameters()] == [1] * 4
+
+
+# -- adapter training: trainable parameters kept fp32, frozen base in half (a real PEFT LoRA Llama) ---------------
+
+
+def _lora_steps(fabric, model, steps: int = 3) -> tuple[list, list[float], dict[str, torch.Tensor]]:
+    from lightning_precision.fabric import check
+
+    wrapped = fabric.setup(model)
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(adapter_params(model).values(), lr=1e-2))
+    verdicts = check(fabric, optimizer)
+    before = {n: p.detach().clone() for n, p in adapter_params(model).items()}
+    ids, losses = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0)), []
+    for _ in range(steps):
+        loss = wrapped(input_ids=ids, labels=ids).loss
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return verdicts, losses, before
+
+
+def test_peft_lora_keeps_adapters_fp32_and_base_bf16_by_default_and_trains(caplog):
+    from lightning_precision import Status
+
+    plugin, lora = HalfPrecisionForAudio("bf16-true"), lora_llama()
+    with caplog.at_level(logging.INFO, logger="lightning_precision"):
+        verdicts, losses, before = _lora_steps(fabric_with(plugin), lora)
+    assert {p.dtype for p in adapter_params(lora).values()} == {torch.float32}
+    assert {p.dtype for p in lora.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert [v.status for v in verdicts] == [Status.SAFE]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert all(not torch.equal(before[n], p) for n, p in adapter_params(lora).items())
+    assert "HalfPrecisionForAudio: PEFT model" in caplog.text and "in 4 modules" in caplog.text
+    assert "parameters: trainable float32, frozen bfloat16" in caplog.text
+    assert plugin.parameter_dtypes == ("float32", "bfloat16") and len(plugin.fp32_module_names) == 4
+
+
+def test_peft_lora_set_up_again_keeps_one_boundary_per_adapter_and_its_values():
+    lora = lora_llama()
+    fabric_with(HalfPrecisionForAudio("bf16-true")).setup(lora)
+    values = {n: p.detach().clone() for n, p in adapter_params(lora).items()}
+    fabric_with(HalfPrecisionForAudio("bf16-true")).setup(lora)
+    adapters = [m for n, m in lora.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
+    assert [len(m._forward_pre_hooks) for m in adapters] == [1] * 4
+    assert all(torch.equal(values[n], p) for n, p in adapter_params(lora).items())
+    assert {p.dtype for p in adapter_params(lora).values()} == {torch.float32}

@@ -2,12 +2,14 @@
 
 import copy
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import HalfPrecision
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_precision import HalfPrecisionForAudio, PrecisionConfigError
-from tests.helpers import RecordingModule, fit, loader
+from lightning_precision import HalfPrecisionForAudio, PrecisionConfigError, PrecisionGuard, PrecisionWarning
+from tests.helpers import QUIET_TRAINER, RecordingModule, adapter_params, fit, loader, lora_llama
 
 HALF = {"bf16-true": torch.bfloat16, "fp16-true": torch.float16, "16-true": torch.float16}
 
@@ -161,3 +163,56 @@ def test_state_dict_holds_the_buffers_only_mid_accumulation():
     assert set(saved["buffers"]) == {name for name, _ in module.named_parameters()}
     with pytest.raises(PrecisionConfigError, match="accumulate_grad_dtype='float32'"):
         HalfPrecisionForAudio("bf16-true").load_state_dict({"grad_accumulation": saved})
+
+
+# -- adapter training: trainable parameters kept fp32, frozen base in half (a real PEFT LoRA Llama) ---------------
+
+
+class _LoraModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = lora_llama()
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(input_ids=batch[0], labels=batch[0]).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(adapter_params(self).values(), lr=1e-2)
+
+
+def _fit_lora(module: _LoraModule, plugin: HalfPrecisionForAudio) -> pl.Trainer:
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    trainer = pl.Trainer(**QUIET_TRAINER, max_steps=3, plugins=[plugin], callbacks=[PrecisionGuard()])
+    trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=2))
+    return trainer
+
+
+def test_peft_lora_trains_fp32_adapters_on_a_bf16_base_by_default_and_is_safe():
+    module = _LoraModule()
+    trainer = _fit_lora(module, HalfPrecisionForAudio("bf16-true"))
+    before = {n: p.detach().clone() for n, p in adapter_params(module).items()}
+    trainer = _fit_lora(module, HalfPrecisionForAudio("bf16-true"))  # a second fit: nothing applied twice
+    contract = trainer.callbacks[0].contract
+    assert {p.dtype for p in adapter_params(module).values()} == {torch.float32}
+    assert {p.dtype for p in module.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert [o.verdict for o in contract.optimizers] == ["safe"] and contract.optimizers[0].storage_dtype == "float32"
+    assert (contract.trainable_dtypes, contract.frozen_dtypes) == ("float32", "bfloat16")
+    assert len(contract.fp32_modules) == 4 and torch.isfinite(trainer.callback_metrics["train_loss"])
+    assert all(not torch.equal(before[n], p) for n, p in adapter_params(module).items())
+    adapters = [m for n, m in module.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
+    assert [len(m._forward_hooks) for m in adapters] == [1] * 4
+
+
+def test_peft_lora_with_keep_trainable_fp32_off_casts_the_adapters_and_is_unsafe():
+    module = _LoraModule()
+    with pytest.warns(PrecisionWarning, match="trainable bfloat16 parameter tensors"):
+        trainer = _fit_lora(module, HalfPrecisionForAudio("bf16-true", keep_trainable_fp32=False))
+    assert {p.dtype for p in adapter_params(module).values()} == {torch.bfloat16}
+    assert [o.verdict for o in trainer.callbacks[0].contract.optimizers] == ["unsafe"]
+
+
+def test_keep_trainable_fp32_that_is_not_a_boolean_is_refused():
+    with pytest.raises(PrecisionConfigError, match=r"keep_trainable_fp32=\.\.\.\): 'yes'"):
+        HalfPrecisionForAudio("bf16-true", keep_trainable_fp32="yes")
