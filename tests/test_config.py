@@ -452,3 +452,14 @@ def test_a_callback_whose_constructor_raises_is_a_config_error_naming_it_with_th
     with pytest.raises(PrecisionConfigError, match=r"trainer\.callbacks\[0\].*every_n_train_steps=-1") as caught:
         resolve_trainer_cfg({"precision": "32-true", "callbacks": [entry]})
     assert "every_n_train_steps" in str(caught.value.__cause__)
+
+
+def test_a_trainer_flag_written_false_is_false_from_python():
+    kwargs = resolve_trainer_cfg({"enable_checkpointing": "false", "enable_progress_bar": "no"})
+    assert kwargs["enable_checkpointing"] is False and kwargs["enable_progress_bar"] is False
+
+
+@pytest.mark.parametrize(("key", "value"), [("max_steps", "abc"), ("max_steps", 1.5), ("log_every_n_steps", "x")])
+def test_a_trainer_value_of_the_wrong_type_is_refused_naming_it(key, value):
+    with pytest.raises(PrecisionConfigError, match=rf"trainer\.{key}: {value!r}"):
+        plan_trainer_cfg({key: value})

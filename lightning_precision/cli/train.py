@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from lightning_precision.config import TrainerKwargs, resolve_trainer_cfg
 from lightning_precision.config_classes import check_arguments
 from lightning_precision.config_layouts import MODEL_LAYOUT_KEYS
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.values import parse_bool, parse_number
+from lightning_precision.values import parse_number
 
 # numpy's seed range, which Lightning's seed_everything enforces.
 _MAX_SEED = 2**32 - 1
@@ -208,31 +207,7 @@ def apply_storage_dtype(module: torch.nn.Module, kwargs: TrainerKwargs) -> None:
     module.to(dtype=kwargs.storage_dtype)
 
 
-def _check_trainer_values(trainer_args: dict[str, Any]) -> None:
-    """Numbers and flags of ``pl.Trainer`` read with the library's parsers, as its signature types them.
-
-    Lightning compares ``max_steps="abc"`` with an int deep inside and reports neither the key nor the value; a flag
-    given as the string ``"false"`` would read as true. Flags take the config spellings and become real booleans.
-    """
-    try:
-        hints = typing.get_type_hints(pl.Trainer.__init__)
-    except (NameError, TypeError):  # an annotation that does not resolve: leave the values to Lightning
-        return
-    for name, value in trainer_args.items():
-        allowed = set(typing.get_args(hints.get(name)) or (hints.get(name),))
-        if value is None and type(None) in allowed:
-            continue
-        allowed.discard(type(None))
-        if allowed == {int}:
-            parse_number(value, what=f"trainer.{name}", integer=True)
-        elif allowed == {int, float}:
-            parse_number(value, what=f"trainer.{name}")
-        elif allowed == {bool}:
-            trainer_args[name] = parse_bool(value, what=f"trainer.{name}", spellings=True)
-
-
 def _make_trainer(trainer_args: dict[str, Any]) -> pl.Trainer:
-    _check_trainer_values(trainer_args)
     try:
         return pl.Trainer(**trainer_args)
     except TypeError as err:  # an unknown Trainer argument in the config
