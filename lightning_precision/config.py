@@ -44,6 +44,7 @@ from lightning_precision.config_entries import (
     explicit_component_policies,
     has_checkpoint_io,
     instantiate,
+    keeps_trainable_fp32,
     plan_fsdp2_spec,
     pop_options,
     precision_mode,
@@ -276,6 +277,8 @@ def plan_trainer_cfg(
         kwargs.storage_dtype = kwargs.storage.dtype
     if info is not None:
         was_auto = kwargs.storage.was_auto if kwargs.storage is not None else True
-        kwargs.verdict = judge(kwargs.storage_dtype, info, peft=peft, storage_was_auto=was_auto, precision=mode)
+        # HalfPrecisionForAudio keeps PEFT adapters fp32 while casting the base: they are judged live at fit start.
+        judged = None if peft and keeps_trainable_fp32(plugins) else kwargs.storage_dtype
+        kwargs.verdict = judge(judged, info, peft=peft, storage_was_auto=was_auto, precision=mode)
     kwargs.upstream_faults = upstream_faults(strategy, mode)
     return kwargs

@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
 from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig
 
+from lightning_precision._plugin_common import TrueHalfMixin
 from lightning_precision.casting import DEFAULT_PRESERVE_KEYS
 from lightning_precision.config_classes import (
     ClassSpec,
@@ -73,6 +74,12 @@ def check_trainer_values(trainer_args: dict[str, Any]) -> None:
             parse_number(value, what=f"trainer.{name}")
         elif allowed == {bool}:
             trainer_args[name] = parse_bool(value, what=f"trainer.{name}", spellings=True)
+
+
+def keeps_trainable_fp32(plugins: list[Any]) -> bool:
+    """Whether the precision plugin keeps trainable parameters fp32 for adapter training (``HalfPrecisionForAudio``
+    unless ``keep_trainable_fp32=False``; see :mod:`lightning_precision.trainable_fp32`)."""
+    return any(is_a(p, TrueHalfMixin) and option_of(p, "keep_trainable_fp32") is not False for p in plugins)
 
 
 def has_checkpoint_io(plugins: list[Any], strategy: Any) -> bool:

@@ -172,12 +172,6 @@ def test_storage_dtype_resolved_and_judged(trainer, model, optimizer, storage, s
     assert kwargs.storage_dtype == storage and kwargs.verdict.status is status
 
 
-def test_peft_under_bf16_true_is_judged_like_any_bf16_run():
-    kwargs = resolve_trainer_cfg({"precision": "bf16-true"}, model={}, optimizer=ADAMW, peft=True, on_unsafe="ignore")
-    assert kwargs.storage_dtype == torch.bfloat16  # the precision casts the module, adapters included
-    assert kwargs.verdict.status is Status.UNSAFE
-
-
 @pytest.mark.parametrize(
     ("cfg", "match"),
     [
@@ -463,3 +457,22 @@ def test_a_trainer_flag_written_false_is_false_from_python():
 def test_a_trainer_value_of_the_wrong_type_is_refused_naming_it(key, value):
     with pytest.raises(PrecisionConfigError, match=rf"trainer\.{key}: {value!r}"):
         plan_trainer_cfg({key: value})
+
+
+def test_peft_under_bf16_true_is_left_to_the_adapters_live_dtype_not_called_unsafe():
+    # HalfPrecisionForAudio keeps the adapters fp32 (keep_trainable_fp32): the config alone cannot call them bf16.
+    cfg = {"precision": "bf16-true", "lightning_precision": {"peft": True}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)
+        kwargs = plan_trainer_cfg(cfg, optimizer={"_target_": "torch.optim.AdamW"})
+    assert kwargs.storage_dtype == torch.bfloat16  # the frozen base, and what the model is loaded in
+    assert kwargs.verdict.status is Status.NOT_JUDGED
+    assert "fit starts" in kwargs.verdict.message
+
+
+def test_peft_with_a_plugin_that_casts_the_adapters_is_still_unsafe():
+    plugin = HalfPrecisionForAudio("bf16-true", peft=True, keep_trainable_fp32=False)
+    kwargs = plan_trainer_cfg(
+        {"plugins": [plugin], "lightning_precision": {"peft": True}}, optimizer={"_target_": "torch.optim.AdamW"}
+    )
+    assert kwargs.verdict.status is Status.UNSAFE
