@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import types
 from typing import Any
 
 from lightning_precision.errors import PrecisionConfigError
@@ -37,3 +38,30 @@ def import_object(path: str, *, where: str = "_target_") -> Any:
             obj = getattr(obj, attr)
         return obj
     raise PrecisionConfigError(f"{where}: bad _target_ {path!r}: cannot import it ({error}).")
+
+
+def require_class(obj: Any, path: str, *, where: str, expected: str) -> type:
+    """``obj``, imported from ``path``, if it is a class: a config names classes, and what it names is never called.
+
+    Args:
+        obj: What ``path`` imported to.
+        path: The dotted path, for the message.
+        where: Where the path came from (``"trainer.callbacks[0].class_path"``).
+        expected: What a class there should be (``"a torch.optim.Optimizer subclass"``).
+
+    Raises:
+        PrecisionConfigError: If ``obj`` is a function, builtin, module or other non-class; the message names it.
+    """
+    if not isinstance(obj, type):
+        raise PrecisionConfigError(
+            f"{where}={path!r} names {_describe(obj)}, not a class: expected {expected}. It was not called."
+        )
+    return obj
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, types.ModuleType):
+        return "a module"
+    if callable(obj):
+        return f"a function ({type(obj).__name__})"
+    return f"a {type(obj).__name__} value"

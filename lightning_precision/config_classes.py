@@ -10,12 +10,11 @@ defaults. ``train`` builds them, but only after :func:`import_class` has checked
 from __future__ import annotations
 
 import inspect
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_precision._imports import import_object
+from lightning_precision._imports import import_object, require_class
 from lightning_precision.errors import PrecisionConfigError, PrecisionPairingError
 
 # What each kind of entry should name, for the refusal.
@@ -80,12 +79,7 @@ def import_class(path: str, *, where: str, kind: str) -> type:
     Raises:
         PrecisionConfigError: If it does not import, or names a function, a module or any other non-class.
     """
-    obj = import_object(path, where=where)
-    if not isinstance(obj, type):
-        raise PrecisionConfigError(
-            f"{where}={path!r} names {_describe(obj)}, not a class: expected {EXPECTED[kind]}. It was not called."
-        )
-    return obj
+    return require_class(import_object(path, where=where), path, where=where, expected=EXPECTED[kind])
 
 
 def read_entry(entry: Any, where: str, kind: str) -> Any:
@@ -179,19 +173,7 @@ def check_optimizer_target(optimizer: Any, where: str) -> None:
         obj = import_object(optimizer["_target_"], where=f"{where}._target_")
     except PrecisionConfigError:
         return
-    if not isinstance(obj, type):
-        raise PrecisionConfigError(
-            f"{where}._target_={optimizer['_target_']!r} names {_describe(obj)}, not a class: expected "
-            f"{EXPECTED['optimizer']}. It was not called."
-        )
-
-
-def _describe(obj: Any) -> str:
-    if isinstance(obj, types.ModuleType):
-        return "a module"
-    if callable(obj):
-        return f"a function ({type(obj).__name__})"
-    return f"a {type(obj).__name__} value"
+    require_class(obj, optimizer["_target_"], where=f"{where}._target_", expected=EXPECTED["optimizer"])
 
 
 def _parameters(cls: type) -> Mapping[str, inspect.Parameter]:

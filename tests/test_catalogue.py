@@ -204,7 +204,7 @@ def test_boolean_setting_that_is_not_a_boolean_is_refused():
 
 @pytest.mark.parametrize("path", ["os.system", "builtins.print", "torch.optim"])
 def test_non_class_optimizer_path_is_refused_naming_it(path):
-    with pytest.raises(PrecisionConfigError, match=f"{path!r}.*not an optimizer class"):
+    with pytest.raises(PrecisionConfigError, match=f"{path!r}.*not a class: expected a torch.optim.Optimizer subclass"):
         classify_optimizer(path)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lightning_precision._imports import import_object
+from lightning_precision._imports import import_object, require_class
 from lightning_precision._logging import info_rank_zero
 from lightning_precision.catalogue.info import UpdateFormula
 from lightning_precision.dtypes import parse_dtype
@@ -133,13 +133,9 @@ def _locate(path: str) -> type | None:
             f"optimizer {path!r}: importing it raised {type(err).__name__}: {err}; it is judged by its path alone."
         )
         return None
-    if not isinstance(obj, type):
-        # A function, builtin or module is not an optimizer: calling it "unknown" would pass it on to be run.
-        raise PrecisionConfigError(
-            f"optimizer {path!r} names {type(obj).__name__} {obj!r}, not an optimizer class: give a "
-            "torch.optim.Optimizer subclass such as 'torch.optim.AdamW'."
-        )
-    return obj
+    # A function, builtin or module is not an optimizer: calling it "unknown" would pass it on to be run.
+    expected = "a torch.optim.Optimizer subclass such as 'torch.optim.AdamW'"
+    return require_class(obj, path, where="optimizer", expected=expected)
 
 
 def _signature_defaults(cls: type) -> dict[str, Any]:
