@@ -47,7 +47,7 @@ from lightning_precision.optim._compensated_state import (
     mantissa_bits,
     source_name,
 )
-from lightning_precision.report import is_narrowing, report_storage_change
+from lightning_precision.report import report_storage_change
 
 _NON_NEGATIVE = ("exp_avg_sq", "max_exp_avg_sq", "step")
 
@@ -80,11 +80,11 @@ def load_resume_checkpoint(strategy: Any, checkpoint_path: Any, key: str, weight
     compensated = {id(p) for o in optimizers if _is_compensated(o) for g in o.param_groups for p in g["params"]}
     seeded = {
         fqn for fqn, (before, after) in changes.items()
-        if after in HALF_DTYPES and is_narrowing(before, after) and id(params[fqn]) in compensated
+        if after in HALF_DTYPES and before.itemsize > after.itemsize and id(params[fqn]) in compensated
     }  # fmt: skip
     wide = reader.load_weights(strategy.lightning_module.strict_loading, seeded, params)
     for index, optimizer in enumerate(optimizers):
-        state = reader.optimizer_state(index, params)
+        state = reader.optimizer_state(index, _Layout(strategy.model, optimizer, params, path))
         _load_optimizer_state(optimizer, state, params, {params[f]: v for f, v in wide.items()}, strategy, path)
     metadata = reader.metadata()
     _report(strategy, (metadata.get(key) or {}).get("storage_dtype"), changes, seeded, saved, params, path)
@@ -113,17 +113,50 @@ def _reader(path: Path, module: nn.Module, weights_only: bool | None) -> _Sharde
     )
 
 
-def _shape_error(what: str, shape: tuple, param: torch.Tensor, path: Path) -> OptimizerStateError:
-    return OptimizerStateError(
-        f"The optimizer state in {path} does not fit the model: {what} has shape {tuple(shape)}, the parameter "
-        f"{tuple(param.shape)}. The checkpoint belongs to another model; resume from one of this model, or load only "
-        "the weights that fit."
-    )
-
-
 def _state_key(rest: str) -> tuple[str, str]:
     fqn, _, name = rest.rpartition(".")
     return fqn, name
+
+
+class _Layout:
+    """Where each saved optimizer tensor goes on this rank: the optimizer's own state tensor when the saved one has
+    its shape and dtype (any optimizer's state loads as Lightning would load it), else a tensor of the saved dtype
+    laid out like the parameter (a state of another dtype or optimizer, read without a cast)."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, params: Mapping[str, Any], path: Path):
+        from torch.distributed.checkpoint.state_dict import _init_optim_state, get_optimizer_state_dict
+
+        _init_optim_state(optimizer)  # a step with zero gradients and lr 0 creates the state, as torch's loading does
+        self.own = get_optimizer_state_dict(module, optimizer)["state"]
+        self.params, self.path = params, path
+
+    def target(self, fqn: str, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
+        """The tensor a saved ``state[name]`` of ``fqn`` is read into: the optimizer's own, one shaped like the
+        parameter in the saved dtype, or ``None`` for a plain tensor (a scalar such as ``step``).
+
+        Raises:
+            OptimizerStateError: If the shape fits neither the optimizer's own tensor nor the parameter, or the
+                model has no parameter ``fqn``.
+        """
+        mine = self.own.get(fqn, {}).get(name)
+        param = self.params.get(fqn)
+        if isinstance(mine, torch.Tensor) and tuple(mine.shape) == shape and mine.dtype == dtype:
+            return mine
+        if param is not None and tuple(param.shape) == shape and name != "step":
+            return torch.empty_like(param, dtype=dtype)
+        if not shape:
+            return None
+        if param is None:
+            raise OptimizerStateError(
+                f"The optimizer state in {self.path} holds state[{name!r}] of {fqn!r}, which this model does not "
+                "have: the checkpoint belongs to another model."
+            )
+        expected = tuple(mine.shape) if isinstance(mine, torch.Tensor) else tuple(param.shape)
+        raise OptimizerStateError(
+            f"The optimizer state in {self.path} does not fit the model: state[{name!r}] of {fqn} has shape {shape}, "
+            f"the optimizer keeps {expected} for that parameter of shape {tuple(param.shape)}. The checkpoint belongs "
+            "to another model; resume from one of this model, or load only the weights."
+        )
 
 
 class _ShardedCheckpoint:
@@ -158,7 +191,7 @@ class _ShardedCheckpoint:
         self.module.load_state_dict(state, strict=strict)
         return wide
 
-    def optimizer_state(self, index: int, params: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    def optimizer_state(self, index: int, layout: _Layout) -> dict[str, Any]:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         prefix = f"optimizer_{index}."
@@ -168,20 +201,8 @@ class _ShardedCheckpoint:
                 continue
             rest = key[len(prefix) :]
             if rest.startswith("state.") and isinstance(md, TensorStorageMetadata):
-                fqn, name = _state_key(rest[len("state.") :])
-                param = params.get(fqn)
-                size = tuple(md.size)
-                if param is not None and size == tuple(param.shape) and size:
-                    template[key] = torch.empty_like(param, dtype=md.properties.dtype)  # this rank's shard
-                elif not size:
-                    template[key] = torch.empty((), dtype=md.properties.dtype)
-                elif param is None:
-                    raise OptimizerStateError(
-                        f"The optimizer state in {self.path} holds state[{name!r}] of {fqn!r}, which this model does "
-                        "not have: the checkpoint belongs to another model."
-                    )
-                else:
-                    raise _shape_error(f"state[{name!r}] of {fqn}", size, param, self.path)
+                target = layout.target(*_state_key(rest[len("state.") :]), tuple(md.size), md.properties.dtype)
+                template[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype) if target is None else target
             else:
                 template[key] = None  # non-tensor values (param groups) are read whole
         _distributed_checkpoint_load(template, self.path)
@@ -211,35 +232,32 @@ class _FullCheckpoint:
     def weight_dtypes(self) -> dict[str, torch.dtype]:
         return {k: v.dtype for k, v in self.checkpoint["state_dict"].items() if isinstance(v, torch.Tensor)}
 
-    def _shard(self, full: torch.Tensor, param: torch.Tensor, what: str) -> torch.Tensor:
+    @staticmethod
+    def _shard(full: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+        """This rank's part of ``full``, laid out like ``like`` (every rank holds the full tensor: no communication)."""
         from torch.distributed.tensor import DTensor, distribute_tensor
 
-        if tuple(full.shape) != tuple(param.shape):
-            raise _shape_error(what, tuple(full.shape), param, self.path)
-        if isinstance(param, DTensor):  # every rank holds the full tensor: each keeps its shard, no communication
-            return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-        return full.to(param.device)
+        if like is None:
+            return full
+        if isinstance(like, DTensor):
+            return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+        return full.to(like.device)
 
     def load_weights(self, strict: bool, keep: set[str], params: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         weights = self.checkpoint.pop("state_dict")
-        wide = {fqn: self._shard(weights[fqn], params[fqn], fqn) for fqn in keep}
+        wide = {fqn: self._shard(weights[fqn], params[fqn]) for fqn in keep}
         _load_raw_module_state(weights, self.module, strict=strict)
         return wide
 
-    def optimizer_state(self, index: int, params: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    def optimizer_state(self, index: int, layout: _Layout) -> dict[str, Any]:
         osd = _rekey_optimizer_state_if_needed(self.checkpoint["optimizer_states"][index], self.module)
-        state = {}
-        for fqn, saved in osd["state"].items():
-            param = params.get(fqn)
-            if param is None:
-                raise OptimizerStateError(
-                    f"The optimizer state in {self.path} holds the state of {fqn!r}, which this model does not have: "
-                    "the checkpoint belongs to another model."
-                )
-            state[fqn] = {
-                k: self._shard(v, param, f"state[{k!r}] of {fqn}") if isinstance(v, torch.Tensor) and v.dim() else v
+        state = {
+            fqn: {
+                k: self._shard(v, layout.target(fqn, k, tuple(v.shape), v.dtype)) if isinstance(v, torch.Tensor) else v
                 for k, v in saved.items()
             }
+            for fqn, saved in osd["state"].items()
+        }
         return {"state": state, "param_groups": [dict(g) for g in osd["param_groups"]]}
 
     def metadata(self) -> dict[str, Any]:
@@ -259,7 +277,11 @@ def _load_optimizer_state(
     check_loaded_state(osd["state"], name, path, strategy.root_device)
     by_index = _keyed_by_index(optimizer, osd, params, name)
     if _is_compensated(optimizer):
-        optimizer.load_state_dict(by_index, full_precision_params=wide)  # converts, seeds and checks itself
+        mine = {p: v for p, v in wide.items() if any(p is q for g in optimizer.param_groups for q in g["params"])}
+        optimizer.load_state_dict(by_index, full_precision_params=mine)  # converts, seeds and checks itself
+        unsaved = {p: v for p, v in mine.items() if "compensation" not in optimizer.state.get(p, {})}
+        if unsaved:  # saved before their first step: a fresh state, its compensation the residual all the same
+            optimizer.seed_compensation_from(unsaved)
         return
     _require_keys(optimizer, osd["state"], name, source)
     _fold_saved_compensation(optimizer, by_index, osd["state"], params, name, source)
