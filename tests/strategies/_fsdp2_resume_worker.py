@@ -145,6 +145,10 @@ def scenario_storage(out: Path) -> dict[str, Any]:
     widen = _resume(out, bf16, FP32_COMPENSATED)
     result["widen_exact"] = _folded_exactly(_saved(out, "bf16"), widen["loaded"])
     result["widen"] = _summary(widen)
+    bf16_file = _save(out, "bf16_file", BF16_COMPENSATED, distributed=False)  # one full file, sharded on load
+    result["widen_full_file_exact"] = _folded_exactly(
+        _saved(out, "bf16_file"), _resume(out, bf16_file, FP32_COMPENSATED)["loaded"]
+    )
 
     fp32 = _save(out, "fp32", FP32_COMPENSATED)
     narrow = _resume(out, fp32, BF16_COMPENSATED)

@@ -42,6 +42,11 @@ def test_bf16_true_resumed_with_fp32_storage_folds_the_compensation_exactly_on_e
     assert ranks[0]["widen"]["warnings"] == []
 
 
+def test_a_full_file_checkpoint_is_folded_exactly_too(run_scenario):
+    for rank in run_scenario("storage"):
+        assert rank["widen_full_file_exact"] is True  # saved on rank 0 as full tensors, each rank keeps its shards
+
+
 def test_fp32_resumed_with_bf16_storage_seeds_the_compensation_with_the_residual(run_scenario):
     ranks = run_scenario("storage")
     for rank in ranks:
