@@ -38,7 +38,6 @@ from lightning_precision.strategies.fsdp2_plan import (
     parse_mp_policy,
     resolve_fsdp2_precision,
     storage_option,
-    without_autocast,
 )
 from lightning_precision.strategies.fsdp2_resume import load_resume_checkpoint
 from lightning_precision.strategies.parallelize import (
@@ -48,6 +47,7 @@ from lightning_precision.strategies.parallelize import (
     is_sharded,
     shard_in_storage_dtype,
 )
+from lightning_precision.strategies.policy_precision import without_autocast
 from lightning_precision.values import parse_bool
 
 CHECKPOINT_KEY = "lightning_precision_fsdp2"
