@@ -333,24 +333,26 @@ def is_narrowing(before: torch.dtype, after: torch.dtype) -> bool:
     return after.itemsize < before.itemsize or (after != before and after.itemsize == before.itemsize)
 
 
-def report_storage_change(before: torch.dtype, after: torch.dtype, *, what: str) -> None:
+def report_storage_change(before: torch.dtype, after: torch.dtype, *, what: str, kept: str | None = None) -> None:
     """Say what a resume did to stored parameters: a widening is logged, a narrowing warned. Never silent.
 
     Args:
         before: Storage dtype recorded in the checkpoint.
         after: Storage dtype of the run that resumes.
         what: Which parameters and checkpoint, for the message (e.g. ``"torch.optim.AdamW parameters"``).
+        kept: For a narrowing, what the loading kept of the lost bits (e.g. a compensation seeded from them), said
+            instead of "rounded, losing the low bits".
     """
     if before == after:
         return
     head = f"Resumed {what} stored in {dtype_name(before)} into {dtype_name(after)} storage"
     cause = f"resume:{before}->{after}"
     if is_narrowing(before, after):
-        warn_once(
-            cause,
-            f"{head}: parameters and optimizer state were rounded to {dtype_name(after)} on load, losing the low bits "
-            f"of the trained values. Resume with {dtype_name(before)} storage to keep them exact.",
+        lost = kept or (
+            f"parameters and optimizer state were rounded to {dtype_name(after)} on load, losing the low bits of the "
+            "trained values"
         )
+        warn_once(cause, f"{head}: {lost}. Resume with {dtype_name(before)} storage to keep them exact.")
     else:
         # Only what this line knows: the stored values. Bits an optimizer keeps beside them (CompensatedAdamW's
         # compensation) are folded, or reported lost, by that optimizer's own state loading.

@@ -21,11 +21,13 @@ A state is converted for the parameters it is loaded into, checked, and only the
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from lightning_precision._logging import info_rank_zero
+from lightning_precision.dtypes import dtype_name
 from lightning_precision.errors import OptimizerStateError
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -33,7 +35,17 @@ REQUIRED_KEYS = ("step", "exp_avg", "exp_avg_sq")
 # State whose dtype/device is chosen by this optimizer, not by the parameter. torch's load_state_dict would cast
 # these to the param dtype, and alias (not copy) "step".
 DTYPED_STATE_KEYS = (*REQUIRED_KEYS, "compensation")
-_MANTISSA_BITS = {torch.bfloat16: 8, torch.float16: 11}
+
+
+def mantissa_bits(dtype: torch.dtype) -> int:
+    """Significand bits of a float dtype, the implicit one included (8 for bfloat16, 24 for float32)."""
+    return round(-math.log2(torch.finfo(dtype).eps)) + 1
+
+
+def compensated_bits(dtype: torch.dtype) -> int:
+    """Significand bits that a half-precision ``p`` and its compensation ``c`` of ``dtype`` keep of a weight
+    together: about twice the dtype's own (16 for bfloat16, 22 for float16)."""
+    return 2 * mantissa_bits(dtype)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -64,12 +76,15 @@ def _fix() -> str:
 class StateLoader:
     """Converts and checks a state dict in a load_state_dict pre-hook, installs it in the post-hook."""
 
-    def __init__(self, optimizer: Any) -> None:
+    def __init__(self, optimizer: Any, full_precision: Any = None) -> None:
         self.opt = optimizer
         # Saved parameter id -> (parameter, its index in optimizer order, group index, converted state).
         self.converted: dict[Any, tuple[torch.Tensor, int, int, dict[str, torch.Tensor]]] = {}
         self.fold: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.narrowed: list[int] = []
+        self.seeded: list[int] = []
+        # id(parameter) -> the full-precision weight a narrowed state's compensation is seeded from.
+        self.full_precision = {id(k): v for k, v in (full_precision or {}).items()}
         self.source = ""
 
     def pre_hook(self, optimizer: Any, sd: dict[str, Any]) -> dict[str, Any]:
@@ -118,9 +133,14 @@ class StateLoader:
         comp = s.get("compensation")
         if "compensation" in dtypes:
             if comp is None:
-                out["compensation"] = torch.zeros_like(param, dtype=dtypes["compensation"])
-                self.narrowed.append(index)
                 self.narrowed_dtype = dtypes["compensation"]
+                value = self.full_precision.get(id(param))
+                if value is None:
+                    out["compensation"] = torch.zeros_like(param, dtype=dtypes["compensation"])
+                    self.narrowed.append(index)
+                else:
+                    out["compensation"] = residual(param, value, dtypes["compensation"], index, "load_state_dict")
+                    self.seeded.append(index)
             else:
                 out["compensation"] = self._tensor(comp, param, dtypes["compensation"], f"compensation of {where}")
         elif comp is not None:
@@ -168,7 +188,15 @@ class StateLoader:
     def post_hook(self, optimizer: Any) -> None:
         for param, _, _, tensors in self.converted.values():
             self.opt.state[param].update(tensors)
-        self._fold()
+        fold_into_parameters(self.fold, "CompensatedAdamW")
+        if self.seeded:
+            dtype = dtype_name(self.narrowed_dtype)
+            info_rank_zero(
+                f"CompensatedAdamW: the state of {len(self.seeded)} {dtype} parameter(s) (first: parameter "
+                f"{self.seeded[0]}) was saved by {self.source} without a compensation; it was created from the "
+                f"full-precision weights (their residual w - {dtype}(w), rounded to {dtype}): p + compensation keeps "
+                f"about {compensated_bits(self.narrowed_dtype)} of fp32's 24 mantissa bits, the rest was rounded away."
+            )
         if self.narrowed:
             dtype = self.narrowed_dtype
             info_rank_zero(
@@ -179,39 +207,77 @@ class StateLoader:
                 "optimizer.seed_compensation_from(...) after loading."
             )
 
-    def _fold(self) -> None:
-        folded, exact, dropped = [], True, []
-        with torch.no_grad():
-            for index, param, comp in self.fold:
-                p, c = local(param), local(comp)
-                if not torch.equal(p.to(c.dtype).to(p.dtype), p):
-                    dropped.append(index)
-                    continue
-                before = p.clone()
-                p.add_(c.to(p.dtype))
-                exact = exact and torch.equal((p - before).to(c.dtype), c)
-                folded.append(index)
-        if folded:
-            how = "exactly" if exact else "to the nearest representable value"
-            info_rank_zero(
-                f"CompensatedAdamW: folded the saved compensation of {len(folded)} parameter(s) (first: parameter "
-                f"{folded[0]}) into the now higher-precision parameters: each is p + compensation, {how}, the weight "
-                "the half-precision run was training. The compensation was dropped."
-            )
-        if dropped:
-            info_rank_zero(
-                f"CompensatedAdamW: dropped the saved compensation of {len(dropped)} parameter(s) (first: parameter "
-                f"{dropped[0]}) without folding it: the parameter holds values with bits beyond the compensation's "
-                "dtype, so it is not the rounded weight the compensation belongs to (the weights were saved at full "
-                "precision, or are loaded after the optimizer state; in the second case up to half a half-precision "
-                "ulp per element is lost)."
-            )
+
+def fold_into_parameters(items: list[tuple[int, torch.Tensor, torch.Tensor]], who: str) -> None:
+    """Add each saved compensation into its now higher-precision parameter (``p + c``), and log what was done.
+
+    A parameter is folded only if every element is representable in the compensation's dtype, i.e. it still holds
+    the rounded half-precision weight the compensation belongs to; otherwise its compensation is dropped and that is
+    logged.
+
+    Args:
+        items: ``(index, parameter, compensation)`` with the index used in messages.
+        who: The optimizer that loads the state, for messages.
+    """
+    folded, exact, dropped = [], True, []
+    with torch.no_grad():
+        for index, param, comp in items:
+            p, c = local(param), local(comp)
+            if not torch.equal(p.to(c.dtype).to(p.dtype), p):
+                dropped.append(index)
+                continue
+            before = p.clone()
+            p.add_(c.to(p.dtype))
+            exact = exact and torch.equal((p - before).to(c.dtype), c)
+            folded.append(index)
+    if folded:
+        how = "exactly" if exact else "to the nearest representable value"
+        info_rank_zero(
+            f"{who}: folded the saved compensation of {len(folded)} parameter(s) (first: parameter {folded[0]}) into "
+            f"the now higher-precision parameters: each is p + compensation, {how}, the weight the half-precision "
+            "run was training. The compensation was dropped."
+        )
+    if dropped:
+        info_rank_zero(
+            f"{who}: dropped the saved compensation of {len(dropped)} parameter(s) (first: parameter {dropped[0]}) "
+            "without folding it: the parameter holds values with bits beyond the compensation's dtype, so it is not "
+            "the rounded weight the compensation belongs to (the weights were saved at full precision, or are loaded "
+            "after the optimizer state; in the second case up to half a half-precision ulp per element is lost)."
+        )
+
+
+def residual(param: torch.Tensor, value: torch.Tensor, dtype: torch.dtype, index: int, where: str) -> torch.Tensor:
+    """The compensation of a half-precision ``param`` rounded from the full-precision ``value``: ``value - param``
+    rounded to ``dtype``, laid out like ``param`` (a DTensor value is used shard by shard).
+
+    Raises:
+        OptimizerStateError: If the shapes differ, or ``param`` does not hold ``value`` rounded to its dtype.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if tuple(value.shape) != tuple(param.shape):
+        raise OptimizerStateError(
+            f"{where}: the full-precision value for parameter {index} has shape {tuple(value.shape)}, the parameter "
+            f"{tuple(param.shape)}"
+        )
+    if isinstance(param, DTensor) and not isinstance(value, DTensor):
+        value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    p = local(param)
+    wide = local(value).to(p.device)
+    wide = wide.to(torch.float64 if wide.dtype == torch.float64 else torch.float32)
+    if not torch.equal(wide.to(p.dtype), p):
+        raise OptimizerStateError(
+            f"{where}: parameter {index} ({p.dtype}) does not hold the given weights rounded to {p.dtype}; load those "
+            "weights into the model first (the compensation is their residual)"
+        )
+    with torch.no_grad():
+        out = torch.zeros_like(param, dtype=dtype)
+        local(out).copy_(wide - p.to(wide.dtype))  # rounded once, to the compensation's dtype
+    return out
 
 
 def seed_compensation(optimizer: Any, full_precision_params: Any) -> int:
     """Implementation of :meth:`CompensatedAdamW.seed_compensation_from`; returns the number of parameters seeded."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if hasattr(full_precision_params, "items"):
         by_id = {id(p): v for p, v in full_precision_params.items()}
@@ -233,29 +299,15 @@ def seed_compensation(optimizer: Any, full_precision_params: Any) -> int:
         for index, param, value in pairs:
             if value is None or param.dtype not in HALF_DTYPES:
                 continue
-            if tuple(value.shape) != tuple(param.shape):
-                raise OptimizerStateError(
-                    f"seed_compensation_from: the value for parameter {index} has shape {tuple(value.shape)}, the "
-                    f"parameter {tuple(param.shape)}"
-                )
-            if isinstance(param, DTensor) and not isinstance(value, DTensor):
-                value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-            p = local(param)
-            v = local(value).to(p.device)
-            wide = v.to(torch.float64 if v.dtype == torch.float64 else torch.float32)
-            if not torch.equal(wide.to(p.dtype), p):
-                raise OptimizerStateError(
-                    f"seed_compensation_from: parameter {index} ({p.dtype}) does not hold the given weights rounded "
-                    f"to {p.dtype}; load those weights into the model first (the compensation is their residual)"
-                )
+            comp = residual(param, value, param.dtype, index, "seed_compensation_from")
             state = optimizer._init_state(param, groups_of[id(param)])
-            local(state["compensation"]).copy_(wide - p.to(wide.dtype))  # residual, rounded to the compensation
+            local(state["compensation"]).copy_(local(comp))
             seeded.append(index)
     if seeded:
         dtype = params[seeded[0]].dtype
         info_rank_zero(
             f"CompensatedAdamW: seeded the compensation of {len(seeded)} {dtype} parameter(s) from full-precision "
-            f"weights: p + compensation keeps about {2 * _MANTISSA_BITS[dtype]} of fp32's 24 mantissa bits."
+            f"weights: p + compensation keeps about {compensated_bits(dtype)} of fp32's 24 mantissa bits."
         )
     return len(seeded)
 
@@ -275,6 +327,4 @@ def adapt_state(state: dict[str, Any], param: torch.Tensor, dtypes: dict[str, to
             "narrowed. optimizer.seed_compensation_from(...) restores them from the full-precision weights."
         )
     elif "compensation" not in dtypes and "compensation" in state:
-        loader = StateLoader(None)
-        loader.fold.append((0, param, state.pop("compensation")))
-        loader._fold()
+        fold_into_parameters([(0, param, state.pop("compensation"))], "CompensatedAdamW")

@@ -135,9 +135,6 @@ class CompensatedAdamW(Optimizer):
     pass them (no host read for the inf check). It is off by default because
     Lightning refuses gradient clipping for such optimizers.
 
-    :meth:`load_state_dict` converts state across storage dtypes and from
-    torch.optim.AdamW and checks every tensor.
-
     Raises:
         PrecisionConfigError: (a ValueError) naming the value and the valid
             choices, for the constructor and for every parameter group: ``lr``
@@ -420,7 +417,7 @@ class CompensatedAdamW(Optimizer):
         """
         return _compensated_state.seed_compensation(self, full_precision_params)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], *, full_precision_params: Any = None) -> None:
         """Load optimizer state: converted to this optimizer's dtypes, storage and format, and checked first.
 
         torch's default would cast an fp32 ``exp_avg_sq`` of a bf16 parameter to bf16 and share ``step`` with the
@@ -433,14 +430,17 @@ class CompensatedAdamW(Optimizer):
 
         Args:
             state_dict: Optimizer state, as returned by :meth:`state_dict` (of this or torch.optim.AdamW).
+            full_precision_params: ``{parameter: full-precision weight}``: a bf16/fp16 parameter saved without a
+                compensation gets the residual as :meth:`seed_compensation_from` gives it, not zero.
 
         Raises:
             ValueError: If the state dict does not match the parameter groups.
             OptimizerStateError: If a state tensor is nan/inf, a second moment or step negative, a shape differs
-                from the parameter's, or the state lacks AdamW's keys (another optimizer) or is an AMSGrad state.
+                from the parameter's, the state lacks AdamW's keys or is an AMSGrad state, or a parameter does not
+                hold its ``full_precision_params`` value rounded.
             PrecisionConfigError: If a saved group option is invalid.
         """
-        loader = _compensated_state.StateLoader(self)
+        loader = _compensated_state.StateLoader(self, full_precision_params)
         pre = self.register_load_state_dict_pre_hook(loader.pre_hook)
         post = self.register_load_state_dict_post_hook(loader.post_hook, prepend=True)
         try:

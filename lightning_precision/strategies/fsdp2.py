@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +14,6 @@ from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -33,7 +31,6 @@ from lightning_precision.grad_accumulation import Fp32GradAccumulator, parse_acc
 from lightning_precision.modes import MODES, PrecisionMode, choices_text, get_mode
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, agreed_policy, check_and_enforce, trainer_components
-from lightning_precision.report import report_storage_change
 from lightning_precision.strategies.checkpoint_staging import recover_trainer_checkpoints, save_staged
 from lightning_precision.strategies.fsdp2_plan import (
     FSDP2Precision,
@@ -42,6 +39,7 @@ from lightning_precision.strategies.fsdp2_plan import (
     resolve_fsdp2_precision,
     storage_option,
 )
+from lightning_precision.strategies.fsdp2_resume import load_resume_checkpoint
 from lightning_precision.strategies.parallelize import (
     BlockSelector,
     block_selector,
@@ -49,19 +47,10 @@ from lightning_precision.strategies.parallelize import (
     is_sharded,
     shard_in_storage_dtype,
 )
+from lightning_precision.strategies.policy_precision import without_autocast
 from lightning_precision.values import parse_bool
 
 CHECKPOINT_KEY = "lightning_precision_fsdp2"
-
-
-class _PolicyMixedPrecision(MixedPrecision):
-    """Lightning's mixed precision without ``torch.autocast``: FSDP2's policy already runs the blocks in half
-    precision, and autocast on top would re-cast every matmul's inputs a second time. The gradient scaler (fp16) is
-    kept."""
-
-    @override
-    def forward_context(self) -> AbstractContextManager:
-        return nullcontext()
 
 
 class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
@@ -81,8 +70,8 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
       unless ``autocast=True``.
     * After the optimizers exist, the real pairing on the sharded parameters is judged (``on_unsafe``). When
       ``"auto"`` fell back to fp32 for an optimizer that keeps its own master weights, that memory cost is logged.
-    * Checkpoints record the storage dtype and policy; resuming into another storage dtype is logged (upcast) or
-      warned about (downcast).
+    * Checkpoints record the storage dtype and policy. A resume reads each tensor in its saved dtype, converts and
+      checks the optimizer state, and logs (upcast) or warns about (downcast) a storage change: see ``fsdp2_resume``.
 
     Precision mapping: ``bf16-mixed`` -> fp32 storage (auto, for torch optimizers) + bf16 compute; ``bf16-true`` ->
     bf16 storage + compute; ``bf16-flash`` -> bf16 storage via ``flashoptim.cast_model`` + bf16 compute;
@@ -368,17 +357,8 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
         return self.plan(mode)
 
     def _disable_autocast_unless_asked(self) -> None:
-        plugin = self.precision_plugin
-        if self.autocast or type(plugin) is not MixedPrecision:
-            return
-        replacement = _PolicyMixedPrecision(plugin.precision, plugin.device, plugin.scaler)
-        self.precision_plugin = replacement
-        # Lightning printed "Using bfloat16 Automatic Mixed Precision (AMP)" when it built the plugin: say what runs.
-        info_rank_zero(
-            f"{type(self).__name__}: Lightning's 'Automatic Mixed Precision (AMP)' line names the plugin it built for "
-            f"precision={plugin.precision!r}; under FSDP2 its torch.autocast is off (autocast=False): the "
-            "MixedPrecisionPolicy computes in the half dtype from the stored shards (the contract shows the dtypes)."
-        )
+        if not self.autocast:
+            self.precision_plugin = without_autocast(self.precision_plugin, type(self).__name__)
 
     def _cast_storage(self, model: nn.Module) -> None:
         assert self.resolved is not None
@@ -460,22 +440,9 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        # Lightning < 2.5 neither takes nor passes weights_only.
-        checkpoint = super().load_checkpoint(
-            checkpoint_path, **({} if weights_only is None else {"weights_only": weights_only})
-        )
-        self.report_resume(checkpoint.get(CHECKPOINT_KEY), Path(checkpoint_path))
-        return checkpoint
-
-    def report_resume(self, saved: Mapping[str, Any] | None, path: Path | None = None) -> None:
-        """Say what a resume did to the storage dtype (see :func:`report_storage_change`): never silent."""
-        current = self.storage_dtype
-        recorded = (saved or {}).get("storage_dtype")
-        if current is None or recorded in (None, "-"):
-            return
-        where = f" from {path}" if path else ""
-        what = f"{type(self).__name__} checkpoint{where}"
-        report_storage_change(parse_dtype(recorded, what="checkpoint storage_dtype"), current, what=what)
+        """Load every tensor in its saved dtype, convert it for this run, check it, report the storage change (see
+        :mod:`~lightning_precision.strategies.fsdp2_resume`, which raises ``OptimizerStateError`` naming the fault)."""
+        return load_resume_checkpoint(self, checkpoint_path, CHECKPOINT_KEY, weights_only)
 
 
 if FSDP2Strategy.strategy_name not in StrategyRegistry:

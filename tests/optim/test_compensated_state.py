@@ -92,6 +92,26 @@ def test_seed_compensation_stores_rounded_residual():
     assert residual.any()
 
 
+def test_load_with_full_precision_params_creates_the_residual_and_says_what_was_rounded(caplog):
+    p, opt = _train(CompensatedAdamW, torch.randn(64), lr=1e-4)
+    narrow = p.detach().to(BF16).requires_grad_()
+    opt16 = CompensatedAdamW([narrow], lr=1e-4)
+    with caplog.at_level(logging.INFO, logger="lightning_precision"):
+        opt16.load_state_dict(copy.deepcopy(opt.state_dict()), full_precision_params={narrow: p.detach()})
+    assert torch.equal(opt16.state[narrow]["compensation"], (p.detach() - narrow.detach().float()).to(BF16))
+    assert "about 16 of fp32's 24 mantissa bits" in caplog.text and "rounded away" in caplog.text
+    assert "starts at zero" not in caplog.text and "nothing" not in caplog.text.lower()
+
+
+def test_load_with_full_precision_params_refuses_weights_the_parameter_was_not_rounded_from():
+    p, opt = _train(CompensatedAdamW, torch.randn(8), lr=1e-4)
+    narrow = (p.detach() + 1.0).to(BF16).requires_grad_()
+    opt16 = CompensatedAdamW([narrow])
+    with pytest.raises(OptimizerStateError, match="parameter 0.*does not hold"):
+        opt16.load_state_dict(copy.deepcopy(opt.state_dict()), full_precision_params={narrow: p.detach()})
+    assert not opt16.state  # nothing installed
+
+
 def test_seeded_resume_tracks_fp32_far_better_than_zero_compensation():
     p, opt = _train(CompensatedAdamW, torch.randn(256), steps=10, lr=1e-5, weight_decay=0.0)
     sd = opt.state_dict()

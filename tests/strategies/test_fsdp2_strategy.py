@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -11,7 +10,7 @@ import torch
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
 
-from lightning_precision import FSDP2Strategy, PrecisionConfigError, PrecisionWarning, Status, resolve_trainer_cfg
+from lightning_precision import FSDP2Strategy, PrecisionConfigError, Status, resolve_trainer_cfg
 from lightning_precision.strategies import resolve_fsdp2_precision
 from lightning_precision.strategies.fsdp2 import CHECKPOINT_KEY
 
@@ -127,20 +126,6 @@ def test_explicit_fp32_with_a_master_keeping_optimizer_is_just_safe():
     strategy = _setup_like(FSDP2Strategy(storage_dtype="fp32"), "bf16-mixed", storage_dtype="fp32")
     (verdict,) = strategy.check_pairing([MasterKeepingAdamW(nn.Linear(2, 2).parameters())])
     assert verdict.status is Status.SAFE
-
-
-def test_resume_fp32_checkpoint_into_bf16_storage_warns_once():
-    strategy = _setup_like(FSDP2Strategy(), "bf16-true")
-    with pytest.warns(PrecisionWarning, match="float32.*bfloat16"):
-        strategy.report_resume({"storage_dtype": "float32"})
-
-
-def test_resume_bf16_checkpoint_into_fp32_storage_logs_an_upcast(caplog):
-    strategy = _setup_like(FSDP2Strategy(), "bf16-mixed")
-    with caplog.at_level(logging.INFO, logger="lightning_precision"), warnings.catch_warnings():
-        warnings.simplefilter("error")
-        strategy.report_resume({"storage_dtype": "bfloat16"})
-    assert any("upcast" in r.getMessage() for r in caplog.records)
 
 
 def test_checkpoint_record_names_storage_and_policy():
