@@ -74,6 +74,18 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def remove_staged(path: Path) -> None:
+    """Remove the checkpoint at ``path``, if any, through its hidden ``.<name>.incomplete`` name (never promoted, and
+    removed by the next save or setup): a deletion killed midway leaves nothing partial under the real name."""
+    if not exists(path):
+        return
+    staging = staged_path(path)
+    remove_path(staging)
+    path.rename(staging)
+    fsync_directory(path.parent)
+    remove_path(staging)
+
+
 def exists(path: Path) -> bool:
     """Whether anything (a dangling link included) is at ``path``."""
     return path.exists() or path.is_symlink()

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -25,13 +22,13 @@ from lightning_precision._logging import info_rank_zero
 from lightning_precision.catalogue import classify_optimizer
 from lightning_precision.dtypes import parse_dtype
 from lightning_precision.errors import PrecisionConfigError
-from lightning_precision.export_record import record_for_export
 from lightning_precision.fp32_modules import Fp32ModuleSelector, normalize_fp32_modules
 from lightning_precision.grad_accumulation import Fp32GradAccumulator, parse_accumulate_grad_dtype, trainer_accumulates
 from lightning_precision.modes import MODES, PrecisionMode, choices_text, get_mode
 from lightning_precision.pairing import Verdict
 from lightning_precision.policy import OnUnsafe, PolicyHolder, agreed_policy, check_and_enforce, trainer_components
-from lightning_precision.strategies.checkpoint_staging import recover_trainer_checkpoints, save_staged
+from lightning_precision.strategies.checkpoint_staging import recover_trainer_checkpoints
+from lightning_precision.strategies.fsdp2_checkpoints import FSDP2Checkpoints
 from lightning_precision.strategies.fsdp2_plan import (
     FSDP2Precision,
     agreed_optimizer,
@@ -39,7 +36,6 @@ from lightning_precision.strategies.fsdp2_plan import (
     resolve_fsdp2_precision,
     storage_option,
 )
-from lightning_precision.strategies.fsdp2_resume import load_resume_checkpoint
 from lightning_precision.strategies.parallelize import (
     BlockSelector,
     block_selector,
@@ -50,10 +46,8 @@ from lightning_precision.strategies.parallelize import (
 from lightning_precision.strategies.policy_precision import without_autocast
 from lightning_precision.values import parse_bool
 
-CHECKPOINT_KEY = "lightning_precision_fsdp2"
 
-
-class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
+class FSDP2Strategy(PolicyHolder, FSDP2Checkpoints, ModelParallelStrategy):
     """Fully sharded data parallel (FSDP2, ``fully_shard``) with a mixed-precision policy and a storage dtype that is
     safe for the optimizer.
 
@@ -419,30 +413,6 @@ class FSDP2Strategy(PolicyHolder, ModelParallelStrategy):
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.predict_step_context():
             return self._step("predict_step", *args, **kwargs)
-
-    # -- checkpoints -------------------------------------------------------------------------------------------------
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Save as ``ModelParallelStrategy`` does, into a hidden staging path that is renamed onto ``filepath`` only
-        once every rank has written (see :mod:`~lightning_precision.strategies.checkpoint_staging` for why)."""
-        if self.resolved is not None:
-            checkpoint[CHECKPOINT_KEY] = self.resolved.to_dict()
-        # Parameter names and the precision contract, for `lightning-precision export` (see export_record).
-        record_for_export(checkpoint, getattr(self.lightning_module, "_trainer", None))
-        if storage_options is not None:
-            return super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # raises TypeError
-        path = Path(self.broadcast(filepath))
-        if path.is_dir() and not self._save_distributed_checkpoint and not _is_sharded_checkpoint(path):
-            raise IsADirectoryError(f"The checkpoint path exists and is a directory: {path}")
-        save_staged(path, lambda staging: super(FSDP2Strategy, self).save_checkpoint(checkpoint, staging), self)
-        return None
-
-    @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        """Load every tensor in its saved dtype, convert it for this run, check it, report the storage change (see
-        :mod:`~lightning_precision.strategies.fsdp2_resume`, which raises ``OptimizerStateError`` naming the fault)."""
-        return load_resume_checkpoint(self, checkpoint_path, CHECKPOINT_KEY, weights_only)
 
 
 if FSDP2Strategy.strategy_name not in StrategyRegistry:

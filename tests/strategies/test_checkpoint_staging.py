@@ -14,6 +14,7 @@ from lightning_precision.strategies.checkpoint_staging import (
     exchange_paths,
     recover_staged,
     recover_trainer_checkpoints,
+    remove_staged,
     replace_path,
     staged_path,
 )
@@ -84,6 +85,26 @@ def test_recovery_removes_a_partial_save_and_keeps_the_real_checkpoint(tmp_path)
     assert _steps(tmp_path) == {"last.ckpt": "4"} and done == [
         "removed .last.ckpt.incomplete (left by an interrupted save)"
     ]
+
+
+def test_a_removal_killed_midway_leaves_no_partial_checkpoint_under_its_real_name(tmp_path, monkeypatch):
+    _checkpoint(tmp_path / "epoch=0.ckpt", 1)
+    _checkpoint(tmp_path / "epoch=1.ckpt", 2)
+    real_remove = checkpoint_staging.remove_path
+
+    def killed_midway(path):  # deletes the metadata, then the process dies (as a SIGKILL during rmtree would)
+        if path.exists():
+            (path / "meta.pt").unlink()
+            raise KeyboardInterrupt
+        real_remove(path)
+
+    monkeypatch.setattr(checkpoint_staging, "remove_path", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        remove_staged(tmp_path / "epoch=0.ckpt")
+    monkeypatch.setattr(checkpoint_staging, "remove_path", real_remove)
+    assert not (tmp_path / "epoch=0.ckpt").exists()  # every checkpoint under a real name is whole
+    assert recover_staged([tmp_path]) == ["removed .epoch=0.ckpt.incomplete (left by an interrupted save)"]
+    assert _steps(tmp_path) == {"epoch=1.ckpt": "2"}
 
 
 def test_recovery_promotes_a_complete_save_over_the_older_checkpoint(tmp_path):
