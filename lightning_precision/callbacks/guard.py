@@ -20,6 +20,7 @@ from lightning_precision.report import (
     storage_changes,
     trainer_contract,
 )
+from lightning_precision.resumed_state import check_trainer_resume
 from lightning_precision.values import parse_bool
 
 
@@ -52,6 +53,7 @@ class PrecisionGuard(PolicyHolder, Callback):
         self.contract: PrecisionContract | None = None
         self._state_observed = False
         self._restored: PrecisionContract | None = None
+        self._loaded: dict[str, Any] | None = None  # the checkpoint being resumed, until fit start has checked it
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -60,6 +62,11 @@ class PrecisionGuard(PolicyHolder, Callback):
         # A resume loads the optimizer state after fit start: its table waits for on_train_start, where the state is
         # known, rather than printing a prediction of what is about to be loaded.
         resuming = trainer.ckpt_path is not None
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None and resuming:  # single process: Lightning loads the optimizer state after this hook
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+            saved, weights = loaded.get("optimizer_states") or [], loaded.get("state_dict") or {}
+            check_trainer_resume(trainer.optimizers, saved, weights, names, trainer.ckpt_path)
         self.contract = self._build_contract(trainer, observe_state=False, log=not resuming)
         if self._restored is not None:
             _report_resume(self._restored, self.contract)
@@ -101,6 +108,9 @@ class PrecisionGuard(PolicyHolder, Callback):
         # Compared at fit start, once the precision has converted the module and the optimizers exist.
         stored = checkpoint.get(CHECKPOINT_KEY)
         self._restored = PrecisionContract.from_dict(stored) if stored else None
+        # Before fit start in a single-process fit (its optimizer state is checked and converted there); a strategy
+        # that restores after setup (FSDP2) has loaded and checked its state itself, so nothing is kept.
+        self._loaded = None if trainer.strategy.restore_checkpoint_after_setup else checkpoint
 
     def _build_contract(
         self, trainer: pl.Trainer, *, observe_state: bool, where: str | None = None, log: bool = True

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.strategies.fsdp import _distributed_checkpoint_load
 from lightning.fabric.strategies.model_parallel import (
     _is_full_checkpoint,
@@ -36,20 +35,16 @@ from lightning.fabric.strategies.model_parallel import (
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from torch import nn
 
-from lightning_precision._logging import info_rank_zero, warn_once
+from lightning_precision._logging import warn_once
 from lightning_precision.dtypes import HALF_DTYPES, dtype_name, parse_dtype
 from lightning_precision.errors import OptimizerStateError
 from lightning_precision.optim._compensated_state import (
-    REQUIRED_KEYS,
     compensated_bits,
-    fold_into_parameters,
-    local,
     mantissa_bits,
     source_name,
 )
 from lightning_precision.report import report_storage_change
-
-_NON_NEGATIVE = ("exp_avg_sq", "max_exp_avg_sq", "step")
+from lightning_precision.resumed_state import check_loaded_state, fold_saved_compensation, require_moments
 
 
 def load_resume_checkpoint(strategy: Any, checkpoint_path: Any, key: str, weights_only: bool | None) -> dict[str, Any]:
@@ -283,43 +278,9 @@ def _load_optimizer_state(
         if unsaved:  # saved before their first step: a fresh state, its compensation the residual all the same
             optimizer.seed_compensation_from(unsaved)
         return
-    _require_keys(optimizer, osd["state"], name, source)
-    _fold_saved_compensation(optimizer, by_index, osd["state"], params, name, source)
+    require_moments(optimizer, osd["state"], name, source)
+    fold_saved_compensation(optimizer, by_index, osd["state"], params, name, source)
     optimizer.load_state_dict(by_index)
-
-
-def check_loaded_state(state: Mapping[str, Mapping[str, Any]], who: str, path: Path, device: torch.device) -> None:
-    """Refuse a loaded state with nan/inf values or a negative ``exp_avg_sq``/step, naming every such tensor.
-
-    Each rank flags its own shards; one all-reduce adds the flags, so every rank raises (or goes on) together.
-
-    Raises:
-        OptimizerStateError: Naming each corrupt tensor by its key and parameter.
-    """
-    names, flags = [], []
-    for fqn, tensors in state.items():
-        for key, value in tensors.items():
-            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-                continue
-            t = local(value)
-            negative = (t < 0).any() if key in _NON_NEGATIVE else torch.zeros((), dtype=torch.bool, device=t.device)
-            names.append(f"state[{key!r}] of {fqn}")
-            flags.append(torch.stack([~torch.isfinite(t).all(), negative]).to(device=device, dtype=torch.int32))
-    if not flags:
-        return
-    found = torch.stack(flags)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(found)
-    bad = [
-        f"{what} holds {'nan/inf' if nonfinite else 'negative'} values"
-        for what, (nonfinite, negative) in zip(names, found.tolist())
-        if nonfinite or negative
-    ]
-    if bad:
-        raise OptimizerStateError(
-            f"{who}: the optimizer state loaded from {path} is corrupt: {'; '.join(bad)}. The checkpoint was saved "
-            "after the state diverged or was damaged: resume from an earlier checkpoint, or load only the model weights."
-        )
 
 
 def _keyed_by_index(
@@ -347,56 +308,6 @@ def _keyed_by_index(
         state.update({offset + i: osd["state"][n] for i, n in enumerate(names) if n in osd["state"]})
         offset += len(names)
     return {"state": state, "param_groups": groups}
-
-
-def _require_keys(optimizer: torch.optim.Optimizer, state: Mapping[str, Mapping[str, Any]], who: str, src: str) -> None:
-    """An Adam-family torch optimizer needs its moments: a state without them (SGD's) is refused."""
-    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        return
-    amsgrad = any(g.get("amsgrad") for g in optimizer.param_groups)
-    needed = (*REQUIRED_KEYS, "max_exp_avg_sq") if amsgrad else REQUIRED_KEYS
-    for fqn, tensors in state.items():
-        missing = [k for k in needed if k not in tensors]
-        if missing:
-            raise OptimizerStateError(
-                f"{who} cannot resume the optimizer state saved by {src}: the state of {fqn} has {sorted(tensors)} "
-                f"but lacks {missing}. Resume with {src}, or load only the model weights (drop the optimizer state)."
-            )
-
-
-def _fold_saved_compensation(
-    optimizer: torch.optim.Optimizer,
-    by_index: dict[str, Any],
-    state: Mapping[str, dict[str, Any]],
-    params: Mapping[str, torch.Tensor],
-    who: str,
-    source: str,
-) -> None:
-    """A CompensatedAdamW state resumed by another optimizer: its compensation is folded into parameters that are now
-    wider (``p + c``), and its own group options dropped; where the parameters are still half precision the other
-    optimizer has no place for the compensation, and the resume is refused."""
-    items = [(fqn, tensors["compensation"]) for fqn, tensors in state.items() if "compensation" in tensors]
-    if not items:
-        return
-    narrow = [fqn for fqn, comp in items if params[fqn].dtype.itemsize <= comp.dtype.itemsize]
-    if narrow:
-        dtype = dtype_name(params[narrow[0]].dtype)
-        raise OptimizerStateError(
-            f"{who} cannot resume the state saved by {source} for its {dtype} parameters ({narrow[0]} and "
-            f"{len(narrow) - 1} more): the saved compensation holds the low bits of every weight, and {who} has no "
-            f"place for it. Resume with {source}, or with fp32 storage (FSDP2Strategy(storage_dtype='float32') under "
-            "precision='bf16-mixed'), where the compensation is folded into the parameters."
-        )
-    order = list(params)
-    fold_into_parameters([(order.index(f), params[f], state[f].pop("compensation")) for f, _ in items], who)
-    known = set(optimizer.param_groups[0]) if optimizer.param_groups else set()
-    for group in by_index["param_groups"]:
-        for option in [k for k in group if k not in known]:
-            del group[option]  # the saved optimizer's options (exp_avg_dtype, ...) mean nothing here
-    info_rank_zero(
-        f"{who}: resumed the state saved by {source}; the moments were carried over in {who}'s dtypes and the "
-        "compensation folded into the parameters (see the line above)."
-    )
 
 
 def _report(

@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_precision import FSDP2Strategy, PrecisionConfigError, Status, resolve_trainer_cfg
 from lightning_precision.strategies import resolve_fsdp2_precision
-from lightning_precision.strategies.fsdp2 import CHECKPOINT_KEY
+from lightning_precision.strategies.fsdp2_checkpoints import CHECKPOINT_KEY
 
 # -- constructor validation -------------------------------------------------------------------------------------------
 
