@@ -112,3 +112,11 @@ def lora_llama() -> nn.Module:
 def adapter_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters of ``model`` by name."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def adamw_state(model: torch.nn.Module) -> dict:
+    """A clean torch AdamW state for ``model``'s parameters, keyed by name (as a resume reads it)."""
+    return {
+        name: {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.ones_like(p)}
+        for name, p in model.named_parameters()
+    }

@@ -14,19 +14,13 @@ from torch import nn
 from lightning_precision import resumed_state
 from lightning_precision.errors import OptimizerStateError
 from lightning_precision.strategies import fsdp2_resume
+from tests.helpers import adamw_state
 
 PATH = Path("ckpt")
 
 
-def _adamw_state(model: nn.Module) -> dict:
-    return {
-        name: {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.ones_like(p)}
-        for name, p in model.named_parameters()
-    }
-
-
 def test_clean_state_passes_the_check():
-    resumed_state.check_loaded_state(_adamw_state(nn.Linear(3, 2)), "AdamW", PATH, torch.device("cpu"))
+    resumed_state.check_loaded_state(adamw_state(nn.Linear(3, 2)), "AdamW", PATH, torch.device("cpu"))
 
 
 @pytest.mark.parametrize(
@@ -38,7 +32,7 @@ def test_clean_state_passes_the_check():
     ],
 )
 def test_corrupt_state_is_refused_naming_the_tensor(key, value, fragment):
-    state = _adamw_state(nn.Linear(3, 2))
+    state = adamw_state(nn.Linear(3, 2))
     state["weight"][key] = torch.full_like(state["weight"][key], value)
     with pytest.raises(OptimizerStateError, match=fragment):
         resumed_state.check_loaded_state(state, "AdamW", PATH, torch.device("cpu"))
@@ -52,7 +46,7 @@ def test_torch_adamw_refuses_a_state_without_its_moments_naming_both_optimizers(
 
 
 def _compensated_osd(model: nn.Module) -> dict:
-    state = _adamw_state(model)
+    state = adamw_state(model)
     for name, p in model.named_parameters():
         state[name]["compensation"] = torch.full_like(p, 2.0**-12, dtype=torch.bfloat16)
     groups = [{"params": [n for n, _ in model.named_parameters()], "lr": 1e-3, "exp_avg_dtype": "bfloat16"}]

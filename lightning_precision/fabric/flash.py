@@ -33,12 +33,8 @@ class FlashPrecision(FlashMixin, _FabricHalfInputs):
             as apex O2 did (default True): half-precision running statistics drift from the fp32 ones. The kept
             layers are listed in the contract's fp32 modules. ``False`` leaves them to ``flashoptim.cast_model``,
             which keeps them fp32 too unless ``cast_model_kwargs={"selective": False}``.
-        audio_preset: ``"whisper"``, ``"wav2vec2"`` or ``"nemo_asr"``: keep that speech model family's audio input
-            and front end in fp32 (Whisper's ``input_features`` and encoder ``conv1``/``conv2``; Wav2Vec2's
-            ``input_values`` and ``feature_extractor``; NeMo's ``input_signal`` or tuple position 0 and
-            ``preprocessor``), besides ``preserve_keys`` and ``fp32_modules``. A preset that finds none of its
-            modules in the model, or none of its keys in the first batch, raises. ``None`` (default): no preset.
-            See :mod:`lightning_precision.audio_presets`.
+        audio_preset: ``"whisper"``, ``"wav2vec2"`` or ``"nemo_asr"``: keep that model family's audio input and front
+            end in fp32 (the table: :mod:`lightning_precision.audio_presets`). ``None`` (default): no preset.
 
     Raises:
         PrecisionConfigError: If ``precision`` is not a flash precision string, ``on_unsafe`` is not a policy, or

@@ -33,17 +33,11 @@ class HalfPrecisionForAudio(TrueHalfMixin, _CheckedHalfInputs, HalfPrecision):
         keep_batchnorm_fp32: Keep every ``_BatchNorm`` module (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) in fp32,
             as apex O2 did (default True): half-precision running statistics drift from the fp32 ones. The kept
             layers are listed in the contract's fp32 modules. ``False`` casts them with the rest.
-        audio_preset: ``"whisper"``, ``"wav2vec2"`` or ``"nemo_asr"``: keep that speech model family's audio input
-            and front end in fp32 (Whisper's ``input_features`` and encoder ``conv1``/``conv2``; Wav2Vec2's
-            ``input_values`` and ``feature_extractor``; NeMo's ``input_signal`` or tuple position 0 and
-            ``preprocessor``), besides ``preserve_keys`` and ``fp32_modules``. A preset that finds none of its
-            modules in the model, or none of its keys in the first batch, raises. ``None`` (default): no preset.
-            See :mod:`lightning_precision.audio_presets`.
-        keep_trainable_fp32: Keep the trainable parameters fp32 and cast only the frozen ones (PEFT LoRA adapters on
-            a half base): ``None`` (default) when the model trains adapters (a PEFT model, ``peft=True``, or at most
-            10% of the parameter elements train), ``True`` whenever some parameters are frozen, ``False`` never. The
-            smallest modules holding only trainable parameters become fp32 modules; one log line says what was kept.
-            See :mod:`lightning_precision.trainable_fp32`.
+        audio_preset: ``"whisper"``, ``"wav2vec2"`` or ``"nemo_asr"``: keep that model family's audio input and front
+            end in fp32 (the table: :mod:`lightning_precision.audio_presets`). ``None`` (default): no preset.
+        keep_trainable_fp32: Keep the trainable parameters fp32 and cast the frozen ones: ``None`` (default) when the
+            model trains adapters, ``True`` whenever some are frozen, ``False`` never (the rule:
+            :mod:`lightning_precision.trainable_fp32`).
 
     Raises:
         PrecisionConfigError: If ``precision`` is not a true half-precision string, or ``accumulate_grad_dtype`` is

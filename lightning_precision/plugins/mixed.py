@@ -26,4 +26,3 @@ class CheckedMixedPrecision(CheckedMixedMixin, _PairingCheck, MixedPrecision):
     Raises:
         PrecisionConfigError: If ``precision`` is not a mixed precision string.
     """
-

@@ -11,20 +11,14 @@ from torch import nn
 
 from lightning_precision.errors import OptimizerStateError
 from lightning_precision.strategies import fsdp2_resume
+from tests.helpers import adamw_state
 
 PATH = Path("ckpt")
-
-
-def _adamw_state(model: nn.Module) -> dict:
-    return {
-        name: {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.ones_like(p)}
-        for name, p in model.named_parameters()
-    }
 
 
 def test_state_saved_for_other_parameter_groups_is_refused():
     model = nn.Linear(3, 2)
     optimizer = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias]}])
-    osd = {"state": _adamw_state(model), "param_groups": [{"params": ["weight", "bias"], "lr": 1e-3}]}
+    osd = {"state": adamw_state(model), "param_groups": [{"params": ["weight", "bias"], "lr": 1e-3}]}
     with pytest.raises(OptimizerStateError, match="1 param groups, the optimizer 2"):
         fsdp2_resume._keyed_by_index(optimizer, osd, dict(model.named_parameters()), "AdamW")
