@@ -130,6 +130,27 @@ def tied_groups(units: Sequence[tuple[str, nn.Module]]) -> list[list[tuple[str, 
     return [g for g in groups if g]
 
 
+def check_no_tie_across(model: nn.Module, units: Sequence[tuple[str, nn.Module]]) -> None:
+    """Refuse units (blocks, fp32 modules) that share a parameter while neither contains the other: FSDP2 manages a
+    parameter in the one group that shards it first, so the other unit would run with it sharded.
+
+    Raises:
+        PrecisionConfigError: Naming the parameter, both modules and the installed torch.
+    """
+    seen: dict[int, str] = {}
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    for unit_name, unit in units:
+        for param in unit.parameters():
+            other = seen.setdefault(id(param), unit_name)
+            if other != unit_name and not (unit_name.startswith(f"{other}.") or other.startswith(f"{unit_name}.")):
+                raise PrecisionConfigError(
+                    f"FSDP2: the parameter {names.get(id(param), '?')!r} is tied between {other!r} and {unit_name!r}, "
+                    f"which are sharded as separate units (blocks or fp32 modules); FSDP2 (torch {torch.__version__}) "
+                    "manages a parameter in one group only. Select a block that contains both, or leave them to the "
+                    "top-level sharding, which puts tied modules in one group."
+                )
+
+
 def _unsharded_params(module: nn.Module) -> list[nn.Parameter]:
     owned: set[int] = set()
     for sub in module.modules():
@@ -184,7 +205,9 @@ def parallelize(
         if _unsharded_params(unit):
             fully_shard(unit, mesh=mesh, mp_policy=fp32_policy, reshard_after_forward=reshard_after_forward)
             sharded.append(names[id(unit)])
-    for name, block in select_blocks(model, blocks):
+    selected = select_blocks(model, blocks)
+    check_no_tie_across(model, [*((names[id(u)], u) for u in fp32_units), *selected])
+    for name, block in selected:
         if not _unsharded_params(block):  # every parameter already belongs to an inner block
             continue
         fully_shard(block, mesh=mesh, mp_policy=block_policy or mp_policy, reshard_after_forward=reshard_after_forward)

@@ -95,3 +95,15 @@ def test_parallelize_shards_tied_weights_in_one_group_and_trains(single_rank_gro
     assert model.head.weight is model.embed.weight  # still one parameter
     model(torch.tensor([[1, 2, 3]])).sum().backward()
     assert model.embed.weight.grad is not None
+
+
+def test_blocks_that_split_a_tied_weight_are_refused_naming_both(single_rank_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from lightning_precision.errors import PrecisionConfigError
+
+    with pytest.raises(
+        PrecisionConfigError, match=r"tied between 'head' and 'embed'.*Select a block that contains both"
+    ):
+        parallelize(TiedLM(), init_device_mesh("cpu", (1,)), MixedPrecisionPolicy(), blocks=["Embedding", "Linear"])
