@@ -16,6 +16,7 @@ import torch
 from lightning_precision._imports import import_object, require_class
 from lightning_precision._logging import info_rank_zero
 from lightning_precision.catalogue.info import UpdateFormula
+from lightning_precision.config_classes import check_arguments
 from lightning_precision.dtypes import parse_dtype
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.values import parse_bool, parse_number
@@ -95,6 +96,7 @@ def resolve_spec(optimizer: Any, kwargs: Mapping[str, Any] | None) -> OptimizerS
             return OptimizerSpec(optimizer, None, dict(kwargs or {}), None)
         optimizer = cls
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        check_arguments(optimizer, dict(kwargs or {}), "optimizer")  # a misspelt keyword fails here, not at fit start
         return OptimizerSpec(
             qualname(optimizer), optimizer, {**_signature_defaults(optimizer), **dict(kwargs or {})}, None
         )

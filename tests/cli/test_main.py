@@ -93,6 +93,8 @@ _BAD_INPUTS = [
     ("depth-0", ["train", "{cfg}"], _BASE + "model:\n  depth: 0\n", "depth=...): 0"),
     ("batch-size-0", ["train", "{cfg}"], _BASE + "data:\n  batch_size: 0\n", "batch_size=...): 0"),
     ("misspelt-optimizer-keyword", ["train", "{cfg}"], _BASE + _ADAMW + "  weight_decy: 0.1\n", "weight_decy"),
+    ("explain-misspelt-optimizer-keyword", ["explain", "{cfg}"], _BASE + _ADAMW + "  weight_decy: 0.1\n", "weight_decy"),
+    ("explain-max-steps-abc", ["explain", "{cfg}", "trainer.max_steps=abc"], _BASE, "trainer.max_steps: 'abc'"),
     ("lr-negative", ["train", "{cfg}"], _BASE + _ADAMW + "  lr: -1\n", "optimizer.lr: -1"),
     (
         "optimizer-is-a-function",
