@@ -33,6 +33,7 @@ from lightning_precision.optim._compensated_state import (
     residual,
     source_name,
 )
+from lightning_precision.report import report_storage_change
 
 _NON_NEGATIVE = ("exp_avg_sq", "max_exp_avg_sq", "step")
 
@@ -73,6 +74,20 @@ def check_trainer_resume(
         require_moments(optimizer, state, who, source)
         by_label = {label[i]: p for i, p in enumerate(params)}
         fold_saved_compensation(optimizer, osd, state, by_label, who, source)
+
+
+def report_weight_changes(weights: Mapping[str, Any], module: torch.nn.Module, path: Any) -> None:
+    """Say what a resume did to the storage of the trainable parameters, judged from the checkpoint's own tensors
+    (for a checkpoint that stores no precision contract: plain Lightning, or saved without ``PrecisionGuard``)."""
+    pairs: dict[tuple[torch.dtype, torch.dtype], list[str]] = {}
+    for name, param in module.named_parameters():
+        saved = weights.get(name)
+        if param.requires_grad and isinstance(saved, torch.Tensor) and saved.is_floating_point():
+            if saved.dtype != param.dtype:
+                pairs.setdefault((saved.dtype, param.dtype), []).append(name)
+    for (before, after), names in pairs.items():
+        what = f"parameters ({len(names)}, first: {names[0]}) of {path}, which stores no precision contract,"
+        report_storage_change(before, after, what=what)
 
 
 def _seed_narrowed(

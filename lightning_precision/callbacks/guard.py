@@ -20,7 +20,7 @@ from lightning_precision.report import (
     storage_changes,
     trainer_contract,
 )
-from lightning_precision.resumed_state import check_trainer_resume
+from lightning_precision.resumed_state import check_trainer_resume, report_weight_changes
 from lightning_precision.values import parse_bool
 
 
@@ -67,6 +67,8 @@ class PrecisionGuard(PolicyHolder, Callback):
             names = {id(p): n for n, p in pl_module.named_parameters()}
             saved, weights = loaded.get("optimizer_states") or [], loaded.get("state_dict") or {}
             check_trainer_resume(trainer.optimizers, saved, weights, names, trainer.ckpt_path)
+            if self._restored is None:  # no contract stored: what changed is read from the saved tensors
+                report_weight_changes(weights, pl_module, trainer.ckpt_path)
         self.contract = self._build_contract(trainer, observe_state=False, log=not resuming)
         if self._restored is not None:
             _report_resume(self._restored, self.contract)

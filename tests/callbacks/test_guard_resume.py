@@ -4,7 +4,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_precision import CheckedMixedPrecision, HalfPrecisionForAudio, PrecisionGuard
+from lightning_precision import CheckedMixedPrecision, HalfPrecisionForAudio, PrecisionGuard, PrecisionWarning
 from lightning_precision.errors import OptimizerStateError
 from lightning_precision.optim import CompensatedAdamW
 from tests.helpers import RecordingModule, adamw, loader
@@ -92,3 +92,11 @@ def test_a_corrupt_saved_state_is_refused_naming_the_tensor(tmp_path, key, value
     torch.save(saved, path)
     with pytest.raises(OptimizerStateError, match=rf"state\['{key}'\] of net\.0\.bias holds {what} values"):
         _fit(tmp_path, "bf16-mixed", adamw, 6, ckpt_path=path)
+
+
+def test_a_narrowing_resume_of_a_checkpoint_without_contract_is_warned_from_its_tensors(tmp_path):
+    path, saved = _save(tmp_path, "bf16-mixed", adamw)
+    del saved["precision_contract"]  # a plain Lightning checkpoint: no contract to compare with
+    torch.save(saved, path)
+    with pytest.warns(PrecisionWarning, match=r"stores no precision contract.*stored in float32 into bfloat16 storage"):
+        _fit(tmp_path, "bf16-true", adamw, 4, ckpt_path=path)
