@@ -66,7 +66,7 @@ def check_trainer_resume(
         params = [p for g in optimizer.param_groups for p in g["params"]]
         label = {i: names.get(id(p), f"parameter {i}") for i, p in enumerate(params)}
         state = {label.get(k, f"parameter {k}"): v for k, v in osd["state"].items() if isinstance(v, dict)}
-        check_loaded_state(state, who, Path(str(path)), torch.device("cpu"))
+        check_loaded_state(state, who, Path(str(path)), None)  # the whole file on every rank: no collective
         if isinstance(optimizer, CompensatedAdamW):
             _seed_narrowed(optimizer, osd, params, label, weights, who)
             continue
@@ -114,10 +114,13 @@ def _seed_narrowed(
         )
 
 
-def check_loaded_state(state: Mapping[str, Mapping[str, Any]], who: str, path: Path, device: torch.device) -> None:
+def check_loaded_state(
+    state: Mapping[str, Mapping[str, Any]], who: str, path: Path, device: torch.device | None
+) -> None:
     """Refuse a loaded state with nan/inf values or a negative ``exp_avg_sq``/step, naming every such tensor.
 
-    Each rank flags its own shards; one all-reduce adds the flags, so every rank raises (or goes on) together.
+    Each rank flags its own shards; one all-reduce on ``device`` adds the flags, so every rank raises (or goes on)
+    together. ``device=None``: no collective, for a state every rank read whole from the same file.
 
     Raises:
         OptimizerStateError: Naming each corrupt tensor by its key and parameter.
@@ -130,11 +133,13 @@ def check_loaded_state(state: Mapping[str, Mapping[str, Any]], who: str, path: P
             t = local(value)
             negative = (t < 0).any() if key in _NON_NEGATIVE else torch.zeros((), dtype=torch.bool, device=t.device)
             names.append(f"state[{key!r}] of {fqn}")
-            flags.append(torch.stack([~torch.isfinite(t).all(), negative]).to(device=device, dtype=torch.int32))
+            flags.append(
+                torch.stack([~torch.isfinite(t).all(), negative]).to(device=device or "cpu", dtype=torch.int32)
+            )
     if not flags:
         return
     found = torch.stack(flags)
-    if dist.is_available() and dist.is_initialized():
+    if device is not None and dist.is_available() and dist.is_initialized():
         dist.all_reduce(found)
     bad = [
         f"{what} holds {'nan/inf' if nonfinite else 'negative'} values"
