@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -120,3 +121,19 @@ def adamw_state(model: torch.nn.Module) -> dict:
         name: {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.ones_like(p)}
         for name, p in model.named_parameters()
     }
+
+
+def _lightning_below_2_5() -> bool:
+    from packaging.version import Version
+
+    from lightning_precision.upstream import installed_version
+
+    return installed_version("lightning") < Version("2.5")
+
+
+# Lightning 2.4 replays the last batch of an epoch when it resumes a checkpoint saved on that batch (the resumed run
+# trains epoch 0 batch 3 again, in 32-true too); 2.5.0 resumes at the next epoch. A bitwise resume test needs >= 2.5.
+needs_lightning_2_5_resume = pytest.mark.skipif(
+    _lightning_below_2_5(),
+    reason="Lightning 2.4 replays the last batch of an epoch on resume from a checkpoint saved on it; 2.5 does not",
+)

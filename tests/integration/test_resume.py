@@ -6,7 +6,6 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from packaging.version import Version
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_precision import (
@@ -16,8 +15,7 @@ from lightning_precision import (
     PrecisionGuard,
     PrecisionWarning,
 )
-from lightning_precision.upstream import installed_version
-from tests.helpers import RecordingModule, adamw, loader
+from tests.helpers import RecordingModule, adamw, loader, needs_lightning_2_5_resume
 
 N = 4  # one epoch of the helper loader (16 samples, batch 4): resuming at an epoch boundary replays no batch
 
@@ -74,11 +72,7 @@ def _state_tensors(trainer):
     return out
 
 
-@pytest.mark.skipif(
-    installed_version("lightning") < Version("2.5"),
-    reason="Lightning 2.4 replays the last batch of the epoch when it resumes a checkpoint saved on that batch (the "
-    "resumed run trains epoch 0 batch 3 again), so no resume is bitwise, 32-true included; 2.5.0 resumes at epoch 1",
-)
+@needs_lightning_2_5_resume
 @pytest.mark.parametrize("mode", MODES)
 def test_resume_matches_uninterrupted_run_bitwise(mode, tmp_path):
     # The uninterrupted run also writes the step-N checkpoint, as a real run would.

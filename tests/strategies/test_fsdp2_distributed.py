@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import needs_lightning_2_5_resume
 from tests.strategies._launch import launch, rank_results
 
 WORKER = Path(__file__).with_name("_fsdp2_worker.py")
@@ -100,6 +101,7 @@ def test_half_storage_is_cast_before_sharding_and_audio_stays_fp32(run_scenario,
 # -- checkpoints ------------------------------------------------------------------------------------------------------
 
 
+@needs_lightning_2_5_resume
 @pytest.mark.parametrize(("scenario", "is_dir"), [("resume", True), ("resume_full_file", False)])
 def test_resume_matches_an_uninterrupted_run_bitwise(run_scenario, scenario, is_dir):
     # Bitwise: the checkpoint holds the fp32 shards and moments exactly, the data order is the same, and gloo's
