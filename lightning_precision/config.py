@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from lightning_precision._logging import warn_once
+from lightning_precision._logging import info_once, warn_once
 from lightning_precision.audio_presets import get_audio_preset, refused_under_autocast
 from lightning_precision.callbacks.guard import PrecisionGuard
 from lightning_precision.casting import normalize_preserve_keys
@@ -227,6 +227,12 @@ def plan_trainer_cfg(
         )
     if audio_preset is not None and mode is not None and mode.autocast:
         raise PrecisionConfigError(refused_under_autocast(audio_preset, mode.name, f"trainer.{OPTIONS_KEY}"))
+    if "preserve_keys" in plugin_only and mode is not None and mode.autocast:
+        info_once(  # said, not silently dropped: autocast casts no input, and computes the first layer in half
+            f"preserve_keys-under-{mode.name}",
+            f"trainer.{OPTIONS_KEY}.preserve_keys has no effect under precision={mode.name!r}: autocast leaves every "
+            "input in its dtype and computes in half precision; the option is for the '*-true' and '*-flash' plugins.",
+        )
     if not has_checkpoint_io(plugins, strategy):  # a user's own checkpoint IO (plugin or strategy's) is kept
         plugins.append(AtomicCheckpointIO() if build else ClassSpec(AtomicCheckpointIO, {}, "checkpoint_io"))
     if not any(is_a(c, PrecisionGuard) for c in callbacks):

@@ -1,6 +1,7 @@
 """resolve_trainer_cfg: YAML/OmegaConf trainer config to pl.Trainer kwargs."""
 
 import copy
+import logging
 import warnings
 
 import lightning.pytorch as pl
@@ -476,3 +477,9 @@ def test_peft_with_a_plugin_that_casts_the_adapters_is_still_unsafe():
         {"plugins": [plugin], "lightning_precision": {"peft": True}}, optimizer={"_target_": "torch.optim.AdamW"}
     )
     assert kwargs.verdict.status is Status.UNSAFE
+
+
+def test_preserve_keys_under_an_autocast_precision_is_said_to_have_no_effect(caplog):
+    with caplog.at_level(logging.INFO, logger="lightning_precision"):
+        plan_trainer_cfg({"precision": "bf16-mixed", "lightning_precision": {"preserve_keys": ["mel"]}})
+    assert "preserve_keys has no effect under precision='bf16-mixed'" in caplog.text
