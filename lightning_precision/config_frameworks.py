@@ -22,6 +22,7 @@ from lightning_precision._imports import import_object
 from lightning_precision.config_classes import ClassSpec
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.modes import LIGHTNING_PLUGINS, get_mode
+from lightning_precision.upstream import installed_version
 
 # NeMo 2's precision plugin, under each path NeMo exports it: read by its ``precision`` field, never imported.
 NEMO_PRECISION_PLUGINS = (
@@ -143,9 +144,16 @@ def nemo_precision_plugin(entry: Any, where: str, *, build: bool) -> ClassSpec |
         try:
             import_object(path, where=where)
         except PrecisionConfigError as err:
+            version = installed_version("nemo_toolkit")
+            fix = (
+                f"nemo_toolkit {version} is installed and does not provide it: build it with the NeMo 2 release the "
+                "config was written for"
+                if version is not None
+                else "Install NeMo 2 to build it"
+            )
             raise PrecisionConfigError(
                 f"{where}: the precision plugin {path} cannot be built: it does not import here ({err.__cause__ or err})."
-                " Install NeMo to build it (explain reads its precision without NeMo)."
+                f" {fix} (explain reads its precision without building it)."
             ) from err
         return None
     if "class_path" in entry:

@@ -1,5 +1,6 @@
 """lightning-precision explain on NeMo, LightningCLI and Hydra configs, read as they are written."""
 
+import sys
 import textwrap
 
 import pytest
@@ -199,11 +200,21 @@ NEMO2_PLUGIN = {
 }
 
 
+@pytest.fixture
+def without_nemo(monkeypatch):
+    """NeMo absent, whether or not it is installed beside (``import nemo`` raises)."""
+    from lightning_precision import config_frameworks
+
+    monkeypatch.setitem(sys.modules, "nemo", None)
+    monkeypatch.setattr(config_frameworks, "installed_version", lambda package: None)
+
+
+@pytest.mark.usefixtures("without_nemo")
 @pytest.mark.parametrize("form", sorted(NEMO2_PLUGIN))
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_nemo2_precision_plugin_is_read_without_nemo(capsys, tmp_path, form, precision):
     with pytest.raises(ImportError):
-        import nemo  # noqa: F401 - the point: NeMo is not installed here
+        import nemo  # noqa: F401 - the point: NeMo does not import here
     text = "trainer:\n  devices: 1\n  " + NEMO2_PLUGIN[form].format(p=precision) + "\n"
     code, data, _ = explain_json(capsys, _write(tmp_path, text))
     assert code == 0 and data["precision"] == precision and data["plugin"] == "MegatronMixedPrecision"
@@ -220,11 +231,25 @@ def test_nemo2_precision_plugin_reads_precision_as_nemo_does(capsys, tmp_path, g
     assert (f"'{given}': NeMo runs 32-true for anything but" in data["notes"][0]) is (read == "32-true")
 
 
+@pytest.mark.usefixtures("without_nemo")
 def test_resolve_trainer_cfg_cannot_build_nemo2_plugin_without_nemo_and_names_it():
     entry = {"_target_": "nemo.lightning.MegatronMixedPrecision", "precision": "bf16-mixed"}
     with pytest.raises(
         PrecisionConfigError,
         match=r"trainer\.plugins\[0\]: the precision plugin "
-        r"nemo\.lightning\.MegatronMixedPrecision cannot be built.*No module named 'nemo'",
+        r"nemo\.lightning\.MegatronMixedPrecision cannot be built: it does not import here.*Install NeMo 2",
     ):
         resolve_trainer_cfg({"plugins": entry})
+
+
+def test_nemo2_plugin_missing_from_the_installed_nemo_is_not_called_a_missing_install(monkeypatch):
+    # NeMo 3.0.0 installs, and its nemo.lightning no longer holds NeMo 2's MegatronMixedPrecision.
+    from packaging.version import Version
+
+    from lightning_precision import config_frameworks
+
+    monkeypatch.setattr(config_frameworks, "installed_version", lambda package: Version("3.0.0"))
+    entry = {"_target_": "nemo.lightning.MegatronMixedPrecision", "precision": "bf16-mixed"}
+    with pytest.raises(PrecisionConfigError, match=r"nemo_toolkit 3\.0\.0 is installed and does not provide it") as err:
+        resolve_trainer_cfg({"plugins": entry})
+    assert "Install NeMo" not in str(err.value)
