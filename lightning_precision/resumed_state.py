@@ -38,6 +38,11 @@ from lightning_precision.report import report_storage_change
 _NON_NEGATIVE = ("exp_avg_sq", "max_exp_avg_sq", "step")
 
 
+def is_compensated(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` converts a resumed state itself (``CompensatedAdamW`` and optimizers built like it)."""
+    return bool(getattr(optimizer, "compensated_update", False)) and hasattr(optimizer, "seed_compensation_from")
+
+
 def check_trainer_resume(
     optimizers: Sequence[torch.optim.Optimizer],
     saved_states: Sequence[dict[str, Any]],
@@ -57,8 +62,6 @@ def check_trainer_resume(
     Raises:
         OptimizerStateError: See the module docstring.
     """
-    from lightning_precision.optim import CompensatedAdamW
-
     for optimizer, osd in zip(optimizers, saved_states):
         if not isinstance(osd, Mapping) or not isinstance(osd.get("state"), Mapping):
             continue
@@ -67,7 +70,7 @@ def check_trainer_resume(
         label = {i: names.get(id(p), f"parameter {i}") for i, p in enumerate(params)}
         state = {label.get(k, f"parameter {k}"): v for k, v in osd["state"].items() if isinstance(v, dict)}
         check_loaded_state(state, who, Path(str(path)), None)  # the whole file on every rank: no collective
-        if isinstance(optimizer, CompensatedAdamW):
+        if is_compensated(optimizer):
             _seed_narrowed(optimizer, osd, params, label, weights, who)
             continue
         source = source_name(osd.get("param_groups", []), osd["state"])

@@ -44,7 +44,12 @@ from lightning_precision.optim._compensated_state import (
     source_name,
 )
 from lightning_precision.report import report_storage_change
-from lightning_precision.resumed_state import check_loaded_state, fold_saved_compensation, require_moments
+from lightning_precision.resumed_state import (
+    check_loaded_state,
+    fold_saved_compensation,
+    is_compensated,
+    require_moments,
+)
 
 
 def load_resume_checkpoint(strategy: Any, checkpoint_path: Any, key: str, weights_only: bool | None) -> dict[str, Any]:
@@ -72,7 +77,7 @@ def load_resume_checkpoint(strategy: Any, checkpoint_path: Any, key: str, weight
     saved = reader.weight_dtypes()
     changes = {fqn: (saved[fqn], p.dtype) for fqn, p in params.items() if fqn in saved and saved[fqn] != p.dtype}
     optimizers = [getattr(o, "_optimizer", o) for o in strategy.optimizers]
-    compensated = {id(p) for o in optimizers if _is_compensated(o) for g in o.param_groups for p in g["params"]}
+    compensated = {id(p) for o in optimizers if is_compensated(o) for g in o.param_groups for p in g["params"]}
     seeded = {
         fqn for fqn, (before, after) in changes.items()
         if after in HALF_DTYPES and before.itemsize > after.itemsize and id(params[fqn]) in compensated
@@ -91,10 +96,6 @@ def params_by_fqn(module: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import _get_fqns
 
     return {next(iter(_get_fqns(module, name))): p for name, p in module.named_parameters()}
-
-
-def _is_compensated(optimizer: torch.optim.Optimizer) -> bool:
-    return bool(getattr(optimizer, "compensated_update", False)) and hasattr(optimizer, "seed_compensation_from")
 
 
 def _reader(path: Path, module: nn.Module, weights_only: bool | None) -> _ShardedCheckpoint | _FullCheckpoint:
@@ -271,7 +272,7 @@ def _load_optimizer_state(
     source = source_name(osd["param_groups"], osd["state"])
     check_loaded_state(osd["state"], name, path, strategy.root_device)
     by_index = _keyed_by_index(optimizer, osd, params, name)
-    if _is_compensated(optimizer):
+    if is_compensated(optimizer):
         mine = {p: v for p, v in wide.items() if any(p is q for g in optimizer.param_groups for q in g["params"])}
         optimizer.load_state_dict(by_index, full_precision_params=mine)  # converts, seeds and checks itself
         unsaved = {p: v for p, v in mine.items() if "compensation" not in optimizer.state.get(p, {})}
