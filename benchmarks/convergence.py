@@ -52,15 +52,25 @@ from lightning_precision.cli.plot import moving_average
 from lightning_precision.demos import TensorDictDataset, make_dataloader, make_teacher_data
 
 SINGLE = ("32-true", "bf16-mixed", "bf16-true+adamw", "bf16-true+compensated")
-# CompensatedAdamW with a bf16 second moment, rounded to nearest or stochastically: against "bf16-true+compensated"
-# (fp32 second moment), the three-way comparison behind the exp_avg_sq_rounding default. Select with --recipes.
+# CompensatedAdamW's second moment in fp32, or in bf16 rounded to nearest or stochastically (the default, as
+# "bf16-true+compensated"): the three-way comparison behind the exp_avg_sq defaults. Select with --recipes.
 SECOND_MOMENT = {
     r.name: r
     for r in (
         Recipe(
+            "compensated v=fp32",
+            "bf16-true",
+            {"_target_": COMPENSATED_OPTIMIZER, "weight_decay": 0.0, "exp_avg_sq_dtype": "float32"},
+        ),
+        Recipe(
             "compensated v=bf16 nearest",
             "bf16-true",
-            {"_target_": COMPENSATED_OPTIMIZER, "weight_decay": 0.0, "exp_avg_sq_dtype": "bfloat16"},
+            {
+                "_target_": COMPENSATED_OPTIMIZER,
+                "weight_decay": 0.0,
+                "exp_avg_sq_dtype": "bfloat16",
+                "exp_avg_sq_rounding": "nearest",
+            },
         ),
         Recipe(
             "compensated v=bf16 stochastic",

@@ -146,10 +146,10 @@ def _compensated(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimiz
     return CompensatedAdamW(groups, lr=lr, betas=BETAS, eps=EPS)
 
 
-def _compensated_bf16_second_moment(rounding: str) -> OptimizerFactory:
+def _compensated_second_moment(dtype: torch.dtype, rounding: str) -> OptimizerFactory:
     def make(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
         return CompensatedAdamW(
-            groups, lr=lr, betas=BETAS, eps=EPS, exp_avg_sq_dtype=torch.bfloat16, exp_avg_sq_rounding=rounding
+            groups, lr=lr, betas=BETAS, eps=EPS, exp_avg_sq_dtype=dtype, exp_avg_sq_rounding=rounding
         )
 
     return make
@@ -200,12 +200,17 @@ register(Recipe("bf16-true+compensated fp32-accum",
                 lambda: {"plugins": [HalfPrecisionForAudio("bf16-true", on_unsafe="error",
                                                            accumulate_grad_dtype="float32")]},
                 _compensated, "CompensatedAdamW", in_default=False))  # fmt: skip
-# The second-moment study (exp_avg_sq_rounding): against "bf16-true+compensated", whose second moment is fp32.
+# The second-moment study: against "bf16-true+compensated", whose second moment is CompensatedAdamW's default (bf16,
+# rounded stochastically), the fp32 one (12 B/param) and a bf16 one rounded to nearest.
+register(Recipe("compensated v=fp32", "bf16 storage, CompensatedAdamW(exp_avg_sq_dtype=float32)",
+                lambda: {"plugins": [HalfPrecisionForAudio("bf16-true", on_unsafe="error")]},
+                _compensated_second_moment(torch.float32, "nearest"), "Compensated v=fp32",
+                in_default=False))  # fmt: skip
 for _rounding in ("nearest", "stochastic"):
     register(Recipe(f"compensated v=bf16 {_rounding}",
                     f"bf16 storage, CompensatedAdamW(exp_avg_sq_dtype=bfloat16, exp_avg_sq_rounding={_rounding!r})",
                     lambda: {"plugins": [HalfPrecisionForAudio("bf16-true", on_unsafe="warn")]},
-                    _compensated_bf16_second_moment(_rounding), f"Compensated v={_rounding[:4]}",
+                    _compensated_second_moment(torch.bfloat16, _rounding), f"Compensated v={_rounding[:4]}",
                     in_default=False))  # fmt: skip
 
 

@@ -198,8 +198,8 @@ def _weak_state_verdict(what: str, optimizer: OptimizerInfo, sq: torch.dtype, co
         f"{optimizer.short_name} {what}, but keeps exp_avg_sq in {dtype_name(sq)} with beta2={optimizer.beta2}: a "
         f"change of {1 - optimizer.beta2:.3g} per step is below half a {dtype_name(sq)} ulp, so the second moment cannot "
         f"decay and the step size drifts ({GUIDE_RECIPES}). Use beta2 <= {WEAK_SECOND_MOMENT_BETA2}, an fp32 second "
-        "moment (lightning_precision.optim.CompensatedAdamW keeps one), or a bf16 one rounded stochastically "
-        "(CompensatedAdamW(exp_avg_sq_dtype='bfloat16', exp_avg_sq_rounding='stochastic')).",
+        "moment, or a bf16 one rounded stochastically (lightning_precision.optim.CompensatedAdamW's default: "
+        "exp_avg_sq_rounding='auto' or 'stochastic').",
         cause=f"weak-state:{optimizer.name}:{dtype_name(sq)}:{optimizer.beta2}",
         **common,
     )

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from lightning_precision._logging import info_once, info_rank_zero, warn_once
-from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, observed_moment_dtypes
+from lightning_precision.catalogue import OptimizerInfo, OptimizerKind, classify_optimizer, observed_moment_dtypes
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.grad_accumulation import accumulate_grad_dtype_of, accumulation_dtype, describe_accumulation
 from lightning_precision.modes import known_mode
@@ -184,8 +184,9 @@ def observed_state_dtypes(
     """The moment dtypes the optimizer really keeps for ``params`` (``exp_avg / exp_avg_sq`` when they differ), in
     the same words as :meth:`~lightning_precision.catalogue.OptimizerInfo.state_text` predicts them; ``info`` is its
     classification, when the caller has it."""
+    info = info or classify_optimizer(optimizer)
     found = observed_moment_dtypes(optimizer, params, info)
-    return " / ".join(dict.fromkeys(dtype_name(d) for d in found.values())) if found else None
+    return " / ".join(dict.fromkeys(info.moment_words(k, d) for k, d in found.items())) if found else None
 
 
 def optimizer_contract(

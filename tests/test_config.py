@@ -381,7 +381,8 @@ def test_a_null_callback_or_plugin_entry_is_refused_naming_it(key):
         ({"lr": -1}, "Invalid lr: -1"),
         ({"exp_avg_dtype": "float64"}, "Invalid exp_avg_dtype: 'float64'"),
         ({"lrr": 1e-3}, "does not take.*'lrr'"),
-        ({"exp_avg_sq_rounding": "stochastic"}, "exp_avg_sq_dtype is 'float32'"),
+        ({"exp_avg_sq_rounding": "stochastic", "exp_avg_sq_dtype": "fp32"}, "exp_avg_sq_dtype is 'float32'"),
+        ({"exp_avg_rounding": "sometimes"}, "'sometimes'.*'auto', 'nearest', 'stochastic'"),
         ({"maximize": "false"}, "maximize"),
     ],
 )

@@ -58,11 +58,13 @@ def _declared_master(spec: OptimizerSpec) -> OptimizerInfo:
 
 def _declared_compensated(spec: OptimizerSpec) -> OptimizerInfo:
     check = getattr(spec.cls, "check_options", None)
-    if spec.instance is None and callable(check):
+    if callable(check):
         try:  # a config's options, with the optimizer's own rules: refused here, not at fit start
-            check(spec.settings)
+            resolved = check(spec.settings)
         except PrecisionConfigError as error:
             raise PrecisionConfigError(f"optimizer {spec.name}: {error}") from None
+        # The options as the optimizer will hold them (CompensatedAdamW's "auto" roundings resolved), if it says.
+        spec = replace(spec, settings={**spec.settings, **(resolved or {})})
     sq = spec.settings.get("exp_avg_sq_dtype")
     # An optimizer may state its step's temporaries (CompensatedAdamW: the bound of its chunked step).
     declared = getattr(spec.instance, "step_temporaries", None) or getattr(spec.cls, "step_temporaries", None)

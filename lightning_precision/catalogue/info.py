@@ -120,7 +120,10 @@ class OptimizerInfo:
     def _moment_text(self, moment: str, storage_dtype: torch.dtype) -> str:
         if self.quantized_moments:
             return QUANTIZED_MOMENT_TEXT
-        dtype = self.state_dtype(moment, storage_dtype)
+        return self.moment_words(moment, self.state_dtype(moment, storage_dtype))
+
+    def moment_words(self, moment: str, dtype: torch.dtype) -> str:
+        """``moment`` kept in ``dtype``, in the contract's words (``"bfloat16 (stochastic rounding)"``)."""
         stochastic = moment in self.stochastic_moments and dtype in HALF_DTYPES
         return f"{dtype_name(dtype)} (stochastic rounding)" if stochastic else dtype_name(dtype)
 

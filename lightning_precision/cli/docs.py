@@ -21,7 +21,7 @@ TOPICS: dict[str, tuple[str, str]] = {
     "recipes": ("precision-guide.md", "Safe recipes and their memory"),
     "second-moment": (
         "precision-guide.md",
-        "CompensatedAdamW at 10 B/param: a stochastically rounded second moment (opt-in)",
+        "CompensatedAdamW at 10 B/param: a stochastically rounded second moment (the default)",
     ),
     "accumulation": ("precision-guide.md", "Gradient accumulation: the dtype of the micro-batch sum"),
     "bf16-state": ("precision-guide.md", "When bf16 optimizer state is acceptable"),

@@ -6,6 +6,7 @@ the step's temporaries within budget. Shared by the eager, compiled and referenc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -24,6 +25,25 @@ TRANSIENT_BUDGET = 0.375
 AUTO_CHUNK_MIN = 4096
 AUTO_CHUNK_CAP_CPU = 2**17
 AUTO_CHUNK_CAP_ACCELERATOR = 2**22
+
+
+def step_temporaries(options: dict[str, Any]) -> tuple[float, float]:
+    """What one step of ``CompensatedAdamW`` allocates on top of the steady state, per parameter of the model.
+
+    The chunked and compiled steps stay under ``TRANSIENT_BUDGET``. The reference step holds, for a whole group at
+    once, an fp32 copy of the gradient, the parameter, the compensation and each moment not stored in fp32: 16 B/param
+    with an fp32 second moment, 20 with the default bf16 one (both measured by ``benchmarks/optimizer_step.py``).
+
+    Args:
+        options: The optimizer's complete options, as ``_compensated_options.check_options`` returns them.
+
+    Returns:
+        ``(copies of the parameters, extra bytes)``, as the optimizer catalogue reads it.
+    """
+    if options["implementation"] != "reference":
+        return (0.0, TRANSIENT_BUDGET)
+    fp32_copies = 3 + (options["exp_avg_dtype"] != "float32") + (options["exp_avg_sq_dtype"] != "float32")
+    return (0.0, 4.0 * fp32_copies)
 
 
 def temp_bytes_per_element(

@@ -21,7 +21,11 @@ from lightning_precision.values import expect_type, parse_bool, parse_dtype_choi
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_OPTIONS = ("exp_avg_dtype", "exp_avg_sq_dtype")
 _ROUNDING_OPTIONS = {"exp_avg_rounding": "exp_avg_dtype", "exp_avg_sq_rounding": "exp_avg_sq_dtype"}
+# The options that decide the state's layout (bytes per parameter, how each moment is written).
+LAYOUT_OPTIONS = (*_DTYPE_OPTIONS, *_ROUNDING_OPTIONS)
 _IMPLEMENTATIONS = ("auto", "compiled", "chunked", "reference")
+# "auto" is an option, not a way of rounding: each group resolves it (settle_roundings) before a step reads it.
+_ROUNDING_CHOICES = ("auto", *ROUNDINGS)
 
 
 def _state_dtype_name(name: str, value: torch.dtype | str) -> str:
@@ -42,8 +46,8 @@ def _check_chunk_size(value: Any) -> int | None:
 
 
 def _check_rounding(name: str, value: Any) -> str:
-    if value not in ROUNDINGS:
-        raise PrecisionConfigError(f"Invalid {name}: {value!r}; expected one of {list(ROUNDINGS)}")
+    if value not in _ROUNDING_CHOICES:
+        raise PrecisionConfigError(f"Invalid {name}: {value!r}; expected one of {list(_ROUNDING_CHOICES)}")
     return value
 
 
@@ -53,20 +57,27 @@ def _check_rounding_seed(value: Any) -> int:
     raise PrecisionConfigError(f"Invalid rounding_seed: {value!r}; expected an int in [0, 2**63)")
 
 
-def check_rounding_dtypes(group: dict[str, Any]) -> None:
-    """Stochastic rounding is a way of writing a bfloat16 moment: refuse it for a moment stored in another dtype.
+def settle_roundings(group: dict[str, Any]) -> None:
+    """Resolve each ``"auto"`` rounding of a complete group to the one its moment's dtype calls for, in place, and
+    refuse stochastic rounding of a moment not stored in bfloat16.
+
+    ``"auto"`` is ``"stochastic"`` for a bfloat16 moment: each write is unbiased, so a bf16 second moment still decays
+    at ``beta2=0.999`` (rounded to nearest it cannot: the 0.1% change is below half a bf16 ulp). It is ``"nearest"``
+    for any other dtype: fp32 loses nothing, and stochastic rounding is implemented for bfloat16 only.
 
     Args:
-        group: A complete parameter group (defaults merged in).
+        group: A complete parameter group (defaults merged in), or a config's complete options.
 
     Raises:
         PrecisionConfigError: If a moment is set to ``"stochastic"`` rounding but is not stored in bfloat16.
     """
     for rounding, dtype_key in _ROUNDING_OPTIONS.items():
+        if group.get(rounding) == "auto":
+            group[rounding] = "stochastic" if group[dtype_key] == "bfloat16" else "nearest"
         if group.get(rounding, "nearest") == "stochastic" and group[dtype_key] != "bfloat16":
             raise PrecisionConfigError(
                 f"{rounding}='stochastic' rounds a bfloat16 moment, but {dtype_key} is {group[dtype_key]!r}: set "
-                f"{dtype_key}=torch.bfloat16, or {rounding}='nearest' (the only rounding of {group[dtype_key]} state)"
+                f"{dtype_key}=torch.bfloat16, or {rounding}='auto' (which rounds {group[dtype_key]} state to nearest)"
             )
 
 
@@ -130,13 +141,17 @@ def check_new_group(group: Any, index: int) -> None:
     _normalise_group_options(group, f" (param group {index})")
 
 
-def check_options(settings: dict[str, Any]) -> None:
+def check_options(settings: dict[str, Any]) -> dict[str, Any]:
     """Check a config's ``CompensatedAdamW`` init args with the constructor's rules, without building it.
 
     ``explain`` and ``resolve_trainer_cfg`` ask this (through the optimizer catalogue), so an option the optimizer
     would refuse (``lr: -1``, ``exp_avg_dtype: float64``; a misspelt keyword is refused by the catalogue for every
     optimizer class) is an error where the config is read,
     not a "safe" verdict followed by a failure at fit start.
+
+    Returns:
+        The complete options the optimizer would have (defaults merged in, dtypes as names, ``"auto"`` roundings
+        resolved), so the catalogue describes what it will keep.
 
     Raises:
         PrecisionConfigError: Naming the option, its value and the valid choices.
@@ -150,4 +165,5 @@ def check_options(settings: dict[str, Any]) -> None:
     group = {name: parameters[name].default for name in options}
     group.update((k, v) for k, v in settings.items() if k in options)  # unknown names: the catalogue refused them
     _normalise_group_options(group)
-    check_rounding_dtypes(group)
+    settle_roundings(group)
+    return group

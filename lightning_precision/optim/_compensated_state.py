@@ -29,6 +29,7 @@ import torch
 from lightning_precision._logging import info_rank_zero
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.errors import OptimizerStateError
+from lightning_precision.optim._compensated_options import LAYOUT_OPTIONS
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 REQUIRED_KEYS = ("step", "exp_avg", "exp_avg_sq")
@@ -83,6 +84,10 @@ class StateLoader:
         self.fold: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.narrowed: list[int] = []
         self.seeded: list[int] = []
+        # (moment, saved dtype, kept dtype) -> how many parameters' moments were rounded to a narrower dtype.
+        self.moments_narrowed: dict[tuple[str, torch.dtype, torch.dtype], int] = {}
+        # Group index -> the layout options the saved group brings that differ from the constructor's.
+        self.layout_kept: dict[int, list[str]] = {}
         # id(parameter) -> the full-precision weight a narrowed state's compensation is seeded from.
         self.full_precision = {id(k): v for k, v in (full_precision or {}).items()}
         self.source = ""
@@ -104,6 +109,9 @@ class StateLoader:
                     f"it keeps max_exp_avg_sq, which CompensatedAdamW has no use for; {_fix()}"
                 )
             merged = self.opt.group_after_load(saved, gi)
+            kept = [f"{k}={merged[k]!r}" for k in LAYOUT_OPTIONS if k in current and merged[k] != current[k]]
+            if kept:
+                self.layout_kept[gi] = kept
             for k, param in zip(saved["params"], current["params"]):
                 s = sd["state"].get(k)
                 if isinstance(s, dict) and s:
@@ -130,6 +138,9 @@ class StateLoader:
         out["step"] = torch.as_tensor(step, dtype=torch.float32).to(device="cpu", copy=True).reshape(())
         for key in ("exp_avg", "exp_avg_sq"):
             out[key] = self._tensor(s[key], param, dtypes[key], f"state[{key!r}] of {where}")
+            if out[key].dtype.itemsize < s[key].dtype.itemsize:
+                narrowing = (key, s[key].dtype, out[key].dtype)
+                self.moments_narrowed[narrowing] = self.moments_narrowed.get(narrowing, 0) + 1
         comp = s.get("compensation")
         if "compensation" in dtypes:
             if comp is None:
@@ -189,6 +200,18 @@ class StateLoader:
         for param, _, _, tensors in self.converted.values():
             self.opt.state[param].update(tensors)
         fold_into_parameters(self.fold, "CompensatedAdamW")
+        for gi, kept in self.layout_kept.items():
+            info_rank_zero(
+                f"CompensatedAdamW: param group {gi} keeps the state layout it was saved with ({', '.join(kept)}), not "
+                "the one this optimizer was built with: loaded param groups replace the constructor's, as in every "
+                "torch optimizer."
+            )
+        for (key, saved, kept), count in self.moments_narrowed.items():
+            info_rank_zero(
+                f"CompensatedAdamW: the {key} of {count} parameter(s) saved by {self.source} in {dtype_name(saved)} "
+                f"was rounded once, to nearest, to {dtype_name(kept)}: the dtype this optimizer keeps it in "
+                f"({key}_dtype)."
+            )
         if self.seeded:
             dtype = dtype_name(self.narrowed_dtype)
             info_rank_zero(

@@ -6,8 +6,8 @@ smaller than half an ulp round away, and a bf16 ``exp_avg_sq`` with
 ``beta2=0.999`` cannot decay (a 0.1% change is below half a bf16 ulp).
 :class:`CompensatedAdamW` fixes both: every parameter write keeps the lost low
 bits in a ``compensation`` buffer of the parameter dtype (Kahan summation), and
-the moments are stored in configurable dtypes (``exp_avg_sq`` in fp32 by
-default). For fp32/fp64 parameters it is plain AdamW.
+the moments are stored in configurable dtypes (by default both bf16, the
+second rounded stochastically). For fp32/fp64 parameters it is plain AdamW.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lightning_precision.optim._compensated_options import (
     _state_dtype_name,
     check_new_group,
     check_options,
-    check_rounding_dtypes,
+    settle_roundings,
 )
 from lightning_precision.optim._reference_step import state_rounding, step_reference_bucket, step_scalars
 from lightning_precision.values import expect_type
@@ -63,9 +63,9 @@ class CompensatedAdamW(Optimizer):
     local shard in place, elementwise, with no host read of a device tensor.
 
     Memory per element of a bf16 parameter with the defaults, steady state:
-    2 (param) + 2 (gradient) + 2 (compensation) + 2 (bf16 exp_avg) + 4 (fp32
-    exp_avg_sq) = 12 bytes, vs. 16 for bf16 params with an fp32 master copy and
-    fp32 moments (2+2+4+4+4). The eager step (``implementation="chunked"``)
+    2 (param) + 2 (gradient) + 2 (compensation) + 2 (bf16 exp_avg) + 2 (bf16
+    exp_avg_sq) = 10 bytes (12 with an fp32 ``exp_avg_sq``), vs. 16 for bf16
+    params with an fp32 master copy and fp32 moments. The eager step (``implementation="chunked"``)
     works through bounded chunks of elements, so its fp32 temporaries are those
     of one chunk: with the automatic ``chunk_size`` they stay under about
     0.4 B/param of the model, against 16 B/param (measured) for the whole-tensor
@@ -93,19 +93,18 @@ class CompensatedAdamW(Optimizer):
             or their names such as ``"bf16"``). Default: ``torch.bfloat16``
             (within run-to-run noise of fp32 in benchmarks/compensated_adamw.py).
         exp_avg_sq_dtype: Storage dtype of the second moment of bf16/fp16
-            parameters. Default: ``torch.float32`` (a bf16 second moment
-            rounded to nearest cannot follow ``beta2=0.999``).
+            parameters. Default: ``torch.bfloat16``, rounded stochastically:
+            within the seed spread of an fp32 one on the LM benchmark, for 10
+            instead of 12 B/param (docs/precision-guide.md); ``torch.float32``
+            for the 12 B/param layout, which steps faster.
         exp_avg_rounding: How the fp32 first moment is written into a
-            bfloat16 ``exp_avg``: ``"nearest"`` (default) or ``"stochastic"``
+            bfloat16 ``exp_avg``: ``"nearest"`` (default), ``"stochastic"``
             (up or down with probability given by the distance to each
-            neighbour, so every write is unbiased).
-        exp_avg_sq_rounding: The same for the second moment. With
-            ``exp_avg_sq_dtype=torch.bfloat16, exp_avg_sq_rounding="stochastic"``
-            the second moment decays at ``beta2=0.999`` in expectation, for
-            10 instead of 12 bytes per parameter; measured within run-to-run
-            noise of the fp32 second moment, but the step takes about twice as
-            long on CPU (it hashes every element), so it is not the default
-            (docs/precision-guide.md).
+            neighbour, so every write is unbiased), or ``"auto"``.
+        exp_avg_sq_rounding: The same for the second moment. Default:
+            ``"auto"``: stochastic for a bf16 moment (rounded to nearest, a
+            bf16 second moment cannot decay at ``beta2=0.999``), nearest for
+            any other. A resumed run keeps the layout it was saved with.
         rounding_seed: Seed of the stochastic rounding. The random bits are a
             hash of the seed, the step, the parameter's index in this optimizer
             and the element's index in the full (unsharded) tensor, so they do
@@ -152,12 +151,8 @@ class CompensatedAdamW(Optimizer):
     @staticmethod
     def step_temporaries(settings: dict[str, Any]) -> tuple[float, float]:
         """What one step allocates on top of the steady state, per parameter, for the optimizer catalogue:
-        ``(copies of the parameters, extra bytes)``. The chunked step stays under its transient budget; the
-        reference step holds fp32 copies of gradient, moments, parameter and compensation (16 B/param, measured
-        by ``benchmarks/optimizer_step.py``)."""
-        if settings.get("implementation", "auto") == "reference":
-            return (0.0, 16.0)
-        return (0.0, _chunk_plan.TRANSIENT_BUDGET)
+        ``(copies of the parameters, extra bytes)`` (:func:`~lightning_precision.optim._chunk_plan.step_temporaries`)."""
+        return _chunk_plan.step_temporaries(check_options(settings))
 
     def __init__(
         self,
@@ -169,9 +164,9 @@ class CompensatedAdamW(Optimizer):
         *,
         maximize: bool = False,
         exp_avg_dtype: torch.dtype | str = torch.bfloat16,
-        exp_avg_sq_dtype: torch.dtype | str = torch.float32,
+        exp_avg_sq_dtype: torch.dtype | str = torch.bfloat16,
         exp_avg_rounding: str = "nearest",
-        exp_avg_sq_rounding: str = "nearest",
+        exp_avg_sq_rounding: str = "auto",
         rounding_seed: int = 0,
         implementation: str = "auto",
         chunk_size: int | None = None,
@@ -200,7 +195,7 @@ class CompensatedAdamW(Optimizer):
         """
         check_new_group(param_group, len(self.param_groups))
         super().add_param_group(param_group)
-        check_rounding_dtypes(self.param_groups[-1])
+        settle_roundings(self.param_groups[-1])
 
     def group_after_load(self, saved: dict[str, Any], index: int) -> dict[str, Any]:
         """The options a saved param group will have once loaded: checked, missing ones from this optimizer."""
@@ -208,7 +203,7 @@ class CompensatedAdamW(Optimizer):
         for key, value in getattr(self, "defaults", {}).items():
             group.setdefault(key, value)
         _normalise_group_options(group, f" (loaded param group {index})")
-        check_rounding_dtypes(group)
+        settle_roundings(group)
         return group
 
     def __setstate__(self, state: dict[str, Any]) -> None:

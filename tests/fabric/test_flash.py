@@ -24,7 +24,7 @@ def test_loop_trains_bf16_without_autocast_and_keeps_audio():
     seen = net.seen[0]
     assert (seen["x"], seen["audio"], seen["param"]) == (torch.bfloat16, torch.float32, torch.bfloat16)
     assert seen["default"] == torch.float32 and seen["autocast"] is False
-    assert optimizer.state[net.net[0].weight]["exp_avg_sq"].dtype == torch.float32
+    assert optimizer.state[net.net[0].weight]["exp_avg_sq"].dtype == torch.bfloat16  # CompensatedAdamW's default
 
 
 def test_norm_layers_stay_fp32_through_fabric_setup():

@@ -28,7 +28,7 @@ def test_bf16_true_with_compensated_adamw_trains_in_bf16_and_keeps_audio():
     seen = net.seen[0]
     assert (seen["x"], seen["audio"], seen["idx"]) == (torch.bfloat16, torch.float32, torch.int64)
     assert seen["param"] == torch.bfloat16 and seen["default"] == torch.bfloat16  # Fabric's HalfPrecision context
-    assert state_dtypes(optimizer, net.net[0].weight) == (torch.bfloat16, torch.float32)
+    assert state_dtypes(optimizer, net.net[0].weight) == (torch.bfloat16, torch.bfloat16)
     assert torch.get_default_dtype() == torch.float32  # restored after the forward
 
 

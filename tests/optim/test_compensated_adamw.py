@@ -103,9 +103,10 @@ def test_default_dtypes_and_contract():
     opt = CompensatedAdamW([p, q])
     assert opt.state_dtypes(p) == {
         "exp_avg": torch.bfloat16,
-        "exp_avg_sq": torch.float32,
+        "exp_avg_sq": torch.bfloat16,
         "compensation": torch.bfloat16,
     }
+    assert opt.param_groups[0]["exp_avg_sq_rounding"] == "stochastic"
     assert opt.state_dtypes(q) == {"exp_avg": torch.float32, "exp_avg_sq": torch.float32}
     assert CompensatedAdamW.keeps_master_weights is False
     assert CompensatedAdamW.compensated_update is True
@@ -124,7 +125,8 @@ def _trained_mixed(steps=5):
     torch.manual_seed(0)
     half = torch.randn(6, 5).to(torch.bfloat16).requires_grad_()
     full = torch.randn(7).requires_grad_()
-    opt = CompensatedAdamW([{"params": [half]}, {"params": [full], "lr": 1e-2}], lr=1e-3)
+    # An fp32 second moment of bf16 parameters: torch's default load would cast it to bf16.
+    opt = CompensatedAdamW([{"params": [half]}, {"params": [full], "lr": 1e-2}], lr=1e-3, exp_avg_sq_dtype="float32")
     for _ in range(steps):
         half.grad = torch.randn(6, 5).to(torch.bfloat16)
         full.grad = torch.randn(7)

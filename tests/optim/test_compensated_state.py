@@ -76,7 +76,7 @@ def test_fp32_state_into_bf16_optimizer_creates_zero_compensation(caplog):
         opt16.load_state_dict(copy.deepcopy(opt.state_dict()))
     state = opt16.state[narrow]
     assert state["compensation"].dtype == BF16 and not state["compensation"].any()
-    assert state["exp_avg_sq"].dtype == torch.float32 and state["exp_avg"].dtype == BF16
+    assert state["exp_avg_sq"].dtype == BF16 and state["exp_avg"].dtype == BF16
     assert "were lost when the parameters were narrowed" in caplog.text
     assert "nothing" not in caplog.text.lower()
 
@@ -159,7 +159,7 @@ def test_torch_adamw_state_converts():
 def test_torch_adamw_bf16_state_gets_our_dtypes_and_compensation():
     p, opt = _train(torch.optim.AdamW, torch.randn(32).to(BF16), lr=1e-3)
     q = p.detach().clone().requires_grad_()
-    ours = CompensatedAdamW([q])
+    ours = CompensatedAdamW([q], exp_avg_sq_dtype="float32")
     ours.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert ours.state[q]["exp_avg_sq"].dtype == torch.float32
     assert torch.equal(ours.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"].float())
@@ -227,7 +227,7 @@ def test_parameter_cast_to_bf16_after_steps_gets_a_compensation():
     opt.step()
     state = opt.state[model.weight]
     assert state["compensation"].dtype == BF16
-    assert state["exp_avg_sq"].dtype == torch.float32 and state["exp_avg"].dtype == BF16
+    assert state["exp_avg_sq"].dtype == BF16 and state["exp_avg"].dtype == BF16
 
 
 def test_parameter_cast_to_fp32_after_steps_folds_the_compensation():
@@ -239,3 +239,41 @@ def test_parameter_cast_to_fp32_after_steps_folds_the_compensation():
     opt.step()
     assert "compensation" not in opt.state[p]
     assert torch.equal(p.detach(), expected)
+
+
+def test_moments_narrowed_on_load_are_said_once_with_their_dtypes(caplog):
+    p, opt = _train(CompensatedAdamW, torch.randn(64), lr=1e-4)  # fp32 parameters: fp32 moments
+    narrow = p.detach().to(BF16).requires_grad_()
+    opt16 = CompensatedAdamW([narrow], lr=1e-4)
+    with caplog.at_level(logging.INFO, logger="lightning_precision"):
+        opt16.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert torch.equal(opt16.state[narrow]["exp_avg_sq"], opt.state[p]["exp_avg_sq"].to(BF16))
+    said = [r.getMessage() for r in caplog.records if "rounded once, to nearest" in r.getMessage()]
+    assert len(said) == 2  # exp_avg and exp_avg_sq, one line each
+    assert any("exp_avg_sq of 1 parameter(s)" in m and "float32" in m and "bfloat16" in m for m in said)
+
+
+def test_saved_fp32_second_moment_layout_is_kept_by_a_default_optimizer(caplog):
+    p = torch.nn.Parameter(torch.randn(16).to(BF16))
+    opt = CompensatedAdamW([p], exp_avg_sq_dtype="float32")  # the 12 B/param layout
+    p.grad = torch.randn(16).to(BF16)
+    opt.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = CompensatedAdamW([q])  # the default (10 B/param) layout
+    with caplog.at_level(logging.INFO, logger="lightning_precision"):
+        resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    (said,) = [r.getMessage() for r in caplog.records if "keeps the state layout it was saved with" in r.getMessage()]
+    assert "exp_avg_sq_dtype='float32'" in said and "exp_avg_sq_rounding='nearest'" in said
+    group = resumed.param_groups[0]
+    assert (group["exp_avg_sq_dtype"], group["exp_avg_sq_rounding"]) == ("float32", "nearest")
+    assert torch.equal(resumed.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+
+
+def test_a_state_of_the_same_layout_loads_without_a_layout_line(caplog):
+    p = torch.nn.Parameter(torch.randn(16).to(BF16))
+    opt = CompensatedAdamW([p])
+    p.grad = torch.randn(16).to(BF16)
+    opt.step()
+    with caplog.at_level(logging.INFO, logger="lightning_precision"):
+        CompensatedAdamW([torch.nn.Parameter(p.detach().clone())]).load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert not [r for r in caplog.records if "state layout" in r.getMessage() or "rounded once" in r.getMessage()]

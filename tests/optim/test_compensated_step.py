@@ -211,18 +211,19 @@ def test_param_groups_hold_dtype_names_not_torch_dtypes():
 
 def test_loads_old_state_dict_with_torch_dtypes_and_no_implementation_keys():
     p = torch.nn.Parameter(torch.randn(5).to(torch.bfloat16))
-    opt = CompensatedAdamW([p], exp_avg_dtype="fp32")
+    opt = CompensatedAdamW([p], exp_avg_dtype="fp32", exp_avg_sq_dtype="fp32")
     p.grad = torch.randn(5).to(torch.bfloat16)
     opt.step()
     old = copy.deepcopy(opt.state_dict())
-    for group in old["param_groups"]:  # how the optimizer saved them before dtype names
+    for group in old["param_groups"]:  # how the optimizer saved them before dtype names and roundings
         group["exp_avg_dtype"], group["exp_avg_sq_dtype"] = torch.float32, torch.float32
-        del group["implementation"], group["chunk_size"]
+        del group["implementation"], group["chunk_size"], group["exp_avg_rounding"], group["exp_avg_sq_rounding"]
     q = torch.nn.Parameter(p.detach().clone())
     opt2 = CompensatedAdamW([q])
     opt2.load_state_dict(old)
     group = opt2.param_groups[0]
     assert (group["exp_avg_dtype"], group["implementation"], group["chunk_size"]) == ("float32", "auto", None)
+    assert group["exp_avg_sq_rounding"] == "nearest"  # this optimizer's "auto", for the saved fp32 moment
     assert opt2.state[q]["exp_avg"].dtype == torch.float32
     assert torch.equal(opt2.state[q]["exp_avg"], opt.state[p]["exp_avg"])
     assert isinstance(old["param_groups"][0]["exp_avg_dtype"], torch.dtype)  # the caller's dict is untouched

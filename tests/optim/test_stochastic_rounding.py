@@ -138,7 +138,7 @@ def test_first_moment_rounding_is_separate():
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
-        ({"exp_avg_sq_rounding": "stochastic"}, "exp_avg_sq_dtype is 'float32'"),
+        ({"exp_avg_sq_rounding": "stochastic", "exp_avg_sq_dtype": "fp32"}, "exp_avg_sq_dtype is 'float32'"),
         ({"exp_avg_rounding": "stochastic", "exp_avg_dtype": "fp16"}, "exp_avg_dtype is 'float16'"),
         ({"exp_avg_sq_rounding": "random"}, "Invalid exp_avg_sq_rounding: 'random'; expected one of"),
         ({"rounding_seed": -1}, "Invalid rounding_seed: -1"),
@@ -148,6 +148,25 @@ def test_first_moment_rounding_is_separate():
 def test_invalid_rounding_options_name_the_value_and_choices(kwargs, fragment):
     with pytest.raises(PrecisionConfigError, match=fragment.replace("(", r"\(")):
         CompensatedAdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rounding"), [(None, "stochastic"), ("bf16", "stochastic"), ("fp32", "nearest"), ("fp16", "nearest")]
+)
+def test_auto_rounding_of_the_second_moment_follows_its_dtype(dtype, rounding):
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    opt = CompensatedAdamW([p], **({} if dtype is None else {"exp_avg_sq_dtype": dtype}))
+    assert opt.param_groups[0]["exp_avg_sq_rounding"] == rounding
+    assert opt.defaults["exp_avg_sq_rounding"] == "auto"  # later groups resolve it for their own dtype
+
+
+def test_auto_rounding_is_resolved_per_added_group():
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    q = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    opt = CompensatedAdamW([p])
+    opt.add_param_group({"params": [q], "exp_avg_sq_dtype": "fp32"})
+    assert [g["exp_avg_sq_rounding"] for g in opt.param_groups] == ["stochastic", "nearest"]
+    assert opt.state_dict()["param_groups"][1]["exp_avg_sq_rounding"] == "nearest"  # saved resolved, never "auto"
 
 
 def test_per_group_stochastic_rounding_is_checked_against_the_group_dtype():

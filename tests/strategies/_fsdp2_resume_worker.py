@@ -182,7 +182,7 @@ def scenario_switch(out: Path) -> dict[str, Any]:
     result["to_compensated_moments"] = all(
         n in to_compensated["loaded"]
         and torch.equal(to_compensated["loaded"][n]["exp_avg"], s["exp_avg"].bfloat16())
-        and torch.equal(to_compensated["loaded"][n]["exp_avg_sq"], s["exp_avg_sq"])
+        and torch.equal(to_compensated["loaded"][n]["exp_avg_sq"], s["exp_avg_sq"].bfloat16())
         for n, s in saved.items()
     )
     result["to_compensated"] = _summary(to_compensated)

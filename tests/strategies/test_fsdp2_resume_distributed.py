@@ -51,7 +51,7 @@ def test_fp32_resumed_with_bf16_storage_seeds_the_compensation_with_the_residual
     ranks = run_scenario("storage")
     for rank in ranks:
         assert rank["narrow_seeded"] is True  # p == bf16(p32), c == bf16(p32 - bf16(p32)), bitwise per shard
-        assert rank["narrow"]["state"] == {"exp_avg": "bfloat16", "exp_avg_sq": "float32", "compensation": "bfloat16"}
+        assert rank["narrow"]["state"] == {"exp_avg": "bfloat16", "exp_avg_sq": "bfloat16", "compensation": "bfloat16"}
     (warning,) = _on_rank_zero_only([r["narrow"] for r in ranks], "warnings")
     assert "float32 into bfloat16" in warning and "about 16 of float32's 24 mantissa bits" in warning
     assert "nothing lost" not in warning and "losing the low bits" not in warning  # the residual was kept
@@ -82,7 +82,7 @@ def test_torch_adamw_state_resumed_by_compensated_adamw_is_converted(run_scenari
     for rank in run_scenario("switch"):
         assert rank["to_compensated"]["raised"] is None
         assert rank["to_compensated_seeded"] is True
-        assert rank["to_compensated_moments"] is True  # exp_avg rounded to bf16, exp_avg_sq kept fp32
+        assert rank["to_compensated_moments"] is True  # both moments rounded once to bf16
         assert rank["to_compensated"]["state"]["compensation"] == "bfloat16"
 
 
