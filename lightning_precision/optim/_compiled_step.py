@@ -52,14 +52,23 @@ _OPS = SimpleNamespace(**{**vars(eager._TENSOR_OPS), "sqrt": torch.sqrt})
 class _KeyedStream:
     """A :class:`~lightning_precision.optim._stochastic_rounding.RoundingStream` whose key and base index are tensors
     (inputs of the compiled kernel, not constants baked into it); for tensors whose local elements are one contiguous
-    range of the full tensor with fewer than 2**32 elements (the stream's other cases take the eager step)."""
+    range of the full tensor with fewer than 2**32 elements (the stream's other cases take the eager step).
+
+    0-dim key and base: one flat tensor. 1-D ones: a ``[rows, size]`` pack of equal-size tensors, one row each, with
+    that tensor's key and base, so every element draws the bits the tensor's own stream gives it.
+    """
 
     def __init__(self, key: torch.Tensor, base: torch.Tensor) -> None:
         self.key, self.base = key, base
 
     def random_bits(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        index = torch.arange(start, stop, dtype=torch.int64, device=device).add_(self.base)
-        return _mix32_(index.bitwise_and_(_MASK32).bitwise_xor_(self.key)).bitwise_right_shift_(16)
+        if self.key.dim() == 0:
+            index = torch.arange(start, stop, dtype=torch.int64, device=device).add_(self.base)
+            key = self.key
+        else:  # a pack's rows (start is 0: a pack is one chunk); stop // rows elements per row
+            columns = torch.arange(stop // self.key.shape[0], dtype=torch.int64, device=device)
+            index, key = columns.unsqueeze(0) + self.base.unsqueeze(1), self.key.unsqueeze(1)
+        return _mix32_(index.bitwise_and_(_MASK32).bitwise_xor_(key)).bitwise_right_shift_(16)
 
 
 def _kernel(
@@ -74,12 +83,13 @@ def _kernel(
     keys: tuple[torch.Tensor | None, torch.Tensor | None],
     base: torch.Tensor | None,
 ) -> None:
-    """One flat run of elements: the eager step's chunk update, as one chunk of one piece."""
+    """One flat run of elements, or a ``[rows, size]`` pack of equal-size tensors (one row each): the eager step's
+    chunk update, as one chunk of one piece (its elementwise ops do not see the shape)."""
     n = p.shape[0]
     chunk = eager._Chunk([(0, 0, n)], ops=_OPS)
 
     def room(dtype: torch.dtype = F32) -> torch.Tensor:
-        return torch.empty(n, dtype=dtype, device=p.device)
+        return torch.empty(p.shape, dtype=dtype, device=p.device)
 
     work = (room(), room(), None if m.dtype == F32 else room(), None if v.dtype == F32 else room())
     streams = [None if key is None else [_KeyedStream(key, base)] for key in keys]
@@ -90,10 +100,17 @@ def _kernel(
     )  # fmt: skip
 
 
+def _rows_kernel(*args: Any) -> None:
+    """:func:`_kernel` on ``[rows, size]`` packs: a code object of its own, so its compiled variants (hyperparameter
+    flags, state dtypes, rounding) count against dynamo's recompile limit apart from the flat ones'."""
+    _kernel(*args)
+
+
 @functools.cache
-def _compiled_kernel() -> Any:
+def _compiled_kernel(rows: bool = False) -> Any:
     # emulate_precision_casts keeps the bf16 rounding of each write (see the module docstring); scoped to this compile.
-    return torch.compile(_kernel, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
+    function = _rows_kernel if rows else _kernel
+    return torch.compile(function, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
 def compiler_missing(device: torch.device) -> str | None:
@@ -146,10 +163,10 @@ def compiled_compensated_step(
     device = params[0].device
     hyper = _tensor_hyper(eager.Hyper.of(options), device)
     rounding = rounding or eager.StateRounding()
-    compiled = _compiled_kernel()
     calls = [] if calls is None else calls
 
     def kernel(*args: Any) -> None:
+        compiled = _compiled_kernel(args[0].dim() == 2)
         # Detached aliases: a parameter's requires_grad would otherwise be a guard, and a recompile, of its own.
         compiled(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
         calls.append(1)
@@ -194,9 +211,8 @@ def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, opti
     sub_scalars = ([scalars[0][i] for i in indices], [scalars[1][i] for i in indices])
     sub_finite = None if finite is None else finite[indices]
     if rounding.exp_avg is not None or rounding.exp_avg_sq is not None:
-        # Per-tensor random streams cannot share one packed call: the eager step of the same math, for these only.
         sub_rounding = eager.StateRounding(*(None if s is None else [s[i] for i in indices] for s in rounding))
-        eager.compensated_step(sub, sub_scalars, options, sub_rounding, sub_finite)
+        _step_rows(kernel, sub, sub_scalars, hyper, sub_rounding, sub_finite, options)
         return
     for pieces in eager.plan_chunks([p.numel() for p in sub.params], max(options.chunk_size, _MIN_CALL_NUMEL)):
         chunk = eager._Chunk(pieces)
@@ -215,6 +231,60 @@ def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, opti
                 torch._foreach_copy_(chunk.slices(t), chunk.views(flat))
         if guard is not None:
             guard.restore()
+
+
+def _step_rows(kernel, bucket, scalars, hyper, rounding, finite, options) -> None:
+    """Step small tensors with stochastically rounded moments: tensors of one size are stacked as the rows of a pack
+    (at most ``chunk_size`` elements, or two rows), one kernel call each, each row drawing its tensor's own bits."""
+    by_size: dict[int, list[int]] = {}
+    for i, p in enumerate(bucket.params):
+        by_size.setdefault(p.numel(), []).append(i)
+    device = bucket.params[0].device
+    for size, members in by_size.items():
+        if size < _MIN_CALL_NUMEL:
+            # Empty or one element: nothing to do, or a call that would compile a kernel of its own; eager.
+            if size:
+                _step_eager(bucket, members, scalars, options, rounding, finite)
+            continue
+        per_pack = max(2, options.chunk_size // size)
+        for start in range(0, len(members), per_pack):
+            rows = members[start : start + per_pack]
+            guard = (
+                None
+                if finite is None
+                else eager._Guard(eager._Chunk([(i, 0, size) for i in rows]), finite, _guarded(bucket))
+            )
+            if len(rows) == 1:
+                (i,) = rows
+                keys, base = _stream_inputs(rounding, [i], device)
+                kernel(*(t[i] for t in bucket), scalars[0][i], scalars[1][i], hyper, keys, base)
+            else:
+                _step_pack_of_rows(kernel, bucket, rows, scalars, hyper, rounding, device)
+            if guard is not None:
+                guard.restore()
+
+
+def _step_pack_of_rows(kernel, bucket, rows, scalars, hyper, rounding, device) -> None:
+    stored = [[t[i] for i in rows] for t in bucket]
+    packed = [torch.stack(ts) for ts in stored]
+    keys = tuple(
+        None if streams is None else torch.tensor([streams[i].key for i in rows], dtype=torch.int64, device=device)
+        for streams in rounding
+    )
+    layouts = next(s for s in rounding if s is not None)
+    base = torch.tensor([layouts[i].layout.base for i in rows], dtype=torch.int64, device=device)
+    first = rows[0]
+    kernel(*packed, scalars[0][first], scalars[1][first], hyper, keys, base)
+    for written, pack in zip(stored[:1] + stored[2:], packed[:1] + packed[2:]):
+        torch._foreach_copy_(written, pack.unbind(0))
+
+
+def _step_eager(bucket, members, scalars, options, rounding, finite) -> None:
+    sub = eager.Bucket(*([t[i] for i in members] for t in bucket))
+    sub_scalars = ([scalars[0][i] for i in members], [scalars[1][i] for i in members])
+    sub_rounding = eager.StateRounding(*(None if s is None else [s[i] for i in members] for s in rounding))
+    sub_finite = None if finite is None else finite[members]
+    eager.compensated_step(sub, sub_scalars, options, sub_rounding, sub_finite)
 
 
 def can_compile(rounding: eager.StateRounding | None) -> bool:

@@ -170,3 +170,48 @@ def test_step_traced_by_a_users_compile_is_refused():
     p.grad = torch.ones_like(p)
     with pytest.raises(Exception, match="must not be compiled"):
         torch.compile(opt.step, fullgraph=True)()
+
+
+# Small tensors of repeated sizes (stacked into packs of rows), unique sizes (a call each), 2-element, 1-element and
+# empty ones, a DTensor-free channels-last one: all below PACK_BELOW.
+SMALL_SIZES = ((40, 3),) * 7 + ((5,), (5,), (17, 2), (2,), (2,), (1,), (1,), (0,), (300,), (3, 100)) + ((64,),) * 5
+STOCHASTIC_BOTH = {
+    "exp_avg_rounding": "stochastic",
+    "exp_avg_sq_dtype": torch.bfloat16,
+    "exp_avg_sq_rounding": "stochastic",
+    "rounding_seed": 11,
+}
+
+
+def _train_small(implementation: str, steps: int, **kwargs) -> tuple[list, CompensatedAdamW]:
+    params = _params(0, SMALL_SIZES)
+    opt = CompensatedAdamW(params, lr=1e-3, implementation=implementation, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(torch.bfloat16)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("chunk_size", [None, 200], ids=["auto-chunk", "packs-of-few-rows"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [STOCHASTIC_BOTH, {"exp_avg_sq_dtype": torch.bfloat16, "exp_avg_sq_rounding": "stochastic", "weight_decay": 0.0}],
+    ids=["both-moments", "second-moment"],
+)
+def test_packed_small_tensors_with_stochastic_rounding_are_bitwise_the_eager_step(kwargs, chunk_size):
+    assert all(torch.Size(s).numel() < _compiled_step.PACK_BELOW for s in SMALL_SIZES)
+    compiled = _train_small("compiled", 40, chunk_size=chunk_size, **kwargs)
+    _assert_bitwise(compiled, _train_small("chunked", 40, chunk_size=chunk_size, **kwargs))
+    _assert_bitwise(compiled, _train_small("reference", 40, **kwargs))
+
+
+def test_packed_stochastic_rounding_does_not_recompile_as_steps_go():
+    def compiles() -> int:
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    _train_small("compiled", 2, **STOCHASTIC_BOTH)  # compiles the kernels (or finds them compiled by an earlier test)
+    before = compiles()
+    _train_small("compiled", 15, chunk_size=300, **STOCHASTIC_BOTH)
+    assert compiles() == before
