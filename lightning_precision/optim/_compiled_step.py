@@ -182,8 +182,9 @@ def compiled_compensated_step(
         if guard is not None:
             guard.restore()
     by_step: dict[float, list[int]] = {}
-    for i in small:
-        by_step.setdefault(float(steps[i]), []).append(i)
+    if small:
+        for i, step in zip(small, torch.stack([steps[i] for i in small]).tolist()):
+            by_step.setdefault(step, []).append(i)
     for same_step in by_step.values():
         _step_packed(kernel, bucket, same_step, scalars, hyper, rounding, finite, options)
 
@@ -208,7 +209,8 @@ def _stream_inputs(rounding: eager.StateRounding, indices: list[int], device: to
 def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, options) -> None:
     """Step small tensors that share a step count: gathered into flat buffers by chunks, one kernel call each."""
     sub = eager.Bucket(*([t[i] for i in indices] for t in bucket))
-    sub_scalars = ([scalars[0][i] for i in indices], [scalars[1][i] for i in indices])
+    # One gather per scalar, not one 0-dim tensor per tensor.
+    sub_scalars = (scalars[0][indices], scalars[1][indices])
     sub_finite = None if finite is None else finite[indices]
     if rounding.exp_avg is not None or rounding.exp_avg_sq is not None:
         sub_rounding = eager.StateRounding(*(None if s is None else [s[i] for i in indices] for s in rounding))
@@ -224,11 +226,13 @@ def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, opti
             eager.compensated_step(one, ([sub_scalars[0][first]], [sub_scalars[1][first]]), options, None, finite_one)
             continue
         guard = None if finite is None else eager._Guard(chunk, sub_finite, _guarded(sub))
-        packed = [torch.cat(chunk.slices(t)) if not chunk.single else chunk.slices(t) for t in sub]
+        slices = [chunk.slices(t) for t in sub]
+        packed = slices if chunk.single else [torch.cat(ts) for ts in slices]
         kernel(*packed, sub_scalars[0][first], sub_scalars[1][first], hyper, (None, None), None)
         if not chunk.single:
-            for t, flat in zip((sub.params, sub.exp_avgs, sub.exp_avg_sqs, sub.comps), packed[:1] + packed[2:]):
-                torch._foreach_copy_(chunk.slices(t), chunk.views(flat))
+            sizes = [stop - start for _, start, stop in pieces]
+            for written, flat in zip(slices[:1] + slices[2:], packed[:1] + packed[2:]):
+                torch._foreach_copy_(written, flat.split(sizes))
         if guard is not None:
             guard.restore()
 
