@@ -49,9 +49,10 @@ def collect(optimizer: Any) -> tuple[list[tuple[dict[str, Any], tuple, list[list
                 continue
             if grad.is_sparse:
                 raise RuntimeError("CompensatedAdamW does not support sparse gradients")
-            dtypes = dtypes_by_param_dtype.get(p.dtype)
+            dtype = p.dtype
+            dtypes = dtypes_by_param_dtype.get(dtype)
             if dtypes is None:
-                dtypes = dtypes_by_param_dtype[p.dtype] = optimizer._state_dtypes_for(p, group)
+                dtypes = dtypes_by_param_dtype[dtype] = optimizer._state_dtypes_for(p, group)
             state = states.get(p)
             if state is None or not _state_matches(state, dtypes):
                 state = optimizer._init_state(p, group)
@@ -62,26 +63,32 @@ def collect(optimizer: Any) -> tuple[list[tuple[dict[str, Any], tuple, list[list
             if flat is not None:
                 tensors = flat
                 stepped_numel += flat[0].numel()
-            key = (p.device, p.dtype, exp_avg.dtype, exp_avg_sq.dtype, half, flat is not None)
+            key = (p.device, dtype, exp_avg.dtype, exp_avg_sq.dtype, half, flat is not None)
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = [[] for _ in range(BUCKET_LISTS)]
-            for lst, t in zip(bucket, tensors[:4]):
-                lst.append(t)
-            bucket[4].append(state["step"])
-            bucket[5].append(tensors[4] if half else None)
-            bucket[6].append(p)
-            bucket[7].append(index - 1)
+            params, grads, exp_avgs, exp_avg_sqs, steps, comps, owners, indices = bucket
+            params.append(tensors[0])
+            grads.append(tensors[1])
+            exp_avgs.append(tensors[2])
+            exp_avg_sqs.append(tensors[3])
+            steps.append(state["step"])
+            comps.append(tensors[4] if half else None)
+            owners.append(p)
+            indices.append(index - 1)
         work.extend((group, key, bucket) for key, bucket in buckets.items())
     return work, stepped_numel
 
 
 def _state_matches(state: dict[str, Any], dtypes: dict[str, torch.dtype]) -> bool:
-    """Whether ``state`` holds every tensor of ``dtypes`` in its dtype, and a compensation only if one is wanted."""
-    if ("compensation" in state) != ("compensation" in dtypes):
-        return False
-    for key, dtype in dtypes.items():
-        tensor = state.get(key)
-        if tensor is None or tensor.dtype != dtype:
+    """Whether ``state`` holds a step and every tensor of ``dtypes`` in its dtype, and a compensation only if one is
+    wanted."""
+    try:
+        matches = state["exp_avg"].dtype == dtypes["exp_avg"] and state["exp_avg_sq"].dtype == dtypes["exp_avg_sq"]
+        if "compensation" in dtypes:
+            matches = matches and state["compensation"].dtype == dtypes["compensation"]
+        elif "compensation" in state:
             return False
-    return "step" in state
+        return matches and "step" in state
+    except KeyError:
+        return False

@@ -207,34 +207,54 @@ def _stream_inputs(rounding: eager.StateRounding, indices: list[int], device: to
 
 
 def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, options) -> None:
-    """Step small tensors that share a step count: gathered into flat buffers by chunks, one kernel call each."""
-    sub = eager.Bucket(*([t[i] for i in indices] for t in bucket))
-    # One gather per scalar, not one 0-dim tensor per tensor.
-    sub_scalars = (scalars[0][indices], scalars[1][indices])
-    sub_finite = None if finite is None else finite[indices]
+    """Step small tensors that share a step count: whole tensors gathered into flat buffers of about ``chunk_size``
+    elements, one kernel call each, and copied back."""
     if rounding.exp_avg is not None or rounding.exp_avg_sq is not None:
+        sub = eager.Bucket(*([t[i] for i in indices] for t in bucket))
+        # One gather per scalar, not one 0-dim tensor per tensor.
+        sub_scalars = (scalars[0][indices], scalars[1][indices])
+        sub_finite = None if finite is None else finite[indices]
         sub_rounding = eager.StateRounding(*(None if s is None else [s[i] for i in indices] for s in rounding))
         _step_rows(kernel, sub, sub_scalars, hyper, sub_rounding, sub_finite, options)
         return
-    for pieces in eager.plan_chunks([p.numel() for p in sub.params], max(options.chunk_size, _MIN_CALL_NUMEL)):
-        chunk = eager._Chunk(pieces)
-        first = pieces[0][0]
-        if sum(stop - start for _, start, stop in pieces) < _MIN_CALL_NUMEL:
-            # One element (a chunk of one piece): a call would compile a second kernel; the eager step instead.
-            one = eager.Bucket(*([chunk.slices(t)] for t in sub))
-            finite_one = None if sub_finite is None else sub_finite[first : first + 1]
-            eager.compensated_step(one, ([sub_scalars[0][first]], [sub_scalars[1][first]]), options, None, finite_one)
+    numels = {i: bucket.params[i].numel() for i in indices}
+    for pack in _packs(indices, numels, max(options.chunk_size, _MIN_CALL_NUMEL)):
+        first = pack[0]
+        if len(pack) == 1 and numels[first] < _MIN_CALL_NUMEL:
+            # One element alone: a call would compile a kernel of its own; the eager step instead.
+            _step_eager(bucket, pack, scalars, options, eager.StateRounding(), finite)
             continue
-        guard = None if finite is None else eager._Guard(chunk, sub_finite, _guarded(sub))
-        slices = [chunk.slices(t) for t in sub]
-        packed = slices if chunk.single else [torch.cat(ts) for ts in slices]
-        kernel(*packed, sub_scalars[0][first], sub_scalars[1][first], hyper, (None, None), None)
-        if not chunk.single:
-            sizes = [stop - start for _, start, stop in pieces]
-            for written, flat in zip(slices[:1] + slices[2:], packed[:1] + packed[2:]):
+        guard = None
+        if finite is not None:
+            guard = eager._Guard(eager._Chunk([(i, 0, numels[i]) for i in pack]), finite, _guarded(bucket))
+        stored = [[t[i] for i in pack] for t in bucket]
+        packed = [ts[0] for ts in stored] if len(pack) == 1 else [torch.cat(ts) for ts in stored]
+        kernel(*packed, scalars[0][first], scalars[1][first], hyper, (None, None), None)
+        if len(pack) > 1:
+            sizes = [numels[i] for i in pack]
+            for written, flat in zip(stored[:1] + stored[2:], packed[:1] + packed[2:]):
                 torch._foreach_copy_(written, flat.split(sizes))
         if guard is not None:
             guard.restore()
+
+
+def _packs(indices: list[int], numels: dict[int, int], limit: int) -> list[list[int]]:
+    """Whole non-empty tensors, in order, gathered into packs of at most ``limit`` elements (or one tensor)."""
+    packs: list[list[int]] = []
+    current: list[int] = []
+    room = limit
+    for i in indices:
+        numel = numels[i]
+        if numel == 0:
+            continue
+        if numel > room and current:
+            packs.append(current)
+            current, room = [], limit
+        current.append(i)
+        room -= numel
+    if current:
+        packs.append(current)
+    return packs
 
 
 def _step_rows(kernel, bucket, scalars, hyper, rounding, finite, options) -> None:

@@ -215,3 +215,22 @@ def test_packed_stochastic_rounding_does_not_recompile_as_steps_go():
     before = compiles()
     _train_small("compiled", 15, chunk_size=300, **STOCHASTIC_BOTH)
     assert compiles() == before
+
+
+def test_tensors_of_different_step_counts_and_a_lone_one_element_tensor_match_the_eager_step():
+    results = []
+    for implementation in ("compiled", "chunked"):
+        params = _params(0, ((1,), (7,), (3, 5), (2**15,)))
+        opt = CompensatedAdamW(params, lr=1e-3, implementation=implementation)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(6):
+            for i, p in enumerate(params):
+                # the 1-element and the 7-element tensors start later: their step counts differ from the others'
+                p.grad = None if step < 2 * (i < 2) + (i == 1) else torch.randn(p.shape, generator=gen).to(p.dtype)
+            opt.step()
+        results.append((params, opt))
+    assert [results[0][1].state[p]["step"].item() for p in results[0][0]] == [4.0, 3.0, 6.0, 6.0]
+    for i, (p, r) in enumerate(zip(results[0][0], results[1][0])):
+        assert torch.equal(p.view(torch.int16), r.view(torch.int16)), f"parameter {i} differs from the eager step"
+        for key in ("compensation", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(results[0][1].state[p][key], results[1][1].state[r][key]), f"{key} of {i} differs"
