@@ -163,13 +163,7 @@ def compiled_compensated_step(
     device = params[0].device
     hyper = _tensor_hyper(eager.Hyper.of(options), device)
     rounding = rounding or eager.StateRounding()
-    calls = [] if calls is None else calls
-
-    def kernel(*args: Any) -> None:
-        compiled = _compiled_kernel(args[0].dim() == 2)
-        # Detached aliases: a parameter's requires_grad would otherwise be a guard, and a recompile, of its own.
-        compiled(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
-        calls.append(1)
+    kernel = _Kernel([] if calls is None else calls)
 
     small: list[int] = []
     for i, p in enumerate(params):
@@ -187,6 +181,60 @@ def compiled_compensated_step(
             by_step.setdefault(step, []).append(i)
     for same_step in by_step.values():
         _step_packed(kernel, bucket, same_step, scalars, hyper, rounding, finite, options)
+    kernel.run_deferred()
+
+
+class _Kernel:
+    """The compiled kernel as the step calls it, and the eager steps of the few tensors it does not take.
+
+    The first call of each kernel (flat or rows) in this process for a device and dtypes is preceded by a trial call
+    on copies of its first elements: a compile can fail after dynamo has run the function eagerly (a frame it skips),
+    and the eager fallback must find every tensor as it was. For the same reason the eager steps wait until every
+    kernel call of the bucket has been made.
+    """
+
+    def __init__(self, calls: list[int]) -> None:
+        self.calls = calls
+        self.deferred: list[tuple[Any, tuple]] = []
+
+    def __call__(self, *args: Any) -> None:
+        # Detached aliases: a parameter's requires_grad would otherwise be a guard, and a recompile, of its own.
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        rows = args[0].dim() == 2
+        compiled = _compiled_kernel(rows)
+        tried = (
+            args[0].device.type,
+            args[0].dtype,
+            args[2].dtype,
+            args[3].dtype,
+            any(k is not None for k in args[8]),
+            rows,
+        )
+        if tried not in _tried:
+            compiled(*_trial_args(args))
+            _tried.add(tried)
+        compiled(*args)
+        self.calls.append(1)
+
+    def later(self, function: Any, *args: Any) -> None:
+        """Run ``function(*args)`` once the kernel calls are made."""
+        self.deferred.append((function, args))
+
+    def run_deferred(self) -> None:
+        for function, args in self.deferred:
+            function(*args)
+            self.calls.append(1)
+
+
+def _trial_args(args: tuple) -> tuple:
+    """Copies of the first elements (flat) or the first two rows (a pack of rows) of a kernel call's arguments."""
+    p, g, m, v, c, neg_step_size, bc2_sqrt, hyper, keys, base = args
+    k = 2 if p.dim() == 2 else min(p.shape[0], 64)
+    tensors = [t[:k].clone() for t in (p, g, m, v, c)]
+    if p.dim() == 2:
+        keys = tuple(None if key is None else key[:k].clone() for key in keys)
+        base = base[:k].clone()
+    return (*tensors, neg_step_size, bc2_sqrt, hyper, keys, base)
 
 
 def _guarded(bucket: eager.Bucket) -> tuple[Sequence[torch.Tensor], ...]:
@@ -222,7 +270,7 @@ def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, opti
         first = pack[0]
         if len(pack) == 1 and numels[first] < _MIN_CALL_NUMEL:
             # One element alone: a call would compile a kernel of its own; the eager step instead.
-            _step_eager(bucket, pack, scalars, options, eager.StateRounding(), finite)
+            kernel.later(_step_eager, bucket, pack, scalars, options, eager.StateRounding(), finite)
             continue
         guard = None
         if finite is not None:
@@ -268,7 +316,7 @@ def _step_rows(kernel, bucket, scalars, hyper, rounding, finite, options) -> Non
         if size < _MIN_CALL_NUMEL:
             # Empty or one element: nothing to do, or a call that would compile a kernel of its own; eager.
             if size:
-                _step_eager(bucket, members, scalars, options, rounding, finite)
+                kernel.later(_step_eager, bucket, members, scalars, options, rounding, finite)
             continue
         per_pack = max(2, options.chunk_size // size)
         for start in range(0, len(members), per_pack):
@@ -322,6 +370,8 @@ def can_compile(rounding: eager.StateRounding | None) -> bool:
 # Devices whose compile failed in this process (the eager step runs for them from then on), with the reason.
 _failed: dict[str, str] = {}
 _compiled_once: set[tuple] = set()
+# Kernels (device, dtypes, stochastic, rows) whose trial call has been made in this process.
+_tried: set[tuple] = set()
 
 
 def wanted(implementation: str, device: torch.device, stepped_numel: int, rounding: eager.StateRounding | None) -> bool:
@@ -353,8 +403,9 @@ def _say_fallback(implementation: str, reason: str) -> None:
 def run(bucket, scalars, options, rounding, finite, steps) -> bool:
     """Step a bucket with :func:`compiled_compensated_step`; False (nothing changed) if its compile failed.
 
-    A compile fails on a call before its kernel writes anything; a failure once a kernel has run (in this bucket
-    or before, for the same dtypes) is a real error and is raised: the eager step must not step a tensor twice.
+    A compile fails on a trial call on copies, before the step writes anything (:class:`_Kernel`); a failure once a
+    kernel has run (in this bucket or before, for the same dtypes) is a real error and is raised: the eager step
+    must not step a tensor twice.
     """
     signature = (bucket.params[0].device.type, bucket.params[0].dtype, bucket.exp_avgs[0].dtype,
                  bucket.exp_avg_sqs[0].dtype, any(s is not None for s in rounding or ()))  # fmt: skip

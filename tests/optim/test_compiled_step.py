@@ -234,3 +234,28 @@ def test_tensors_of_different_step_counts_and_a_lone_one_element_tensor_match_th
         assert torch.equal(p.view(torch.int16), r.view(torch.int16)), f"parameter {i} differs from the eager step"
         for key in ("compensation", "exp_avg", "exp_avg_sq"):
             assert torch.equal(results[0][1].state[p][key], results[1][1].state[r][key]), f"{key} of {i} differs"
+
+
+def test_a_compile_that_fails_after_running_the_function_eagerly_leaves_the_step_to_the_eager_one(monkeypatch):
+    # Under a dispatch mode dynamo skips the frame: the function runs eagerly, then fullgraph raises. The first call
+    # is a trial on copies, so the eager fallback finds the tensors untouched and steps each once.
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    _logging.reset_reported()
+    monkeypatch.setattr(_compiled_step, "_tried", set())
+    monkeypatch.setattr(_compiled_step, "_compiled_once", set())
+    monkeypatch.setattr(_compiled_step, "_failed", {})
+    results, messages = [], []
+    for implementation in ("compiled", "chunked"):
+        params = _params(0, ((20,), (_compiled_step.PACK_BELOW,), (1,)))
+        opt = CompensatedAdamW(params, lr=1e-2, implementation=implementation)
+        for p in params:
+            p.grad = torch.full_like(p, 1e-2)
+        with warnings.catch_warnings(record=True) as record, CommDebugMode():
+            warnings.simplefilter("always")
+            opt.step()
+        results.append(params)
+        messages.append([str(w.message) for w in record])
+    assert any("torch.compile failed" in m for m in messages[0])  # the compiled step really fell back
+    for i, (p, r) in enumerate(zip(*results)):
+        assert torch.equal(p, r), f"parameter {i} was not stepped exactly once"
