@@ -41,8 +41,9 @@ AUTO_MIN_NUMEL = 2**20
 PACK_BELOW = 2**14
 # Each call's kernel must see at least 2 elements: inductor specialises sizes 0 and 1, which would compile again.
 _MIN_CALL_NUMEL = 2
-# Bytes per element of the flat buffers a pack gathers its operands into (p, g, m, v, c at their widest).
-_PACK_BYTES_PER_ELEMENT = 2 + 4 + 4 + 4 + 2
+# Bytes per element of the flat buffers a pack gathers its operands into (p, g, m, v, c at their widest): the
+# temporaries of a compiled call (the kernel fuses the update), which size the packs when chunk_size is automatic.
+PACK_BYTES_PER_ELEMENT = 2 + 4 + 4 + 4 + 2
 
 
 # Inductor's sqrt is correctly rounded, as the eager step's rounded sqrt is.

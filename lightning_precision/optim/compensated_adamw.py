@@ -12,6 +12,7 @@ default). For fp32/fp64 parameters it is plain AdamW.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -358,8 +359,14 @@ class CompensatedAdamW(Optimizer):
         )
         scalars = (neg_step_size, bc2_sqrt)
         tensors = _compensated_step.Bucket(params, grads, exp_avgs, exp_avg_sqs, comps)
-        if compiled and _compiled_step.run(tensors, scalars, options, rounding, finite, steps):
-            return
+        if compiled:
+            packs = options
+            if group["chunk_size"] is None and finite is None:
+                # A compiled call's temporaries are its pack's buffers only: larger packs, fewer calls, same budget.
+                pack_size = _chunk_plan.auto_chunk_size(stepped_numel, device, _compiled_step.PACK_BYTES_PER_ELEMENT)
+                packs = dataclasses.replace(options, chunk_size=pack_size)
+            if _compiled_step.run(tensors, scalars, packs, rounding, finite, steps):
+                return
         if half:
             _compensated_step.compensated_step(tensors, scalars, options, rounding, finite)
         else:
