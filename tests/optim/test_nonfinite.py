@@ -20,8 +20,10 @@ def test_flags_are_false_exactly_where_a_tensor_holds_nan_or_inf():
     grads[420][0] = float("-inf")
     grads[-1][-1] = float("inf")
     grads[3] = grads[3].reshape(40, 50)  # a 2-D gradient in a run
+    grads[300] = torch.randn(2**18).to(torch.bfloat16)  # large: checked on its own
+    grads[300][-1] = float("nan")
     flags = _nonfinite.finite_flags(grads)
-    assert torch.nonzero(~flags).flatten().tolist() == [137, 420, len(grads) - 1]
+    assert torch.nonzero(~flags).flatten().tolist() == [137, 300, 420, len(grads) - 1]
 
 
 def test_huge_finite_gradients_whose_squares_overflow_are_finite():
