@@ -5,6 +5,7 @@ the step's temporaries within budget. Shared by the eager, compiled and referenc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -127,6 +128,13 @@ def plan_chunks(numels: Sequence[int], chunk_size: int) -> list[list[Piece]]:
     return chunks
 
 
+@functools.cache
+def _dtensor_type() -> type:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
 def flat_local_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
     """1-D views of the local data of tensors that line up element by element, or None if they do not.
 
@@ -138,27 +146,33 @@ def flat_local_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | No
         tensors: A parameter, its gradient and its state tensors.
 
     Returns:
-        One flat view per tensor, aliasing its storage, or None when the tensors mix DTensor and plain tensors,
+        One flat view per tensor, aliasing its storage (a 1-D contiguous tensor itself), or None when the tensors mix DTensor and plain tensors,
         differ in mesh, placements, shape or strides, or have gaps or overlaps in memory (the caller then uses the
         reference step for them).
     """
-    from torch.distributed.tensor import DTensor
-
+    dtensor = _dtensor_type()
     first = tensors[0]
-    if isinstance(first, DTensor):
+    if not isinstance(first, dtensor):
+        # The common case, checked with as few calls as possible (a model of 5,000 tensors pays it every step).
+        shape, strides = first.shape, first.stride()
+        for t in tensors:
+            if isinstance(t, dtensor) or t.shape != shape or t.stride() != strides:
+                return None
+        if first.is_contiguous():
+            # A 1-D contiguous tensor is its own flat view.
+            return list(tensors) if first.dim() == 1 else [t.view(-1) for t in tensors]
+    else:
         if not all(
-            isinstance(t, DTensor) and t.device_mesh == first.device_mesh and t.placements == first.placements
+            isinstance(t, dtensor) and t.device_mesh == first.device_mesh and t.placements == first.placements
             for t in tensors
         ):
             return None
         tensors = [t.to_local() for t in tensors]
-    elif any(isinstance(t, DTensor) for t in tensors):
-        return None
-    shape, strides = tensors[0].shape, tensors[0].stride()
-    if any(t.shape != shape or t.stride() != strides for t in tensors):
-        return None
-    if tensors[0].is_contiguous():  # the common case, one view each (models with thousands of tensors step faster)
-        return [t.view(-1) for t in tensors]
+        shape, strides = tensors[0].shape, tensors[0].stride()
+        if any(t.shape != shape or t.stride() != strides for t in tensors):
+            return None
+        if tensors[0].is_contiguous():
+            return [t.view(-1) for t in tensors]
     order = memory_order(shape, strides)
     permuted = [t.permute(order) for t in tensors]
     if not all(t.is_contiguous() for t in permuted):

@@ -41,8 +41,9 @@ AUTO_MIN_NUMEL = 2**20
 PACK_BELOW = 2**14
 # Each call's kernel must see at least 2 elements: inductor specialises sizes 0 and 1, which would compile again.
 _MIN_CALL_NUMEL = 2
-# Bytes per element of the flat buffers a pack gathers its operands into (p, g, m, v, c at their widest).
-_PACK_BYTES_PER_ELEMENT = 2 + 4 + 4 + 4 + 2
+# Bytes per element of the flat buffers a pack gathers its operands into (p, g, m, v, c at their widest): the
+# temporaries of a compiled call (the kernel fuses the update), which size the packs when chunk_size is automatic.
+PACK_BYTES_PER_ELEMENT = 2 + 4 + 4 + 4 + 2
 
 
 # Inductor's sqrt is correctly rounded, as the eager step's rounded sqrt is.
@@ -52,14 +53,23 @@ _OPS = SimpleNamespace(**{**vars(eager._TENSOR_OPS), "sqrt": torch.sqrt})
 class _KeyedStream:
     """A :class:`~lightning_precision.optim._stochastic_rounding.RoundingStream` whose key and base index are tensors
     (inputs of the compiled kernel, not constants baked into it); for tensors whose local elements are one contiguous
-    range of the full tensor with fewer than 2**32 elements (the stream's other cases take the eager step)."""
+    range of the full tensor with fewer than 2**32 elements (the stream's other cases take the eager step).
+
+    0-dim key and base: one flat tensor. 1-D ones: a ``[rows, size]`` pack of equal-size tensors, one row each, with
+    that tensor's key and base, so every element draws the bits the tensor's own stream gives it.
+    """
 
     def __init__(self, key: torch.Tensor, base: torch.Tensor) -> None:
         self.key, self.base = key, base
 
     def random_bits(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        index = torch.arange(start, stop, dtype=torch.int64, device=device).add_(self.base)
-        return _mix32_(index.bitwise_and_(_MASK32).bitwise_xor_(self.key)).bitwise_right_shift_(16)
+        if self.key.dim() == 0:
+            index = torch.arange(start, stop, dtype=torch.int64, device=device).add_(self.base)
+            key = self.key
+        else:  # a pack's rows (start is 0: a pack is one chunk); stop // rows elements per row
+            columns = torch.arange(stop // self.key.shape[0], dtype=torch.int64, device=device)
+            index, key = columns.unsqueeze(0) + self.base.unsqueeze(1), self.key.unsqueeze(1)
+        return _mix32_(index.bitwise_and_(_MASK32).bitwise_xor_(key)).bitwise_right_shift_(16)
 
 
 def _kernel(
@@ -74,12 +84,13 @@ def _kernel(
     keys: tuple[torch.Tensor | None, torch.Tensor | None],
     base: torch.Tensor | None,
 ) -> None:
-    """One flat run of elements: the eager step's chunk update, as one chunk of one piece."""
+    """One flat run of elements, or a ``[rows, size]`` pack of equal-size tensors (one row each): the eager step's
+    chunk update, as one chunk of one piece (its elementwise ops do not see the shape)."""
     n = p.shape[0]
     chunk = eager._Chunk([(0, 0, n)], ops=_OPS)
 
     def room(dtype: torch.dtype = F32) -> torch.Tensor:
-        return torch.empty(n, dtype=dtype, device=p.device)
+        return torch.empty(p.shape, dtype=dtype, device=p.device)
 
     work = (room(), room(), None if m.dtype == F32 else room(), None if v.dtype == F32 else room())
     streams = [None if key is None else [_KeyedStream(key, base)] for key in keys]
@@ -90,10 +101,17 @@ def _kernel(
     )  # fmt: skip
 
 
+def _rows_kernel(*args: Any) -> None:
+    """:func:`_kernel` on ``[rows, size]`` packs: a code object of its own, so its compiled variants (hyperparameter
+    flags, state dtypes, rounding) count against dynamo's recompile limit apart from the flat ones'."""
+    _kernel(*args)
+
+
 @functools.cache
-def _compiled_kernel() -> Any:
+def _compiled_kernel(rows: bool = False) -> Any:
     # emulate_precision_casts keeps the bf16 rounding of each write (see the module docstring); scoped to this compile.
-    return torch.compile(_kernel, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
+    function = _rows_kernel if rows else _kernel
+    return torch.compile(function, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
 def compiler_missing(device: torch.device) -> str | None:
@@ -146,13 +164,7 @@ def compiled_compensated_step(
     device = params[0].device
     hyper = _tensor_hyper(eager.Hyper.of(options), device)
     rounding = rounding or eager.StateRounding()
-    compiled = _compiled_kernel()
-    calls = [] if calls is None else calls
-
-    def kernel(*args: Any) -> None:
-        # Detached aliases: a parameter's requires_grad would otherwise be a guard, and a recompile, of its own.
-        compiled(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
-        calls.append(1)
+    kernel = _Kernel([] if calls is None else calls)
 
     small: list[int] = []
     for i, p in enumerate(params):
@@ -165,10 +177,65 @@ def compiled_compensated_step(
         if guard is not None:
             guard.restore()
     by_step: dict[float, list[int]] = {}
-    for i in small:
-        by_step.setdefault(float(steps[i]), []).append(i)
+    if small:
+        for i, step in zip(small, torch.stack([steps[i] for i in small]).tolist()):
+            by_step.setdefault(step, []).append(i)
     for same_step in by_step.values():
         _step_packed(kernel, bucket, same_step, scalars, hyper, rounding, finite, options)
+    kernel.run_deferred()
+
+
+class _Kernel:
+    """The compiled kernel as the step calls it, and the eager steps of the few tensors it does not take.
+
+    The first call of each kernel (flat or rows) in this process for a device and dtypes is preceded by a trial call
+    on copies of its first elements: a compile can fail after dynamo has run the function eagerly (a frame it skips),
+    and the eager fallback must find every tensor as it was. For the same reason the eager steps wait until every
+    kernel call of the bucket has been made.
+    """
+
+    def __init__(self, calls: list[int]) -> None:
+        self.calls = calls
+        self.deferred: list[tuple[Any, tuple]] = []
+
+    def __call__(self, *args: Any) -> None:
+        # Detached aliases: a parameter's requires_grad would otherwise be a guard, and a recompile, of its own.
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        rows = args[0].dim() == 2
+        compiled = _compiled_kernel(rows)
+        tried = (
+            args[0].device.type,
+            args[0].dtype,
+            args[2].dtype,
+            args[3].dtype,
+            any(k is not None for k in args[8]),
+            rows,
+        )
+        if tried not in _tried:
+            compiled(*_trial_args(args))
+            _tried.add(tried)
+        compiled(*args)
+        self.calls.append(1)
+
+    def later(self, function: Any, *args: Any) -> None:
+        """Run ``function(*args)`` once the kernel calls are made."""
+        self.deferred.append((function, args))
+
+    def run_deferred(self) -> None:
+        for function, args in self.deferred:
+            function(*args)
+            self.calls.append(1)
+
+
+def _trial_args(args: tuple) -> tuple:
+    """Copies of the first elements (flat) or the first two rows (a pack of rows) of a kernel call's arguments."""
+    p, g, m, v, c, neg_step_size, bc2_sqrt, hyper, keys, base = args
+    k = 2 if p.dim() == 2 else min(p.shape[0], 64)
+    tensors = [t[:k].clone() for t in (p, g, m, v, c)]
+    if p.dim() == 2:
+        keys = tuple(None if key is None else key[:k].clone() for key in keys)
+        base = base[:k].clone()
+    return (*tensors, neg_step_size, bc2_sqrt, hyper, keys, base)
 
 
 def _guarded(bucket: eager.Bucket) -> tuple[Sequence[torch.Tensor], ...]:
@@ -189,32 +256,108 @@ def _stream_inputs(rounding: eager.StateRounding, indices: list[int], device: to
 
 
 def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, options) -> None:
-    """Step small tensors that share a step count: gathered into flat buffers by chunks, one kernel call each."""
-    sub = eager.Bucket(*([t[i] for i in indices] for t in bucket))
-    sub_scalars = ([scalars[0][i] for i in indices], [scalars[1][i] for i in indices])
-    sub_finite = None if finite is None else finite[indices]
+    """Step small tensors that share a step count: whole tensors gathered into flat buffers of about ``chunk_size``
+    elements, one kernel call each, and copied back."""
     if rounding.exp_avg is not None or rounding.exp_avg_sq is not None:
-        # Per-tensor random streams cannot share one packed call: the eager step of the same math, for these only.
+        sub = eager.Bucket(*([t[i] for i in indices] for t in bucket))
+        # One gather per scalar, not one 0-dim tensor per tensor.
+        sub_scalars = (scalars[0][indices], scalars[1][indices])
+        sub_finite = None if finite is None else finite[indices]
         sub_rounding = eager.StateRounding(*(None if s is None else [s[i] for i in indices] for s in rounding))
-        eager.compensated_step(sub, sub_scalars, options, sub_rounding, sub_finite)
+        _step_rows(kernel, sub, sub_scalars, hyper, sub_rounding, sub_finite, options)
         return
-    for pieces in eager.plan_chunks([p.numel() for p in sub.params], max(options.chunk_size, _MIN_CALL_NUMEL)):
-        chunk = eager._Chunk(pieces)
-        first = pieces[0][0]
-        if sum(stop - start for _, start, stop in pieces) < _MIN_CALL_NUMEL:
-            # One element (a chunk of one piece): a call would compile a second kernel; the eager step instead.
-            one = eager.Bucket(*([chunk.slices(t)] for t in sub))
-            finite_one = None if sub_finite is None else sub_finite[first : first + 1]
-            eager.compensated_step(one, ([sub_scalars[0][first]], [sub_scalars[1][first]]), options, None, finite_one)
+    numels = {i: bucket.params[i].numel() for i in indices}
+    for pack in _packs(indices, numels, max(options.chunk_size, _MIN_CALL_NUMEL)):
+        first = pack[0]
+        if len(pack) == 1 and numels[first] < _MIN_CALL_NUMEL:
+            # One element alone: a call would compile a kernel of its own; the eager step instead.
+            kernel.later(_step_eager, bucket, pack, scalars, options, eager.StateRounding(), finite)
             continue
-        guard = None if finite is None else eager._Guard(chunk, sub_finite, _guarded(sub))
-        packed = [torch.cat(chunk.slices(t)) if not chunk.single else chunk.slices(t) for t in sub]
-        kernel(*packed, sub_scalars[0][first], sub_scalars[1][first], hyper, (None, None), None)
-        if not chunk.single:
-            for t, flat in zip((sub.params, sub.exp_avgs, sub.exp_avg_sqs, sub.comps), packed[:1] + packed[2:]):
-                torch._foreach_copy_(chunk.slices(t), chunk.views(flat))
+        guard = None
+        if finite is not None:
+            guard = eager._Guard(eager._Chunk([(i, 0, numels[i]) for i in pack]), finite, _guarded(bucket))
+        stored = [[t[i] for i in pack] for t in bucket]
+        packed = [ts[0] for ts in stored] if len(pack) == 1 else [torch.cat(ts) for ts in stored]
+        kernel(*packed, scalars[0][first], scalars[1][first], hyper, (None, None), None)
+        if len(pack) > 1:
+            sizes = [numels[i] for i in pack]
+            for written, flat in zip(stored[:1] + stored[2:], packed[:1] + packed[2:]):
+                torch._foreach_copy_(written, flat.split(sizes))
         if guard is not None:
             guard.restore()
+
+
+def _packs(indices: list[int], numels: dict[int, int], limit: int) -> list[list[int]]:
+    """Whole non-empty tensors, in order, gathered into packs of at most ``limit`` elements (or one tensor)."""
+    packs: list[list[int]] = []
+    current: list[int] = []
+    room = limit
+    for i in indices:
+        numel = numels[i]
+        if numel == 0:
+            continue
+        if numel > room and current:
+            packs.append(current)
+            current, room = [], limit
+        current.append(i)
+        room -= numel
+    if current:
+        packs.append(current)
+    return packs
+
+
+def _step_rows(kernel, bucket, scalars, hyper, rounding, finite, options) -> None:
+    """Step small tensors with stochastically rounded moments: tensors of one size are stacked as the rows of a pack
+    (at most ``chunk_size`` elements, or two rows), one kernel call each, each row drawing its tensor's own bits."""
+    by_size: dict[int, list[int]] = {}
+    for i, p in enumerate(bucket.params):
+        by_size.setdefault(p.numel(), []).append(i)
+    device = bucket.params[0].device
+    for size, members in by_size.items():
+        if size < _MIN_CALL_NUMEL:
+            # Empty or one element: nothing to do, or a call that would compile a kernel of its own; eager.
+            if size:
+                kernel.later(_step_eager, bucket, members, scalars, options, rounding, finite)
+            continue
+        per_pack = max(2, options.chunk_size // size)
+        for start in range(0, len(members), per_pack):
+            rows = members[start : start + per_pack]
+            guard = (
+                None
+                if finite is None
+                else eager._Guard(eager._Chunk([(i, 0, size) for i in rows]), finite, _guarded(bucket))
+            )
+            if len(rows) == 1:
+                (i,) = rows
+                keys, base = _stream_inputs(rounding, [i], device)
+                kernel(*(t[i] for t in bucket), scalars[0][i], scalars[1][i], hyper, keys, base)
+            else:
+                _step_pack_of_rows(kernel, bucket, rows, scalars, hyper, rounding, device)
+            if guard is not None:
+                guard.restore()
+
+
+def _step_pack_of_rows(kernel, bucket, rows, scalars, hyper, rounding, device) -> None:
+    stored = [[t[i] for i in rows] for t in bucket]
+    packed = [torch.stack(ts) for ts in stored]
+    keys = tuple(
+        None if streams is None else torch.tensor([streams[i].key for i in rows], dtype=torch.int64, device=device)
+        for streams in rounding
+    )
+    layouts = next(s for s in rounding if s is not None)
+    base = torch.tensor([layouts[i].layout.base for i in rows], dtype=torch.int64, device=device)
+    first = rows[0]
+    kernel(*packed, scalars[0][first], scalars[1][first], hyper, keys, base)
+    for written, pack in zip(stored[:1] + stored[2:], packed[:1] + packed[2:]):
+        torch._foreach_copy_(written, pack.unbind(0))
+
+
+def _step_eager(bucket, members, scalars, options, rounding, finite) -> None:
+    sub = eager.Bucket(*([t[i] for i in members] for t in bucket))
+    sub_scalars = ([scalars[0][i] for i in members], [scalars[1][i] for i in members])
+    sub_rounding = eager.StateRounding(*(None if s is None else [s[i] for i in members] for s in rounding))
+    sub_finite = None if finite is None else finite[members]
+    eager.compensated_step(sub, sub_scalars, options, sub_rounding, sub_finite)
 
 
 def can_compile(rounding: eager.StateRounding | None) -> bool:
@@ -228,6 +371,8 @@ def can_compile(rounding: eager.StateRounding | None) -> bool:
 # Devices whose compile failed in this process (the eager step runs for them from then on), with the reason.
 _failed: dict[str, str] = {}
 _compiled_once: set[tuple] = set()
+# Kernels (device, dtypes, stochastic, rows) whose trial call has been made in this process.
+_tried: set[tuple] = set()
 
 
 def wanted(implementation: str, device: torch.device, stepped_numel: int, rounding: eager.StateRounding | None) -> bool:
@@ -259,8 +404,9 @@ def _say_fallback(implementation: str, reason: str) -> None:
 def run(bucket, scalars, options, rounding, finite, steps) -> bool:
     """Step a bucket with :func:`compiled_compensated_step`; False (nothing changed) if its compile failed.
 
-    A compile fails on a call before its kernel writes anything; a failure once a kernel has run (in this bucket
-    or before, for the same dtypes) is a real error and is raised: the eager step must not step a tensor twice.
+    A compile fails on a trial call on copies, before the step writes anything (:class:`_Kernel`); a failure once a
+    kernel has run (in this bucket or before, for the same dtypes) is a real error and is raised: the eager step
+    must not step a tensor twice.
     """
     signature = (bucket.params[0].device.type, bucket.params[0].dtype, bucket.exp_avgs[0].dtype,
                  bucket.exp_avg_sqs[0].dtype, any(s is not None for s in rounding or ()))  # fmt: skip

@@ -31,6 +31,9 @@ import torch
 from lightning_precision._logging import warn_once
 
 CAUSE = "CompensatedAdamW.nonfinite_gradient"
+# Bytes of gradients concatenated at once by the CPU check (a bounded temporary, near the caches).
+_RUN_BYTES = 2**20
+_RUN_BYTES_MIN = 2**16
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -55,13 +58,7 @@ def finite_flags(grads: list[torch.Tensor], found_inf: torch.Tensor | None = Non
     device = local[0].device
     nonempty = [i for i, g in enumerate(local) if g.numel() > 0]  # the inf-norm of no elements is undefined
     if device.type == "cpu" and nonempty:
-        # torch's CPU inf-norm of bf16 is ~15x slower than its 2-norm (it was 40% of a compiled step). A 2-norm is
-        # non-finite if any element is, or if its squares overflow fp32: only those tensors get the exact inf-norm
-        # (the host read of the flags is free on CPU).
-        norms = torch.zeros(len(local), dtype=torch.float32)
-        norms[nonempty] = torch.stack(torch._foreach_norm([local[i] for i in nonempty], 2)).to(torch.float32)
-        for i in torch.nonzero(~torch.isfinite(norms)).flatten().tolist():
-            norms[i] = torch.linalg.vector_norm(local[i], float("inf")).to(torch.float32)
+        norms = _cpu_norms(local, nonempty)
     elif len(nonempty) == len(local):
         norms = torch.stack(torch._foreach_norm(local, float("inf"))).to(torch.float32)
     else:
@@ -73,6 +70,47 @@ def finite_flags(grads: list[torch.Tensor], found_inf: torch.Tensor | None = Non
     if found_inf is not None:
         finite &= found_inf.to(device, non_blocking=True).reshape(()) == 0
     return finite
+
+
+def _cpu_norms(local: list[torch.Tensor], nonempty: list[int]) -> torch.Tensor:
+    """Per-tensor norms that are finite exactly where the tensor's elements all are (the host reads are free on CPU).
+
+    A 2-norm is non-finite if any element is, or if its squares overflow fp32. So small tensors are first checked by
+    runs: one 2-norm of a run's concatenation (at most a 32nd of the gradients' bytes, and 1 MiB) is finite only if
+    every tensor of the run is, and then every tensor's flag is True (their norms are set to 0). A larger tensor, or
+    a run that is not finite, gets a 2-norm per tensor, and only the tensors whose 2-norm is not finite the exact
+    inf-norm (torch's CPU inf-norm of bf16 is ~15x slower than its 2-norm; per-tensor norms of 5,000 small tensors
+    cost 3x a concatenated one).
+    """
+    norms = torch.zeros(len(local), dtype=torch.float32)
+    sizes = [local[i].numel() * local[i].element_size() for i in nonempty]
+    # At most a 32nd of the gradients' bytes: the check's temporary stays small beside the model's tensors.
+    limit = max(_RUN_BYTES_MIN, min(_RUN_BYTES, sum(sizes) // 32))
+    suspects: list[int] = []
+    run: list[int] = []
+    run_bytes = 0
+
+    def close_run() -> None:
+        tensors = [local[j] if local[j].dim() == 1 else local[j].reshape(-1) for j in run]
+        if len(run) == 1 or not torch.isfinite(torch.linalg.vector_norm(torch.cat(tensors), 2)):
+            suspects.extend(run)
+
+    for i, size in zip(nonempty, sizes):
+        if size >= limit:
+            suspects.append(i)  # large enough on its own: its norm, and no copy
+            continue
+        if run_bytes + size > limit:
+            close_run()
+            run, run_bytes = [], 0
+        run.append(i)
+        run_bytes += size
+    if run:
+        close_run()
+    if suspects:
+        norms[suspects] = torch.stack(torch._foreach_norm([local[i] for i in suspects], 2)).to(torch.float32)
+        for i in torch.nonzero(~torch.isfinite(norms)).flatten().tolist():
+            norms[i] = torch.linalg.vector_norm(local[i], float("inf")).to(torch.float32)
+    return norms
 
 
 def snapshot(tensors: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:

@@ -49,10 +49,11 @@ def state_rounding(
         return _compensated_step.StateRounding()
     index_of = {id(p): i for i, p in enumerate(p for g in param_groups for p in g["params"])}
     layouts = [element_layout(p) for p in owners]
+    step_values = [int(step) for step in torch.stack(steps).tolist()]  # one host read, not one per tensor
     streams = {
         m: [
-            stream_for(layout, group["rounding_seed"], int(step.item()), index_of[id(p)], m)
-            for p, layout, step in zip(owners, layouts, steps)
+            stream_for(layout, group["rounding_seed"], step, index_of[id(p)], m)
+            for p, layout, step in zip(owners, layouts, step_values)
         ]
         for m in moments
     }

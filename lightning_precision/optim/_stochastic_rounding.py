@@ -15,6 +15,7 @@ clear the low 16. Finite values round towards the two bf16 neighbours of their m
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,13 +54,18 @@ def _mix32_(x: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_(x >> 16)
 
 
-def stream_key(seed: int, step: int, param_index: int, moment: str) -> tuple[int, int]:
-    """Two 32-bit keys for one moment of one parameter at one step (the second mixes in high index bits)."""
+@functools.lru_cache(maxsize=64)
+def _step_key(seed: int, step: int) -> int:
+    """The part of :func:`stream_key` shared by every parameter at one step (computed once per step, not per tensor)."""
     key = _mix32_int(seed ^ 0x9E3779B9)
     key = _mix32_int(key ^ (seed >> 32))
     key = _mix32_int(key ^ step)
-    key = _mix32_int(key ^ (step >> 32))
-    key = _mix32_int(key ^ param_index)
+    return _mix32_int(key ^ (step >> 32))
+
+
+def stream_key(seed: int, step: int, param_index: int, moment: str) -> tuple[int, int]:
+    """Two 32-bit keys for one moment of one parameter at one step (the second mixes in high index bits)."""
+    key = _mix32_int(_step_key(seed, step) ^ param_index)
     key = _mix32_int(key ^ _MOMENT_IDS[moment])
     return key, _mix32_int(key ^ 0x85EBCA6B)
 
@@ -114,29 +120,40 @@ def element_layout(param: torch.Tensor) -> ElementLayout:
     """
     from torch.distributed.tensor import DTensor
 
-    if isinstance(param, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    if not isinstance(param, DTensor):
+        return _layout(tuple(param.shape), param.stride(), tuple(param.shape), (0,) * param.dim())
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        local = param.to_local()
-        global_shape = tuple(param.shape)
-        _, offsets = compute_local_shape_and_global_offset(global_shape, param.device_mesh, param.placements)
-    else:
-        local, global_shape, offsets = param, tuple(param.shape), (0,) * param.dim()
+    local = param.to_local()
+    global_shape = tuple(param.shape)
+    _, offsets = compute_local_shape_and_global_offset(global_shape, param.device_mesh, param.placements)
+    return _layout(tuple(local.shape), local.stride(), global_shape, tuple(offsets))
+
+
+# A pure function of its arguments, cached: a model of thousands of tensors has few distinct shapes, and the layout
+# is asked for every tensor at every step.
+@functools.lru_cache(maxsize=4096)
+def _layout(
+    local_shape: tuple[int, ...],
+    local_strides: tuple[int, ...],
+    global_shape: tuple[int, ...],
+    offsets: tuple[int, ...],
+) -> ElementLayout:
     global_strides, stride = [0] * len(global_shape), 1
     for d in reversed(range(len(global_shape))):
         global_strides[d] = stride
         stride *= global_shape[d]
-    order = memory_order(local.shape, local.stride())
-    row_major = order == list(range(local.dim()))
-    contiguous_range = row_major and all(o == 0 for o in offsets[1:]) and tuple(local.shape[1:]) == global_shape[1:]
+    order = memory_order(local_shape, local_strides)
+    row_major = order == list(range(len(local_shape)))
+    contiguous_range = row_major and all(o == 0 for o in offsets[1:]) and local_shape[1:] == global_shape[1:]
     base = None
     if contiguous_range:
         base = offsets[0] * global_strides[0] if offsets else 0
     return ElementLayout(
         base=base,
-        local_shape=tuple(local.shape[d] for d in order),
+        local_shape=tuple(local_shape[d] for d in order),
         dims=tuple(order),
-        offsets=tuple(offsets),
+        offsets=offsets,
         global_strides=tuple(global_strides),
         global_numel=stride,
     )

@@ -12,13 +12,21 @@ second rounded stochastically). For fp32/fp64 parameters it is plain AdamW.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from lightning_precision.optim import _chunk_plan, _compensated_state, _compensated_step, _compiled_step, _nonfinite
+from lightning_precision.optim import (
+    _buckets,
+    _chunk_plan,
+    _compensated_state,
+    _compensated_step,
+    _compiled_step,
+    _nonfinite,
+)
 from lightning_precision.optim._compensated_options import (
     _STATE_DTYPES,
     _normalise_group_options,
@@ -263,40 +271,7 @@ class CompensatedAdamW(Optimizer):
 
     def _buckets(self) -> tuple[list, int]:
         """The tensors to step, by group and bucket, and the number of elements the chunked step takes."""
-        # Tensors are bucketed by dtypes (each foreach call sees one dtype per list) and by whether the chunked step
-        # can take them: it needs flat local views, which a DTensor with mismatched placements does not have.
-        work = []
-        stepped_numel = 0
-        index = 0
-        for group in self.param_groups:
-            buckets: dict[tuple, list[list]] = {}
-            for p in group["params"]:
-                index += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("CompensatedAdamW does not support sparse gradients")
-                state = self._init_state(p, group)
-                half = "compensation" in state
-                tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"]]
-                if half:
-                    tensors.append(state["compensation"])
-                flat = None
-                if group["implementation"] != "reference":
-                    flat = _chunk_plan.flat_local_views(tensors)
-                if flat is not None:
-                    tensors = flat
-                    stepped_numel += flat[0].numel()
-                key = (p.device, p.dtype, state["exp_avg"].dtype, state["exp_avg_sq"].dtype, half, flat is not None)
-                bucket = buckets.setdefault(key, [[], [], [], [], [], [], [], []])
-                for lst, t in zip(bucket, tensors[:4]):
-                    lst.append(t)
-                bucket[4].append(state["step"])
-                bucket[5].append(tensors[4] if half else None)
-                bucket[6].append(p)
-                bucket[7].append(index - 1)
-            work.extend((group, key, bucket) for key, bucket in buckets.items())
-        return work, stepped_numel
+        return _buckets.collect(self)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -379,8 +354,14 @@ class CompensatedAdamW(Optimizer):
         )
         scalars = (neg_step_size, bc2_sqrt)
         tensors = _compensated_step.Bucket(params, grads, exp_avgs, exp_avg_sqs, comps)
-        if compiled and _compiled_step.run(tensors, scalars, options, rounding, finite, steps):
-            return
+        if compiled:
+            packs = options
+            if group["chunk_size"] is None and finite is None:
+                # A compiled call's temporaries are its pack's buffers only: larger packs, fewer calls, same budget.
+                pack_size = _chunk_plan.auto_chunk_size(stepped_numel, device, _compiled_step.PACK_BYTES_PER_ELEMENT)
+                packs = dataclasses.replace(options, chunk_size=pack_size)
+            if _compiled_step.run(tensors, scalars, packs, rounding, finite, steps):
+                return
         if half:
             _compensated_step.compensated_step(tensors, scalars, options, rounding, finite)
         else:

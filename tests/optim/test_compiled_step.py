@@ -170,3 +170,92 @@ def test_step_traced_by_a_users_compile_is_refused():
     p.grad = torch.ones_like(p)
     with pytest.raises(Exception, match="must not be compiled"):
         torch.compile(opt.step, fullgraph=True)()
+
+
+# Small tensors of repeated sizes (stacked into packs of rows), unique sizes (a call each), 2-element, 1-element and
+# empty ones, a DTensor-free channels-last one: all below PACK_BELOW.
+SMALL_SIZES = ((40, 3),) * 7 + ((5,), (5,), (17, 2), (2,), (2,), (1,), (1,), (0,), (300,), (3, 100)) + ((64,),) * 5
+STOCHASTIC_BOTH = {
+    "exp_avg_rounding": "stochastic",
+    "exp_avg_sq_dtype": torch.bfloat16,
+    "exp_avg_sq_rounding": "stochastic",
+    "rounding_seed": 11,
+}
+
+
+def _train_small(implementation: str, steps: int, **kwargs) -> tuple[list, CompensatedAdamW]:
+    params = _params(0, SMALL_SIZES)
+    opt = CompensatedAdamW(params, lr=1e-3, implementation=implementation, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(torch.bfloat16)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("chunk_size", [None, 200], ids=["auto-chunk", "packs-of-few-rows"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [STOCHASTIC_BOTH, {"exp_avg_sq_dtype": torch.bfloat16, "exp_avg_sq_rounding": "stochastic", "weight_decay": 0.0}],
+    ids=["both-moments", "second-moment"],
+)
+def test_packed_small_tensors_with_stochastic_rounding_are_bitwise_the_eager_step(kwargs, chunk_size):
+    assert all(torch.Size(s).numel() < _compiled_step.PACK_BELOW for s in SMALL_SIZES)
+    compiled = _train_small("compiled", 40, chunk_size=chunk_size, **kwargs)
+    _assert_bitwise(compiled, _train_small("chunked", 40, chunk_size=chunk_size, **kwargs))
+    _assert_bitwise(compiled, _train_small("reference", 40, **kwargs))
+
+
+def test_packed_stochastic_rounding_does_not_recompile_as_steps_go():
+    def compiles() -> int:
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    _train_small("compiled", 2, **STOCHASTIC_BOTH)  # compiles the kernels (or finds them compiled by an earlier test)
+    before = compiles()
+    _train_small("compiled", 15, chunk_size=300, **STOCHASTIC_BOTH)
+    assert compiles() == before
+
+
+def test_tensors_of_different_step_counts_and_a_lone_one_element_tensor_match_the_eager_step():
+    results = []
+    for implementation in ("compiled", "chunked"):
+        params = _params(0, ((1,), (7,), (3, 5), (2**15,)))
+        opt = CompensatedAdamW(params, lr=1e-3, implementation=implementation)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(6):
+            for i, p in enumerate(params):
+                # the 1-element and the 7-element tensors start later: their step counts differ from the others'
+                p.grad = None if step < 2 * (i < 2) + (i == 1) else torch.randn(p.shape, generator=gen).to(p.dtype)
+            opt.step()
+        results.append((params, opt))
+    assert [results[0][1].state[p]["step"].item() for p in results[0][0]] == [4.0, 3.0, 6.0, 6.0]
+    for i, (p, r) in enumerate(zip(results[0][0], results[1][0])):
+        assert torch.equal(p.view(torch.int16), r.view(torch.int16)), f"parameter {i} differs from the eager step"
+        for key in ("compensation", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(results[0][1].state[p][key], results[1][1].state[r][key]), f"{key} of {i} differs"
+
+
+def test_a_compile_that_fails_after_running_the_function_eagerly_leaves_the_step_to_the_eager_one(monkeypatch):
+    # Under a dispatch mode dynamo skips the frame: the function runs eagerly, then fullgraph raises. The first call
+    # is a trial on copies, so the eager fallback finds the tensors untouched and steps each once.
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    _logging.reset_reported()
+    monkeypatch.setattr(_compiled_step, "_tried", set())
+    monkeypatch.setattr(_compiled_step, "_compiled_once", set())
+    monkeypatch.setattr(_compiled_step, "_failed", {})
+    results, messages = [], []
+    for implementation in ("compiled", "chunked"):
+        params = _params(0, ((20,), (_compiled_step.PACK_BELOW,), (1,)))
+        opt = CompensatedAdamW(params, lr=1e-2, implementation=implementation)
+        for p in params:
+            p.grad = torch.full_like(p, 1e-2)
+        with warnings.catch_warnings(record=True) as record, CommDebugMode():
+            warnings.simplefilter("always")
+            opt.step()
+        results.append(params)
+        messages.append([str(w.message) for w in record])
+    assert any("torch.compile failed" in m for m in messages[0])  # the compiled step really fell back
+    for i, (p, r) in enumerate(zip(*results)):
+        assert torch.equal(p, r), f"parameter {i} was not stepped exactly once"

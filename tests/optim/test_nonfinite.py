@@ -1,0 +1,39 @@
+"""Per-tensor finite-gradient flags on CPU: checked by concatenated runs, exact per tensor."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_precision.optim import _nonfinite
+
+
+def _grads(count: int = 700, numel: int = 2000) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    # 700 bf16 tensors of 4,000 bytes: several runs of the check, each of many tensors.
+    assert count * numel * 2 > 2 * _nonfinite._RUN_BYTES
+    return [torch.randn(numel, generator=gen).to(torch.bfloat16) for _ in range(count)]
+
+
+def test_flags_are_false_exactly_where_a_tensor_holds_nan_or_inf():
+    grads = _grads()
+    grads[137][5] = float("nan")
+    grads[420][0] = float("-inf")
+    grads[-1][-1] = float("inf")
+    grads[3] = grads[3].reshape(40, 50)  # a 2-D gradient in a run
+    grads[300] = torch.randn(2**18).to(torch.bfloat16)  # large: checked on its own
+    grads[300][-1] = float("nan")
+    flags = _nonfinite.finite_flags(grads)
+    assert torch.nonzero(~flags).flatten().tolist() == [137, 300, 420, len(grads) - 1]
+
+
+def test_huge_finite_gradients_whose_squares_overflow_are_finite():
+    grads = _grads()
+    grads[10].fill_(3e38)  # the 2-norms of its run and of itself overflow; every element is finite
+    grads[11][7] = float("nan")
+    flags = _nonfinite.finite_flags(grads)
+    assert torch.nonzero(~flags).flatten().tolist() == [11]
+
+
+def test_all_finite_gradients_and_empty_ones_are_finite():
+    grads = _grads()[:50] + [torch.zeros(0, dtype=torch.bfloat16)]
+    assert bool(_nonfinite.finite_flags(grads).all())
