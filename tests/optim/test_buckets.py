@@ -44,7 +44,7 @@ def test_a_parameter_that_changes_dtype_between_steps_gets_state_of_its_new_dtyp
 
 def test_a_changed_group_dtype_option_and_an_added_group_are_seen_at_the_next_step():
     a, b = (torch.nn.Parameter(torch.randn(64).to(BF16)) for _ in range(2))
-    opt = CompensatedAdamW([a], implementation="chunked")
+    opt = CompensatedAdamW([a], implementation="chunked", exp_avg_sq_dtype="float32")
     a.grad = _grad(a)
     opt.step()
     assert opt.state[a]["exp_avg_sq"].dtype == torch.float32
