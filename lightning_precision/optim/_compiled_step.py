@@ -31,6 +31,7 @@ import torch
 
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.optim import _compensated_step as eager
+from lightning_precision.optim._inductor_tiling import half_precision_tiling
 from lightning_precision.optim._stochastic_rounding import _MASK32, _mix32_
 
 F32 = torch.float32
@@ -151,7 +152,8 @@ def compiled_compensated_step(
 
     def kernel(*args: Any) -> None:
         # Detached aliases: a parameter's requires_grad would otherwise be a guard, and a recompile, of its own.
-        compiled(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        with half_precision_tiling(params[0].dtype):  # whole-vector bf16 loads and stores, if this call compiles
+            compiled(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
         calls.append(1)
 
     small: list[int] = []

@@ -12,6 +12,7 @@ from lightning_precision import _logging
 from lightning_precision.errors import PrecisionWarning
 from lightning_precision.optim import CompensatedAdamW, _compiled_step
 from lightning_precision.optim import _compensated_step as eager
+from lightning_precision.optim._inductor_tiling import half_precision_tiling
 
 pytestmark = pytest.mark.skipif(
     _compiled_step.compiler_missing(torch.device("cpu")) is not None,
@@ -125,11 +126,24 @@ def test_compile_that_folds_the_bf16_rounding_is_caught():
             eager.compensated_step(bucket, ([scalars[0].item()], [scalars[1].item()]), options)
         else:
             tensor_hyper = _compiled_step._tensor_hyper(hyper, p.device)
-            kernel(p.data, g, m, v, c, *scalars, tensor_hyper, (None, None), None)
+            with half_precision_tiling(p.dtype):  # compiled as the step compiles its kernel
+                kernel(p.data, g, m, v, c, *scalars, tensor_hyper, (None, None), None)
         compensations.append(c)
     if torch.equal(compensations[0], compensations[1]):
         pytest.skip("this torch's inductor keeps the bf16 rounding without emulate_precision_casts")
     assert compensations[0].count_nonzero() < compensations[1].count_nonzero()
+
+
+def test_half_precision_tiling_is_undone_after_the_step():
+    from torch._inductor.codegen import cpp
+
+    original = cpp.get_loop_body_lowp_fp
+    _train("compiled", 1)
+    assert cpp.get_loop_body_lowp_fp is original
+    with pytest.raises(RuntimeError, match="raised inside"), half_precision_tiling(torch.bfloat16):
+        assert cpp.get_loop_body_lowp_fp is not original
+        raise RuntimeError("raised inside")
+    assert cpp.get_loop_body_lowp_fp is original
 
 
 def test_explicit_compiled_warns_once_and_runs_the_eager_step_when_it_cannot_compile(monkeypatch):
