@@ -32,7 +32,7 @@ import torch
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.optim import _compensated_step as eager
 from lightning_precision.optim._inductor_tiling import half_precision_tiling
-from lightning_precision.optim._stochastic_rounding import _MASK32, _mix32_
+from lightning_precision.optim._stochastic_rounding import _MASK32, _mix32_, _shifted_right, as_int32
 
 F32 = torch.float32
 # implementation="auto" compiles for optimizers stepping at least this many elements: below it the first step's
@@ -51,16 +51,17 @@ _OPS = SimpleNamespace(**{**vars(eager._TENSOR_OPS), "sqrt": torch.sqrt})
 
 
 class _KeyedStream:
-    """A :class:`~lightning_precision.optim._stochastic_rounding.RoundingStream` whose key and base index are tensors
-    (inputs of the compiled kernel, not constants baked into it); for tensors whose local elements are one contiguous
-    range of the full tensor with fewer than 2**32 elements (the stream's other cases take the eager step)."""
+    """A :class:`~lightning_precision.optim._stochastic_rounding.RoundingStream` whose key and base index are int32
+    tensors holding their uint32 bit patterns (inputs of the compiled kernel, not constants baked into it); for tensors
+    whose local elements are one contiguous range of the full tensor with fewer than 2**32 elements (the stream's other
+    cases take the eager step), so the int32 sum, wrapping modulo 2**32, is the global index itself."""
 
     def __init__(self, key: torch.Tensor, base: torch.Tensor) -> None:
         self.key, self.base = key, base
 
     def random_bits(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        index = torch.arange(start, stop, dtype=torch.int64, device=device).add_(self.base)
-        return _mix32_(index.bitwise_and_(_MASK32).bitwise_xor_(self.key)).bitwise_right_shift_(16)
+        index = torch.arange(start, stop, dtype=torch.int32, device=device).add_(self.base)
+        return _shifted_right(_mix32_(index.bitwise_xor_(self.key)), 16)
 
 
 def _kernel(
@@ -183,11 +184,11 @@ def _stream_inputs(rounding: eager.StateRounding, indices: list[int], device: to
         return (None, None), None
     (i,) = indices
     keys = tuple(
-        None if streams is None else torch.tensor(streams[i].key, dtype=torch.int64, device=device)
+        None if streams is None else torch.tensor(as_int32(streams[i].key), dtype=torch.int32, device=device)
         for streams in rounding
     )
     layout = next(s for s in rounding if s is not None)[i].layout
-    return keys, torch.tensor(layout.base, dtype=torch.int64, device=device)
+    return keys, torch.tensor(as_int32(layout.base), dtype=torch.int32, device=device)
 
 
 def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, options) -> None:

@@ -41,16 +41,28 @@ def _mix32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def _mix32_(x: torch.Tensor) -> torch.Tensor:
-    """The same finaliser, in place, on an int64 tensor of values in ``[0, 2**32)``.
+def as_int32(x: int) -> int:
+    """The int32 with the bit pattern of the 32-bit unsigned ``x`` (torch has no full uint32 arithmetic)."""
+    x &= _MASK32
+    return x - (1 << 32) if x >= 1 << 31 else x
 
-    Products of two 32-bit values may pass 2**63 and wrap; the mask keeps their low 32 bits, which wrapping preserves.
+
+def _shifted_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    # A logical shift of the uint32 pattern: int32 ``>>`` copies the sign bit, the mask clears the copies.
+    return (x >> bits).bitwise_and_((1 << (32 - bits)) - 1)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """The same finaliser, in place, on an int32 tensor holding uint32 bit patterns.
+
+    int32 products wrap modulo 2**32 and keep the low 32 bits of the unsigned product, so every step is the unsigned
+    one: half the width of int64 lanes, and no masking after each product.
     """
-    x.bitwise_xor_(x >> 16)
-    x.mul_(0x7FEB352D).bitwise_and_(_MASK32)
-    x.bitwise_xor_(x >> 15)
-    x.mul_(0x846CA68B).bitwise_and_(_MASK32)
-    return x.bitwise_xor_(x >> 16)
+    x.bitwise_xor_(_shifted_right(x, 16))
+    x.mul_(as_int32(0x7FEB352D))
+    x.bitwise_xor_(_shifted_right(x, 15))
+    x.mul_(as_int32(0x846CA68B))
+    return x.bitwise_xor_(_shifted_right(x, 16))
 
 
 def stream_key(seed: int, step: int, param_index: int, moment: str) -> tuple[int, int]:
@@ -151,13 +163,15 @@ class RoundingStream:
     high_key: int
 
     def random_bits(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        """16 random bits (int64 values in ``[0, 2**16)``) for the local elements ``start:stop``."""
+        """16 random bits (int32 values in ``[0, 2**16)``) for the local elements ``start:stop``."""
         index = self.layout.global_indices(start, stop, device)
-        high = index >> 32 if self.layout.global_numel > _MASK32 else None
-        bits = _mix32_(index.bitwise_and_(_MASK32).bitwise_xor_(self.key))
+        high = (index >> 32).to(torch.int32) if self.layout.global_numel > _MASK32 else None
+        # int64 -> int32 keeps the low 32 bits (two's complement wrap).
+        bits = _mix32_(index.bitwise_and_(_MASK32).to(torch.int32).bitwise_xor_(as_int32(self.key)))
+        del index
         if high is not None:
-            bits = _mix32_(bits.bitwise_xor_(high.bitwise_xor_(self.high_key)))
-        return bits.bitwise_right_shift_(16)  # the hash's high bits mix best
+            bits = _mix32_(bits.bitwise_xor_(high.bitwise_xor_(as_int32(self.high_key))))
+        return _shifted_right(bits, 16)  # the hash's high bits mix best
 
 
 def stream_for(layout: ElementLayout, seed: int, step: int, param_index: int, moment: str) -> RoundingStream:
