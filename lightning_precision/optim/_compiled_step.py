@@ -9,9 +9,9 @@ so 5,000 small tensors cost a few hundred calls, not 5,000.
 
 The trap this module must not fall into: inductor removes ``bf16 -> fp32 -> bf16`` round trips by default, so a
 compiled Kahan step computes ``t - float(bf16(t)) == 0`` and its compensation is silently all zero (upstream pytorch
-issues 179561 and 185337). The compile sets ``emulate_precision_casts`` for this function only (``torch.compile``'s
-``options``), never for the user's model; ``tests/optim/test_compiled_step.py`` fails if the compensation differs from
-the eager step's by a single bit.
+issues 179561 and 185337). The compile sets ``emulate_precision_casts`` for this function only (the config patches of
+its inductor backend), never for the user's model; ``tests/optim/test_compiled_step.py`` fails if the compensation
+differs from the eager step's by a single bit.
 
 Hyperparameters and the per-tensor step scalars are 0-dim tensors and sizes are dynamic, so a new learning rate, a new
 step or a tensor of another size reuses the compiled kernel (the tests count recompiles). Inductor's on-disk FX graph
@@ -31,7 +31,7 @@ import torch
 
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.optim import _compensated_step as eager
-from lightning_precision.optim._inductor_tiling import half_precision_tiling
+from lightning_precision.optim._inductor_tiling import tiled_inductor
 from lightning_precision.optim._stochastic_rounding import _MASK32, _mix32_, _shifted_right, as_int32
 
 F32 = torch.float32
@@ -94,8 +94,10 @@ def _kernel(
 
 @functools.cache
 def _compiled_kernel() -> Any:
-    # emulate_precision_casts keeps the bf16 rounding of each write (see the module docstring); scoped to this compile.
-    return torch.compile(_kernel, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
+    # emulate_precision_casts keeps the bf16 rounding of each write (see the module docstring); scoped to this compile,
+    # as is the loop step of whole bf16 vectors (``_inductor_tiling``).
+    backend = tiled_inductor({"emulate_precision_casts": True})
+    return torch.compile(_kernel, backend=backend, dynamic=True, fullgraph=True)
 
 
 def compiler_missing(device: torch.device) -> str | None:
@@ -153,8 +155,7 @@ def compiled_compensated_step(
 
     def kernel(*args: Any) -> None:
         # Detached aliases: a parameter's requires_grad would otherwise be a guard, and a recompile, of its own.
-        with half_precision_tiling(params[0].dtype):  # whole-vector bf16 loads and stores, if this call compiles
-            compiled(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        compiled(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
         calls.append(1)
 
     small: list[int] = []

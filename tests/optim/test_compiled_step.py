@@ -12,7 +12,7 @@ from lightning_precision import _logging
 from lightning_precision.errors import PrecisionWarning
 from lightning_precision.optim import CompensatedAdamW, _compiled_step
 from lightning_precision.optim import _compensated_step as eager
-from lightning_precision.optim._inductor_tiling import half_precision_tiling
+from lightning_precision.optim._inductor_tiling import half_precision_tiling, tiled_inductor
 from lightning_precision.optim._stochastic_rounding import ElementLayout, RoundingStream
 
 pytestmark = pytest.mark.skipif(
@@ -113,7 +113,7 @@ def test_no_recompile_as_lr_steps_and_group_sizes_change():
 def test_compile_that_folds_the_bf16_rounding_is_caught():
     # The upstream trap: without emulate_precision_casts inductor folds t - float(bf16(t)) to 0. The same kernel
     # compiled that way must fail the bitwise check the tests above make.
-    folded = torch.compile(_compiled_step._kernel, dynamic=True, fullgraph=True)
+    folded = torch.compile(_compiled_step._kernel, backend=tiled_inductor({}), dynamic=True, fullgraph=True)
     params, ref_params = _params(0, ((2**16,),)), _params(0, ((2**16,),))
     hyper = eager.Hyper(0.1, 0.999, 0.001, 1e-8, 0.0, False, False)
     compensations = []
@@ -127,8 +127,7 @@ def test_compile_that_folds_the_bf16_rounding_is_caught():
             eager.compensated_step(bucket, ([scalars[0].item()], [scalars[1].item()]), options)
         else:
             tensor_hyper = _compiled_step._tensor_hyper(hyper, p.device)
-            with half_precision_tiling(p.dtype):  # compiled as the step compiles its kernel
-                kernel(p.data, g, m, v, c, *scalars, tensor_hyper, (None, None), None)
+            kernel(p.data, g, m, v, c, *scalars, tensor_hyper, (None, None), None)
         compensations.append(c)
     if torch.equal(compensations[0], compensations[1]):
         pytest.skip("this torch's inductor keeps the bf16 rounding without emulate_precision_casts")
