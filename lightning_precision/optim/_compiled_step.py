@@ -32,7 +32,7 @@ import torch
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.optim import _compensated_step as eager
 from lightning_precision.optim._inductor_tiling import tiled_inductor
-from lightning_precision.optim._stochastic_rounding import _MASK32, _mix32_, _shifted_right, as_int32
+from lightning_precision.optim._stochastic_rounding import _MASK32, as_int32, range_bits
 
 F32 = torch.float32
 # implementation="auto" compiles for optimizers stepping at least this many elements: below it the first step's
@@ -60,8 +60,7 @@ class _KeyedStream:
         self.key, self.base = key, base
 
     def random_bits(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        index = torch.arange(start, stop, dtype=torch.int32, device=device).add_(self.base)
-        return _shifted_right(_mix32_(index.bitwise_xor_(self.key)), 16)
+        return range_bits(start, stop, self.base, self.key, device)
 
 
 def _kernel(

@@ -53,16 +53,21 @@ def _shifted_right(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _mix32_(x: torch.Tensor) -> torch.Tensor:
-    """The same finaliser, in place, on an int32 tensor holding uint32 bit patterns.
+    """The same finaliser, in place, on int64 values in ``[0, 2**32)`` or on int32 tensors of uint32 bit patterns.
 
-    int32 products wrap modulo 2**32 and keep the low 32 bits of the unsigned product, so every step is the unsigned
-    one: half the width of int64 lanes, and no masking after each product.
+    int64 lanes (the eager step): products may pass 2**63 and wrap; the mask keeps their low 32 bits, which wrapping
+    preserves. int32 lanes (the compiled kernel: half the width, no mask after a product): products wrap modulo
+    2**32, keeping the low 32 bits of the unsigned product, and the shifts are made logical. On CPU the eager ops on
+    int32 with a scalar cost ~0.5 us more each than on int64, which a step over 5,000 small tensors pays per op.
     """
-    x.bitwise_xor_(_shifted_right(x, 16))
-    x.mul_(as_int32(0x7FEB352D))
-    x.bitwise_xor_(_shifted_right(x, 15))
-    x.mul_(as_int32(0x846CA68B))
-    return x.bitwise_xor_(_shifted_right(x, 16))
+    wide = x.dtype == torch.int64
+    for shift, factor in ((16, 0x7FEB352D), (15, 0x846CA68B), (16, None)):
+        x.bitwise_xor_(x >> shift if wide else _shifted_right(x, shift))
+        if factor is not None and wide:
+            x.mul_(factor).bitwise_and_(_MASK32)
+        elif factor is not None:
+            x.mul_(as_int32(factor))
+    return x
 
 
 def stream_key(seed: int, step: int, param_index: int, moment: str) -> tuple[int, int]:
@@ -163,15 +168,23 @@ class RoundingStream:
     high_key: int
 
     def random_bits(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        """16 random bits (int32 values in ``[0, 2**16)``) for the local elements ``start:stop``."""
+        """16 random bits (int64 values in ``[0, 2**16)``) for the local elements ``start:stop``."""
         index = self.layout.global_indices(start, stop, device)
-        high = (index >> 32).to(torch.int32) if self.layout.global_numel > _MASK32 else None
-        # int64 -> int32 keeps the low 32 bits (two's complement wrap).
-        bits = _mix32_(index.bitwise_and_(_MASK32).to(torch.int32).bitwise_xor_(as_int32(self.key)))
-        del index
+        high = index >> 32 if self.layout.global_numel > _MASK32 else None
+        bits = _mix32_(index.bitwise_and_(_MASK32).bitwise_xor_(self.key))
         if high is not None:
-            bits = _mix32_(bits.bitwise_xor_(high.bitwise_xor_(as_int32(self.high_key))))
-        return _shifted_right(bits, 16)  # the hash's high bits mix best
+            bits = _mix32_(bits.bitwise_xor_(high.bitwise_xor_(self.high_key)))
+        return bits.bitwise_right_shift_(16)  # the hash's high bits mix best
+
+
+def range_bits(
+    start: int, stop: int, base: int | torch.Tensor, key: int | torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """:meth:`RoundingStream.random_bits` (as int32) of local elements ``start:stop`` whose global indices are
+    ``base + start ...``, under 2**32: int32 all along, the sum wrapping modulo 2**32 (the compiled kernel's lanes).
+    ``base`` and ``key`` are uint32 bit patterns as int32, ints or 0-dim tensors (inputs of the compiled kernel)."""
+    index = torch.arange(start, stop, dtype=torch.int32, device=device).add_(base)
+    return _shifted_right(_mix32_(index.bitwise_xor_(key)), 16)
 
 
 def stream_for(layout: ElementLayout, seed: int, step: int, param_index: int, moment: str) -> RoundingStream:
