@@ -9,9 +9,9 @@ so 5,000 small tensors cost a few hundred calls, not 5,000.
 
 The trap this module must not fall into: inductor removes ``bf16 -> fp32 -> bf16`` round trips by default, so a
 compiled Kahan step computes ``t - float(bf16(t)) == 0`` and its compensation is silently all zero (upstream pytorch
-issues 179561 and 185337). The compile sets ``emulate_precision_casts`` for this function only (``torch.compile``'s
-``options``), never for the user's model; ``tests/optim/test_compiled_step.py`` fails if the compensation differs from
-the eager step's by a single bit.
+issues 179561 and 185337). The compile sets ``emulate_precision_casts`` for this function only (the config patches of
+its inductor backend), never for the user's model; ``tests/optim/test_compiled_step.py`` fails if the compensation
+differs from the eager step's by a single bit.
 
 Hyperparameters and the per-tensor step scalars are 0-dim tensors and sizes are dynamic, so a new learning rate, a new
 step or a tensor of another size reuses the compiled kernel (the tests count recompiles). Inductor's on-disk FX graph
@@ -31,7 +31,8 @@ import torch
 
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.optim import _compensated_step as eager
-from lightning_precision.optim._stochastic_rounding import _MASK32, _mix32_
+from lightning_precision.optim._inductor_tiling import tiled_inductor
+from lightning_precision.optim._stochastic_rounding import _MASK32, _mix32_, _shifted_right, as_int32, range_bits
 
 F32 = torch.float32
 # implementation="auto" compiles for optimizers stepping at least this many elements: below it the first step's
@@ -51,9 +52,10 @@ _OPS = SimpleNamespace(**{**vars(eager._TENSOR_OPS), "sqrt": torch.sqrt})
 
 
 class _KeyedStream:
-    """A :class:`~lightning_precision.optim._stochastic_rounding.RoundingStream` whose key and base index are tensors
-    (inputs of the compiled kernel, not constants baked into it); for tensors whose local elements are one contiguous
-    range of the full tensor with fewer than 2**32 elements (the stream's other cases take the eager step).
+    """A :class:`~lightning_precision.optim._stochastic_rounding.RoundingStream` whose key and base index are int32
+    tensors holding their uint32 bit patterns (inputs of the compiled kernel, not constants baked into it); for tensors
+    whose local elements are one contiguous range of the full tensor with fewer than 2**32 elements (the stream's other
+    cases take the eager step), so the int32 sum, wrapping modulo 2**32, is the global index itself.
 
     0-dim key and base: one flat tensor. 1-D ones: a ``[rows, size]`` pack of equal-size tensors, one row each, with
     that tensor's key and base, so every element draws the bits the tensor's own stream gives it.
@@ -64,12 +66,11 @@ class _KeyedStream:
 
     def random_bits(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
         if self.key.dim() == 0:
-            index = torch.arange(start, stop, dtype=torch.int64, device=device).add_(self.base)
-            key = self.key
-        else:  # a pack's rows (start is 0: a pack is one chunk); stop // rows elements per row
-            columns = torch.arange(stop // self.key.shape[0], dtype=torch.int64, device=device)
-            index, key = columns.unsqueeze(0) + self.base.unsqueeze(1), self.key.unsqueeze(1)
-        return _mix32_(index.bitwise_and_(_MASK32).bitwise_xor_(key)).bitwise_right_shift_(16)
+            return range_bits(start, stop, self.base, self.key, device)
+        # A pack's rows (start is 0: a pack is one chunk); stop // rows elements per row.
+        columns = torch.arange(stop // self.key.shape[0], dtype=torch.int32, device=device)
+        index = columns.unsqueeze(0) + self.base.unsqueeze(1)
+        return _shifted_right(_mix32_(index.bitwise_xor_(self.key.unsqueeze(1))), 16)
 
 
 def _kernel(
@@ -109,9 +110,10 @@ def _rows_kernel(*args: Any) -> None:
 
 @functools.cache
 def _compiled_kernel(rows: bool = False) -> Any:
-    # emulate_precision_casts keeps the bf16 rounding of each write (see the module docstring); scoped to this compile.
-    function = _rows_kernel if rows else _kernel
-    return torch.compile(function, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
+    # emulate_precision_casts keeps the bf16 rounding of each write (see the module docstring); scoped to this compile,
+    # as is the loop step of whole bf16 vectors (``_inductor_tiling``).
+    backend = tiled_inductor({"emulate_precision_casts": True})
+    return torch.compile(_rows_kernel if rows else _kernel, backend=backend, dynamic=True, fullgraph=True)
 
 
 def compiler_missing(device: torch.device) -> str | None:
@@ -248,11 +250,11 @@ def _stream_inputs(rounding: eager.StateRounding, indices: list[int], device: to
         return (None, None), None
     (i,) = indices
     keys = tuple(
-        None if streams is None else torch.tensor(streams[i].key, dtype=torch.int64, device=device)
+        None if streams is None else torch.tensor(as_int32(streams[i].key), dtype=torch.int32, device=device)
         for streams in rounding
     )
     layout = next(s for s in rounding if s is not None)[i].layout
-    return keys, torch.tensor(layout.base, dtype=torch.int64, device=device)
+    return keys, torch.tensor(as_int32(layout.base), dtype=torch.int32, device=device)
 
 
 def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, options) -> None:
@@ -341,11 +343,13 @@ def _step_pack_of_rows(kernel, bucket, rows, scalars, hyper, rounding, device) -
     stored = [[t[i] for i in rows] for t in bucket]
     packed = [torch.stack(ts) for ts in stored]
     keys = tuple(
-        None if streams is None else torch.tensor([streams[i].key for i in rows], dtype=torch.int64, device=device)
+        None
+        if streams is None
+        else torch.tensor([as_int32(streams[i].key) for i in rows], dtype=torch.int32, device=device)
         for streams in rounding
     )
     layouts = next(s for s in rounding if s is not None)
-    base = torch.tensor([layouts[i].layout.base for i in rows], dtype=torch.int64, device=device)
+    base = torch.tensor([as_int32(layouts[i].layout.base) for i in rows], dtype=torch.int32, device=device)
     first = rows[0]
     kernel(*packed, scalars[0][first], scalars[1][first], hyper, keys, base)
     for written, pack in zip(stored[:1] + stored[2:], packed[:1] + packed[2:]):

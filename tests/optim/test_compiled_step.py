@@ -12,6 +12,8 @@ from lightning_precision import _logging
 from lightning_precision.errors import PrecisionWarning
 from lightning_precision.optim import CompensatedAdamW, _compiled_step
 from lightning_precision.optim import _compensated_step as eager
+from lightning_precision.optim._inductor_tiling import half_precision_tiling, tiled_inductor
+from lightning_precision.optim._stochastic_rounding import ElementLayout, RoundingStream
 
 pytestmark = pytest.mark.skipif(
     _compiled_step.compiler_missing(torch.device("cpu")) is not None,
@@ -111,7 +113,7 @@ def test_no_recompile_as_lr_steps_and_group_sizes_change():
 def test_compile_that_folds_the_bf16_rounding_is_caught():
     # The upstream trap: without emulate_precision_casts inductor folds t - float(bf16(t)) to 0. The same kernel
     # compiled that way must fail the bitwise check the tests above make.
-    folded = torch.compile(_compiled_step._kernel, dynamic=True, fullgraph=True)
+    folded = torch.compile(_compiled_step._kernel, backend=tiled_inductor({}), dynamic=True, fullgraph=True)
     params, ref_params = _params(0, ((2**16,),)), _params(0, ((2**16,),))
     hyper = eager.Hyper(0.1, 0.999, 0.001, 1e-8, 0.0, False, False)
     compensations = []
@@ -130,6 +132,39 @@ def test_compile_that_folds_the_bf16_rounding_is_caught():
     if torch.equal(compensations[0], compensations[1]):
         pytest.skip("this torch's inductor keeps the bf16 rounding without emulate_precision_casts")
     assert compensations[0].count_nonzero() < compensations[1].count_nonzero()
+
+
+def test_stochastic_bits_match_the_eager_step_where_the_index_passes_2_31():
+    # The compiled kernel adds its base index in int32 (wrapping): a shard starting past 2**31 must draw the bits the
+    # eager step draws from the int64 global index.
+    n, base = _compiled_step.PACK_BELOW, 2**31 - 1000  # a call of its own (smaller tensors are packed)
+    layout = ElementLayout(base, (n,), (0,), (0,), (1,), 2**32 - 1)
+    rounding = eager.StateRounding(exp_avg_sq=[RoundingStream(layout, 0x9E3779B9, 0)])
+    options = eager.StepOptions(1e-3, 0.9, 0.999, 1e-8, 0.0, False, 2**16)
+    gen = torch.Generator().manual_seed(2)
+    g = (torch.randn(n, generator=gen) * 1e-2).to(torch.bfloat16)
+    states = []
+    for step in (_compiled_step.compiled_compensated_step, eager.compensated_step):
+        p = torch.randn(n, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+        m, v, c = torch.zeros(n), torch.full((n,), 1e-4, dtype=torch.bfloat16), torch.zeros_like(p)
+        scalars = ([torch.tensor(-1e-2)], [torch.tensor(0.0316)])
+        extra = (None, [torch.tensor(1.0)]) if step is _compiled_step.compiled_compensated_step else (None,)
+        step(eager.Bucket([p], [g], [m], [v], [c]), scalars, options, rounding, *extra)
+        states.append((p, v, c))
+    for compiled, reference in zip(*states):
+        assert torch.equal(compiled.view(torch.int16), reference.view(torch.int16))
+
+
+def test_half_precision_tiling_is_undone_after_the_step():
+    from torch._inductor.codegen import cpp
+
+    original = cpp.get_loop_body_lowp_fp
+    _train("compiled", 1)
+    assert cpp.get_loop_body_lowp_fp is original
+    with pytest.raises(RuntimeError, match="raised inside"), half_precision_tiling(torch.bfloat16):
+        assert cpp.get_loop_body_lowp_fp is not original
+        raise RuntimeError("raised inside")
+    assert cpp.get_loop_body_lowp_fp is original
 
 
 def test_explicit_compiled_warns_once_and_runs_the_eager_step_when_it_cannot_compile(monkeypatch):

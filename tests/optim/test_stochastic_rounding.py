@@ -9,7 +9,16 @@ import torch
 
 from lightning_precision.errors import PrecisionConfigError
 from lightning_precision.optim import CompensatedAdamW
-from lightning_precision.optim._stochastic_rounding import element_layout, round_into_, stream_for
+from lightning_precision.optim._stochastic_rounding import (
+    ElementLayout,
+    _mix32_,
+    _mix32_int,
+    as_int32,
+    element_layout,
+    range_bits,
+    round_into_,
+    stream_for,
+)
 
 N = 2**16
 
@@ -189,3 +198,34 @@ def test_contiguous_layout_is_one_range():
     layout = element_layout(torch.zeros(4, 3))
     assert layout.base == 0
     assert layout.global_indices(2, 6, torch.device("cpu")).tolist() == [2, 3, 4, 5]
+
+
+def test_tensor_hash_is_the_unsigned_32_bit_hash_of_the_host():
+    # In int32 lanes (wrapping products, logical shifts) as in int64 ones, the tensor hash is the uint32 one: the
+    # compiled and the eager step, and a resumed run, draw the bits the host-side definition gives.
+    values = [0, 1, 2**15, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 1, 0x9E3779B9]
+    values += torch.randint(0, 2**32, (1000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64).tolist()
+    expected = [_mix32_int(v) for v in values]
+    narrow = _mix32_(torch.tensor([as_int32(v) for v in values], dtype=torch.int32))
+    assert [h & 0xFFFFFFFF for h in narrow.tolist()] == expected
+    assert _mix32_(torch.tensor(values, dtype=torch.int64)).tolist() == expected
+
+
+def test_random_bits_of_a_tensor_of_2_32_elements_or_more_mix_the_high_index_bits():
+    base = 3 * 2**32 + 2**31 - 4  # a shard whose indices cross 2**31 in their low 32 bits
+    layout = ElementLayout(base, (8,), (0,), (0,), (1,), 2**34)
+    stream = stream_for(layout, seed=5, step=2, param_index=1, moment="exp_avg")
+    expected = []
+    for index in range(base, base + 8):
+        low = _mix32_int((index & 0xFFFFFFFF) ^ stream.key)
+        expected.append(_mix32_int(low ^ (index >> 32) ^ stream.high_key) >> 16)
+    assert stream.random_bits(0, 8, torch.device("cpu")).tolist() == expected
+
+
+def test_int32_bits_of_a_range_crossing_2_31_are_the_streams():
+    base = 2**31 - 4  # the int32 sum of the compiled kernel's lanes wraps here
+    layout = ElementLayout(base, (8,), (0,), (0,), (1,), 2**32 - 1)
+    stream = stream_for(layout, seed=5, step=2, param_index=1, moment="exp_avg_sq")
+    expected = [_mix32_int(index ^ stream.key) >> 16 for index in range(base, base + 8)]
+    assert stream.random_bits(0, 8, torch.device("cpu")).tolist() == expected
+    assert range_bits(0, 8, as_int32(base), as_int32(stream.key), torch.device("cpu")).tolist() == expected
