@@ -32,6 +32,7 @@ import torch
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.optim import _compensated_step as eager
 from lightning_precision.optim._inductor_tiling import tiled_inductor
+from lightning_precision.optim._kernel_check import KernelMismatch, check_kernel
 from lightning_precision.optim._stochastic_rounding import _MASK32, _mix32_, _shifted_right, as_int32, range_bits
 
 F32 = torch.float32
@@ -87,8 +88,17 @@ def _kernel(
 ) -> None:
     """One flat run of elements, or a ``[rows, size]`` pack of equal-size tensors (one row each): the eager step's
     chunk update, as one chunk of one piece (its elementwise ops do not see the shape)."""
+    _update(_OPS, p, g, m, v, c, neg_step_size, bc2_sqrt, hyper, keys, base)
+
+
+def eager_kernel(*args: Any) -> None:
+    """:func:`_kernel`'s update run by the eager step's ops (its rounded sqrt): what the compiled kernel must give."""
+    _update(eager._TENSOR_OPS, *args)
+
+
+def _update(ops, p, g, m, v, c, neg_step_size, bc2_sqrt, hyper, keys, base) -> None:
     n = p.shape[0]
-    chunk = eager._Chunk([(0, 0, n)], ops=_OPS)
+    chunk = eager._Chunk([(0, 0, n)], ops=ops)
 
     def room(dtype: torch.dtype = F32) -> torch.Tensor:
         return torch.empty(p.shape, dtype=dtype, device=p.device)
@@ -167,6 +177,7 @@ def compiled_compensated_step(
     hyper = _tensor_hyper(eager.Hyper.of(options), device)
     rounding = rounding or eager.StateRounding()
     kernel = _Kernel([] if calls is None else calls)
+    kernel.check_before_writes(bucket, scalars, hyper, rounding)
 
     small: list[int] = []
     for i, p in enumerate(params):
@@ -190,10 +201,11 @@ def compiled_compensated_step(
 class _Kernel:
     """The compiled kernel as the step calls it, and the eager steps of the few tensors it does not take.
 
-    The first call of each kernel (flat or rows) in this process for a device and dtypes is preceded by a trial call
-    on copies of its first elements: a compile can fail after dynamo has run the function eagerly (a frame it skips),
-    and the eager fallback must find every tensor as it was. For the same reason the eager steps wait until every
-    kernel call of the bucket has been made.
+    Each kernel (flat or rows, per device, dtypes, rounding and flags) is compiled and checked against the eager ops
+    (:mod:`~lightning_precision.optim._kernel_check`) on synthetic elements before its first use in this process, and
+    before the bucket's first write: a compile can fail after dynamo has run the function eagerly (a frame it skips),
+    and a kernel can compute wrongly, and the eager fallback must then find every tensor as it was. For the same
+    reason the eager steps wait until every kernel call of the bucket has been made.
     """
 
     def __init__(self, calls: list[int]) -> None:
@@ -203,21 +215,35 @@ class _Kernel:
     def __call__(self, *args: Any) -> None:
         # Detached aliases: a parameter's requires_grad would otherwise be a guard, and a recompile, of its own.
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        rows = args[0].dim() == 2
-        compiled = _compiled_kernel(rows)
-        tried = (
-            args[0].device.type,
-            args[0].dtype,
-            args[2].dtype,
-            args[3].dtype,
-            any(k is not None for k in args[8]),
-            rows,
-        )
-        if tried not in _tried:
-            compiled(*_trial_args(args))
-            _tried.add(tried)
-        compiled(*args)
+        self.check(args)
+        _compiled_kernel(args[0].dim() == 2)(*args)
         self.calls.append(1)
+
+    @staticmethod
+    def check(args: tuple) -> None:
+        """Compile and check the kernel a call with these arguments takes, if not yet done in this process."""
+        rows = args[0].dim() == 2
+        hyper, keys = args[7], args[8]
+        kind = (args[0].device.type, *(t.dtype for t in args[:5]), tuple(k is not None for k in keys), rows,
+                hyper.decays, hyper.maximize)  # fmt: skip
+        if kind not in _checked:
+            check_kernel(_compiled_kernel(rows), eager_kernel, args)
+            _checked.add(kind)
+
+    def check_before_writes(self, bucket: eager.Bucket, scalars: tuple, hyper: eager.Hyper, rounding) -> None:
+        """Check the kernels this bucket may call (flat; rows for small tensors rounded stochastically) up front."""
+        device = bucket.params[0].device
+        stochastic = [s is not None for s in rounding]
+        first = [t[0] for t in bucket]
+        for rows in (
+            (False, True) if any(stochastic) and any(p.numel() < PACK_BELOW for p in bucket.params) else (False,)
+        ):
+            shape = (2,) if rows else ()
+            keys = tuple(torch.zeros(shape, dtype=torch.int32, device=device) if s else None for s in stochastic)
+            base = torch.zeros(shape, dtype=torch.int32, device=device) if any(stochastic) else None
+            template = [t.view(1, -1) if rows else t for t in first]
+            # Detached as the calls' arguments are: a view's base would be a guard, and a compile, of its own.
+            self.check((*template, scalars[0][0].detach(), scalars[1][0].detach(), hyper, keys, base))
 
     def later(self, function: Any, *args: Any) -> None:
         """Run ``function(*args)`` once the kernel calls are made."""
@@ -227,17 +253,6 @@ class _Kernel:
         for function, args in self.deferred:
             function(*args)
             self.calls.append(1)
-
-
-def _trial_args(args: tuple) -> tuple:
-    """Copies of the first elements (flat) or the first two rows (a pack of rows) of a kernel call's arguments."""
-    p, g, m, v, c, neg_step_size, bc2_sqrt, hyper, keys, base = args
-    k = 2 if p.dim() == 2 else min(p.shape[0], 64)
-    tensors = [t[:k].clone() for t in (p, g, m, v, c)]
-    if p.dim() == 2:
-        keys = tuple(None if key is None else key[:k].clone() for key in keys)
-        base = base[:k].clone()
-    return (*tensors, neg_step_size, bc2_sqrt, hyper, keys, base)
 
 
 def _guarded(bucket: eager.Bucket) -> tuple[Sequence[torch.Tensor], ...]:
@@ -375,8 +390,8 @@ def can_compile(rounding: eager.StateRounding | None) -> bool:
 # Devices whose compile failed in this process (the eager step runs for them from then on), with the reason.
 _failed: dict[str, str] = {}
 _compiled_once: set[tuple] = set()
-# Kernels (device, dtypes, stochastic, rows) whose trial call has been made in this process.
-_tried: set[tuple] = set()
+# Kernels (device, dtypes, stochastic moments, rows, flags) compiled and checked in this process.
+_checked: set[tuple] = set()
 
 
 def wanted(implementation: str, device: torch.device, stepped_numel: int, rounding: eager.StateRounding | None) -> bool:
@@ -417,6 +432,12 @@ def run(bucket, scalars, options, rounding, finite, steps) -> bool:
     calls: list[int] = []
     try:
         compiled_compensated_step(bucket, scalars, options, rounding, finite, steps, calls)
+    except KernelMismatch as error:
+        if calls:
+            raise
+        _failed[signature[0]] = f"its compiled kernel did not match the eager step on a check: {error}"
+        _say_fallback("compiled", _failed[signature[0]])  # a warning even under "auto": a compiler fault
+        return False
     except Exception as error:
         if signature in _compiled_once or calls:
             raise

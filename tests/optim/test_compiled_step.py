@@ -277,7 +277,7 @@ def test_a_compile_that_fails_after_running_the_function_eagerly_leaves_the_step
     from torch.distributed.tensor.debug import CommDebugMode
 
     _logging.reset_reported()
-    monkeypatch.setattr(_compiled_step, "_tried", set())
+    monkeypatch.setattr(_compiled_step, "_checked", set())
     monkeypatch.setattr(_compiled_step, "_compiled_once", set())
     monkeypatch.setattr(_compiled_step, "_failed", {})
     results, messages = [], []

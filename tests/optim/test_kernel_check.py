@@ -1,0 +1,111 @@
+"""The check a compiled CompensatedAdamW kernel passes before its first use: a wrong kernel is never used."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lightning_precision import _logging
+from lightning_precision.optim import CompensatedAdamW, _compiled_step
+from lightning_precision.optim import _compensated_step as eager
+from lightning_precision.optim._inductor_tiling import tiled_inductor
+from lightning_precision.optim._kernel_check import KernelMismatch, check_kernel, difference
+
+pytestmark = pytest.mark.skipif(
+    _compiled_step.compiler_missing(torch.device("cpu")) is not None,
+    reason=f"the compiled step cannot compile here: {_compiled_step.compiler_missing(torch.device('cpu'))}",
+)
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo():
+    # Dynamo allows 8 compiled variants per code object and process; this module's templates add their own to those
+    # the other optimizer tests compiled in the same pytest process.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _template(rows: bool, stochastic: bool) -> tuple:
+    shape = (3, 8) if rows else (8,)
+    p, g, c = (torch.zeros(shape, dtype=BF16) for _ in range(3))
+    m, v = torch.zeros(shape, dtype=BF16), torch.zeros(shape, dtype=BF16 if stochastic else torch.float32)
+    hyper = _compiled_step._tensor_hyper(eager.Hyper(0.1, 0.999, 0.001, 1e-8, -1e-5, True, False), p.device)
+    key_shape = (3,) if rows else ()
+    keys = (None, torch.full(key_shape, 12345, dtype=torch.int32)) if stochastic else (None, None)
+    base = torch.zeros(key_shape, dtype=torch.int32) if stochastic else None
+    return (p, g, m, v, c, torch.tensor(-1e-3), torch.tensor(0.0316), hyper, keys, base)
+
+
+def _folded_step(*args) -> None:
+    # A code object of its own: its compiles do not count against the library kernel's recompile limit.
+    _compiled_step._kernel(*args)
+
+
+def _folded_kernel():
+    # The upstream trap: without emulate_precision_casts inductor may fold t - float(bf16(t)) to 0.
+    return torch.compile(_folded_step, backend=tiled_inductor({}), dynamic=True, fullgraph=True)
+
+
+@pytest.mark.parametrize(("rows", "stochastic"), [(False, False), (False, True), (True, True)])
+def test_the_compiled_kernel_passes_the_check(rows, stochastic):
+    check_kernel(_compiled_step._compiled_kernel(rows), _compiled_step.eager_kernel, _template(rows, stochastic))
+
+
+def test_a_kernel_that_folds_the_rounding_fails_the_check_naming_the_compensation():
+    try:
+        check_kernel(_folded_kernel(), _compiled_step.eager_kernel, _template(False, False))
+    except KernelMismatch as error:
+        assert "compensation" in str(error) and "differ bitwise" in str(error)
+    else:
+        pytest.skip("this torch's inductor keeps the bf16 rounding without emulate_precision_casts")
+
+
+def _state(seed: int) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randn(64, generator=gen).to(BF16)
+    c = (torch.randn(64, generator=gen) * 1e-3).to(BF16)
+    return p, None, torch.randn(64, generator=gen), torch.rand(64, generator=gen), c
+
+
+def test_off_cpu_an_ulp_of_difference_passes_but_a_lost_compensation_does_not():
+    want = _state(0)
+    ulp_off = list(want)
+    ulp_off[2] = want[2].nextafter(torch.full_like(want[2], 2.0))  # one fp32 ulp in every exp_avg element
+    assert difference(tuple(ulp_off), want, exact=False) is None
+    assert "exp_avg: 64 of 64 elements differ bitwise" in difference(tuple(ulp_off), want, exact=True)
+    lost = (*want[:4], torch.zeros_like(want[4]))
+    assert "parameter + compensation" in difference(lost, want, exact=False)
+
+
+def test_a_step_whose_kernel_fails_the_check_runs_the_eager_step_and_warns(monkeypatch):
+    try:
+        check_kernel(_folded_kernel(), _compiled_step.eager_kernel, _template(False, False))
+        pytest.skip("this torch's inductor keeps the bf16 rounding without emulate_precision_casts")
+    except KernelMismatch:
+        pass
+    _logging.reset_reported()
+    folded = _folded_kernel()
+    monkeypatch.setattr(_compiled_step, "_compiled_kernel", lambda rows=False: folded)
+    for name, fresh in (("_checked", set()), ("_compiled_once", set()), ("_failed", {})):
+        monkeypatch.setattr(_compiled_step, name, fresh)
+    results = []
+    for implementation in ("compiled", "chunked"):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(BF16)) for s in ((2**15,), (40,), (7,))]
+        opt = CompensatedAdamW(params, lr=1e-3, implementation=implementation, exp_avg_sq_dtype="float32")
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                for p in params:
+                    p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(BF16)
+                opt.step()
+        results.append((params, opt, [str(w.message) for w in record]))
+    said = [m for m in results[0][2] if "did not match the eager step" in m]
+    assert len(said) == 1 and "compensation" in said[0]  # once, naming what differed
+    for p, r in zip(results[0][0], results[1][0]):
+        assert torch.equal(p, r)
+        assert torch.equal(results[0][1].state[p]["compensation"], results[1][1].state[r]["compensation"])
