@@ -12,9 +12,11 @@ all cores), every optimizer row gets:
   blocks go back to the system instead of a retained heap that would hide growth. The first step (state creation,
   compilation) is not measured.
 * **peak B/param** = steady + transient: what the step needs at its high point.
-* **time**: median step time over the interleaved rounds (all optimizers built in one process, each on its own
-  copy of the model, stepped in turn per round; the first step, with state creation and any compile, untimed), and
-  its ratios to torch AdamW fp32 foreach and to torch AdamW fp32 fused, measured in the same rounds.
+* **time**: median step time over the interleaved rounds (all optimizers built in one process per thread count,
+  started with that many threads, each on its own copy of the model, stepped in turn per round; the first step,
+  with state creation and any compile, untimed), and its ratios to torch AdamW fp32 foreach and to torch AdamW fp32
+  fused, measured in the same rounds. One process per thread count because a compiled kernel keeps the thread count
+  it was compiled under.
 
 Rows that cannot run here are printed with the reason. Usage (from the repository root)::
 
@@ -186,7 +188,10 @@ def _run_probe(name: str, numel: int, tensors: int, threads: int) -> dict:
 def time_steps(
     numel: int, tensors: int, threads: list[int], rounds: int, rows: list[Row]
 ) -> dict[tuple[str, int], float | str]:
-    """Median step seconds per (row, threads), optimizers interleaved round by round; a str is why a row failed."""
+    """Median step seconds per (row, threads), optimizers interleaved round by round; a str is why a row failed.
+
+    Compiled kernels are built for the thread count of their first step (inductor's CPU code fixes its OpenMP team
+    then): :func:`_run_timing` calls this in a fresh process per thread count."""
     opts: dict[str, torch.optim.Optimizer] = {}
     result: dict[tuple[str, int], float | str] = {}
     for row in rows:
@@ -211,6 +216,20 @@ def time_steps(
     return result
 
 
+def _run_timing(numel: int, tensors: int, threads: int, rounds: int, rows: list[Row]) -> dict:
+    """:func:`time_steps` for one thread count, in a fresh process started with that many threads (a kernel
+    compiled for 2 threads and run on 1 took 2.6x as long as one compiled for 1 here)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, __file__, "--timing", "--numel", str(numel), "--tensors", str(tensors)]
+    cmd += ["--threads", str(threads), "--rounds", str(rounds), "--rows", *(row.name for row in rows)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        error = f"timing process exited {out.returncode}: {out.stderr.strip().splitlines()[-1:]}"
+        return {(row.name, threads): error for row in rows}
+    return {(name, threads): value for name, value in json.loads(lines[-1]).items()}
+
+
 def _load() -> str:
     try:
         return open("/proc/loadavg").read().split()[0]
@@ -231,6 +250,7 @@ def main() -> None:
         help="only these optimizers (and the base)",
     )
     parser.add_argument("--probe", help=argparse.SUPPRESS)
+    parser.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--numel", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tensors", type=int, help=argparse.SUPPRESS)
@@ -238,6 +258,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.probe:
         print(json.dumps(probe(args.probe, args.numel, args.tensors, args.threads)))
+        return
+    if args.timing:
+        torch.set_num_threads(args.threads)
+        chosen = [row for row in ROWS if row.name in args.rows]
+        timed = time_steps(args.numel, args.tensors, [args.threads], args.rounds, chosen)
+        print(json.dumps({name: value for (name, _), value in timed.items()}))
         return
 
     default_rows = [row.name for row in ROWS if "(reference)" not in row.name]
@@ -279,7 +305,7 @@ def main() -> None:
                 (row.name, t): pool.submit(_run_probe, row.name, numel, tensors, t) for t in threads for row in rows
             }
             memory = {key: future.result() for key, future in probes.items()}
-        timing = time_steps(numel, tensors, threads, rounds, rows)
+        timing = {key: value for t in threads for key, value in _run_timing(numel, tensors, t, rounds, rows).items()}
         for t in threads:
             block = [header, "-" * len(header)]
             base, fused = timing.get((BASE_ROW, t)), timing.get((FUSED_ROW, t))
