@@ -389,7 +389,6 @@ def can_compile(rounding: eager.StateRounding | None) -> bool:
 
 # Devices whose compile failed in this process (the eager step runs for them from then on), with the reason.
 _failed: dict[str, str] = {}
-_compiled_once: set[tuple] = set()
 # Kernels (device, dtypes, stochastic moments, rows, flags) compiled and checked in this process.
 _checked: set[tuple] = set()
 
@@ -421,28 +420,24 @@ def _say_fallback(implementation: str, reason: str) -> None:
 
 
 def run(bucket, scalars, options, rounding, finite, steps) -> bool:
-    """Step a bucket with :func:`compiled_compensated_step`; False (nothing changed) if its compile failed.
+    """Step a bucket with :func:`compiled_compensated_step`; False (nothing changed) if a kernel could not be had.
 
-    A compile fails on a trial call on copies, before the step writes anything (:class:`_Kernel`); a failure once a
-    kernel has run (in this bucket or before, for the same dtypes) is a real error and is raised: the eager step
-    must not step a tensor twice.
+    Every kernel a bucket may call is compiled and checked before its first write (:class:`_Kernel`), so a compile
+    that fails (dynamo's recompile limit included) or a kernel that fails the check leaves every tensor as it was,
+    and the eager step runs, from then on for this device, with a warning. A failure once a kernel has written is
+    raised: the eager step must not step a tensor twice.
     """
-    signature = (bucket.params[0].device.type, bucket.params[0].dtype, bucket.exp_avgs[0].dtype,
-                 bucket.exp_avg_sqs[0].dtype, any(s is not None for s in rounding or ()))  # fmt: skip
     calls: list[int] = []
     try:
         compiled_compensated_step(bucket, scalars, options, rounding, finite, steps, calls)
-    except KernelMismatch as error:
+    except Exception as error:
         if calls:
             raise
-        _failed[signature[0]] = f"its compiled kernel did not match the eager step on a check: {error}"
-        _say_fallback("compiled", _failed[signature[0]])  # a warning even under "auto": a compiler fault
+        if isinstance(error, KernelMismatch):
+            reason = f"its compiled kernel did not match the eager step on a check: {error}"
+        else:
+            reason = f"torch.compile failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        _failed[bucket.params[0].device.type] = reason
+        _say_fallback("compiled", reason)  # a warning even under "auto": the compiler failed
         return False
-    except Exception as error:
-        if signature in _compiled_once or calls:
-            raise
-        _failed[signature[0]] = f"torch.compile failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
-        _say_fallback("compiled", _failed[signature[0]])
-        return False
-    _compiled_once.add(signature)
     return True

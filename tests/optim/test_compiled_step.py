@@ -278,7 +278,6 @@ def test_a_compile_that_fails_after_running_the_function_eagerly_leaves_the_step
 
     _logging.reset_reported()
     monkeypatch.setattr(_compiled_step, "_checked", set())
-    monkeypatch.setattr(_compiled_step, "_compiled_once", set())
     monkeypatch.setattr(_compiled_step, "_failed", {})
     results, messages = [], []
     for implementation in ("compiled", "chunked"):
