@@ -32,7 +32,7 @@ import torch
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.optim import _compensated_step as eager
 from lightning_precision.optim._inductor_tiling import tiled_inductor
-from lightning_precision.optim._kernel_check import KernelMismatch, check_kernel
+from lightning_precision.optim._kernel_check import KernelMismatch, check_kernel, kernel_kind
 from lightning_precision.optim._stochastic_rounding import _MASK32, _mix32_, _shifted_right, as_int32, range_bits
 
 F32 = torch.float32
@@ -222,22 +222,24 @@ class _Kernel:
     @staticmethod
     def check(args: tuple) -> None:
         """Compile and check the kernel a call with these arguments takes, if not yet done in this process."""
-        rows = args[0].dim() == 2
-        hyper, keys = args[7], args[8]
-        kind = (args[0].device.type, *(t.dtype for t in args[:5]), tuple(k is not None for k in keys), rows,
-                hyper.decays, hyper.maximize)  # fmt: skip
+        kind = kernel_kind(
+            args[0].device.type, args[:5], tuple(k is not None for k in args[8]), args[0].dim() == 2, args[7]
+        )
         if kind not in _checked:
-            check_kernel(_compiled_kernel(rows), eager_kernel, args)
+            check_kernel(_compiled_kernel(args[0].dim() == 2), eager_kernel, args)
             _checked.add(kind)
 
     def check_before_writes(self, bucket: eager.Bucket, scalars: tuple, hyper: eager.Hyper, rounding) -> None:
-        """Check the kernels this bucket may call (flat; rows for small tensors rounded stochastically) up front."""
+        """Check the kernels this bucket may call (flat; rows for small tensors rounded stochastically) up front;
+        once checked, a kernel costs this a few lookups per step."""
         device = bucket.params[0].device
-        stochastic = [s is not None for s in rounding]
+        stochastic = tuple(s is not None for s in rounding)
         first = [t[0] for t in bucket]
-        for rows in (
-            (False, True) if any(stochastic) and any(p.numel() < PACK_BELOW for p in bucket.params) else (False,)
-        ):
+        for rows in (False, True):
+            if kernel_kind(device.type, first, stochastic, rows, hyper) in _checked:
+                continue
+            if rows and not (any(stochastic) and any(p.numel() < PACK_BELOW for p in bucket.params)):
+                continue  # this bucket makes no [rows, size] call
             shape = (2,) if rows else ()
             keys = tuple(torch.zeros(shape, dtype=torch.int32, device=device) if s else None for s in stochastic)
             base = torch.zeros(shape, dtype=torch.int32, device=device) if any(stochastic) else None

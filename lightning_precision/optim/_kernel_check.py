@@ -16,7 +16,7 @@ while a folded rounding leaves errors of up to 2**-9.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +31,13 @@ _NAMES = ("parameter", "exp_avg", "exp_avg_sq", "compensation")
 
 class KernelMismatch(RuntimeError):
     """A compiled kernel's result differed from the eager step's on the check; it is not used."""
+
+
+def kernel_kind(device_type: str, tensors: Sequence[torch.Tensor], stochastic: tuple, rows: bool, hyper: Any) -> tuple:
+    """What tells one compiled kernel from another, each checked once: the device, the dtypes of ``p, g, m, v, c``,
+    which moments are rounded stochastically, a flat or a ``[rows, size]`` call, and the hyperparameter flags the
+    kernel is specialised on (``hyper.decays``, ``hyper.maximize``)."""
+    return (device_type, *(t.dtype for t in tensors), stochastic, rows, hyper.decays, hyper.maximize)
 
 
 def check_kernel(compiled: Callable[..., None], reference: Callable[..., None], template: tuple) -> None:
