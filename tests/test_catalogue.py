@@ -258,3 +258,33 @@ def test_quantized_flash_state_is_read_without_touching_its_data():
     quantized._quantized = torch.zeros(4, dtype=torch.int8)  # what set_data leaves on CUDA: no _data
     quantized._scales = torch.ones(1, dtype=torch.float16)
     assert state_tensor(quantized) is quantized._quantized
+
+
+def _stepped_compensated(**kwargs):
+    from lightning_precision.optim import CompensatedAdamW
+
+    params = [torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16)) for _ in range(2)]
+    optimizer = CompensatedAdamW([{"params": [params[0]]}, {"params": [params[1]], **kwargs}])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    return optimizer
+
+
+def test_a_live_optimizer_is_classified_by_the_options_its_groups_hold_after_a_load():
+    from lightning_precision import Status, judge
+
+    saved = _stepped_compensated()
+    for group in (saved_dict := saved.state_dict())["param_groups"]:
+        group["exp_avg_sq_rounding"] = "nearest"  # a checkpoint of a run that asked for it
+    resumed = _stepped_compensated()  # built with the stochastic default
+    resumed.load_state_dict(saved_dict)
+    info = classify_optimizer(resumed)
+    assert "exp_avg_sq" not in info.stochastic_moments
+    assert judge(torch.bfloat16, info).status is Status.WEAK_STATE
+
+
+def test_a_stochastic_moment_is_claimed_only_where_every_group_has_one():
+    mixed = _stepped_compensated(exp_avg_sq_rounding="nearest")  # group 1 only
+    assert "exp_avg_sq" not in classify_optimizer(mixed).stochastic_moments
+    assert "exp_avg_sq" in classify_optimizer(_stepped_compensated()).stochastic_moments

@@ -162,7 +162,24 @@ def _instance_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     groups = optimizer.param_groups
     if groups and "master_bytewidth" in groups[0]:  # flashoptim records it per group
         settings["master_bytewidth"] = max(g.get("master_bytewidth", 0) for g in groups)
+    settings.update(_group_settings(optimizer))
     return settings
+
+
+def _group_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The options the parameter groups really hold where they replace the constructor's ``defaults`` (a loaded state
+    dict brings its own groups): a value all groups share; for a ``<moment>_rounding`` option the groups disagree on,
+    ``"nearest"`` if any group rounds so (a stochastic moment is claimed only where every group has one)."""
+    found: dict[str, Any] = {}
+    for key in optimizer.defaults:
+        values = [g[key] for g in optimizer.param_groups if key in g]
+        if not values or not all(isinstance(v, (bool, int, float, str, tuple, type(None))) for v in values):
+            continue
+        if all(v == values[0] for v in values):
+            found[key] = values[0]
+        elif key.endswith("_rounding") and "nearest" in values:
+            found[key] = "nearest"
+    return found
 
 
 def _beta2(name: str, s: Mapping[str, Any]) -> float | None:
