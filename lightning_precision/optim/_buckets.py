@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lightning_precision.optim import _chunk_plan
+from lightning_precision.optim import _chunk_plan, _compensated_state
 
 # One bucket: params, grads, exp_avgs, exp_avg_sqs, steps, comps, owners (the parameters), optimizer indices.
 BUCKET_LISTS = 8
@@ -54,7 +54,7 @@ def collect(optimizer: Any) -> tuple[list[tuple[dict[str, Any], tuple, list[list
             if dtypes is None:
                 dtypes = dtypes_by_param_dtype[dtype] = optimizer._state_dtypes_for(p, group)
             state = states.get(p)
-            if state is None or not _state_matches(state, dtypes):
+            if state is None or "step" not in state or not _compensated_state.state_matches(state, dtypes):
                 state = optimizer._init_state(p, group)
             exp_avg, exp_avg_sq, comp = state["exp_avg"], state["exp_avg_sq"], state.get("compensation")
             half = comp is not None
@@ -78,17 +78,3 @@ def collect(optimizer: Any) -> tuple[list[tuple[dict[str, Any], tuple, list[list
             indices.append(index - 1)
         work.extend((group, key, bucket) for key, bucket in buckets.items())
     return work, stepped_numel
-
-
-def _state_matches(state: dict[str, Any], dtypes: dict[str, torch.dtype]) -> bool:
-    """Whether ``state`` holds a step and every tensor of ``dtypes`` in its dtype, and a compensation only if one is
-    wanted."""
-    try:
-        matches = state["exp_avg"].dtype == dtypes["exp_avg"] and state["exp_avg_sq"].dtype == dtypes["exp_avg_sq"]
-        if "compensation" in dtypes:
-            matches = matches and state["compensation"].dtype == dtypes["compensation"]
-        elif "compensation" in state:
-            return False
-        return matches and "step" in state
-    except KeyError:
-        return False

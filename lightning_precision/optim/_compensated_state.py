@@ -335,6 +335,14 @@ def seed_compensation(optimizer: Any, full_precision_params: Any) -> int:
     return len(seeded)
 
 
+def state_matches(state: dict[str, Any], dtypes: dict[str, torch.dtype]) -> bool:
+    """Whether a live state holds every tensor of ``dtypes`` in its dtype, and a compensation only if one is wanted
+    (else :func:`adapt_state` converts it)."""
+    if ("compensation" in state) != ("compensation" in dtypes):
+        return False
+    return all(key in state and state[key].dtype == dtype for key, dtype in dtypes.items())
+
+
 def adapt_state(state: dict[str, Any], param: torch.Tensor, dtypes: dict[str, torch.dtype]) -> None:
     """Convert a live state whose parameter changed dtype since (``module.to(torch.bfloat16)`` keeps the Parameter
     objects), as :meth:`StateLoader` converts a loaded one: moments cast to ``dtypes``, a compensation created

@@ -164,7 +164,8 @@ def compiled_compensated_step(
 
     Args:
         bucket: Flat local views of half-precision parameters, gradients, moments and compensations.
-        scalars: Per-tensor ``-lr / bc1`` and ``sqrt(bc2)``, 0-dim fp32 tensors on the tensors' device.
+        scalars: Per-tensor ``-lr / bc1`` and ``sqrt(bc2)``: two 1-D fp32 tensors on the tensors' device (small
+            tensors' scalars are gathered from them by index lists).
         options: The group's hyperparameters; ``chunk_size`` bounds the packs of small tensors.
         rounding: Streams of the moments written with stochastic rounding (their layouts must have a ``base`` and
             fewer than 2**32 elements: :func:`can_compile` checks it).
@@ -278,11 +279,7 @@ def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, opti
     """Step small tensors that share a step count: whole tensors gathered into flat buffers of about ``chunk_size``
     elements, one kernel call each, and copied back."""
     if rounding.exp_avg is not None or rounding.exp_avg_sq is not None:
-        sub = eager.Bucket(*([t[i] for i in indices] for t in bucket))
-        # One gather per scalar, not one 0-dim tensor per tensor.
-        sub_scalars = (scalars[0][indices], scalars[1][indices])
-        sub_finite = None if finite is None else finite[indices]
-        sub_rounding = eager.StateRounding(*(None if s is None else [s[i] for i in indices] for s in rounding))
+        sub, sub_scalars, sub_rounding, sub_finite = _members(bucket, scalars, rounding, finite, indices)
         _step_rows(kernel, sub, sub_scalars, hyper, sub_rounding, sub_finite, options)
         return
     numels = {i: bucket.params[i].numel() for i in indices}
@@ -374,11 +371,19 @@ def _step_pack_of_rows(kernel, bucket, rows, scalars, hyper, rounding, device) -
 
 
 def _step_eager(bucket, members, scalars, options, rounding, finite) -> None:
-    sub = eager.Bucket(*([t[i] for i in members] for t in bucket))
-    sub_scalars = ([scalars[0][i] for i in members], [scalars[1][i] for i in members])
-    sub_rounding = eager.StateRounding(*(None if s is None else [s[i] for i in members] for s in rounding))
-    sub_finite = None if finite is None else finite[members]
+    sub, sub_scalars, sub_rounding, sub_finite = _members(bucket, scalars, rounding, finite, members)
     eager.compensated_step(sub, sub_scalars, options, sub_rounding, sub_finite)
+
+
+def _members(bucket, scalars, rounding, finite, members: list[int]) -> tuple:
+    """The bucket, step scalars (one gather each, not a 0-dim tensor per tensor), streams and finite flags of
+    ``members`` only."""
+    return (
+        eager.Bucket(*([t[i] for i in members] for t in bucket)),
+        (scalars[0][members], scalars[1][members]),
+        eager.StateRounding(*(None if s is None else [s[i] for i in members] for s in rounding)),
+        None if finite is None else finite[members],
+    )
 
 
 def can_compile(rounding: eager.StateRounding | None) -> bool:

@@ -263,9 +263,7 @@ class CompensatedAdamW(Optimizer):
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             for key, dtype in dtypes.items():
                 state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-        elif ("compensation" in state) != ("compensation" in dtypes) or any(
-            state[k].dtype != dtypes[k] for k in ("exp_avg", "exp_avg_sq")
-        ):
+        elif not _compensated_state.state_matches(state, dtypes):
             _compensated_state.adapt_state(state, param, dtypes)  # the parameter changed dtype since
         return state
 
