@@ -31,7 +31,7 @@ import torch
 
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.optim import _compensated_step as eager
-from lightning_precision.optim._inductor_tiling import tiled_inductor
+from lightning_precision.optim._inductor_codegen import step_inductor
 from lightning_precision.optim._kernel_check import KernelMismatch, check_kernel, kernel_kind
 from lightning_precision.optim._stochastic_rounding import _MASK32, _mix32_, _shifted_right, as_int32, range_bits
 
@@ -121,8 +121,8 @@ def _rows_kernel(*args: Any) -> None:
 @functools.cache
 def _compiled_kernel(rows: bool = False) -> Any:
     # emulate_precision_casts keeps the bf16 rounding of each write (see the module docstring); scoped to this compile,
-    # as is the loop step of whole bf16 vectors (``_inductor_tiling``).
-    backend = tiled_inductor({"emulate_precision_casts": True})
+    # and so are its code generation changes (``_inductor_codegen``: whole bf16 vectors a loop step, register bit casts).
+    backend = step_inductor({"emulate_precision_casts": True})
     return torch.compile(_rows_kernel if rows else _kernel, backend=backend, dynamic=True, fullgraph=True)
 
 

@@ -3,9 +3,10 @@ in a process: the same synthetic elements go through the compiled kernel and thr
 and the results must agree.
 
 Why at run time, not only in the tests: what inductor generates depends on the installed torch (the package accepts a
-range of releases, CI runs one), and the compiled step relies on two things a torch release can change: the
+range of releases, CI runs one), and the compiled step relies on things a torch release can change: the
 ``emulate_precision_casts`` option that keeps the bf16 rounding of each write (without it the compensation is
-silently zero, upstream pytorch issues 179561 and 185337) and the loop step of ``_inductor_tiling``. A kernel that
+silently zero, upstream pytorch issues 179561 and 185337) and the code generation changes of ``_inductor_codegen``
+(the loop step, the register bit casts), which reach into inductor's private code. A kernel that
 fails the check is never used: the eager step runs instead, and a warning says why.
 
 On CPU the two must be bitwise equal (the eager step is written to match inductor's rounding: ``tests/optim/

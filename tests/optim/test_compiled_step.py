@@ -12,7 +12,7 @@ from lightning_precision import _logging
 from lightning_precision.errors import PrecisionWarning
 from lightning_precision.optim import CompensatedAdamW, _compiled_step
 from lightning_precision.optim import _compensated_step as eager
-from lightning_precision.optim._inductor_tiling import half_precision_tiling, tiled_inductor
+from lightning_precision.optim._inductor_codegen import step_inductor
 from lightning_precision.optim._stochastic_rounding import ElementLayout, RoundingStream
 
 pytestmark = pytest.mark.skipif(
@@ -113,7 +113,7 @@ def test_no_recompile_as_lr_steps_and_group_sizes_change():
 def test_compile_that_folds_the_bf16_rounding_is_caught():
     # The upstream trap: without emulate_precision_casts inductor folds t - float(bf16(t)) to 0. The same kernel
     # compiled that way must fail the bitwise check the tests above make.
-    folded = torch.compile(_compiled_step._kernel, backend=tiled_inductor({}), dynamic=True, fullgraph=True)
+    folded = torch.compile(_compiled_step._kernel, backend=step_inductor({}), dynamic=True, fullgraph=True)
     params, ref_params = _params(0, ((2**16,),)), _params(0, ((2**16,),))
     hyper = eager.Hyper(0.1, 0.999, 0.001, 1e-8, 0.0, False, False)
     compensations = []
@@ -153,18 +153,6 @@ def test_stochastic_bits_match_the_eager_step_where_the_index_passes_2_31():
         states.append((p, v, c))
     for compiled, reference in zip(*states):
         assert torch.equal(compiled.view(torch.int16), reference.view(torch.int16))
-
-
-def test_half_precision_tiling_is_undone_after_the_step():
-    from torch._inductor.codegen import cpp
-
-    original = cpp.get_loop_body_lowp_fp
-    _train("compiled", 1)
-    assert cpp.get_loop_body_lowp_fp is original
-    with pytest.raises(RuntimeError, match="raised inside"), half_precision_tiling(torch.bfloat16):
-        assert cpp.get_loop_body_lowp_fp is not original
-        raise RuntimeError("raised inside")
-    assert cpp.get_loop_body_lowp_fp is original
 
 
 def test_explicit_compiled_warns_once_and_runs_the_eager_step_when_it_cannot_compile(monkeypatch):

@@ -10,7 +10,7 @@ import torch
 from lightning_precision import _logging
 from lightning_precision.optim import CompensatedAdamW, _compiled_step
 from lightning_precision.optim import _compensated_step as eager
-from lightning_precision.optim._inductor_tiling import tiled_inductor
+from lightning_precision.optim._inductor_codegen import step_inductor
 from lightning_precision.optim._kernel_check import KernelMismatch, check_kernel, difference
 
 pytestmark = pytest.mark.skipif(
@@ -47,7 +47,7 @@ def _folded_step(*args) -> None:
 
 def _folded_kernel():
     # The upstream trap: without emulate_precision_casts inductor may fold t - float(bf16(t)) to 0.
-    return torch.compile(_folded_step, backend=tiled_inductor({}), dynamic=True, fullgraph=True)
+    return torch.compile(_folded_step, backend=step_inductor({}), dynamic=True, fullgraph=True)
 
 
 @pytest.mark.parametrize(("rows", "stochastic"), [(False, False), (False, True), (True, True)])

@@ -1,0 +1,82 @@
+"""The scoped changes to inductor's CPU code generation that the compiled CompensatedAdamW step compiles under."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch._inductor.codegen import cpp
+from torch._inductor.utils import run_and_get_code
+
+from lightning_precision.errors import PrecisionWarning
+from lightning_precision.optim import CompensatedAdamW, _compiled_step
+from lightning_precision.optim._inductor_codegen import half_precision_tiling, step_inductor, vector_bit_casts
+
+pytestmark = pytest.mark.skipif(
+    _compiled_step.compiler_missing(torch.device("cpu")) is not None,
+    reason=f"the compiled step cannot compile here: {_compiled_step.compiler_missing(torch.device('cpu'))}",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo():
+    # Dynamo allows 8 compiled variants per code object and process; the other optimizer tests of the same pytest
+    # process compile their own.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compiled_step_once() -> None:
+    params = [torch.nn.Parameter(torch.randn(2**15).to(torch.bfloat16))]
+    opt = CompensatedAdamW(params, implementation="compiled")
+    params[0].grad = torch.full_like(params[0], 1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)  # a fallback to the eager step would not compile
+        opt.step()
+
+
+def test_half_precision_tiling_is_undone_after_the_step():
+    original = cpp.get_loop_body_lowp_fp
+    _compiled_step_once()
+    assert cpp.get_loop_body_lowp_fp is original
+    with pytest.raises(RuntimeError, match="raised inside"), half_precision_tiling(torch.bfloat16):
+        assert cpp.get_loop_body_lowp_fp is not original
+        raise RuntimeError("raised inside")
+    assert cpp.get_loop_body_lowp_fp is original
+
+
+def test_vector_bit_casts_are_undone_after_the_step():
+    original = vars(cpp.CppVecOverrides)["to_dtype_bitcast"]
+    _compiled_step_once()
+    assert vars(cpp.CppVecOverrides)["to_dtype_bitcast"] is original
+    with pytest.raises(RuntimeError, match="raised inside"), vector_bit_casts():
+        assert vars(cpp.CppVecOverrides)["to_dtype_bitcast"] is not original
+        raise RuntimeError("raised inside")
+    assert vars(cpp.CppVecOverrides)["to_dtype_bitcast"] is original
+
+
+def _round_trip(x: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Both directions of the stochastic rounding's casts, around integer arithmetic a compiler cannot fold.
+    as_int = x.view(torch.int32)
+    truncated = (as_int + bits).bitwise_and(-65536).view(torch.float32)
+    return as_int * 3, truncated.to(torch.bfloat16)
+
+
+def _special_floats(n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=gen) * torch.logspace(-40, 38, n)
+    x[:8] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 3.4e38])
+    return x
+
+
+def test_vector_bit_casts_give_the_eager_bits_with_a_partial_vector():
+    n = 77  # two 32-element vectors and a tail
+    x, bits = _special_floats(n), torch.randint(0, 2**16, (n,), dtype=torch.int32)
+    compiled = torch.compile(_round_trip, backend=step_inductor({"emulate_precision_casts": True}), dynamic=True)
+    (ints, rounded), code = run_and_get_code(compiled, x, bits)
+    ref_ints, ref_rounded = _round_trip(x, bits)
+    assert torch.equal(ints, ref_ints)
+    assert torch.equal(rounded.view(torch.int16), ref_rounded.view(torch.int16))
+    assert "at::vec::cast<int32_t>" in "\n".join(code)  # the register cast, not an element loop
