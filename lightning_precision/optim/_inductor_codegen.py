@@ -91,8 +91,9 @@ def vector_bit_casts() -> Iterator[None]:
         target = DTYPE_TO_CPP[dtype]
         if vectors == 1:
             return f"at::vec::cast<{target}>({x})"
-        parts = ", ".join(f"at::vec::cast<{target}>({x}[{i}])" for i in range(vectors))
-        return f"at::vec::VectorizedN<{target},{vectors}>({parts})"
+        # VectorizedN has constructors from one or two vectors only: set each vector, for any count (AVX2, NEON).
+        sets = " ".join(f"r[{i}] = at::vec::cast<{target}>({x}[{i}]);" for i in range(vectors))
+        return f"[&]() {{ at::vec::VectorizedN<{target},{vectors}> r; {sets} return r; }}()"
 
     with _lock, _cache_tag("lightning_precision:vector-bit-casts"):
         # The vector kernel's op handler wraps each static method of the class when it is built, per kernel.

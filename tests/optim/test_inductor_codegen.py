@@ -57,9 +57,10 @@ def test_vector_bit_casts_are_undone_after_the_step():
     assert vars(cpp.CppVecOverrides)["to_dtype_bitcast"] is original
 
 
-def _round_trip(x: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # Both directions of the stochastic rounding's casts, around integer arithmetic a compiler cannot fold.
-    as_int = x.view(torch.int32)
+def _round_trip(x: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Both directions of the stochastic rounding's casts around integer arithmetic a compiler cannot fold, on fp32
+    # values computed from bf16 ones: the loop steps by a bf16 vector, two fp32 vectors a step.
+    as_int = (x.float() * scale).view(torch.int32)
     truncated = (as_int + bits).bitwise_and(-65536).view(torch.float32)
     return as_int * 3, truncated.to(torch.bfloat16)
 
@@ -71,12 +72,15 @@ def _special_floats(n: int) -> torch.Tensor:
     return x
 
 
-def test_vector_bit_casts_give_the_eager_bits_with_a_partial_vector():
-    n = 77  # two 32-element vectors and a tail
-    x, bits = _special_floats(n), torch.randint(0, 2**16, (n,), dtype=torch.int32)
-    compiled = torch.compile(_round_trip, backend=step_inductor({"emulate_precision_casts": True}), dynamic=True)
-    (ints, rounded), code = run_and_get_code(compiled, x, bits)
-    ref_ints, ref_rounded = _round_trip(x, bits)
+@pytest.mark.parametrize("simdlen", [None, 256], ids=["widest", "avx2-width"])
+def test_vector_bit_casts_give_the_eager_bits_with_a_partial_vector(simdlen):
+    n = 77  # whole vectors and a tail
+    x, bits = _special_floats(n).to(torch.bfloat16), torch.randint(0, 2**16, (n,), dtype=torch.int32)
+    scale = torch.logspace(-30, 30, n)
+    backend = step_inductor({"emulate_precision_casts": True, "cpp.simdlen": simdlen})
+    compiled = torch.compile(_round_trip, backend=backend, dynamic=True)
+    (ints, rounded), code = run_and_get_code(compiled, x, scale, bits)
+    ref_ints, ref_rounded = _round_trip(x, scale, bits)
     assert torch.equal(ints, ref_ints)
     assert torch.equal(rounded.view(torch.int16), ref_rounded.view(torch.int16))
-    assert "at::vec::cast<int32_t>" in "\n".join(code)  # the register cast, not an element loop
+    assert "r[1] = at::vec::cast<int32_t>" in "\n".join(code)  # register casts of each fp32 vector, no element loop
