@@ -116,23 +116,26 @@ def test_a_kernel_refused_by_dynamos_recompile_limit_leaves_the_step_to_the_eage
     # while the bucket's kernels are checked, before any write: the eager step takes over instead of a crash.
     torch._dynamo.reset()
     _logging.reset_reported()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     for name, fresh in (("_checked", set()), ("_failed", {})):
         monkeypatch.setattr(_compiled_step, name, fresh)
-    results = []
-    for implementation in ("compiled", "chunked"):
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(2**15, generator=gen).to(BF16))]
-        opt = CompensatedAdamW(params, lr=1e-3, weight_decay=0.1, implementation=implementation)
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            for step in range(3):
-                params[0].grad = (torch.randn(2**15, generator=gen) * 1e-2).to(BF16)
-                if step == 1:
-                    opt.param_groups[0]["weight_decay"] = 0.0
-                opt.step()
-        results.append((params[0], opt, [str(w.message) for w in record]))
+    # torch's config patch, not monkeypatch: monkeypatch's undo deletes a torch config entry.
+    with torch._dynamo.config.patch(recompile_limit=1):
+        results = [_three_steps_switching_weight_decay(i) for i in ("compiled", "chunked")]
     torch._dynamo.reset()
     assert any("torch.compile failed" in m for m in results[0][2])
     (p, opt, _), (r, ref, _) = results
     assert torch.equal(p, r) and torch.equal(opt.state[p]["compensation"], ref.state[r]["compensation"])
+
+
+def _three_steps_switching_weight_decay(implementation: str) -> tuple:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(2**15, generator=gen).to(BF16))]
+    opt = CompensatedAdamW(params, lr=1e-3, weight_decay=0.1, implementation=implementation)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for step in range(3):
+            params[0].grad = (torch.randn(2**15, generator=gen) * 1e-2).to(BF16)
+            if step == 1:
+                opt.param_groups[0]["weight_decay"] = 0.0
+            opt.step()
+    return params[0], opt, [str(w.message) for w in record]
