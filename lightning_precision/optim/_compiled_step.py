@@ -31,7 +31,6 @@ import torch
 
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.optim import _compensated_step as eager
-from lightning_precision.optim import _pack_state
 from lightning_precision.optim._inductor_codegen import step_inductor
 from lightning_precision.optim._kernel_check import KernelMismatch, check_kernel, kernel_kind
 from lightning_precision.optim._stochastic_rounding import _MASK32, _mix32_, _shifted_right, as_int32, range_bits
@@ -160,7 +159,6 @@ def compiled_compensated_step(
     finite: torch.Tensor | None,
     steps: Sequence[torch.Tensor],
     calls: list[int] | None = None,
-    states: Sequence[dict[str, Any]] | None = None,
 ) -> None:
     """The compensated update of a bucket, as the eager :func:`compensated_step` computes it, with compiled kernels.
 
@@ -174,8 +172,6 @@ def compiled_compensated_step(
         finite: Per-tensor finite-gradient flags on an accelerator, or None.
         steps: The tensors' step counts (after this step): tensors packed together share one.
         calls: Appended to after each kernel call (how far the step got if a later call raises).
-        states: The state dict of each tensor's parameter, for plain tensors: the state of packed tensors is then
-            kept in one buffer per pack (:mod:`~lightning_precision.optim._pack_state`); None gathers it each step.
     """
     params = bucket.params
     device = params[0].device
@@ -199,7 +195,7 @@ def compiled_compensated_step(
         for i, step in zip(small, torch.stack([steps[i] for i in small]).tolist()):
             by_step.setdefault(step, []).append(i)
     for same_step in by_step.values():
-        _step_packed(kernel, bucket, same_step, scalars, hyper, rounding, finite, options, states)
+        _step_packed(kernel, bucket, same_step, scalars, hyper, rounding, finite, options)
     kernel.run_deferred()
 
 
@@ -279,12 +275,12 @@ def _stream_inputs(rounding: eager.StateRounding, indices: list[int], device: to
     return keys, torch.tensor(as_int32(layout.base), dtype=torch.int32, device=device)
 
 
-def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, options, states) -> None:
-    """Step small tensors that share a step count: whole tensors in packs of about ``chunk_size`` elements, one kernel
-    call each; parameters and gradients gathered into flat buffers (the parameters copied back), the state in one
-    buffer per pack where ``states`` are given, else gathered and copied back too."""
+def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, options) -> None:
+    """Step small tensors that share a step count: whole tensors gathered into flat buffers of about ``chunk_size``
+    elements, one kernel call each, and copied back."""
     if rounding.exp_avg is not None or rounding.exp_avg_sq is not None:
-        _step_rows(kernel, bucket, indices, scalars, hyper, rounding, finite, options, states)
+        sub, sub_scalars, sub_rounding, sub_finite = _members(bucket, scalars, rounding, finite, indices)
+        _step_rows(kernel, sub, sub_scalars, hyper, sub_rounding, sub_finite, options)
         return
     numels = {i: bucket.params[i].numel() for i in indices}
     for pack in _packs(indices, numels, max(options.chunk_size, _MIN_CALL_NUMEL)):
@@ -293,12 +289,16 @@ def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, opti
             # One element alone: a call would compile a kernel of its own; the eager step instead.
             kernel.later(_step_eager, bucket, pack, scalars, options, eager.StateRounding(), finite)
             continue
-        packed, gathered = _gather(bucket, pack, states)  # first: a state moved by it is what the guard must see
         guard = None
         if finite is not None:
             guard = eager._Guard(eager._Chunk([(i, 0, numels[i]) for i in pack]), finite, _guarded(bucket))
+        stored = [[t[i] for i in pack] for t in bucket]
+        packed = [ts[0] for ts in stored] if len(pack) == 1 else [torch.cat(ts) for ts in stored]
         kernel(*packed, scalars[0][first], scalars[1][first], hyper, (None, None), None)
-        _copy_back(bucket, pack, packed, gathered, [numels[i] for i in pack])
+        if len(pack) > 1:
+            sizes = [numels[i] for i in pack]
+            for written, flat in zip(stored[:1] + stored[2:], packed[:1] + packed[2:]):
+                torch._foreach_copy_(written, flat.split(sizes))
         if guard is not None:
             guard.restore()
 
@@ -322,13 +322,12 @@ def _packs(indices: list[int], numels: dict[int, int], limit: int) -> list[list[
     return packs
 
 
-def _step_rows(kernel, bucket, indices, scalars, hyper, rounding, finite, options, states) -> None:
-    """Step small tensors (``indices``) with stochastically rounded moments: tensors of one size are stacked as the
-    rows of a pack (at most ``chunk_size`` elements, or two rows), one kernel call each, each row drawing its tensor's
-    own bits."""
+def _step_rows(kernel, bucket, scalars, hyper, rounding, finite, options) -> None:
+    """Step small tensors with stochastically rounded moments: tensors of one size are stacked as the rows of a pack
+    (at most ``chunk_size`` elements, or two rows), one kernel call each, each row drawing its tensor's own bits."""
     by_size: dict[int, list[int]] = {}
-    for i in indices:
-        by_size.setdefault(bucket.params[i].numel(), []).append(i)
+    for i, p in enumerate(bucket.params):
+        by_size.setdefault(p.numel(), []).append(i)
     device = bucket.params[0].device
     for size, members in by_size.items():
         if size < _MIN_CALL_NUMEL:
@@ -339,7 +338,6 @@ def _step_rows(kernel, bucket, indices, scalars, hyper, rounding, finite, option
         per_pack = max(2, options.chunk_size // size)
         for start in range(0, len(members), per_pack):
             rows = members[start : start + per_pack]
-            packed, gathered = _gather(bucket, rows, states)  # before the guard, as in _step_packed
             guard = (
                 None
                 if finite is None
@@ -348,14 +346,16 @@ def _step_rows(kernel, bucket, indices, scalars, hyper, rounding, finite, option
             if len(rows) == 1:
                 (i,) = rows
                 keys, base = _stream_inputs(rounding, [i], device)
-                kernel(*packed, scalars[0][i], scalars[1][i], hyper, keys, base)
+                kernel(*(t[i] for t in bucket), scalars[0][i], scalars[1][i], hyper, keys, base)
             else:
-                _step_pack_of_rows(kernel, bucket, rows, packed, gathered, scalars, hyper, rounding, device)
+                _step_pack_of_rows(kernel, bucket, rows, scalars, hyper, rounding, device)
             if guard is not None:
                 guard.restore()
 
 
-def _step_pack_of_rows(kernel, bucket, rows, packed, gathered, scalars, hyper, rounding, device) -> None:
+def _step_pack_of_rows(kernel, bucket, rows, scalars, hyper, rounding, device) -> None:
+    stored = [[t[i] for i in rows] for t in bucket]
+    packed = [torch.stack(ts) for ts in stored]
     keys = tuple(
         None
         if streams is None
@@ -365,32 +365,9 @@ def _step_pack_of_rows(kernel, bucket, rows, packed, gathered, scalars, hyper, r
     layouts = next(s for s in rounding if s is not None)
     base = torch.tensor([as_int32(layouts[i].layout.base) for i in rows], dtype=torch.int32, device=device)
     first = rows[0]
-    size = bucket.params[first].numel()
-    kernel(*(t.view(len(rows), size) for t in packed), scalars[0][first], scalars[1][first], hyper, keys, base)
-    _copy_back(bucket, rows, packed, gathered, [size] * len(rows))
-
-
-def _gather(bucket, pack, states) -> tuple[list[torch.Tensor], list[bool]]:
-    """A pack's operands as flat buffers, and which of them were gathered (copies to write back): the parameters and
-    gradients always, the state only without ``states``. One tensor is its own buffer."""
-    if len(pack) == 1:
-        return [t[pack[0]] for t in bucket], [False] * len(bucket)
-    packed, gathered = [], []
-    for field, views in zip(bucket._fields, bucket):
-        if states is not None and field in _pack_state.STATE_KEYS:
-            packed.append(_pack_state.state_buffer(bucket, states, pack, field))
-            gathered.append(False)
-        else:
-            packed.append(torch.cat([views[i] for i in pack]))
-            gathered.append(True)
-    return packed, gathered
-
-
-def _copy_back(bucket, pack, packed, gathered, sizes) -> None:
-    """Write the gathered parameters and state back to their tensors (the gradients are only read)."""
-    for field, views, flat, copied in zip(bucket._fields, bucket, packed, gathered):
-        if copied and field != "grads":
-            torch._foreach_copy_([views[i] for i in pack], flat.split(sizes))
+    kernel(*packed, scalars[0][first], scalars[1][first], hyper, keys, base)
+    for written, pack in zip(stored[:1] + stored[2:], packed[:1] + packed[2:]):
+        torch._foreach_copy_(written, pack.unbind(0))
 
 
 def _step_eager(bucket, members, scalars, options, rounding, finite) -> None:
@@ -449,7 +426,7 @@ def _say_fallback(implementation: str, reason: str) -> None:
         info_once(f"compiled-step-fallback:{reason}", message)
 
 
-def run(bucket, scalars, options, rounding, finite, steps, states=None) -> bool:
+def run(bucket, scalars, options, rounding, finite, steps) -> bool:
     """Step a bucket with :func:`compiled_compensated_step`; False (nothing changed) if a kernel could not be had.
 
     Every kernel a bucket may call is compiled and checked before its first write (:class:`_Kernel`), so a compile
@@ -459,7 +436,7 @@ def run(bucket, scalars, options, rounding, finite, steps, states=None) -> bool:
     """
     calls: list[int] = []
     try:
-        compiled_compensated_step(bucket, scalars, options, rounding, finite, steps, calls, states)
+        compiled_compensated_step(bucket, scalars, options, rounding, finite, steps, calls)
     except Exception as error:
         if calls:
             raise

@@ -26,7 +26,6 @@ from lightning_precision.optim import (
     _compensated_step,
     _compiled_step,
     _nonfinite,
-    _pack_state,
 )
 from lightning_precision.optim._compensated_options import (
     _STATE_DTYPES,
@@ -359,8 +358,7 @@ class CompensatedAdamW(Optimizer):
                 # A compiled call's temporaries are its pack's buffers only: larger packs, fewer calls, same budget.
                 pack_size = _chunk_plan.auto_chunk_size(stepped_numel, device, _compiled_step.PACK_BYTES_PER_ELEMENT)
                 packs = dataclasses.replace(options, chunk_size=pack_size)
-            states = _pack_state.packable_states(self.state, owners)
-            if _compiled_step.run(tensors, scalars, packs, rounding, finite, steps, states):
+            if _compiled_step.run(tensors, scalars, packs, rounding, finite, steps):
                 return
         if half:
             _compensated_step.compensated_step(tensors, scalars, options, rounding, finite)
