@@ -24,6 +24,7 @@ not warned about.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -36,10 +37,16 @@ _RUN_BYTES = 2**20
 _RUN_BYTES_MIN = 2**16
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+@functools.cache
+def _dtensor_type() -> type:
+    # Imported once: an import statement per tensor costs a step of 5,000 tensors milliseconds.
     from torch.distributed.tensor import DTensor
 
-    return t.to_local() if isinstance(t, DTensor) else t
+    return DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, _dtensor_type()) else t
 
 
 def unscale_(grads: list[torch.Tensor], grad_scale: torch.Tensor) -> None:
@@ -82,7 +89,6 @@ def _cpu_norms(local: list[torch.Tensor], nonempty: list[int]) -> torch.Tensor:
     inf-norm (torch's CPU inf-norm of bf16 is ~15x slower than its 2-norm; per-tensor norms of 5,000 small tensors
     cost 3x a concatenated one).
     """
-    norms = torch.zeros(len(local), dtype=torch.float32)
     sizes = [local[i].numel() * local[i].element_size() for i in nonempty]
     # At most a 32nd of the gradients' bytes: the check's temporary stays small beside the model's tensors.
     limit = max(_RUN_BYTES_MIN, min(_RUN_BYTES, sum(sizes) // 32))
@@ -106,8 +112,13 @@ def _cpu_norms(local: list[torch.Tensor], nonempty: list[int]) -> torch.Tensor:
         run_bytes += size
     if run:
         close_run()
-    if suspects:
-        norms[suspects] = torch.stack(torch._foreach_norm([local[i] for i in suspects], 2)).to(torch.float32)
+    if len(suspects) == len(local):  # every tensor checked on its own (a few large ones): no scatter
+        norms = torch.stack(torch._foreach_norm(local, 2)).to(torch.float32)
+    else:
+        norms = torch.zeros(len(local), dtype=torch.float32)
+        if suspects:
+            norms[suspects] = torch.stack(torch._foreach_norm([local[i] for i in suspects], 2)).to(torch.float32)
+    if suspects and not bool(torch.isfinite(norms).all()):
         for i in torch.nonzero(~torch.isfinite(norms)).flatten().tolist():
             norms[i] = torch.linalg.vector_norm(local[i], float("inf")).to(torch.float32)
     return norms
