@@ -24,29 +24,17 @@ not warned about.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
 from lightning_precision._logging import warn_once
+from lightning_precision.optim._dtensor import local_tensor as _local
 
 CAUSE = "CompensatedAdamW.nonfinite_gradient"
 # Bytes of gradients concatenated at once by the CPU check (a bounded temporary, near the caches).
 _RUN_BYTES = 2**20
 _RUN_BYTES_MIN = 2**16
-
-
-@functools.cache
-def _dtensor_type() -> type:
-    # Imported once: an import statement per tensor costs a step of 5,000 tensors milliseconds.
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, _dtensor_type()) else t
 
 
 def unscale_(grads: list[torch.Tensor], grad_scale: torch.Tensor) -> None:
