@@ -169,7 +169,7 @@ def compiled_compensated_step(
     options: eager.StepOptions,
     rounding: eager.StateRounding | None,
     finite: torch.Tensor | None,
-    steps: Sequence[torch.Tensor],
+    steps: Sequence[float],
     calls: list[int] | None = None,
 ) -> None:
     """The compensated update of a bucket, as the eager :func:`compensated_step` computes it, with compiled kernels.
@@ -182,7 +182,7 @@ def compiled_compensated_step(
         rounding: Streams of the moments written with stochastic rounding (their layouts must have a ``base`` and
             fewer than 2**32 elements: :func:`can_compile` checks it).
         finite: Per-tensor finite-gradient flags on an accelerator, or None.
-        steps: The tensors' step counts (after this step): tensors packed together share one.
+        steps: The tensors' step counts (after this step, host values): tensors packed together share one.
         calls: Appended to after each kernel call (how far the step got if a later call raises).
     """
     params = bucket.params
@@ -202,9 +202,8 @@ def compiled_compensated_step(
         if guard is not None:
             guard.restore()
     by_step: dict[float, list[int]] = {}
-    if small:
-        for i, step in zip(small, torch.stack([steps[i] for i in small]).tolist()):
-            by_step.setdefault(step, []).append(i)
+    for i in small:
+        by_step.setdefault(steps[i], []).append(i)
     for same_step in by_step.values():
         step_packed(kernel, bucket, same_step, scalars, rounding, finite, options)
     kernel.run_deferred()

@@ -167,7 +167,7 @@ def test_stochastic_bits_match_the_eager_step_where_the_index_passes_2_31():
         p = torch.randn(n, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
         m, v, c = torch.zeros(n), torch.full((n,), 1e-4, dtype=torch.bfloat16), torch.zeros_like(p)
         scalars = (torch.tensor([-1e-2]), torch.tensor([0.0316]))
-        extra = (None, [torch.tensor(1.0)]) if step is _compiled_step.compiled_compensated_step else (None,)
+        extra = (None, [1.0]) if step is _compiled_step.compiled_compensated_step else (None,)
         step(eager.Bucket([p], [g], [m], [v], [c]), scalars, options, rounding, *extra)
         states.append((p, v, c))
     for compiled, reference in zip(*states):
