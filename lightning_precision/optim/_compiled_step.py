@@ -165,7 +165,7 @@ def kernel_scalars(hyper: eager.Hyper, neg_step_size: torch.Tensor, bc2_sqrt: to
 
 def compiled_compensated_step(
     bucket: eager.Bucket,
-    scalars: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
+    scalars: tuple[torch.Tensor, torch.Tensor],
     options: eager.StepOptions,
     rounding: eager.StateRounding | None,
     finite: torch.Tensor | None,
