@@ -5,12 +5,12 @@ the step's temporaries within budget. Shared by the eager, compiled and referenc
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from lightning_precision.optim._dtensor import dtensor_type
 from lightning_precision.optim._stochastic_rounding import TEMP_BYTES_PER_ELEMENT as ROUNDING_TEMP_BYTES
 from lightning_precision.optim._stochastic_rounding import memory_order
 
@@ -128,13 +128,6 @@ def plan_chunks(numels: Sequence[int], chunk_size: int) -> list[list[Piece]]:
     return chunks
 
 
-@functools.cache
-def _dtensor_type() -> type:
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
 def flat_local_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
     """1-D views of the local data of tensors that line up element by element, or None if they do not.
 
@@ -150,7 +143,7 @@ def flat_local_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | No
         differ in mesh, placements, shape or strides, or have gaps or overlaps in memory (the caller then uses the
         reference step for them).
     """
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     first = tensors[0]
     if not isinstance(first, dtensor):
         # The common case, checked with as few calls as possible (a model of 5,000 tensors pays it every step).

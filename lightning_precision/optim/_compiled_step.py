@@ -4,8 +4,7 @@ The same update as the eager chunked step (:func:`~lightning_precision.optim._co
 the math is written once), traced by ``torch.compile`` into one fused kernel per call: each element is read once
 (bf16 ``p``, ``c``, ``g``, the moments) and written once, instead of the ~20 passes of the eager ops. That is what
 makes a memory-bound step fast. A tensor of at least ``PACK_BELOW`` elements is one call on its own flat view; smaller
-tensors are packed, by chunks, into flat buffers (one ``torch.cat`` per operand), stepped in one call, and copied back,
-so 5,000 small tensors cost a few hundred calls, not 5,000.
+tensors are packed into few calls (``_compiled_packs``), so 5,000 small tensors cost a few hundred calls, not 5,000.
 
 The trap this module must not fall into: inductor removes ``bf16 -> fp32 -> bf16`` round trips by default, so a
 compiled Kahan step computes ``t - float(bf16(t)) == 0`` and its compensation is silently all zero (upstream pytorch
@@ -13,8 +12,9 @@ issues 179561 and 185337). The compile sets ``emulate_precision_casts`` for this
 its inductor backend), never for the user's model; ``tests/optim/test_compiled_step.py`` fails if the compensation
 differs from the eager step's by a single bit.
 
-Hyperparameters and the per-tensor step scalars are 0-dim tensors and sizes are dynamic, so a new learning rate, a new
-step or a tensor of another size reuses the compiled kernel (the tests count recompiles). Inductor's on-disk FX graph
+A call's hyperparameters and step scalars are one 1-D fp32 tensor (a row of a table built once per bucket and step:
+each tensor argument costs the call its guards and wrappers) and sizes are dynamic, so a new learning rate, a new step
+or a tensor of another size reuses the compiled kernel (the tests count recompiles). Inductor's on-disk FX graph
 cache (on by default) makes the compile of a later run cheaper.
 """
 
@@ -31,18 +31,17 @@ import torch
 
 from lightning_precision._logging import info_once, warn_once
 from lightning_precision.optim import _compensated_step as eager
+from lightning_precision.optim._compiled_packs import PACK_BELOW, guarded, step_packed, stream_inputs
 from lightning_precision.optim._inductor_codegen import step_inductor
 from lightning_precision.optim._kernel_check import KernelMismatch, check_kernel, kernel_kind
-from lightning_precision.optim._stochastic_rounding import _MASK32, _mix32_, _shifted_right, as_int32, range_bits
+from lightning_precision.optim._stochastic_rounding import _MASK32, _mix32_, _shifted_right, range_bits
 
 F32 = torch.float32
 # implementation="auto" compiles for optimizers stepping at least this many elements: below it the first step's
 # compile (seconds) costs more than the steps save.
 AUTO_MIN_NUMEL = 2**20
-# Tensors below this many elements are packed with others into one call; larger ones are a call each.
-PACK_BELOW = 2**14
-# Each call's kernel must see at least 2 elements: inductor specialises sizes 0 and 1, which would compile again.
-_MIN_CALL_NUMEL = 2
+# A kernel call's scalars: the group's constants (the first five fields of ``Hyper``), then the step scalars.
+_NEG_STEP_SIZE, _BC2_SQRT = 5, 6
 # Bytes per element of the flat buffers a pack gathers its operands into (p, g, m, v, c at their widest): the
 # temporaries of a compiled call (the kernel fuses the update), which size the packs when chunk_size is automatic.
 PACK_BYTES_PER_ELEMENT = 2 + 4 + 4 + 4 + 2
@@ -80,15 +79,15 @@ def _kernel(
     m: torch.Tensor,
     v: torch.Tensor,
     c: torch.Tensor,
-    neg_step_size: torch.Tensor,
-    bc2_sqrt: torch.Tensor,
-    hyper: eager.Hyper,
+    scalars: torch.Tensor,
+    flags: tuple[bool, bool],
     keys: tuple[torch.Tensor | None, torch.Tensor | None],
     base: torch.Tensor | None,
 ) -> None:
     """One flat run of elements, or a ``[rows, size]`` pack of equal-size tensors (one row each): the eager step's
-    chunk update, as one chunk of one piece (its elementwise ops do not see the shape)."""
-    _update(_OPS, p, g, m, v, c, neg_step_size, bc2_sqrt, hyper, keys, base)
+    chunk update, as one chunk of one piece (its elementwise ops do not see the shape). ``scalars`` is a row of
+    :func:`kernel_scalars`, ``flags`` the group's ``(decays, maximize)``."""
+    _update(_OPS, p, g, m, v, c, scalars, flags, keys, base)
 
 
 def eager_kernel(*args: Any) -> None:
@@ -96,7 +95,8 @@ def eager_kernel(*args: Any) -> None:
     _update(eager._TENSOR_OPS, *args)
 
 
-def _update(ops, p, g, m, v, c, neg_step_size, bc2_sqrt, hyper, keys, base) -> None:
+def _update(ops, p, g, m, v, c, scalars, flags, keys, base) -> None:
+    hyper = eager.Hyper(*(scalars[i] for i in range(_NEG_STEP_SIZE)), *flags)
     n = p.shape[0]
     chunk = eager._Chunk([(0, 0, n)], ops=ops)
 
@@ -107,7 +107,7 @@ def _update(ops, p, g, m, v, c, neg_step_size, bc2_sqrt, hyper, keys, base) -> N
     streams = [None if key is None else [_KeyedStream(key, base)] for key in keys]
     scratch = room(torch.int32) if base is not None else None
     eager.compensated_chunk_(
-        chunk, eager.Bucket([p], [g], [m], [v], [c]), work, ([neg_step_size], [bc2_sqrt]), hyper,
+        chunk, eager.Bucket([p], [g], [m], [v], [c]), work, ([scalars[_NEG_STEP_SIZE]], [scalars[_BC2_SQRT]]), hyper,
         eager.StateRounding(*streams), scratch,
     )  # fmt: skip
 
@@ -127,37 +127,49 @@ def _compiled_kernel(rows: bool = False) -> Any:
 
 
 def compiler_missing(device: torch.device) -> str | None:
-    """Why this process cannot compile the step for ``device``, or None if it can (checked without compiling)."""
+    """Why this process cannot compile the step for ``device``, or None if it can (checked without compiling).
+
+    Answered once per device type and process: the step asks at every step, and the look-up of the C++ compiler on
+    ``PATH`` costs more than a small step's kernels.
+    """
+    return _compiler_missing(device.type)
+
+
+@functools.cache
+def _compiler_missing(device_type: str) -> str | None:
     if sys.platform == "win32":
         return "torch.compile's C++ backend is not set up on Windows here"
-    if device.type == "cpu":
+    if device_type == "cpu":
         from torch._inductor import cpp_builder
 
         compiler = cpp_builder.get_cpp_compiler()
         if shutil.which(compiler) is None:
             return f"no C++ compiler ({compiler!r}) on PATH for inductor's CPU backend"
         return None
-    if device.type == "cuda":
+    if device_type == "cuda":
         try:
             import triton  # noqa: F401
         except ImportError:
             return "triton is not installed"
         return None
-    return f"torch.compile is not used for device type {device.type!r}"
+    return f"torch.compile is not used for device type {device_type!r}"
 
 
-def _tensor_hyper(hyper: eager.Hyper, device: torch.device) -> eager.Hyper:
-    values = torch.tensor(hyper[:5], dtype=F32).to(device, non_blocking=True).unbind()
-    return eager.Hyper(*values, hyper.decays, hyper.maximize)
+def kernel_scalars(hyper: eager.Hyper, neg_step_size: torch.Tensor, bc2_sqrt: torch.Tensor) -> torch.Tensor:
+    """The kernel's scalars of a bucket's tensors: row ``i`` holds the group's five fp32 constants, then tensor ``i``'s
+    ``-lr / bc1`` and ``sqrt(bc2)`` (``neg_step_size``, ``bc2_sqrt``: 1-D fp32 tensors on the tensors' device)."""
+    constants = torch.tensor(hyper[:_NEG_STEP_SIZE], dtype=F32).to(neg_step_size.device, non_blocking=True)
+    count = neg_step_size.shape[0]
+    return torch.cat([constants.expand(count, -1), neg_step_size.unsqueeze(1), bc2_sqrt.unsqueeze(1)], dim=1)
 
 
 def compiled_compensated_step(
     bucket: eager.Bucket,
-    scalars: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
+    scalars: tuple[torch.Tensor, torch.Tensor],
     options: eager.StepOptions,
     rounding: eager.StateRounding | None,
     finite: torch.Tensor | None,
-    steps: Sequence[torch.Tensor],
+    steps: Sequence[float],
     calls: list[int] | None = None,
 ) -> None:
     """The compensated update of a bucket, as the eager :func:`compensated_step` computes it, with compiled kernels.
@@ -170,32 +182,30 @@ def compiled_compensated_step(
         rounding: Streams of the moments written with stochastic rounding (their layouts must have a ``base`` and
             fewer than 2**32 elements: :func:`can_compile` checks it).
         finite: Per-tensor finite-gradient flags on an accelerator, or None.
-        steps: The tensors' step counts (after this step): tensors packed together share one.
+        steps: The tensors' step counts (after this step, host values): tensors packed together share one.
         calls: Appended to after each kernel call (how far the step got if a later call raises).
     """
     params = bucket.params
     device = params[0].device
-    hyper = _tensor_hyper(eager.Hyper.of(options), device)
+    hyper = eager.Hyper.of(options)
     rounding = rounding or eager.StateRounding()
-    kernel = _Kernel([] if calls is None else calls)
-    kernel.check_before_writes(bucket, scalars, hyper, rounding)
+    kernel = _Kernel([] if calls is None else calls, kernel_scalars(hyper, *scalars), (hyper.decays, hyper.maximize))
+    kernel.check_before_writes(bucket, rounding)
 
     small: list[int] = []
     for i, p in enumerate(params):
         if p.numel() < PACK_BELOW:
             small.append(i)
             continue
-        guard = None if finite is None else eager._Guard(eager._Chunk([(i, 0, p.numel())]), finite, _guarded(bucket))
-        keys, base = _stream_inputs(rounding, [i], device)
-        kernel(*(t[i] for t in bucket), scalars[0][i], scalars[1][i], hyper, keys, base)
+        guard = None if finite is None else eager._Guard(eager._Chunk([(i, 0, p.numel())]), finite, guarded(bucket))
+        kernel(*(t[i] for t in bucket), i, *stream_inputs(rounding, i, device))
         if guard is not None:
             guard.restore()
     by_step: dict[float, list[int]] = {}
-    if small:
-        for i, step in zip(small, torch.stack([steps[i] for i in small]).tolist()):
-            by_step.setdefault(step, []).append(i)
+    for i in small:
+        by_step.setdefault(steps[i], []).append(i)
     for same_step in by_step.values():
-        _step_packed(kernel, bucket, same_step, scalars, hyper, rounding, finite, options)
+        step_packed(kernel, bucket, same_step, scalars, rounding, finite, options)
     kernel.run_deferred()
 
 
@@ -209,35 +219,44 @@ class _Kernel:
     reason the eager steps wait until every kernel call of the bucket has been made.
     """
 
-    def __init__(self, calls: list[int]) -> None:
+    def __init__(self, calls: list[int], scalars: torch.Tensor, flags: tuple[bool, bool]) -> None:
         self.calls = calls
+        self.scalars, self.flags = scalars, flags
         self.deferred: list[tuple[Any, tuple]] = []
+        # What tells this bucket's kernels apart (its tensors share the other dtypes, the device and the flags).
+        self.seen: set[tuple] = set()
 
-    def __call__(self, *args: Any) -> None:
-        # Detached aliases: a parameter's requires_grad would otherwise be a guard, and a recompile, of its own.
-        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        self.check(args)
-        _compiled_kernel(args[0].dim() == 2)(*args)
+    def __call__(self, p, g, m, v, c, index: int, keys: tuple, base: torch.Tensor | None) -> None:
+        """One kernel call on ``p, g, m, v, c`` with the step scalars of the bucket's tensor ``index``."""
+        # Detached aliases: a parameter's requires_grad, or the table a row views (its number of rows), would
+        # otherwise be a guard, and a recompile, of its own.
+        row = self.scalars[index].detach()
+        args = (p.detach(), g.detach(), m.detach(), v.detach(), c.detach(), row, self.flags, keys, base)
+        seen = (g.dtype, p.dim() == 2, keys[0] is None, keys[1] is None)
+        if seen not in self.seen:
+            self.check(args)
+            self.seen.add(seen)
+        _compiled_kernel(p.dim() == 2)(*args)
         self.calls.append(1)
 
     @staticmethod
     def check(args: tuple) -> None:
         """Compile and check the kernel a call with these arguments takes, if not yet done in this process."""
         kind = kernel_kind(
-            args[0].device.type, args[:5], tuple(k is not None for k in args[8]), args[0].dim() == 2, args[7]
+            args[0].device.type, args[:5], tuple(k is not None for k in args[7]), args[0].dim() == 2, args[6]
         )
         if kind not in _checked:
             check_kernel(_compiled_kernel(args[0].dim() == 2), eager_kernel, args)
             _checked.add(kind)
 
-    def check_before_writes(self, bucket: eager.Bucket, scalars: tuple, hyper: eager.Hyper, rounding) -> None:
+    def check_before_writes(self, bucket: eager.Bucket, rounding: eager.StateRounding) -> None:
         """Check the kernels this bucket may call (flat; rows for small tensors rounded stochastically) up front;
         once checked, a kernel costs this a few lookups per step."""
         device = bucket.params[0].device
         stochastic = tuple(s is not None for s in rounding)
         first = [t[0] for t in bucket]
         for rows in (False, True):
-            if kernel_kind(device.type, first, stochastic, rows, hyper) in _checked:
+            if kernel_kind(device.type, first, stochastic, rows, self.flags) in _checked:
                 continue
             if rows and not (any(stochastic) and any(p.numel() < PACK_BELOW for p in bucket.params)):
                 continue  # this bucket makes no [rows, size] call
@@ -245,8 +264,8 @@ class _Kernel:
             keys = tuple(torch.zeros(shape, dtype=torch.int32, device=device) if s else None for s in stochastic)
             base = torch.zeros(shape, dtype=torch.int32, device=device) if any(stochastic) else None
             template = [t.view(1, -1) if rows else t for t in first]
-            # Detached as the calls' arguments are: a view's base would be a guard, and a compile, of its own.
-            self.check((*template, scalars[0][0].detach(), scalars[1][0].detach(), hyper, keys, base))
+            # The scalars as a call takes them: a detached row of the table.
+            self.check((*template, self.scalars[0].detach(), self.flags, keys, base))
 
     def later(self, function: Any, *args: Any) -> None:
         """Run ``function(*args)`` once the kernel calls are made."""
@@ -256,134 +275,6 @@ class _Kernel:
         for function, args in self.deferred:
             function(*args)
             self.calls.append(1)
-
-
-def _guarded(bucket: eager.Bucket) -> tuple[Sequence[torch.Tensor], ...]:
-    return (bucket.params, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.comps)
-
-
-def _stream_inputs(rounding: eager.StateRounding, indices: list[int], device: torch.device) -> tuple[Any, Any]:
-    """The kernel's key tensors (per moment) and base index for the streams of one tensor (``indices`` of one)."""
-    if rounding.exp_avg is None and rounding.exp_avg_sq is None:
-        return (None, None), None
-    (i,) = indices
-    keys = tuple(
-        None if streams is None else torch.tensor(as_int32(streams[i].key), dtype=torch.int32, device=device)
-        for streams in rounding
-    )
-    layout = next(s for s in rounding if s is not None)[i].layout
-    return keys, torch.tensor(as_int32(layout.base), dtype=torch.int32, device=device)
-
-
-def _step_packed(kernel, bucket, indices, scalars, hyper, rounding, finite, options) -> None:
-    """Step small tensors that share a step count: whole tensors gathered into flat buffers of about ``chunk_size``
-    elements, one kernel call each, and copied back."""
-    if rounding.exp_avg is not None or rounding.exp_avg_sq is not None:
-        sub, sub_scalars, sub_rounding, sub_finite = _members(bucket, scalars, rounding, finite, indices)
-        _step_rows(kernel, sub, sub_scalars, hyper, sub_rounding, sub_finite, options)
-        return
-    numels = {i: bucket.params[i].numel() for i in indices}
-    for pack in _packs(indices, numels, max(options.chunk_size, _MIN_CALL_NUMEL)):
-        first = pack[0]
-        if len(pack) == 1 and numels[first] < _MIN_CALL_NUMEL:
-            # One element alone: a call would compile a kernel of its own; the eager step instead.
-            kernel.later(_step_eager, bucket, pack, scalars, options, eager.StateRounding(), finite)
-            continue
-        guard = None
-        if finite is not None:
-            guard = eager._Guard(eager._Chunk([(i, 0, numels[i]) for i in pack]), finite, _guarded(bucket))
-        stored = [[t[i] for i in pack] for t in bucket]
-        packed = [ts[0] for ts in stored] if len(pack) == 1 else [torch.cat(ts) for ts in stored]
-        kernel(*packed, scalars[0][first], scalars[1][first], hyper, (None, None), None)
-        if len(pack) > 1:
-            sizes = [numels[i] for i in pack]
-            for written, flat in zip(stored[:1] + stored[2:], packed[:1] + packed[2:]):
-                torch._foreach_copy_(written, flat.split(sizes))
-        if guard is not None:
-            guard.restore()
-
-
-def _packs(indices: list[int], numels: dict[int, int], limit: int) -> list[list[int]]:
-    """Whole non-empty tensors, in order, gathered into packs of at most ``limit`` elements (or one tensor)."""
-    packs: list[list[int]] = []
-    current: list[int] = []
-    room = limit
-    for i in indices:
-        numel = numels[i]
-        if numel == 0:
-            continue
-        if numel > room and current:
-            packs.append(current)
-            current, room = [], limit
-        current.append(i)
-        room -= numel
-    if current:
-        packs.append(current)
-    return packs
-
-
-def _step_rows(kernel, bucket, scalars, hyper, rounding, finite, options) -> None:
-    """Step small tensors with stochastically rounded moments: tensors of one size are stacked as the rows of a pack
-    (at most ``chunk_size`` elements, or two rows), one kernel call each, each row drawing its tensor's own bits."""
-    by_size: dict[int, list[int]] = {}
-    for i, p in enumerate(bucket.params):
-        by_size.setdefault(p.numel(), []).append(i)
-    device = bucket.params[0].device
-    for size, members in by_size.items():
-        if size < _MIN_CALL_NUMEL:
-            # Empty or one element: nothing to do, or a call that would compile a kernel of its own; eager.
-            if size:
-                kernel.later(_step_eager, bucket, members, scalars, options, rounding, finite)
-            continue
-        per_pack = max(2, options.chunk_size // size)
-        for start in range(0, len(members), per_pack):
-            rows = members[start : start + per_pack]
-            guard = (
-                None
-                if finite is None
-                else eager._Guard(eager._Chunk([(i, 0, size) for i in rows]), finite, _guarded(bucket))
-            )
-            if len(rows) == 1:
-                (i,) = rows
-                keys, base = _stream_inputs(rounding, [i], device)
-                kernel(*(t[i] for t in bucket), scalars[0][i], scalars[1][i], hyper, keys, base)
-            else:
-                _step_pack_of_rows(kernel, bucket, rows, scalars, hyper, rounding, device)
-            if guard is not None:
-                guard.restore()
-
-
-def _step_pack_of_rows(kernel, bucket, rows, scalars, hyper, rounding, device) -> None:
-    stored = [[t[i] for i in rows] for t in bucket]
-    packed = [torch.stack(ts) for ts in stored]
-    keys = tuple(
-        None
-        if streams is None
-        else torch.tensor([as_int32(streams[i].key) for i in rows], dtype=torch.int32, device=device)
-        for streams in rounding
-    )
-    layouts = next(s for s in rounding if s is not None)
-    base = torch.tensor([as_int32(layouts[i].layout.base) for i in rows], dtype=torch.int32, device=device)
-    first = rows[0]
-    kernel(*packed, scalars[0][first], scalars[1][first], hyper, keys, base)
-    for written, pack in zip(stored[:1] + stored[2:], packed[:1] + packed[2:]):
-        torch._foreach_copy_(written, pack.unbind(0))
-
-
-def _step_eager(bucket, members, scalars, options, rounding, finite) -> None:
-    sub, sub_scalars, sub_rounding, sub_finite = _members(bucket, scalars, rounding, finite, members)
-    eager.compensated_step(sub, sub_scalars, options, sub_rounding, sub_finite)
-
-
-def _members(bucket, scalars, rounding, finite, members: list[int]) -> tuple:
-    """The bucket, step scalars (one gather each, not a 0-dim tensor per tensor), streams and finite flags of
-    ``members`` only."""
-    return (
-        eager.Bucket(*([t[i] for i in members] for t in bucket)),
-        (scalars[0][members], scalars[1][members]),
-        eager.StateRounding(*(None if s is None else [s[i] for i in members] for s in rounding)),
-        None if finite is None else finite[members],
-    )
 
 
 def can_compile(rounding: eager.StateRounding | None) -> bool:

@@ -34,11 +34,13 @@ class KernelMismatch(RuntimeError):
     """A compiled kernel's result differed from the eager step's on the check; it is not used."""
 
 
-def kernel_kind(device_type: str, tensors: Sequence[torch.Tensor], stochastic: tuple, rows: bool, hyper: Any) -> tuple:
+def kernel_kind(
+    device_type: str, tensors: Sequence[torch.Tensor], stochastic: tuple, rows: bool, flags: tuple
+) -> tuple:
     """What tells one compiled kernel from another, each checked once: the device, the dtypes of ``p, g, m, v, c``,
     which moments are rounded stochastically, a flat or a ``[rows, size]`` call, and the hyperparameter flags the
-    kernel is specialised on (``hyper.decays``, ``hyper.maximize``)."""
-    return (device_type, *(t.dtype for t in tensors), stochastic, rows, hyper.decays, hyper.maximize)
+    kernel is specialised on (``flags``: the group's ``decays, maximize``)."""
+    return (device_type, *(t.dtype for t in tensors), stochastic, rows, *flags)
 
 
 def check_kernel(compiled: Callable[..., None], reference: Callable[..., None], template: tuple) -> None:
@@ -47,8 +49,8 @@ def check_kernel(compiled: Callable[..., None], reference: Callable[..., None], 
     Args:
         compiled: The compiled kernel (compiled here if this is its first call with these types).
         reference: The same update by the eager ops.
-        template: A kernel call's arguments ``(p, g, m, v, c, neg_step_size, bc2_sqrt, hyper, keys, base)``: the
-            dtypes, the device, the scalars and hyperparameters are used, the tensors' values are not (a
+        template: A kernel call's arguments ``(p, g, m, v, c, scalars, flags, keys, base)``: the dtypes, the
+            device, the scalars and hyperparameter flags are used, the tensors' values are not (a
             ``[rows, size]`` call is checked on two rows).
 
     Raises:
@@ -63,7 +65,7 @@ def check_kernel(compiled: Callable[..., None], reference: Callable[..., None], 
 
 
 def _synthetic(template: tuple) -> tuple:
-    p, g, m, v, c, neg_step_size, bc2_sqrt, hyper, keys, base = template
+    p, g, m, v, c, scalars, flags, keys, base = template
     rows = p.dim() == 2
     shape = (2, CHECK_NUMEL) if rows else (CHECK_NUMEL,)
     gen = torch.Generator().manual_seed(0)  # the same elements on every rank and call
@@ -84,7 +86,7 @@ def _synthetic(template: tuple) -> tuple:
     if rows:
         keys = tuple(None if k is None else k[:2].clone() for k in keys)
         base = None if base is None else base[:2].clone()
-    return (*tensors, neg_step_size, bc2_sqrt, hyper, keys, base)
+    return (*tensors, scalars, flags, keys, base)
 
 
 def difference(got: tuple, want: tuple, *, exact: bool) -> str | None:

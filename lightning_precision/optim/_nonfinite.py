@@ -29,17 +29,12 @@ from typing import Any
 import torch
 
 from lightning_precision._logging import warn_once
+from lightning_precision.optim._dtensor import local_tensor as _local
 
 CAUSE = "CompensatedAdamW.nonfinite_gradient"
 # Bytes of gradients concatenated at once by the CPU check (a bounded temporary, near the caches).
 _RUN_BYTES = 2**20
 _RUN_BYTES_MIN = 2**16
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def unscale_(grads: list[torch.Tensor], grad_scale: torch.Tensor) -> None:
@@ -82,7 +77,6 @@ def _cpu_norms(local: list[torch.Tensor], nonempty: list[int]) -> torch.Tensor:
     inf-norm (torch's CPU inf-norm of bf16 is ~15x slower than its 2-norm; per-tensor norms of 5,000 small tensors
     cost 3x a concatenated one).
     """
-    norms = torch.zeros(len(local), dtype=torch.float32)
     sizes = [local[i].numel() * local[i].element_size() for i in nonempty]
     # At most a 32nd of the gradients' bytes: the check's temporary stays small beside the model's tensors.
     limit = max(_RUN_BYTES_MIN, min(_RUN_BYTES, sum(sizes) // 32))
@@ -106,8 +100,13 @@ def _cpu_norms(local: list[torch.Tensor], nonempty: list[int]) -> torch.Tensor:
         run_bytes += size
     if run:
         close_run()
-    if suspects:
-        norms[suspects] = torch.stack(torch._foreach_norm([local[i] for i in suspects], 2)).to(torch.float32)
+    if len(suspects) == len(local):  # every tensor checked on its own (a few large ones): no scatter
+        norms = torch.stack(torch._foreach_norm(local, 2)).to(torch.float32)
+    else:
+        norms = torch.zeros(len(local), dtype=torch.float32)
+        if suspects:
+            norms[suspects] = torch.stack(torch._foreach_norm([local[i] for i in suspects], 2)).to(torch.float32)
+    if suspects and not bool(torch.isfinite(norms).all()):
         for i in torch.nonzero(~torch.isfinite(norms)).flatten().tolist():
             norms[i] = torch.linalg.vector_norm(local[i], float("inf")).to(torch.float32)
     return norms

@@ -17,16 +17,14 @@ from lightning_precision.optim._stochastic_rounding import element_layout, round
 
 
 def step_scalars(
-    group: dict[str, Any], steps: list[torch.Tensor], device: torch.device, *, unbind: bool = True
+    group: dict[str, Any], counts: list[float], device: torch.device, *, unbind: bool = True
 ) -> tuple[Any, Any]:
-    """Advance ``steps``; return per-tensor ``-lr / bc1`` and ``sqrt(bc2)`` as 0-dim fp32 tensors on ``device``
-    (``unbind=False``: as two 1-D tensors, one element per tensor; unbinding thousands of tensors is slow).
-
-    Tensor arithmetic instead of ``.item()`` keeps the step free of host reads.
+    """Per-tensor ``-lr / bc1`` and ``sqrt(bc2)`` of the step counts ``counts`` (as :func:`advance_steps` returns
+    them) as 0-dim fp32 tensors on ``device`` (``unbind=False``: as two 1-D tensors, one element per tensor;
+    unbinding thousands of tensors is slow).
     """
     beta1, beta2 = group["betas"]
-    torch._foreach_add_(steps, 1.0)
-    t = torch.stack(steps).to(torch.float64)
+    t = torch.tensor(counts, dtype=torch.float64)
     neg_step_size = (-group["lr"] / (1.0 - torch.pow(beta1, t))).to(torch.float32)
     bc2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt().to(torch.float32)
     if device.type != "cpu":
@@ -37,10 +35,29 @@ def step_scalars(
     return neg_step_size.unbind(), bc2_sqrt.unbind()
 
 
+def advance_steps(steps: list[torch.Tensor]) -> list[float]:
+    """Add one to each step count in place; return the new counts (one host read: the counts are CPU tensors).
+
+    The counts are written by one ``torch._foreach_copy_`` per distinct new count (tensors normally share one): on
+    CPU a ``torch._foreach_add_`` over thousands of 0-dim tensors costs a few microseconds per tensor, a copy from
+    one source a fraction of that.
+    """
+    advanced = torch.stack(steps).add_(1.0)  # the add of each count's own dtype, as an in-place add would give
+    counts = advanced.tolist()
+    by_value: dict[float, list[torch.Tensor]] = {}
+    for step, value in zip(steps, counts):
+        by_value.setdefault(value, []).append(step)
+    for value, same in by_value.items():
+        source = torch.tensor(value, dtype=advanced.dtype, device=advanced.device)
+        torch._foreach_copy_(same, [source] * len(same))
+    return counts
+
+
 def state_rounding(
-    param_groups: list[dict[str, Any]], group: dict[str, Any], owners: list[torch.Tensor], steps: list[torch.Tensor]
+    param_groups: list[dict[str, Any]], group: dict[str, Any], owners: list[torch.Tensor], counts: list[float]
 ) -> _compensated_step.StateRounding:
-    """Random-bit streams for the group's moments set to stochastic rounding, after ``steps`` advanced.
+    """Random-bit streams for the group's moments set to stochastic rounding, at the step counts ``counts`` (as
+    :func:`advance_steps` returns them).
 
     The parameter's index counts over all groups in order: the same on every rank and for every world size.
     """
@@ -49,7 +66,7 @@ def state_rounding(
         return _compensated_step.StateRounding()
     index_of = {id(p): i for i, p in enumerate(p for g in param_groups for p in g["params"])}
     layouts = [element_layout(p) for p in owners]
-    step_values = [int(step) for step in torch.stack(steps).tolist()]  # one host read, not one per tensor
+    step_values = [int(count) for count in counts]
     streams = {
         m: [
             stream_for(layout, group["rounding_seed"], step, index_of[id(p)], m)
@@ -69,9 +86,10 @@ def step_reference_bucket(param_groups, group, device, half, bucket, owners, fin
     params, grads, exp_avgs, exp_avg_sqs, steps, comps = bucket
     guarded = [params, exp_avgs, exp_avg_sqs] + ([comps] if half else [])
     saved = None if finite is None else _nonfinite.snapshot(guarded)
-    scalars = step_scalars(group, steps, device)
+    counts = advance_steps(steps)
+    scalars = step_scalars(group, counts, device)
     if half:
-        rounding = state_rounding(param_groups, group, owners, steps)
+        rounding = state_rounding(param_groups, group, owners, counts)
         step_compensated(group, params, grads, exp_avgs, exp_avg_sqs, comps, scalars, rounding)
     else:
         step_plain(group, params, grads, exp_avgs, exp_avg_sqs, scalars)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_precision.optim._dtensor import dtensor_type
+
 ROUNDINGS = ("nearest", "stochastic")
 # Bytes per chunk element of the temporaries of one stochastic write, at most: four int64 tensors while the global
 # index of a sharded or permuted layout is computed (position, index, coordinate, quotient), and the int32 pattern.
@@ -135,9 +137,7 @@ def element_layout(param: torch.Tensor) -> ElementLayout:
     Returns:
         The layout that maps the flat local view (as ``flat_local_views`` builds it) to global indices.
     """
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(param, DTensor):
+    if not isinstance(param, dtensor_type()):
         return _layout(tuple(param.shape), param.stride(), tuple(param.shape), (0,) * param.dim())
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 

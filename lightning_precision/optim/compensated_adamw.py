@@ -35,7 +35,12 @@ from lightning_precision.optim._compensated_options import (
     check_options,
     settle_roundings,
 )
-from lightning_precision.optim._reference_step import state_rounding, step_reference_bucket, step_scalars
+from lightning_precision.optim._reference_step import (
+    advance_steps,
+    state_rounding,
+    step_reference_bucket,
+    step_scalars,
+)
 from lightning_precision.values import expect_type
 
 __all__ = ["CompensatedAdamW"]
@@ -326,8 +331,9 @@ class CompensatedAdamW(Optimizer):
 
     def _step_chunked(self, group, device, half, bucket, owners, stepped_numel, finite) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps, comps = bucket
-        neg_step_size, bc2_sqrt = step_scalars(group, steps, device, unbind=False)
-        rounding = self._state_rounding(group, owners, steps) if half else None
+        counts = advance_steps(steps)
+        neg_step_size, bc2_sqrt = step_scalars(group, counts, device, unbind=False)
+        rounding = self._state_rounding(group, owners, counts) if half else None
         compiled = half and _compiled_step.wanted(group["implementation"], device, stepped_numel, rounding)
         if device.type == "cpu" and not compiled:
             # Python floats take torch's scalar fast path, with the same fp32 result as the 0-dim tensors. On
@@ -358,15 +364,15 @@ class CompensatedAdamW(Optimizer):
                 # A compiled call's temporaries are its pack's buffers only: larger packs, fewer calls, same budget.
                 pack_size = _chunk_plan.auto_chunk_size(stepped_numel, device, _compiled_step.PACK_BYTES_PER_ELEMENT)
                 packs = dataclasses.replace(options, chunk_size=pack_size)
-            if _compiled_step.run(tensors, scalars, packs, rounding, finite, steps):
+            if _compiled_step.run(tensors, scalars, packs, rounding, finite, counts):
                 return
         if half:
             _compensated_step.compensated_step(tensors, scalars, options, rounding, finite)
         else:
             _compensated_step.plain_step(tensors, scalars, options, finite)
 
-    def _state_rounding(self, group, owners, steps) -> _compensated_step.StateRounding:
-        return state_rounding(self.param_groups, group, owners, steps)
+    def _state_rounding(self, group, owners, counts) -> _compensated_step.StateRounding:
+        return state_rounding(self.param_groups, group, owners, counts)
 
     def seed_compensation_from(self, full_precision_params: Any) -> int:
         """Set the compensation of bf16/fp16 parameters from the full-precision weights they were rounded from.

@@ -110,6 +110,25 @@ def test_no_recompile_as_lr_steps_and_group_sizes_change():
     assert compiles() == before
 
 
+def test_no_recompile_as_the_number_of_tensors_of_a_bucket_changes(monkeypatch):
+    # Each call's scalars are a row of a table with a row per tensor of the bucket: the table's size must not be a
+    # guard. Fresh compiles, so that kernels compiled by earlier tests do not hide one.
+    def compiles() -> int:
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(_compiled_step, "_checked", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)  # a fallback to the eager step would hide a compile
+        # A bucket of as many tensors as a call has scalars (7: the sizes must not be taken for one), with large and
+        # small tensors (the flat and the rows kernels).
+        _train("compiled", 1)
+        before = compiles()
+        for params in ([1], [2], [0, 1, 2, 3, 6]):  # buckets of one tensor (tables of one row) and of five
+            _train("compiled", 2, [{"params": params}])
+    assert compiles() == before
+
+
 def test_compile_that_folds_the_bf16_rounding_is_caught():
     # The upstream trap: without emulate_precision_casts inductor folds t - float(bf16(t)) to 0. The same kernel
     # compiled that way must fail the bitwise check the tests above make.
@@ -120,14 +139,14 @@ def test_compile_that_folds_the_bf16_rounding_is_caught():
     for kernel, p in ((folded, params[0]), (None, ref_params[0])):
         g = torch.full_like(p, 1e-2)
         m, v, c = torch.zeros_like(p), torch.zeros(p.shape), torch.zeros_like(p)
-        scalars = (torch.tensor(-1e-2), torch.tensor(0.0316))
+        scalars = (torch.tensor([-1e-2]), torch.tensor([0.0316]))
         if kernel is None:
             bucket = eager.Bucket([p.data], [g], [m], [v], [c])
             options = eager.StepOptions(1e-3, 0.9, 0.999, 1e-8, 0.0, False, 2**16)
             eager.compensated_step(bucket, ([scalars[0].item()], [scalars[1].item()]), options)
         else:
-            tensor_hyper = _compiled_step._tensor_hyper(hyper, p.device)
-            kernel(p.data, g, m, v, c, *scalars, tensor_hyper, (None, None), None)
+            row = _compiled_step.kernel_scalars(hyper, *scalars)[0]
+            kernel(p.data, g, m, v, c, row, (hyper.decays, hyper.maximize), (None, None), None)
         compensations.append(c)
     if torch.equal(compensations[0], compensations[1]):
         pytest.skip("this torch's inductor keeps the bf16 rounding without emulate_precision_casts")
@@ -147,8 +166,8 @@ def test_stochastic_bits_match_the_eager_step_where_the_index_passes_2_31():
     for step in (_compiled_step.compiled_compensated_step, eager.compensated_step):
         p = torch.randn(n, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
         m, v, c = torch.zeros(n), torch.full((n,), 1e-4, dtype=torch.bfloat16), torch.zeros_like(p)
-        scalars = ([torch.tensor(-1e-2)], [torch.tensor(0.0316)])
-        extra = (None, [torch.tensor(1.0)]) if step is _compiled_step.compiled_compensated_step else (None,)
+        scalars = (torch.tensor([-1e-2]), torch.tensor([0.0316]))
+        extra = (None, [1.0]) if step is _compiled_step.compiled_compensated_step else (None,)
         step(eager.Bucket([p], [g], [m], [v], [c]), scalars, options, rounding, *extra)
         states.append((p, v, c))
     for compiled, reference in zip(*states):
@@ -164,6 +183,28 @@ def test_explicit_compiled_warns_once_and_runs_the_eager_step_when_it_cannot_com
     expected = _train("chunked", 3)
     for p, r in zip(fallback[0], expected[0]):
         assert torch.equal(p, r)
+
+
+def test_compiler_lookup_runs_once_per_device_type_not_per_step(monkeypatch):
+    import shutil
+
+    looked_up, real_which = [], shutil.which
+
+    def which(name, *args, **kwargs):
+        looked_up.append(name)
+        return real_which(name, *args, **kwargs)
+
+    _compiled_step._compiler_missing.cache_clear()
+    monkeypatch.setattr(_compiled_step.shutil, "which", which)
+    try:
+        _train("compiled", 4)
+        assert len(looked_up) == 1  # the first step looks the compiler up; later steps reuse the answer
+        assert (
+            _compiled_step.compiler_missing(torch.device("meta")) == "torch.compile is not used for device type 'meta'"
+        )
+        assert _compiled_step.compiler_missing(torch.device("cpu")) is None and len(looked_up) == 1
+    finally:
+        _compiled_step._compiler_missing.cache_clear()  # later tests look up the real compiler afresh
 
 
 def test_auto_leaves_small_optimizers_eager():

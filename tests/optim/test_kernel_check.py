@@ -33,11 +33,12 @@ def _template(rows: bool, stochastic: bool) -> tuple:
     shape = (3, 8) if rows else (8,)
     p, g, c = (torch.zeros(shape, dtype=BF16) for _ in range(3))
     m, v = torch.zeros(shape, dtype=BF16), torch.zeros(shape, dtype=BF16 if stochastic else torch.float32)
-    hyper = _compiled_step._tensor_hyper(eager.Hyper(0.1, 0.999, 0.001, 1e-8, -1e-5, True, False), p.device)
+    hyper = eager.Hyper(0.1, 0.999, 0.001, 1e-8, -1e-5, True, False)
+    scalars = _compiled_step.kernel_scalars(hyper, torch.tensor([-1e-3]), torch.tensor([0.0316]))[0]
     key_shape = (3,) if rows else ()
     keys = (None, torch.full(key_shape, 12345, dtype=torch.int32)) if stochastic else (None, None)
     base = torch.zeros(key_shape, dtype=torch.int32) if stochastic else None
-    return (p, g, m, v, c, torch.tensor(-1e-3), torch.tensor(0.0316), hyper, keys, base)
+    return (p, g, m, v, c, scalars, (hyper.decays, hyper.maximize), keys, base)
 
 
 def _folded_step(*args) -> None:

@@ -37,3 +37,12 @@ def test_huge_finite_gradients_whose_squares_overflow_are_finite():
 def test_all_finite_gradients_and_empty_ones_are_finite():
     grads = _grads()[:50] + [torch.zeros(0, dtype=torch.bfloat16)]
     assert bool(_nonfinite.finite_flags(grads).all())
+
+
+def test_large_gradients_each_checked_on_its_own_are_flagged_exactly():
+    # Every gradient is at least the check's run limit: each gets its own norm, none is concatenated.
+    grads = [torch.randn(_nonfinite._RUN_BYTES // 2).to(torch.bfloat16) for _ in range(4)]
+    grads[1][3] = float("nan")
+    grads[2].fill_(3e38)  # its 2-norm overflows; every element is finite
+    grads[3][-1] = float("-inf")
+    assert _nonfinite.finite_flags(grads).tolist() == [True, False, True, False]
