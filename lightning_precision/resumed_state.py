@@ -29,10 +29,10 @@ from lightning_precision.optim._compensated_state import (
     REQUIRED_KEYS,
     compensated_bits,
     fold_into_parameters,
-    local,
     residual,
     source_name,
 )
+from lightning_precision.optim._dtensor import local_tensor
 from lightning_precision.report import report_storage_change
 
 _NON_NEGATIVE = ("exp_avg_sq", "max_exp_avg_sq", "step")
@@ -133,7 +133,7 @@ def check_loaded_state(
         for key, value in tensors.items():
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 continue
-            t = local(value)
+            t = local_tensor(value)
             negative = (t < 0).any() if key in _NON_NEGATIVE else torch.zeros((), dtype=torch.bool, device=t.device)
             names.append(f"state[{key!r}] of {fqn}")
             flags.append(

@@ -30,6 +30,7 @@ from lightning_precision._logging import info_rank_zero
 from lightning_precision.dtypes import dtype_name
 from lightning_precision.errors import OptimizerStateError
 from lightning_precision.optim._compensated_options import LAYOUT_OPTIONS
+from lightning_precision.optim._dtensor import local_tensor
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 REQUIRED_KEYS = ("step", "exp_avg", "exp_avg_sq")
@@ -47,12 +48,6 @@ def compensated_bits(dtype: torch.dtype) -> int:
     """Significand bits that a half-precision ``p`` and its compensation ``c`` of ``dtype`` keep of a weight
     together: about twice the dtype's own (16 for bfloat16, 22 for float16)."""
     return 2 * mantissa_bits(dtype)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def source_name(groups: list[dict[str, Any]], state: dict[Any, Any]) -> str:
@@ -174,13 +169,13 @@ class StateLoader:
         checks: list[tuple[str, torch.Tensor]] = []
         for _, index, gi, tensors in self.converted.values():
             for key, t in tensors.items():
-                t = local(t)
+                t = local_tensor(t)
                 bad = ~torch.isfinite(t).all()
                 if key in ("exp_avg_sq", "step"):
                     bad = bad | (t < 0).any()
                 checks.append((f"state[{key!r}] of parameter {index} (param group {gi})", bad))
         for index, _, comp in self.fold:
-            checks.append((f"compensation of parameter {index}", ~torch.isfinite(local(comp)).all()))
+            checks.append((f"compensation of parameter {index}", ~torch.isfinite(local_tensor(comp)).all()))
         by_device: dict[torch.device, list[int]] = {}
         for i, (_, flag) in enumerate(checks):
             by_device.setdefault(flag.device, []).append(i)
@@ -245,7 +240,7 @@ def fold_into_parameters(items: list[tuple[int, torch.Tensor, torch.Tensor]], wh
     folded, exact, dropped = [], True, []
     with torch.no_grad():
         for index, param, comp in items:
-            p, c = local(param), local(comp)
+            p, c = local_tensor(param), local_tensor(comp)
             if not torch.equal(p.to(c.dtype).to(p.dtype), p):
                 dropped.append(index)
                 continue
@@ -285,8 +280,8 @@ def residual(param: torch.Tensor, value: torch.Tensor, dtype: torch.dtype, index
         )
     if isinstance(param, DTensor) and not isinstance(value, DTensor):
         value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-    p = local(param)
-    wide = local(value).to(p.device)
+    p = local_tensor(param)
+    wide = local_tensor(value).to(p.device)
     wide = wide.to(torch.float64 if wide.dtype == torch.float64 else torch.float32)
     if not torch.equal(wide.to(p.dtype), p):
         raise OptimizerStateError(
@@ -295,7 +290,7 @@ def residual(param: torch.Tensor, value: torch.Tensor, dtype: torch.dtype, index
         )
     with torch.no_grad():
         out = torch.zeros_like(param, dtype=dtype)
-        local(out).copy_(wide - p.to(wide.dtype))  # rounded once, to the compensation's dtype
+        local_tensor(out).copy_(wide - p.to(wide.dtype))  # rounded once, to the compensation's dtype
     return out
 
 
@@ -324,7 +319,7 @@ def seed_compensation(optimizer: Any, full_precision_params: Any) -> int:
                 continue
             comp = residual(param, value, param.dtype, index, "seed_compensation_from")
             state = optimizer._init_state(param, groups_of[id(param)])
-            local(state["compensation"]).copy_(local(comp))
+            local_tensor(state["compensation"]).copy_(local_tensor(comp))
             seeded.append(index)
     if seeded:
         dtype = params[seeded[0]].dtype

@@ -13,11 +13,7 @@ from typing import Any
 import torch
 
 from lightning_precision.catalogue import OptimizerInfo, state_tensor
-
-
-def local(t: Any) -> Any:
-    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
-    return t.to_local() if hasattr(t, "to_local") else t
+from lightning_precision.optim._dtensor import local_tensor
 
 
 def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -29,7 +25,7 @@ def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _scalar(value: Any) -> float:
-    return float(local(value)) if isinstance(value, torch.Tensor) else float(value)
+    return float(local_tensor(value)) if isinstance(value, torch.Tensor) else float(value)
 
 
 def intended_update(
@@ -60,9 +56,9 @@ def intended_update(
     decoupled = info.decoupled_weight_decay or any(bool(group.get(k)) for k in info.decoupled_keys)
     exp_avg, exp_avg_sq = state.get("exp_avg"), state.get("exp_avg_sq")
     if isinstance(exp_avg, torch.Tensor) and isinstance(exp_avg_sq, torch.Tensor) and "eps" in group:
-        m = take(local(exp_avg), idx)
+        m = take(local_tensor(exp_avg), idx)
         v_key = "max_exp_avg_sq" if group.get("amsgrad") and "max_exp_avg_sq" in state else "exp_avg_sq"
-        v = take(local(state[v_key]), idx)
+        v = take(local_tensor(state[v_key]), idx)
         eps = _scalar(group["eps"])
         if info.update_formula == "adam-debiased":  # optimi keeps debiased moments
             beta2 = _scalar(group.get("beta2", 0.999))
@@ -91,7 +87,7 @@ def intended_update(
         momentum = _scalar(group.get("momentum", 0.0) or 0.0)
         buf = state.get("momentum_buffer")
         if momentum and isinstance(buf, torch.Tensor):
-            b = take(local(buf), idx)
+            b = take(local_tensor(buf), idx)
             return lr * (g + momentum * b if group.get("nesterov") else b), None
         return lr * g, None
     return None

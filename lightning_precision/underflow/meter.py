@@ -36,7 +36,8 @@ import torch
 
 from lightning_precision.catalogue import MASTER_KEYS, OptimizerInfo, OptimizerKind, classify_optimizer
 from lightning_precision.dtypes import HALF_DTYPES
-from lightning_precision.underflow.intended_update import intended_update, local, take
+from lightning_precision.optim._dtensor import local_tensor
+from lightning_precision.underflow.intended_update import intended_update, take
 from lightning_precision.underflow.report import ParamStaleness, UnderflowReport
 
 _FP32_EPS = torch.finfo(torch.float32).eps  # one ulp of fp32 relative to the value (2**-23)
@@ -193,7 +194,7 @@ class UnderflowMeter:
                 if not p.requires_grad:
                     continue
                 name = self._names.get(id(p), f"optimizer_{opt_index}.group_{gi}.param_{position}")
-                shard = local(p)
+                shard = local_tensor(p)
                 idx = self._sample_index(p, shard, opt_index, position)
                 position += 1
                 sample = _Sample(p, name, gi, label, idx, shard.numel())
@@ -210,12 +211,12 @@ class UnderflowMeter:
                         sample.skip = f"{info.short_name} keeps a master copy or rounds stochastically"
                         continue
                 sample.before = take(shard, idx)
-                sample.grad = take(local(p.grad), idx)
+                sample.grad = take(local_tensor(p.grad), idx)
                 if sample.buffer_key is not None:
-                    sample.buffer = take(local(state[sample.buffer_key]), idx)
+                    sample.buffer = take(local_tensor(state[sample.buffer_key]), idx)
                 sq = state.get("exp_avg_sq")
                 if isinstance(sq, torch.Tensor):
-                    sample.exp_avg_sq = take(local(sq), idx)
+                    sample.exp_avg_sq = take(local_tensor(sq), idx)
         return samples
 
     def _sample_index(self, p: torch.Tensor, shard: torch.Tensor, opt_index: int, position: int) -> torch.Tensor:
@@ -246,13 +247,13 @@ class UnderflowMeter:
                 s.skip = f"cannot estimate the update of {type(optimizer).__name__}"
                 continue
             update, sq_change = estimate
-            after = take(local(s.param), s.idx)
+            after = take(local_tensor(s.param), s.idx)
             key = s.buffer_key or (_buffer_key(state, s.param, info) if s.protected else None)
             if s.protected and key is None:
                 s.skip = f"{type(optimizer).__name__} keeps a master copy or rounds stochastically"
                 continue
             if key is not None:  # the effective value: what is stored plus what is held back, or the master copy
-                buffer_after = take(local(state[key]), s.idx)
+                buffer_after = take(local_tensor(state[key]), s.idx)
                 if key in MASTER_KEYS:
                     changed = buffer_after != (s.buffer if s.buffer is not None else s.before)
                 else:
@@ -269,7 +270,7 @@ class UnderflowMeter:
             sq = state.get("exp_avg_sq")
             if sq_change is not None and isinstance(sq, torch.Tensor):
                 v_before = s.exp_avg_sq if s.exp_avg_sq is not None else torch.zeros_like(sq_change)
-                v_after = take(local(sq), s.idx)
+                v_after = take(local_tensor(sq), s.idx)
                 sq_counted = sq_change.abs() >= _FP32_EPS * v_before.abs().clamp_min(_FP32_TINY)
                 rows[i, _SQ_STALE] = (sq_counted & (v_after == v_before)).sum()
                 rows[i, _SQ_COUNTED] = sq_counted.sum()
