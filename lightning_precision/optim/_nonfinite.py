@@ -68,14 +68,13 @@ def finite_flags(grads: list[torch.Tensor], found_inf: torch.Tensor | None = Non
 
 
 def _cpu_norms(local: list[torch.Tensor], nonempty: list[int]) -> torch.Tensor:
-    """Per-tensor norms that are finite exactly where the tensor's elements all are (the host reads are free on CPU).
+    """Per-tensor values that are finite exactly where the tensor's elements all are (host reads are free on CPU).
 
-    A 2-norm is non-finite if any element is, or if its squares overflow fp32. So small tensors are first checked by
-    runs: one 2-norm of a run's concatenation (at most a 32nd of the gradients' bytes, and 1 MiB) is finite only if
-    every tensor of the run is, and then every tensor's flag is True (their norms are set to 0). A larger tensor, or
-    a run that is not finite, gets a 2-norm per tensor, and only the tensors whose 2-norm is not finite the exact
-    inf-norm (torch's CPU inf-norm of bf16 is ~15x slower than its 2-norm; per-tensor norms of 5,000 small tensors
-    cost 3x a concatenated one).
+    A sum is non-finite if any element is (inf + -inf is nan), or if it overflows its dtype; it reads each element
+    once, as the cheapest screen (at 8M bf16 elements on one thread: 0.46 ms, the 2-norm 0.88, the inf-norm 22). So
+    small tensors are first checked by runs: one sum of a run's concatenation (at most a 32nd of the gradients' bytes,
+    and 1 MiB) is finite only if every tensor of the run is, and then every tensor's value is 0. A larger tensor, or a
+    run that is not finite, gets a sum per tensor, and only the tensors whose sum is not finite the exact inf-norm.
     """
     sizes = [local[i].numel() * local[i].element_size() for i in nonempty]
     # At most a 32nd of the gradients' bytes: the check's temporary stays small beside the model's tensors.
@@ -86,12 +85,12 @@ def _cpu_norms(local: list[torch.Tensor], nonempty: list[int]) -> torch.Tensor:
 
     def close_run() -> None:
         tensors = [local[j] if local[j].dim() == 1 else local[j].reshape(-1) for j in run]
-        if len(run) == 1 or not torch.isfinite(torch.linalg.vector_norm(torch.cat(tensors), 2)):
+        if len(run) == 1 or not torch.isfinite(torch.cat(tensors).sum()):
             suspects.extend(run)
 
     for i, size in zip(nonempty, sizes):
         if size >= limit:
-            suspects.append(i)  # large enough on its own: its norm, and no copy
+            suspects.append(i)  # large enough on its own: its own sum, and no copy
             continue
         if run_bytes + size > limit:
             close_run()
@@ -101,11 +100,11 @@ def _cpu_norms(local: list[torch.Tensor], nonempty: list[int]) -> torch.Tensor:
     if run:
         close_run()
     if len(suspects) == len(local):  # every tensor checked on its own (a few large ones): no scatter
-        norms = torch.stack(torch._foreach_norm(local, 2)).to(torch.float32)
+        norms = torch.stack([t.sum() for t in local]).to(torch.float32)
     else:
         norms = torch.zeros(len(local), dtype=torch.float32)
         if suspects:
-            norms[suspects] = torch.stack(torch._foreach_norm([local[i] for i in suspects], 2)).to(torch.float32)
+            norms[suspects] = torch.stack([local[i].sum() for i in suspects]).to(torch.float32)
     if suspects and not bool(torch.isfinite(norms).all()):
         for i in torch.nonzero(~torch.isfinite(norms)).flatten().tolist():
             norms[i] = torch.linalg.vector_norm(local[i], float("inf")).to(torch.float32)

@@ -26,9 +26,9 @@ def test_flags_are_false_exactly_where_a_tensor_holds_nan_or_inf():
     assert torch.nonzero(~flags).flatten().tolist() == [137, 300, 420, len(grads) - 1]
 
 
-def test_huge_finite_gradients_whose_squares_overflow_are_finite():
+def test_huge_finite_gradients_whose_sums_overflow_are_finite():
     grads = _grads()
-    grads[10].fill_(3e38)  # the 2-norms of its run and of itself overflow; every element is finite
+    grads[10].fill_(3e38)  # the sums of its run and of itself overflow; every element is finite
     grads[11][7] = float("nan")
     flags = _nonfinite.finite_flags(grads)
     assert torch.nonzero(~flags).flatten().tolist() == [11]
@@ -40,9 +40,18 @@ def test_all_finite_gradients_and_empty_ones_are_finite():
 
 
 def test_large_gradients_each_checked_on_its_own_are_flagged_exactly():
-    # Every gradient is at least the check's run limit: each gets its own norm, none is concatenated.
+    # Every gradient is at least the check's run limit: each gets its own sum, none is concatenated.
     grads = [torch.randn(_nonfinite._RUN_BYTES // 2).to(torch.bfloat16) for _ in range(4)]
     grads[1][3] = float("nan")
-    grads[2].fill_(3e38)  # its 2-norm overflows; every element is finite
+    grads[2].fill_(3e38)  # its sum overflows; every element is finite
     grads[3][-1] = float("-inf")
     assert _nonfinite.finite_flags(grads).tolist() == [True, False, True, False]
+
+
+def test_opposite_infinities_are_not_finite_though_they_cancel():
+    grads = _grads()
+    grads[5][0], grads[5][1] = float("inf"), float("-inf")  # inf + -inf: the run's sum and its own are nan
+    big = torch.randn(2**18).to(torch.bfloat16)
+    big[0], big[-1] = float("-inf"), float("inf")
+    flags = _nonfinite.finite_flags([*grads, big])
+    assert torch.nonzero(~flags).flatten().tolist() == [5, len(grads)]
