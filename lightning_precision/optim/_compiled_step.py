@@ -122,7 +122,10 @@ def _rows_kernel(*args: Any) -> None:
 def _compiled_kernel(rows: bool = False) -> Any:
     # emulate_precision_casts keeps the bf16 rounding of each write (see the module docstring); scoped to this compile,
     # and so are its code generation changes (``_inductor_codegen``: whole bf16 vectors a loop step, register bit casts).
-    backend = step_inductor({"emulate_precision_casts": True})
+    # dynamic_threads: the loop is an OpenMP parallel region whatever the size the kernel was first compiled at (the
+    # check's few synthetic elements, which inductor would judge too small to share out: the step then ran on one
+    # thread on any machine), and uses the threads of each call.
+    backend = step_inductor({"emulate_precision_casts": True, "cpp.dynamic_threads": True})
     return torch.compile(_rows_kernel if rows else _kernel, backend=backend, dynamic=True, fullgraph=True)
 
 

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 from lightning_precision import _logging
 from lightning_precision.optim import CompensatedAdamW, _compiled_step
@@ -140,3 +141,11 @@ def _three_steps_switching_weight_decay(implementation: str) -> tuple:
                 opt.param_groups[0]["weight_decay"] = 0.0
             opt.step()
     return params[0], opt, [str(w.message) for w in record]
+
+
+def test_a_kernel_first_compiled_on_the_checks_few_elements_is_still_shared_out_over_threads():
+    # The check compiles each kernel on a handful of elements: inductor must not take that size as the kernel's and
+    # leave the loop to one thread (the step then ran single-threaded on every machine).
+    torch._dynamo.reset()
+    _, code = run_and_get_code(_compiled_step._compiled_kernel(False), *_template(False, True))
+    assert "#pragma omp parallel" in "\n".join(code)
