@@ -1,0 +1,75 @@
+"""The compiled CompensatedAdamW kernel with and without register bit casts, per element on CPU.
+
+Compiles the step's kernel twice in one process: with the step's own backend (``step_inductor``: whole bf16 vectors
+a loop step and bit casts in registers) and with the loop-step change alone (inductor's element-by-element bit
+casts), and times calls on the same tensors, interleaved. Both layouts: 12 B (fp32 second moment, no bit cast) and
+10 B (bf16 second moment with stochastic rounding: two bit casts per element). Usage (from the repository root)::
+
+    taskset -c 0 python benchmarks/step_kernel_bit_casts.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch._inductor.compile_fx import compile_fx
+
+from lightning_precision.optim import _compensated_step as eager
+from lightning_precision.optim import _compiled_step
+from lightning_precision.optim import _inductor_codegen as codegen
+
+OPTIONS = {"emulate_precision_casts": True, "cpp.dynamic_threads": True}
+NUMEL, CALLS = 2**19, 60
+
+
+def _loop_step_only(graph, inputs):
+    with codegen.half_precision_tiling(torch.bfloat16):
+        return compile_fx(graph, inputs, config_patches=OPTIONS)
+
+
+def _kernel_copy(*args):
+    # A code object of its own, so the two compiles do not share dynamo's cache entries.
+    _compiled_step._kernel(*args)
+
+
+def _arguments(stochastic: bool) -> tuple:
+    p, g, m, c = (torch.randn(NUMEL).to(torch.bfloat16) for _ in range(4))
+    v = torch.rand(NUMEL).to(torch.bfloat16 if stochastic else torch.float32)
+    hyper = eager.Hyper(0.9, 0.999, 1e-3, 1e-8, -1e-5, True, False)
+    scalars = _compiled_step.kernel_scalars(hyper, torch.tensor([-1e-3]), torch.tensor([0.0316]))[0]
+    keys = (None, torch.tensor(12345, dtype=torch.int32)) if stochastic else (None, None)
+    base = torch.tensor(0, dtype=torch.int32) if stochastic else None
+    return (p, g, m, v, c, scalars, (hyper.decays, hyper.maximize), keys, base)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    kernels = {
+        "register bit casts": torch.compile(
+            _compiled_step._kernel, backend=codegen.step_inductor(OPTIONS), dynamic=True, fullgraph=True
+        ),
+        "inductor's bit casts": torch.compile(_kernel_copy, backend=_loop_step_only, dynamic=True, fullgraph=True),
+    }
+    print(f"ns/element, median of {CALLS} interleaved calls of {NUMEL} elements, 1 thread, torch {torch.__version__}")
+    for layout, stochastic in (("12 B", False), ("10 B", True)):
+        args = _arguments(stochastic)
+        times: dict[str, list[float]] = {name: [] for name in kernels}
+        for kernel in kernels.values():
+            kernel(*args)  # compile
+        for _ in range(CALLS):
+            for name, kernel in kernels.items():
+                start = time.perf_counter()
+                kernel(*args)
+                times[name].append(time.perf_counter() - start)
+        cells = "  ".join(f"{name} {statistics.median(t) / NUMEL * 1e9:.3f}" for name, t in times.items())
+        print(f"{layout}: {cells}")
+
+
+if __name__ == "__main__":
+    main()
