@@ -11,7 +11,14 @@ from torch._inductor.utils import run_and_get_code
 
 from lightning_precision.errors import PrecisionWarning
 from lightning_precision.optim import CompensatedAdamW, _compiled_step
-from lightning_precision.optim._inductor_codegen import half_precision_tiling, step_inductor, vector_bit_casts
+from lightning_precision.optim import _inductor_codegen as codegen
+from lightning_precision.optim._inductor_codegen import (
+    half_precision_tiling,
+    native_bf16_rounding,
+    native_bf16_rounding_available,
+    step_inductor,
+    vector_bit_casts,
+)
 
 pytestmark = pytest.mark.skipif(
     _compiled_step.compiler_missing(torch.device("cpu")) is not None,
@@ -84,3 +91,45 @@ def test_vector_bit_casts_give_the_eager_bits_with_a_partial_vector(simdlen):
     assert torch.equal(ints, ref_ints)
     assert torch.equal(rounded.view(torch.int16), ref_rounded.view(torch.int16))
     assert "r[1] = at::vec::cast<int32_t>" in "\n".join(code)  # register casts of each fp32 vector, no element loop
+
+
+def test_native_bf16_rounding_is_undone_after_the_step():
+    original = vars(cpp.CppVecKernel)["get_to_dtype_expr"]
+    _compiled_step_once()
+    assert vars(cpp.CppVecKernel)["get_to_dtype_expr"] is original
+    with pytest.raises(RuntimeError, match="raised inside"), native_bf16_rounding():
+        raise RuntimeError("raised inside")
+    assert vars(cpp.CppVecKernel)["get_to_dtype_expr"] is original
+
+
+def _rounded(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x * scale).to(torch.bfloat16)
+
+
+def _rounding_cases() -> torch.Tensor:
+    # Ties to even either way, the largest subnormal (rounds up to the smallest normal), subnormals, NaN, infinities,
+    # overflow to infinity, each in its own 32-element vector or mixed with ordinary values.
+    bits = [0x3F808000, 0x3F818000, 0x3F80C000, 0x3F807FFF, 0x007FFFFF, 0x00000001, 0x807F8000 - 2**32, 0x7F7FFFFF]
+    special = torch.cat([torch.tensor(bits, dtype=torch.int32).view(torch.float32), _special_floats(56)])
+    return torch.cat([special, torch.randn(96)])
+
+
+@pytest.mark.skipif(not native_bf16_rounding_available(), reason="no AVX512_BF16 CPU, or inductor's compiler lacks it")
+def test_native_bf16_rounding_gives_the_eager_bits():
+    x, scale = _rounding_cases(), torch.ones(1)
+    compiled = torch.compile(_rounded, backend=step_inductor({"emulate_precision_casts": True}), dynamic=True)
+    rounded, code = run_and_get_code(compiled, x, scale)
+    assert "vcvtne2ps2bf16" in "\n".join(code)
+    expected = _rounded(x, scale)
+    nan = expected.isnan()
+    assert torch.equal(rounded.isnan(), nan)
+    assert torch.equal(rounded[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+def test_native_bf16_rounding_is_used_only_where_available(monkeypatch):
+    # A CPU without AVX512_BF16 (or a compiler without the instruction) keeps inductor's conversion.
+    monkeypatch.setattr(codegen, "native_bf16_rounding_available", lambda: False)
+    compiled = torch.compile(_rounded, backend=step_inductor({"emulate_precision_casts": True}), dynamic=True)
+    _, code = run_and_get_code(compiled, _rounding_cases(), torch.ones(1))
+    assert "vcvtne2ps2bf16" not in "\n".join(code)
+    assert "at::vec::convert<at::BFloat16" in "\n".join(code)

@@ -1,11 +1,16 @@
-"""The compiled CompensatedAdamW kernel with and without register bit casts, per element on CPU.
+"""The compiled CompensatedAdamW kernel under each of the step's code-generation changes, per element on CPU.
 
-Compiles the step's kernel twice in one process: with the step's own backend (``step_inductor``: whole bf16 vectors
-a loop step and bit casts in registers) and with the loop-step change alone (inductor's element-by-element bit
-casts), and times calls on the same tensors, interleaved. Both layouts: 12 B (fp32 second moment, no bit cast) and
-10 B (bf16 second moment with stochastic rounding: two bit casts per element). Usage (from the repository root)::
+Compiles the step's kernel three times in one process and times calls on the same tensors, interleaved:
 
-    taskset -c 0 python benchmarks/step_kernel_bit_casts.py
+* **loop step**: whole bf16 vectors a loop step (``half_precision_tiling``) and inductor's own code otherwise;
+* **+ bit casts**: and bit casts in registers (``vector_bit_casts``);
+* **+ native bf16**: and fp32-to-bf16 rounding with ``vcvtne2ps2bf16`` where the CPU has AVX512_BF16
+  (``native_bf16_rounding``): the step's own backend, ``step_inductor``.
+
+Both layouts: 12 B (fp32 second moment, no bit cast) and 10 B (bf16 second moment with stochastic rounding: two bit
+casts per element). Usage (from the repository root)::
+
+    taskset -c 0 python benchmarks/step_kernel_codegen.py
 """
 
 from __future__ import annotations
@@ -33,8 +38,17 @@ def _loop_step_only(graph, inputs):
         return compile_fx(graph, inputs, config_patches=OPTIONS)
 
 
+def _with_bit_casts(graph, inputs):
+    with codegen.half_precision_tiling(torch.bfloat16), codegen.vector_bit_casts():
+        return compile_fx(graph, inputs, config_patches=OPTIONS)
+
+
+# Code objects of their own, so the compiles do not share dynamo's cache entries.
 def _kernel_copy(*args):
-    # A code object of its own, so the two compiles do not share dynamo's cache entries.
+    _compiled_step._kernel(*args)
+
+
+def _kernel_copy2(*args):
     _compiled_step._kernel(*args)
 
 
@@ -51,11 +65,14 @@ def _arguments(stochastic: bool) -> tuple:
 def main() -> None:
     torch.set_num_threads(1)
     kernels = {
-        "register bit casts": torch.compile(
+        "loop step": torch.compile(_kernel_copy, backend=_loop_step_only, dynamic=True, fullgraph=True),
+        "+ bit casts": torch.compile(_kernel_copy2, backend=_with_bit_casts, dynamic=True, fullgraph=True),
+        "+ native bf16": torch.compile(
             _compiled_step._kernel, backend=codegen.step_inductor(OPTIONS), dynamic=True, fullgraph=True
         ),
-        "inductor's bit casts": torch.compile(_kernel_copy, backend=_loop_step_only, dynamic=True, fullgraph=True),
     }
+    native = "yes" if codegen.native_bf16_rounding_available() else "no (the last two columns are the same code)"
+    print(f"AVX512_BF16 rounding available: {native}")
     print(f"ns/element, median of {CALLS} interleaved calls of {NUMEL} elements, 1 thread, torch {torch.__version__}")
     for layout, stochastic in (("12 B", False), ("10 B", True)):
         args = _arguments(stochastic)
