@@ -147,13 +147,19 @@ def flat_local_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | No
     first = tensors[0]
     if not isinstance(first, dtensor):
         # The common case, checked with as few calls as possible (a model of 5,000 tensors pays it every step).
-        shape, strides = first.shape, first.stride()
+        shape = first.shape
+        if first.is_contiguous():
+            # Contiguous tensors of one shape line up element by element (their strides may differ only along
+            # dimensions of size 1), and is_contiguous allocates nothing, where stride() builds a tuple.
+            for t in tensors:
+                if isinstance(t, dtensor) or t.shape != shape or not t.is_contiguous():
+                    return None
+            # A 1-D contiguous tensor is its own flat view.
+            return list(tensors) if first.dim() == 1 else [t.view(-1) for t in tensors]
+        strides = first.stride()
         for t in tensors:
             if isinstance(t, dtensor) or t.shape != shape or t.stride() != strides:
                 return None
-        if first.is_contiguous():
-            # A 1-D contiguous tensor is its own flat view.
-            return list(tensors) if first.dim() == 1 else [t.view(-1) for t in tensors]
     else:
         if not all(
             isinstance(t, dtensor) and t.device_mesh == first.device_mesh and t.placements == first.placements

@@ -335,7 +335,11 @@ def state_matches(state: dict[str, Any], dtypes: dict[str, torch.dtype]) -> bool
     (else :func:`adapt_state` converts it)."""
     if ("compensation" in state) != ("compensation" in dtypes):
         return False
-    return all(key in state and state[key].dtype == dtype for key, dtype in dtypes.items())
+    for key, dtype in dtypes.items():  # a loop, not all() over a generator: asked per tensor at every step
+        value = state.get(key)
+        if value is None or value.dtype != dtype:
+            return False
+    return True
 
 
 def adapt_state(state: dict[str, Any], param: torch.Tensor, dtypes: dict[str, torch.dtype]) -> None:

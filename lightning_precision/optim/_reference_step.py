@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lightning_precision.optim import _chunk_plan, _compensated_step, _nonfinite
-from lightning_precision.optim._stochastic_rounding import element_layout, round_into_, stream_for
+from lightning_precision.optim._stochastic_rounding import element_layout, round_into_, streams_for
 
 
 def step_scalars(
@@ -67,13 +67,8 @@ def state_rounding(
     index_of = {id(p): i for i, p in enumerate(p for g in param_groups for p in g["params"])}
     layouts = [element_layout(p) for p in owners]
     step_values = [int(count) for count in counts]
-    streams = {
-        m: [
-            stream_for(layout, group["rounding_seed"], step, index_of[id(p)], m)
-            for p, layout, step in zip(owners, layouts, step_values)
-        ]
-        for m in moments
-    }
+    indices = [index_of[id(p)] for p in owners]
+    streams = {m: streams_for(layouts, group["rounding_seed"], step_values, indices, m) for m in moments}
     return _compensated_step.StateRounding(**streams)
 
 

@@ -149,6 +149,16 @@ def test_flat_local_views_alias_storage_and_reject_mismatched_layouts():
     assert flat_local_views([torch.zeros(4, 6)[:, ::2], torch.zeros(4, 6)[:, ::2]]) is None  # gaps
 
 
+def test_flat_local_views_take_contiguous_tensors_whose_strides_differ_only_along_size_one_dimensions():
+    a = torch.arange(4.0).view(4, 1)  # strides (1, 1)
+    b = torch.as_strided(torch.arange(4.0) * 10, (4, 1), (1, 7))
+    assert a.stride() != b.stride() and b.is_contiguous()
+    views = flat_local_views([a, b])
+    assert views is not None and torch.equal(views[1], views[0] * 10)  # element i of one is element i of the other
+    # A non-contiguous tensor of the same shape is still refused.
+    assert flat_local_views([a, torch.zeros(4, 2)[:, :1]]) is None
+
+
 def test_non_aligned_layouts_fall_back_to_the_reference_step():
     # A gradient whose strides differ from the parameter's cannot be walked element by element with it.
     g = torch.Generator().manual_seed(0)
