@@ -136,7 +136,12 @@ def native_bf16_rounding_available() -> bool:
         return False
     isa = next((i for i in cpu_vec_isa.valid_vec_isa_list() if i.bit_width() == 512), None)
     check_build = getattr(isa, "check_build", None)
-    return bool(check_build is not None and check_build(_PROBE))
+    if check_build is None:
+        return False
+    try:
+        return bool(check_build(_PROBE))
+    except (OSError, RuntimeError):  # a file lock that timed out, a cache that cannot be written: inductor's code
+        return False
 
 
 def _native_bf16(vector: str, fallback: str) -> str:

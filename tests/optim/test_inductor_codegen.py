@@ -133,3 +133,31 @@ def test_native_bf16_rounding_is_used_only_where_available(monkeypatch):
     _, code = run_and_get_code(compiled, _rounding_cases(), torch.ones(1))
     assert "vcvtne2ps2bf16" not in "\n".join(code)
     assert "at::vec::convert<at::BFloat16" in "\n".join(code)
+
+
+class _Isa512:
+    def __init__(self, build):
+        self.build = build
+
+    def bit_width(self):
+        return 512
+
+    def check_build(self, code):
+        return self.build(code)
+
+
+def _raise_timeout(code):
+    raise TimeoutError("the lock on inductor's build directory timed out")
+
+
+@pytest.mark.parametrize("build", [lambda code: False, _raise_timeout], ids=["not-built", "lock-timeout"])
+def test_native_bf16_rounding_is_off_where_its_probe_does_not_build(monkeypatch, build):
+    from torch._inductor import cpu_vec_isa
+
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", lambda: [_Isa512(build)])
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    codegen.native_bf16_rounding_available.cache_clear()
+    try:
+        assert codegen.native_bf16_rounding_available() is False
+    finally:
+        codegen.native_bf16_rounding_available.cache_clear()
