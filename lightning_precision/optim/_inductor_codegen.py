@@ -2,7 +2,7 @@
 :class:`~lightning_precision.optim.CompensatedAdamW` compiles, from what it does for every other graph.
 
 Three changes, all scoped to the step's compile (:func:`step_inductor`, its ``torch.compile`` backend), never to the
-user's model, and both checked bit for bit against the eager step (``_kernel_check`` before a kernel's first use, the
+user's model, and all checked bit for bit against the eager step (``_kernel_check`` before a kernel's first use, the
 parity tests in ``tests/optim/test_compiled_step.py``):
 
 * **Loop step** (:func:`half_precision_tiling`). Inductor's C++ backend steps a fused loop by one vector of fp32 (16
@@ -21,7 +21,8 @@ parity tests in ``tests/optim/test_compiled_step.py``):
   (about 16 instructions for 32 elements) even on a CPU with AVX512_BF16, whose ``vcvtne2ps2bf16`` does it in one.
   Both round to nearest even, but the instruction reads and writes subnormals as zero; where a vector holds a
   subnormal or a NaN, ``at::vec``'s own code rounds it, so the bits stay those of the eager step. Measured on the
-  same EPYC, 2**19 elements a call, 1 thread: the kernel 0.91 -> 0.78 ns/element (12 B), 1.28 -> 1.14 (10 B).
+  same EPYC, 2**19 elements a call, 1 thread (``benchmarks/step_kernel_codegen.py``): the kernel 0.93 -> 0.80
+  ns/element (12 B), 1.26 -> 1.13 (10 B).
 
 Where inductor lacks what a change relies on, the compile keeps inductor's own code (slower, same result). The block
 also tags torch's compile cache keys with the change and a hash of this module, so that a kernel cached by a compile
