@@ -54,10 +54,7 @@ def half_precision_tiling(dtype: torch.dtype) -> Iterator[None]:
     Args:
         dtype: The half-precision dtype of the compiled step's parameters; any other dtype changes nothing.
     """
-    try:
-        from torch._inductor.codegen import cpp
-    except ImportError:
-        cpp = None
+    cpp = _inductor_cpp()
     original = getattr(cpp, "get_loop_body_lowp_fp", None)
     if dtype not in _HALF_DTYPES or original is None:
         yield
@@ -68,12 +65,8 @@ def half_precision_tiling(dtype: torch.dtype) -> Iterator[None]:
         # A node with no half-precision dtype computes in fp32 anyway (needs_fp32 stays what inductor said).
         return (dtype if found is None else found), needs_fp32
 
-    with _lock, _cache_tag(f"lightning_precision:{dtype}-tiling"):
-        cpp.get_loop_body_lowp_fp = lowp_fp
-        try:
-            yield
-        finally:
-            cpp.get_loop_body_lowp_fp = original
+    with _swapped(cpp, "get_loop_body_lowp_fp", lowp_fp, f"lightning_precision:{dtype}-tiling"):
+        yield
 
 
 @contextlib.contextmanager
@@ -104,13 +97,11 @@ def vector_bit_casts() -> Iterator[None]:
         sets = " ".join(f"r[{i}] = at::vec::cast<{target}>({x}[{i}]);" for i in range(vectors))
         return f"[&]() {{ at::vec::VectorizedN<{target},{vectors}> r; {sets} return r; }}()"
 
-    with _lock, _cache_tag("lightning_precision:vector-bit-casts"):
-        # The vector kernel's op handler wraps each static method of the class when it is built, per kernel.
-        overrides.to_dtype_bitcast = staticmethod(to_dtype_bitcast)
-        try:
-            yield
-        finally:
-            overrides.to_dtype_bitcast = original
+    # The vector kernel's op handler wraps each static method of the class when it is built, per kernel.
+    with _swapped(
+        overrides, "to_dtype_bitcast", staticmethod(to_dtype_bitcast), "lightning_precision:vector-bit-casts"
+    ):
+        yield
 
 
 # Builds where inductor's compiler assembles the instruction (binutils 2.32 or later, LLVM 9 or later).
@@ -166,12 +157,7 @@ def _native_bf16(vector: str, fallback: str) -> str:
 def native_bf16_rounding() -> Iterator[None]:
     """Within the block, inductor's 512-bit CPU vector kernels round fp32 to bf16 with ``vcvtne2ps2bf16`` where
     :func:`native_bf16_rounding_available`; every other conversion keeps inductor's own code."""
-    try:
-        from torch._inductor.codegen import cpp
-    except ImportError:
-        yield
-        return
-    kernel = getattr(cpp, "CppVecKernel", None)
+    kernel = getattr(_inductor_cpp(), "CppVecKernel", None)
     original = vars(kernel).get("get_to_dtype_expr") if kernel is not None else None
     if original is None or not native_bf16_rounding_available():
         yield
@@ -184,12 +170,30 @@ def native_bf16_rounding() -> Iterator[None]:
             return _native_bf16(str(src), expr)
         return expr
 
-    with _lock, _cache_tag("lightning_precision:native-bf16-rounding"):
-        kernel.get_to_dtype_expr = get_to_dtype_expr
+    with _swapped(kernel, "get_to_dtype_expr", get_to_dtype_expr, "lightning_precision:native-bf16-rounding"):
+        yield
+
+
+def _inductor_cpp() -> Any:
+    """Inductor's C++ code generation module, or None where this torch has none."""
+    try:
+        from torch._inductor.codegen import cpp
+    except ImportError:
+        return None
+    return cpp
+
+
+@contextlib.contextmanager
+def _swapped(owner: Any, name: str, replacement: Any, tag: str) -> Iterator[None]:
+    """``owner``'s attribute ``name`` is ``replacement`` within the block, under the lock (one compile patches at a
+    time) and with ``tag`` on torch's compile cache keys; the original is put back however the block ends."""
+    with _lock, _cache_tag(tag):
+        original = vars(owner)[name]
+        setattr(owner, name, replacement)
         try:
             yield
         finally:
-            kernel.get_to_dtype_expr = original
+            setattr(owner, name, original)
 
 
 @functools.cache
