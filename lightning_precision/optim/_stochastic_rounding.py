@@ -211,14 +211,14 @@ def range_bits(
 
 def stream_for(layout: ElementLayout, seed: int, step: int, param_index: int, moment: str) -> RoundingStream:
     """The :class:`RoundingStream` of ``moment`` of the parameter at ``param_index`` in its optimizer at ``step``."""
-    return RoundingStream(layout, *stream_key(seed, step, param_index, moment))
+    return streams_for([layout], seed, [step], [param_index], moment)[0]
 
 
 def streams_for(
     layouts: Sequence[ElementLayout], seed: int, steps: Sequence[int], param_indices: Sequence[int], moment: str
 ) -> list[RoundingStream]:
     """:func:`stream_for` of many parameters at once, their keys hashed as one int64 tensor (a step of 5,000 tensors
-    spent 6 ms hashing them one by one in Python); the same keys, bit for bit."""
+    spent 6 ms hashing them one by one in Python): bit for bit the keys of :func:`stream_key`, the hash's reference."""
     if not layouts:
         return []
     by_step = {step: _step_key(seed, step) for step in set(steps)}

@@ -18,6 +18,7 @@ from lightning_precision.optim._stochastic_rounding import (
     range_bits,
     round_into_,
     stream_for,
+    stream_key,
     streams_for,
 )
 
@@ -234,12 +235,13 @@ def test_int32_bits_of_a_range_crossing_2_31_are_the_streams():
 
 @pytest.mark.parametrize("moment", ["exp_avg", "exp_avg_sq"])
 def test_streams_for_many_parameters_have_each_parameters_own_keys(moment):
-    # Hashed together as one int64 tensor, the keys are those of stream_for, parameter by parameter: steps that
-    # differ between parameters, steps and indices past 2**32, a seed past 2**63.
+    # Hashed together as one int64 tensor, the keys are those of stream_key (the hash in Python ints), parameter by
+    # parameter: steps that differ between parameters, steps and indices past 2**32, a seed past 2**63.
     gen = torch.Generator().manual_seed(3)
     indices = [0, 1, 2**32 + 5, *torch.randint(0, 2**31, (60,), generator=gen).tolist()]
     steps = [1, 2**33 + 1, 7, *torch.randint(1, 2**40, (60,), generator=gen).tolist()]
     layouts = [element_layout(torch.empty(n + 1)) for n in range(len(indices))]
     seed = 2**63 + 12345
     streams = streams_for(layouts, seed, steps, indices, moment)
-    assert streams == [stream_for(lay, seed, s, i, moment) for lay, s, i in zip(layouts, steps, indices)]
+    assert [s.layout for s in streams] == layouts
+    assert [(s.key, s.high_key) for s in streams] == [stream_key(seed, s, i, moment) for s, i in zip(steps, indices)]
