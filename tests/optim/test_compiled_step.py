@@ -247,8 +247,8 @@ STOCHASTIC_BOTH = {
 }
 
 
-def _train_small(implementation: str, steps: int, **kwargs) -> tuple[list, CompensatedAdamW]:
-    params = _params(0, SMALL_SIZES)
+def _train_small(implementation: str, steps: int, sizes=SMALL_SIZES, **kwargs) -> tuple[list, CompensatedAdamW]:
+    params = _params(0, sizes)
     opt = CompensatedAdamW(params, lr=1e-3, implementation=implementation, **kwargs)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -269,6 +269,17 @@ def test_packed_small_tensors_with_stochastic_rounding_are_bitwise_the_eager_ste
     compiled = _train_small("compiled", 40, chunk_size=chunk_size, **kwargs)
     _assert_bitwise(compiled, _train_small("chunked", 40, chunk_size=chunk_size, **kwargs))
     _assert_bitwise(compiled, _train_small("reference", 40, **kwargs))
+
+
+def test_packs_that_grow_and_shrink_reuse_their_gather_buffers_bitwise_as_the_eager_step():
+    # chunk_size 200: packs of 135, 190 and 110 elements, so the buffers of the first pack grow, then are sliced.
+    sizes = ((10,),) * 4 + ((95,),) * 4 + ((3,),) * 5
+    kwargs = {"exp_avg_sq_dtype": torch.float32, "chunk_size": 200}
+    with warnings.catch_warnings():
+        # torch warns when a cat resizes its out= tensor: a gather buffer too small for its pack.
+        warnings.filterwarnings("error", message="An output with one or more elements was resized")
+        compiled = _train_small("compiled", 20, sizes, **kwargs)
+    _assert_bitwise(compiled, _train_small("chunked", 20, sizes, **kwargs))
 
 
 def test_packed_stochastic_rounding_does_not_recompile_as_steps_go():
