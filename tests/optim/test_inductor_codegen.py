@@ -107,11 +107,23 @@ def _rounded(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _rounding_cases() -> torch.Tensor:
-    # Ties to even either way, the largest subnormal (rounds up to the smallest normal), subnormals, NaN, infinities,
-    # overflow to infinity, each in its own 32-element vector or mixed with ordinary values.
-    bits = [0x3F808000, 0x3F818000, 0x3F80C000, 0x3F807FFF, 0x007FFFFF, 0x00000001, 0x807F8000 - 2**32, 0x7F7FFFFF]
-    special = torch.cat([torch.tensor(bits, dtype=torch.int32).view(torch.float32), _special_floats(56)])
-    return torch.cat([special, torch.randn(96)])
+    # Each kind of special value in a 32-element vector of its own, in both of its 16-lane halves, among ordinary
+    # values: a NaN in the subnormals' vector would send the whole vector to at::vec's code and hide a wrong lane.
+    # Ties to even either way; subnormals (the largest rounds up to the smallest normal); quiet and signalling NaN;
+    # infinities and overflow to infinity. Then a partial vector.
+    kinds = [
+        [0x3F808000, 0x3F818000, 0x3F80C000, 0x3F807FFF],
+        [0x007FFFFF, 0x00000001, 0x807F8000 - 2**32, 0x80000001 - 2**32],
+        [0x7FC00000, 0x7F800001, 0xFFC00000 - 2**32, 0x7FC00000],
+        [0x7F800000, 0xFF800000 - 2**32, 0x7F7FFFFF, 0x7F7FFFFF],
+    ]
+    gen = torch.Generator().manual_seed(0)
+    vectors = []
+    for bits in kinds:
+        vector = torch.randn(32, generator=gen)
+        vector[[0, 7, 16, 31]] = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+        vectors.append(vector)
+    return torch.cat([*vectors, torch.randn(40, generator=gen)])
 
 
 @pytest.mark.skipif(not native_bf16_rounding_available(), reason="no AVX512_BF16 CPU, or inductor's compiler lacks it")
