@@ -7,6 +7,7 @@ each step, alone: collecting the tensors (``_buckets.collect``), the stochastic 
 
     python benchmarks/step_parts.py                      # 8M parameters in 5,000 tensors, default layout, 1 thread
     python benchmarks/step_parts.py --layout 12          # the fp32 second moment (no streams)
+    python benchmarks/step_parts.py --tensors 16 --threads 2 --switch-to 1   # a thread count changed after compiling
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--layout", choices=["10", "12"], default="10", help="B/param: 10 (default) or 12")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--switch-to", type=int, help="thread count set after the two first steps (compile, state)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     params = _model(args.numel, args.tensors, torch.bfloat16, seed=0)
@@ -50,6 +52,9 @@ def main() -> None:
     opt = CompensatedAdamW(params, lr=1e-3, weight_decay=0.01, **second_moment)
     opt.step()
     opt.step()
+    if args.switch_to is not None:
+        torch.set_num_threads(args.switch_to)  # the next step recompiles: dynamo guards torch's thread count
+        opt.step()
     (group, _, bucket), *_ = opt._buckets()[0]
     owners, counts = bucket[6], [float(s) for s in bucket[4]]
     parts = {
@@ -59,7 +64,8 @@ def main() -> None:
         "finite check": lambda: _nonfinite.finite_flags(bucket[1], None).tolist(),
     }
     print(
-        f"# {args.numel:,} parameters in {args.tensors:,} tensors, {args.layout} B/param, {args.threads} thread(s), "
+        f"# {args.numel:,} parameters in {args.tensors:,} tensors, {args.layout} B/param, {args.threads} thread(s)"
+        f"{'' if args.switch_to is None else f' then {args.switch_to}'}, "
         f"torch {torch.__version__}; median of {args.repeats} calls"
     )
     for name, function in parts.items():

@@ -87,7 +87,24 @@ def _kernel(
     """One flat run of elements, or a ``[rows, size]`` pack of equal-size tensors (one row each): the eager step's
     chunk update, as one chunk of one piece (its elementwise ops do not see the shape). ``scalars`` is a row of
     :func:`kernel_scalars`, ``flags`` the group's ``(decays, maximize)``."""
+    _same_shapes(p, (g, m, v, c), (k for k in (*keys, base) if k is not None and k.dim() == 1))
     _update(_OPS, p, g, m, v, c, scalars, flags, keys, base)
+
+
+def _same_shapes(p: torch.Tensor, operands: Sequence[torch.Tensor], row_inputs: Any) -> None:
+    """Tell the compiler that the operands have ``p``'s shape and a pack's per-row keys one entry per row.
+
+    A first compile sees equal sizes and gives them one symbol, but a recompile does not: dynamo recompiles when the
+    process's thread count or autocast state changes (its global-state guard), and then gives each input a size of
+    its own. Inductor could not fuse the update into one loop over sizes it cannot prove equal: it wrote the second
+    moment in a second loop that computed the update again, and the step ran 3.6x slower after a
+    ``torch.set_num_threads`` call.
+    """
+    for t in operands:
+        for dim in range(p.dim()):
+            torch._check(t.shape[dim] == p.shape[dim])
+    for t in row_inputs:
+        torch._check(t.shape[0] == p.shape[0])
 
 
 def eager_kernel(*args: Any) -> None:

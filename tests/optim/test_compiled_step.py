@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch._dynamo.utils
+from torch._inductor.graph import GraphLowering
 
 from lightning_precision import _logging
 from lightning_precision.errors import PrecisionWarning
@@ -333,3 +334,39 @@ def test_a_compile_that_fails_after_running_the_function_eagerly_leaves_the_step
     assert any("torch.compile failed" in m for m in messages[0])  # the compiled step really fell back
     for i, (p, r) in enumerate(zip(*results)):
         assert torch.equal(p, r), f"parameter {i} was not stepped exactly once"
+
+
+def _thread_switch_kernel(*args):
+    _compiled_step._kernel(*args)  # a code object of its own: its compiles are this test's alone
+
+
+def _kernel_arguments(numel: int) -> tuple:
+    gen = torch.Generator().manual_seed(0)
+    p, g, m, c = (torch.randn(numel, generator=gen).to(torch.bfloat16) for _ in range(4))
+    v = torch.rand(numel, generator=gen)
+    hyper = eager.Hyper(0.9, 0.999, 1e-3, 1e-8, -1e-5, True, False)
+    scalars = _compiled_step.kernel_scalars(hyper, torch.tensor([-1e-3]), torch.tensor([0.0316]))[0]
+    return (p, g, m, v, c, scalars, (hyper.decays, hyper.maximize), (None, None), None)
+
+
+def test_the_recompile_after_a_thread_count_change_still_fuses_the_update_into_one_loop(monkeypatch):
+    # Dynamo recompiles when torch's thread count changes, and gives each input a size of its own in that compile;
+    # without the kernel's shape checks inductor wrote the second moment in a second loop that recomputed the update
+    # (the step ran 3.6x slower after a torch.set_num_threads call).
+    backend = step_inductor({"emulate_precision_casts": True, "cpp.dynamic_threads": True})
+    compiled = torch.compile(_thread_switch_kernel, backend=backend, dynamic=True, fullgraph=True)
+    threads = torch.get_num_threads()
+    code: list[str] = []
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        compiled(*_kernel_arguments(77))  # the first compile, on the kernel check's few elements
+        compiled(*_kernel_arguments(4096))  # the step's tensors: another size, the same kernel
+        torch.set_num_threads(threads)
+        # Not run_and_get_code: it resets dynamo, so its call would be a first compile, not the recompile.
+        monkeypatch.setattr(GraphLowering, "save_output_code", staticmethod(code.append))
+        compiled(*_kernel_arguments(4096))
+    finally:
+        torch.set_num_threads(threads)
+    source = "\n".join(code)
+    assert "extern" in source, "the thread count change did not recompile"
+    assert source.count("for(int64_t x0") == 1
