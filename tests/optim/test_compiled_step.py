@@ -15,6 +15,7 @@ from lightning_precision.optim import CompensatedAdamW, _compiled_step
 from lightning_precision.optim import _compensated_step as eager
 from lightning_precision.optim._inductor_codegen import step_inductor
 from lightning_precision.optim._stochastic_rounding import ElementLayout, RoundingStream
+from tests.optim._kernel_arguments import kernel_arguments
 
 pytestmark = pytest.mark.skipif(
     _compiled_step.compiler_missing(torch.device("cpu")) is not None,
@@ -340,15 +341,6 @@ def _thread_switch_kernel(*args):
     _compiled_step._kernel(*args)  # a code object of its own: its compiles are this test's alone
 
 
-def _kernel_arguments(numel: int) -> tuple:
-    gen = torch.Generator().manual_seed(0)
-    p, g, m, c = (torch.randn(numel, generator=gen).to(torch.bfloat16) for _ in range(4))
-    v = torch.rand(numel, generator=gen)
-    hyper = eager.Hyper(0.9, 0.999, 1e-3, 1e-8, -1e-5, True, False)
-    scalars = _compiled_step.kernel_scalars(hyper, torch.tensor([-1e-3]), torch.tensor([0.0316]))[0]
-    return (p, g, m, v, c, scalars, (hyper.decays, hyper.maximize), (None, None), None)
-
-
 def test_the_recompile_after_a_thread_count_change_still_fuses_the_update_into_one_loop(monkeypatch):
     # Dynamo recompiles when torch's thread count changes, and gives each input a size of its own in that compile;
     # without the kernel's shape checks inductor wrote the second moment in a second loop that recomputed the update
@@ -359,12 +351,12 @@ def test_the_recompile_after_a_thread_count_change_still_fuses_the_update_into_o
     code: list[str] = []
     try:
         torch.set_num_threads(1 if threads > 1 else 2)
-        compiled(*_kernel_arguments(77))  # the first compile, on the kernel check's few elements
-        compiled(*_kernel_arguments(4096))  # the step's tensors: another size, the same kernel
+        compiled(*kernel_arguments(False, False, 77))  # the first compile, on the kernel check's few elements
+        compiled(*kernel_arguments(False, False, 4096))  # the step's tensors: another size, the same kernel
         torch.set_num_threads(threads)
         # Not run_and_get_code: it resets dynamo, so its call would be a first compile, not the recompile.
         monkeypatch.setattr(GraphLowering, "save_output_code", staticmethod(code.append))
-        compiled(*_kernel_arguments(4096))
+        compiled(*kernel_arguments(False, False, 4096))
     finally:
         torch.set_num_threads(threads)
     source = "\n".join(code)

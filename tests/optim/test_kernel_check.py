@@ -10,9 +10,9 @@ from torch._inductor.utils import run_and_get_code
 
 from lightning_precision import _logging
 from lightning_precision.optim import CompensatedAdamW, _compiled_step
-from lightning_precision.optim import _compensated_step as eager
 from lightning_precision.optim._inductor_codegen import step_inductor
 from lightning_precision.optim._kernel_check import KernelMismatch, check_kernel, difference
+from tests.optim._kernel_arguments import kernel_arguments
 
 pytestmark = pytest.mark.skipif(
     _compiled_step.compiler_missing(torch.device("cpu")) is not None,
@@ -30,18 +30,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _template(rows: bool, stochastic: bool) -> tuple:
-    shape = (3, 8) if rows else (8,)
-    p, g, c = (torch.zeros(shape, dtype=BF16) for _ in range(3))
-    m, v = torch.zeros(shape, dtype=BF16), torch.zeros(shape, dtype=BF16 if stochastic else torch.float32)
-    hyper = eager.Hyper(0.1, 0.999, 0.001, 1e-8, -1e-5, True, False)
-    scalars = _compiled_step.kernel_scalars(hyper, torch.tensor([-1e-3]), torch.tensor([0.0316]))[0]
-    key_shape = (3,) if rows else ()
-    keys = (None, torch.full(key_shape, 12345, dtype=torch.int32)) if stochastic else (None, None)
-    base = torch.zeros(key_shape, dtype=torch.int32) if stochastic else None
-    return (p, g, m, v, c, scalars, (hyper.decays, hyper.maximize), keys, base)
-
-
 def _folded_step(*args) -> None:
     # A code object of its own: its compiles do not count against the library kernel's recompile limit.
     _compiled_step._kernel(*args)
@@ -54,12 +42,12 @@ def _folded_kernel():
 
 @pytest.mark.parametrize(("rows", "stochastic"), [(False, False), (False, True), (True, True)])
 def test_the_compiled_kernel_passes_the_check(rows, stochastic):
-    check_kernel(_compiled_step._compiled_kernel(rows), _compiled_step.eager_kernel, _template(rows, stochastic))
+    check_kernel(_compiled_step._compiled_kernel(rows), _compiled_step.eager_kernel, kernel_arguments(rows, stochastic))
 
 
 def test_a_kernel_that_folds_the_rounding_fails_the_check_naming_the_compensation():
     try:
-        check_kernel(_folded_kernel(), _compiled_step.eager_kernel, _template(False, False))
+        check_kernel(_folded_kernel(), _compiled_step.eager_kernel, kernel_arguments(False, False))
     except KernelMismatch as error:
         assert "compensation" in str(error) and "differ bitwise" in str(error)
     else:
@@ -85,7 +73,7 @@ def test_off_cpu_an_ulp_of_difference_passes_but_a_lost_compensation_does_not():
 
 def test_a_step_whose_kernel_fails_the_check_runs_the_eager_step_and_warns(monkeypatch):
     try:
-        check_kernel(_folded_kernel(), _compiled_step.eager_kernel, _template(False, False))
+        check_kernel(_folded_kernel(), _compiled_step.eager_kernel, kernel_arguments(False, False))
         pytest.skip("this torch's inductor keeps the bf16 rounding without emulate_precision_casts")
     except KernelMismatch:
         pass
@@ -147,5 +135,5 @@ def test_a_kernel_first_compiled_on_the_checks_few_elements_is_still_shared_out_
     # The check compiles each kernel on a handful of elements: inductor must not take that size as the kernel's and
     # leave the loop to one thread (the step then ran single-threaded on every machine).
     torch._dynamo.reset()
-    _, code = run_and_get_code(_compiled_step._compiled_kernel(False), *_template(False, True))
+    _, code = run_and_get_code(_compiled_step._compiled_kernel(False), *kernel_arguments(False, True))
     assert "#pragma omp parallel" in "\n".join(code)
